@@ -1,0 +1,1 @@
+"""Layer 2: asyncio Protocol and DatagramProtocol adapters."""

@@ -1,0 +1,358 @@
+"""FramedProtocol: an asyncio Protocol that turns a byte stream into bounded message queues.
+
+Theory of operation
+-------------------
+``data_received`` feeds each chunk to the connection's decoder and appends the completed
+messages to ``frames``, a deque the public ``MessageStream`` pops from without suspending
+while it is non-empty. Nothing is done per message here: one decoder call per chunk.
+
+Read flow control: ``queued`` counts the bytes of the chunks that completed messages since
+``frames`` was last empty (a partial frame is bounded by the decoder's own limit). Past
+``read_limit`` the transport stops reading, and reading resumes when the consumer empties
+the queue, so a handler that falls behind is never buried: at most ``read_limit`` plus one
+read chunk plus one partial frame is held in user space.
+
+Write path: ``write()`` appends to ``pending`` and schedules one ``flush()`` with
+``call_soon``; a handler that answers a batch of pipelined messages therefore produces one
+``writelines`` (one system call) per batch instead of one per message. ``pending`` is
+flushed at once when it reaches the high-water mark, before the consumer waits for input,
+and before close. The transport's own buffer has explicit limits on both loops (uvloop's
+default low-water mark is 16 bytes); while it is above the high mark ``write_paused`` is set
+and senders wait in ``drain()``.
+
+Deadlines use one timer each, armed once: the first-frame deadline is not extended by
+trickled bytes (slowloris); the idle deadline is checked lazily against ``last_activity``
+(updated per chunk read or batch written), so no timer is re-armed per packet.
+
+After the connection is lost, writes are silent no-ops on both loops (uvloop raises and
+asyncio warns if a closing transport is written to, so the transport is never touched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, cast
+
+from netlib.errors import (
+    BrokenResourceError,
+    EndOfStream,
+    FrameTooLarge,
+    NetlibError,
+    PeerTimedOut,
+    ProtocolError,
+)
+from netlib.sansio.framing import Decoder
+
+__all__ = [
+    "DEFAULT_READ_LIMIT",
+    "DEFAULT_WRITE_HIGH",
+    "DEFAULT_WRITE_LOW",
+    "FramedProtocol",
+    "StreamLimits",
+]
+
+logger = logging.getLogger("netlib.aio.framed")
+
+DEFAULT_WRITE_HIGH: Final = 64 * 1024
+"""Transport write buffer size above which senders wait (bytes)."""
+DEFAULT_WRITE_LOW: Final = 16 * 1024
+"""Transport write buffer size below which waiting senders resume (bytes)."""
+DEFAULT_READ_LIMIT: Final = 256 * 1024
+"""Received bytes not yet consumed by the handler above which reading pauses."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Per-connection limits and deadlines (seconds; None disables a deadline)."""
+
+    first_frame_timeout: float | None = None
+    idle_timeout: float | None = None
+    write_high: int = DEFAULT_WRITE_HIGH
+    write_low: int = DEFAULT_WRITE_LOW
+    read_limit: int = DEFAULT_READ_LIMIT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.write_low <= self.write_high:
+            raise ValueError(f"need 0 <= write_low <= write_high, got {self}")
+        if self.read_limit < 1:
+            raise ValueError(f"read_limit must be >= 1, got {self.read_limit}")
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Bridges a stream transport and a decoder to a message queue, with flow control.
+
+    Args:
+        decoder: this connection's framing decoder.
+        limits: flow-control limits and deadlines.
+
+    The public ``MessageStream`` is the intended consumer: it pops ``frames``, calls
+    ``wait_readable()`` when the queue is empty, ``write()`` / ``drain()`` to send, and
+    ``close()`` / ``finish()`` to end the connection.
+    """
+
+    def __init__(self, decoder: Decoder, limits: StreamLimits) -> None:
+        self._decoder = decoder
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.frames: deque[bytes] = deque()
+        self.queued = 0
+        self.reading_paused = False
+        self.eof = False
+        self.lost = False
+        self.error: NetlibError | None = None
+        self.write_paused = False
+        self.last_activity = 0.0
+        self.discarded = 0
+        self._discarding = False
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._first_frame_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed = self._loop.create_future()
+
+    # -- asyncio.Protocol callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
+        self.last_activity = self._loop.time()
+        call_later = self._loop.call_later
+        if self._limits.first_frame_timeout is not None:
+            self._first_frame_timer = call_later(
+                self._limits.first_frame_timeout, self._first_frame_expired
+            )
+        if self._limits.idle_timeout is not None:
+            self._idle_timer = call_later(self._limits.idle_timeout, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self._loop.time()
+        if self._discarding:
+            self.discarded += len(data)
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            frames = exc.frames if isinstance(exc, FrameTooLarge) else []
+            self._enqueue(frames)
+            self.fail(exc)
+            return
+        if frames:
+            self._enqueue(frames)
+            self.queued += len(data)  # a partial frame is bounded by the decoder instead
+            if self.queued > self._limits.read_limit and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        try:
+            self._decoder.feed_eof()
+        except ProtocolError as exc:
+            self.error = exc
+        self.eof = True
+        self._wake()
+        return True  # keep the transport open: replies may still be sent (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.error is None and exc is not None:
+            error = BrokenResourceError(f"connection lost: {exc!r}")
+            error.__cause__ = exc
+            self.error = error
+        self._pending.clear()
+        self._cancel_timers()
+        self._wake()
+        self._wake_drainers()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drainers()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _enqueue(self, frames: list[bytes]) -> None:
+        if self._first_frame_timer is not None:
+            self._first_frame_timer.cancel()
+            self._first_frame_timer = None
+        self.frames.extend(frames)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def consumed(self) -> None:
+        """Record that ``frames`` was emptied: reset the count and resume reading."""
+        self.queued = 0
+        if self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    async def wait_readable(self) -> None:
+        """Wait until ``frames`` is non-empty or the input has ended (see ``end_error``)."""
+        self.flush()
+        self.consumed()
+        while not self.frames and not (self.eof or self.lost or self.error):
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def end_error(self) -> NetlibError:
+        """Return the error that describes why no more frames will come."""
+        if self.error is not None:
+            return self.error
+        if self.eof:
+            return EndOfStream()
+        return BrokenResourceError("connection closed")
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the next flush; a no-op once the connection is lost."""
+        if self.lost:
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self._limits.write_high:
+            self.flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand the pending writes to the transport in one call."""
+        self._flush_handle = None
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_size = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(pending) == 1:
+            transport.write(pending[0])
+        else:
+            transport.writelines(pending)
+        self.last_activity = self._loop.time()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark.
+
+        Raises:
+            BrokenResourceError: the connection is lost (or ``PeerTimedOut``).
+        """
+        while self.write_paused and not self.lost:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self.lost:
+            raise self._lost_error()
+
+    def _lost_error(self) -> BrokenResourceError:
+        if isinstance(self.error, BrokenResourceError):
+            return self.error
+        return BrokenResourceError("connection lost")
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def fail(self, error: NetlibError) -> None:
+        """Record ``error`` for the consumer and abort the connection at once."""
+        if self.error is None:
+            self.error = error
+        self._wake()
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def stop_reading(self) -> None:
+        """End the input here: queued frames stay readable, later bytes are discarded.
+
+        The consumer sees ``EndOfStream`` after the queued frames, while its replies can
+        still be sent. Used by graceful shutdown.
+        """
+        self._discarding = True
+        self.eof = True
+        self._wake()
+        self.consumed()
+
+    def close(self) -> None:
+        """Flush pending writes and close the transport (the transport drains its buffer)."""
+        self.flush()
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, discarding whatever is buffered."""
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    async def finish(self, grace: float, *, linger: bool) -> None:
+        """Close gracefully within ``grace`` seconds, then abort.
+
+        With ``linger``, send EOF first and keep reading (and discarding) until the peer
+        closes too, so unread input never turns the close into a reset.
+        """
+        try:
+            async with asyncio.timeout(grace):
+                if linger and not self.eof and self._can_write_eof():
+                    self._discarding = True
+                    self.consumed()
+                    self.flush()
+                    self.transport.write_eof()  # type: ignore[union-attr]
+                    while not (self.eof or self.lost):
+                        await self.wait_readable()
+                self.close()
+                await asyncio.shield(self._closed)
+        except TimeoutError:
+            self.abort()
+            await asyncio.shield(self._closed)
+
+    def _can_write_eof(self) -> bool:
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return False
+        return transport.can_write_eof()
+
+    async def wait_closed(self) -> None:
+        """Wait until ``connection_lost`` has run."""
+        await asyncio.shield(self._closed)
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._first_frame_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._first_frame_timer = self._idle_timer = None
+
+    def _first_frame_expired(self) -> None:
+        self.fail(PeerTimedOut(f"no complete message within {self._limits.first_frame_timeout}s"))
+
+    def _idle_check(self) -> None:
+        timeout = self._limits.idle_timeout
+        assert timeout is not None
+        remaining = self.last_activity + timeout - self._loop.time()
+        if remaining > 0:
+            self._idle_timer = self._loop.call_later(remaining, self._idle_check)
+        else:
+            self.fail(PeerTimedOut(f"no traffic for {timeout}s"))

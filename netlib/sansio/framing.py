@@ -1,0 +1,330 @@
+"""Message framing for byte streams: bytes in, whole messages out, every buffer bounded.
+
+TCP is a byte stream without record boundaries: two sends can arrive as one read and one
+send as two. A framing turns the stream back into messages. Three are offered:
+
+* ``RawFraming``: no boundaries; each chunk read is a message (for echo-like services).
+* ``LineFraming``: a message is the bytes before ``\\n``; a ``\\r`` before the ``\\n`` is
+  dropped, so CRLF from ``telnet`` or ``nc -C`` works. A message cannot contain ``\\n`` nor
+  end with ``\\r``. Limit: ``max_size`` bytes per line (default ``DEFAULT_MAX_LINE``, 64 KiB).
+* ``LengthPrefixFraming``: a 4-byte big-endian length, then that many bytes. Any payload is
+  allowed. Limit: ``max_size`` bytes per frame (default ``DEFAULT_MAX_FRAME``, 1 MiB).
+
+Rules of this module:
+
+* No I/O, no clock: a decoder is fed bytes and returns the messages completed so far.
+* One decoder per connection (``framing.decoder()``); a framing object itself is immutable
+  and shared.
+* A decoder never buffers more than ``max_size`` plus the framing overhead. It raises
+  ``FrameTooLarge`` as soon as a frame is known to exceed the limit (length prefix: when the
+  header arrives, before any payload; line: when ``max_size`` bytes have no ``\\n``), and
+  its buffer is cleared: the connection must then be closed, as the stream is out of sync.
+* ``feed_eof()`` raises ``IncompleteFrame`` if a partial frame is buffered.
+* Theory of operation: the fast path handles a chunk with no partial frame pending using
+  ``bytes`` slicing only (one ``split`` for lines); a partial frame is kept in a
+  ``bytearray`` and grown in place, so a frame arriving in many pieces costs linear time.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol
+
+from netlib.errors import FrameTooLarge, IncompleteFrame
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_LINE",
+    "Decoder",
+    "Framing",
+    "LengthPrefixFraming",
+    "LineFraming",
+    "RawFraming",
+    "framing_from_name",
+]
+
+DEFAULT_MAX_LINE: Final = 64 * 1024
+"""Longest line ``LineFraming`` accepts, in bytes, without its line end."""
+
+DEFAULT_MAX_FRAME: Final = 1024 * 1024
+"""Largest payload ``LengthPrefixFraming`` accepts, in bytes, without its header."""
+
+_HEADER: Final = 4
+_MAX_HEADER_VALUE: Final = 2**32 - 1
+
+
+class Decoder(Protocol):
+    """A per-connection, stateful decoder: bytes in, complete messages out."""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return the messages it completes (``[]``: need more bytes).
+
+        Raises:
+            FrameTooLarge: a frame exceeds the limit; the decoder is reset.
+        """
+        ...
+
+    def feed_eof(self) -> None:
+        """Signal the end of the stream.
+
+        Raises:
+            IncompleteFrame: a partial frame was buffered.
+        """
+        ...
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a partial frame."""
+        ...
+
+
+class Framing(Protocol):
+    """A message framing: an encoder and a factory of per-connection decoders."""
+
+    @property
+    def max_size(self) -> int | None:
+        """Largest message in bytes, or None for no limit (raw chunks)."""
+        ...
+
+    def decoder(self) -> Decoder:
+        """Return a fresh decoder for one connection."""
+        ...
+
+    def encode(self, message: bytes) -> bytes:
+        """Return the wire bytes for ``message``.
+
+        Raises:
+            ValueError: the message cannot be framed (too large, or a line with a line end).
+        """
+        ...
+
+
+class _RawDecoder:
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [data] if data else []
+
+    def feed_eof(self) -> None:
+        return None
+
+    @property
+    def buffered(self) -> int:
+        return 0
+
+
+class RawFraming:
+    """No framing: each chunk received is one message, and a message is sent as is."""
+
+    __slots__ = ()
+    max_size = None
+
+    def decoder(self) -> Decoder:
+        return _RawDecoder()
+
+    def encode(self, message: bytes) -> bytes:
+        return message
+
+    def __repr__(self) -> str:
+        return "RawFraming()"
+
+
+class _LineDecoder:
+    __slots__ = ("_max", "_partial")
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._partial = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._partial:
+            return self._feed_partial(data)
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        self._finish(lines)
+        if tail:
+            self._keep(tail, lines)
+        return lines
+
+    def _feed_partial(self, data: bytes) -> list[bytes]:
+        end = data.find(b"\n")
+        if end < 0:
+            self._keep(data, [])
+            return []
+        self._keep(data[:end], [])
+        lines = [bytes(self._partial)]
+        self._partial.clear()
+        self._finish(lines)
+        try:
+            lines.extend(self.feed(data[end + 1 :]))
+        except FrameTooLarge as exc:
+            exc.frames[:0] = lines
+            raise
+        return lines
+
+    def _keep(self, data: bytes, done: list[bytes]) -> None:
+        """Buffer ``data`` as the start of a line, or raise if it cannot fit the limit."""
+        size = len(self._partial) + len(data)
+        if size > self._max + 1:  # one byte more for the '\r' of a CRLF line end
+            self._partial.clear()
+            raise FrameTooLarge("line", size, self._max, done)
+        self._partial += data
+
+    def _finish(self, lines: list[bytes]) -> None:
+        """Drop the CR of CRLF line ends in place; raise on a line above the limit."""
+        limit = self._max
+        for i, line in enumerate(lines):
+            if line.endswith(b"\r"):
+                line = lines[i] = line[:-1]
+            if len(line) > limit:
+                self._partial.clear()
+                raise FrameTooLarge("line", len(line), limit, lines[:i])
+
+    def feed_eof(self) -> None:
+        if self._partial:
+            buffered = len(self._partial)
+            self._partial.clear()
+            raise IncompleteFrame(buffered)
+
+
+class LineFraming:
+    """Messages are lines ending in ``\\n`` (a ``\\r`` before it is tolerated and dropped).
+
+    Args:
+        max_size: longest line in bytes, without the line end (default 64 KiB).
+    """
+
+    __slots__ = ("_max_size",)
+
+    def __init__(self, max_size: int = DEFAULT_MAX_LINE) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self._max_size = max_size
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    def decoder(self) -> Decoder:
+        return _LineDecoder(self._max_size)
+
+    def encode(self, message: bytes) -> bytes:
+        if b"\n" in message or message.endswith(b"\r"):
+            raise ValueError("a line message cannot contain b'\\n' nor end with b'\\r'")
+        if len(message) > self._max_size:
+            raise ValueError(f"line of {len(message)} bytes exceeds max_size {self._max_size}")
+        return message + b"\n"
+
+    def __repr__(self) -> str:
+        return f"LineFraming(max_size={self._max_size})"
+
+
+class _LengthPrefixDecoder:
+    __slots__ = ("_max", "_need", "_partial")
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._partial = bytearray()
+        self._need = 0  # total bytes (header + payload) the partial frame needs; 0: unknown
+
+    @property
+    def buffered(self) -> int:
+        return len(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._partial:
+            data = self._join(data)
+            if not data:
+                return []
+        frames: list[bytes] = []
+        pos, end = 0, len(data)
+        limit = self._max
+        while end - pos >= _HEADER:
+            size = int.from_bytes(data[pos : pos + _HEADER], "big")
+            if size > limit:
+                self._reset()
+                raise FrameTooLarge("frame", size, limit, frames)
+            stop = pos + _HEADER + size
+            if stop > end:
+                self._need = stop - pos
+                break
+            frames.append(data[pos + _HEADER : stop])
+            pos = stop
+        if pos < end:
+            self._partial += data[pos:] if pos else data
+        return frames
+
+    def _join(self, data: bytes) -> bytes:
+        """Grow the partial frame; return the bytes to parse once it can complete."""
+        self._partial += data
+        if len(self._partial) < max(self._need, _HEADER):
+            return b""
+        joined = bytes(self._partial)
+        self._reset()
+        return joined
+
+    def _reset(self) -> None:
+        self._partial.clear()
+        self._need = 0
+
+    def feed_eof(self) -> None:
+        if self._partial:
+            buffered = len(self._partial)
+            self._reset()
+            raise IncompleteFrame(buffered)
+
+
+class LengthPrefixFraming:
+    """Messages are a 4-byte big-endian length followed by that many bytes.
+
+    Args:
+        max_size: largest payload in bytes (default 1 MiB, at most 2**32 - 1).
+    """
+
+    __slots__ = ("_max_size",)
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+        if not 0 <= max_size <= _MAX_HEADER_VALUE:
+            raise ValueError(f"max_size must be in [0, {_MAX_HEADER_VALUE}], got {max_size}")
+        self._max_size = max_size
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    def decoder(self) -> Decoder:
+        return _LengthPrefixDecoder(self._max_size)
+
+    def encode(self, message: bytes) -> bytes:
+        size = len(message)
+        if size > self._max_size:
+            raise ValueError(f"frame of {size} bytes exceeds max_size {self._max_size}")
+        return size.to_bytes(_HEADER, "big") + message
+
+    def __repr__(self) -> str:
+        return f"LengthPrefixFraming(max_size={self._max_size})"
+
+
+_NAMED: Final[dict[str, type[RawFraming | LineFraming | LengthPrefixFraming]]] = {
+    "raw": RawFraming,
+    "line": LineFraming,
+    "length": LengthPrefixFraming,
+}
+
+
+def framing_from_name(framing: Framing | str) -> Framing:
+    """Return ``framing``, or the framing with default limits named ``raw``/``line``/``length``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(framing, str):
+        return framing
+    try:
+        return _NAMED[framing]()
+    except KeyError:
+        names = ", ".join(sorted(_NAMED))
+        raise ValueError(f"unknown framing {framing!r}; expected one of: {names}") from None

@@ -1,0 +1,511 @@
+"""serve_tcp / open_tcp_server: message servers with safe defaults, and the Server object.
+
+Theory of operation
+-------------------
+netlib runs its own accept loop on each listening socket (``loop.add_reader`` plus
+non-blocking ``accept()``, up to ``ACCEPT_BATCH`` per wake-up) and hands each accepted socket
+to ``loop.connect_accepted_socket``; this behaves the same on asyncio and uvloop and puts
+three policies in netlib's hands:
+
+* **File-descriptor exhaustion** (EMFILE/ENFILE/ENOBUFS/ENOMEM): the listener stops watching
+  the socket and retries after ``ACCEPT_RETRY_DELAY`` (100 ms), or as soon as one of its
+  connections closes and frees a descriptor, instead of spinning or waiting a whole second;
+  the condition is logged at most once per ``LOG_INTERVAL``.
+* **max_connections**: a connection above the cap is closed at once and counted.
+* **Graceful shutdown**: ``shutdown(grace)`` closes the listeners (new connections are
+  refused), ends each connection's input after the messages already received, lets the
+  handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
+  left when the grace period ends.
+
+Each connection is one task running the user's handler with a ``MessageStream``. Errors the
+peer causes (malformed frames, resets, timeouts) end that connection and are counted; an
+unexpected exception in a handler is logged with its traceback and counted. Neither
+disturbs other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
+import ssl as _ssl
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Final, TypeAlias, TypedDict
+
+from typing_extensions import Unpack
+
+from netlib.aio.framed import (
+    DEFAULT_READ_LIMIT,
+    DEFAULT_WRITE_HIGH,
+    DEFAULT_WRITE_LOW,
+    FramedProtocol,
+    StreamLimits,
+)
+from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
+from netlib.sansio.framing import Framing, framing_from_name
+from netlib.streams import MessageStream
+
+__all__ = [
+    "ACCEPT_BATCH",
+    "ACCEPT_RETRY_DELAY",
+    "DEFAULT_BACKLOG",
+    "DEFAULT_FIRST_FRAME_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_SHUTDOWN_GRACE",
+    "Handler",
+    "Server",
+    "ServerStatistics",
+    "TCPServerOptions",
+    "default_max_connections",
+    "open_tcp_server",
+    "serve_tcp",
+]
+
+logger = logging.getLogger("netlib.server")
+
+Handler: TypeAlias = Callable[[MessageStream], Awaitable[object]]
+
+DEFAULT_FIRST_FRAME_TIMEOUT: Final = 10.0
+"""Seconds a new connection has to complete its first message (slowloris guard)."""
+DEFAULT_IDLE_TIMEOUT: Final = 60.0
+"""Seconds without traffic either way after which a connection is closed."""
+DEFAULT_SHUTDOWN_GRACE: Final = 10.0
+"""Seconds ``shutdown()`` lets handlers finish before aborting their connections."""
+DEFAULT_BACKLOG: Final = 1024
+"""Listen backlog."""
+ACCEPT_BATCH: Final = 64
+"""Most connections accepted per readiness event, so accepting cannot starve other work."""
+ACCEPT_RETRY_DELAY: Final = 0.1
+"""Seconds the accept loop pauses after running out of file descriptors."""
+LOG_INTERVAL: Final = 1.0
+"""Seconds between two log lines about the same accept condition."""
+_RESERVED_FDS: Final = 32
+_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def default_max_connections() -> int:
+    """Return the default connection cap: min(10000, RLIMIT_NOFILE - 32)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(1, min(10_000, soft - _RESERVED_FDS))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """Counters of a server since it started (a snapshot).
+
+    Attributes:
+        accepted: connections accepted and served.
+        active: connections open now.
+        rejected: connections closed at once because ``max_connections`` was reached.
+        accept_errors: accept() failures (EMFILE and similar), each followed by a pause.
+        tls_failures: connections whose TLS handshake failed or timed out.
+        protocol_errors: connections closed for a malformed or oversized message.
+        timeouts: connections closed by the first-message or idle deadline.
+        resets: connections lost abruptly (reset, broken pipe).
+        handler_errors: handlers that raised an unexpected exception.
+        aborted_at_shutdown: connections still open when the shutdown grace ended.
+    """
+
+    accepted: int = 0
+    active: int = 0
+    rejected: int = 0
+    accept_errors: int = 0
+    tls_failures: int = 0
+    protocol_errors: int = 0
+    timeouts: int = 0
+    resets: int = 0
+    handler_errors: int = 0
+    aborted_at_shutdown: int = 0
+
+
+class _Counters:
+    """Mutable twin of ``ServerStatistics``."""
+
+    def __init__(self) -> None:
+        for field in fields(ServerStatistics):
+            setattr(self, field.name, 0)
+
+    def snapshot(self, active: int) -> ServerStatistics:
+        values = {f.name: getattr(self, f.name) for f in fields(ServerStatistics)}
+        values["active"] = active
+        return ServerStatistics(**values)
+
+    def add(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+
+class _ThrottledLog:
+    """Log a recurring condition at most once per ``LOG_INTERVAL``, counting the rest."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._last = -LOG_INTERVAL
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._loop.time()
+        if now - self._last < LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        self._last = now
+        suppressed, self._suppressed = self._suppressed, 0
+        logger.warning(message + " (%d similar suppressed)", *args, suppressed)
+
+
+class _Listener:
+    """Accept loop for one listening socket."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self._server = server
+        self.sock = sock
+        self._loop = server._loop
+        self._retry: asyncio.TimerHandle | None = None
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._on_error(exc)
+                return
+            self._server._on_accepted(conn)
+
+    def _on_error(self, exc: OSError) -> None:
+        self._server._counters.add("accept_errors")
+        if exc.errno in _EXHAUSTED:
+            self._server._accept_log.warning("accept() failed: %s; retrying in 100 ms", exc)
+            self._loop.remove_reader(self.sock.fileno())
+            self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+        else:  # e.g. ECONNABORTED: that peer gave up; keep accepting the others
+            self._server._accept_log.warning("accept() failed: %s", exc)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._on_readable()
+
+    def descriptor_freed(self) -> None:
+        """A connection closed: if paused by EMFILE, retry now rather than at the timer."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._resume()
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        if self.sock.family == socket.AF_UNIX:
+            _unlink_socket_file(self.sock.getsockname())
+        self.sock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    handler: Handler
+    framing: Framing
+    limits: StreamLimits
+    ssl: _ssl.SSLContext | None
+    tls_handshake_timeout: float
+    max_connections: int
+    shutdown_grace: float
+
+
+class Server:
+    """A running message server (from ``open_tcp_server``).
+
+    ``close()`` stops accepting and aborts every connection at once; ``shutdown()`` does it
+    gracefully; ``wait_closed()`` waits until every connection task has ended.
+    """
+
+    def __init__(self, config: _Config, socks: list[socket.socket]) -> None:
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._counters = _Counters()
+        self._accept_log = _ThrottledLog(self._loop)
+        self._connections: dict[asyncio.Task[None], FramedProtocol] = {}
+        self._closing = False
+        self._stopped = self._loop.create_future()
+        self.addresses: list[Any] = [sock.getsockname() for sock in socks]
+        """The bound addresses (with the real ports when bound to port 0)."""
+        self._listeners = [_Listener(self, sock) for sock in socks]
+
+    # -- accepting --------------------------------------------------------------------------
+
+    def _on_accepted(self, conn: socket.socket) -> None:
+        if len(self._connections) >= self._config.max_connections:
+            self._counters.add("rejected")
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._counters.add("accepted")
+        protocol = FramedProtocol(self._config.framing.decoder(), self._config.limits)
+        task = self._loop.create_task(self._serve(conn, protocol))
+        self._connections[task] = protocol
+        task.add_done_callback(self._connections.pop)
+
+    async def _serve(self, conn: socket.socket, protocol: FramedProtocol) -> None:
+        if not await self._start(conn, protocol):
+            return
+        config = self._config
+        stream = MessageStream(protocol, config.framing, linger=True)
+        try:
+            await config.handler(stream)
+        except (EndOfStream, ProtocolError, BrokenResourceError) as exc:
+            logger.debug("connection %s ended: %r", stream.remote_address, exc)
+        except Exception:
+            self._counters.add("handler_errors")
+            logger.exception("handler failed for %s", stream.remote_address)
+        finally:
+            await stream.aclose()
+            self._count_end(protocol)
+            if not self._closing:
+                for listener in self._listeners:
+                    listener.descriptor_freed()
+
+    async def _start(self, conn: socket.socket, protocol: FramedProtocol) -> bool:
+        config = self._config
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=config.ssl,
+                ssl_handshake_timeout=config.tls_handshake_timeout if config.ssl else None,
+            )
+        except (OSError, _ssl.SSLError, TimeoutError) as exc:
+            conn.close()
+            self._counters.add("tls_failures" if config.ssl else "resets")
+            logger.debug("connection setup failed: %r", exc)
+            return False
+        except BaseException:
+            conn.close()
+            raise
+        return True
+
+    def _count_end(self, protocol: FramedProtocol) -> None:
+        match protocol.error:
+            case PeerTimedOut():
+                self._counters.add("timeouts")
+            case ProtocolError():
+                self._counters.add("protocol_errors")
+            case BrokenResourceError():
+                self._counters.add("resets")
+
+    # -- public API -------------------------------------------------------------------------
+
+    def statistics(self) -> ServerStatistics:
+        """Return a snapshot of the server's counters."""
+        return self._counters.snapshot(active=len(self._connections))
+
+    @property
+    def is_serving(self) -> bool:
+        """True until ``close()`` or ``shutdown()`` is called."""
+        return not self._closing
+
+    def _stop_accepting(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for listener in self._listeners:
+            listener.close()
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def close(self) -> None:
+        """Stop accepting and abort every connection now (see ``shutdown`` for grace)."""
+        self._stop_accepting()
+        for task, protocol in list(self._connections.items()):
+            protocol.abort()
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the listeners are closed and every connection task has ended."""
+        await asyncio.shield(self._stopped)
+        while self._connections:
+            await asyncio.wait(list(self._connections))
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let handlers finish within ``grace`` seconds, then abort.
+
+        Each connection's input ends after the messages already received (its handler sees
+        ``EndOfStream`` next); replies still flow; the connection then closes with EOF.
+        Returns within about ``grace`` seconds even when a peer never reads.
+        """
+        grace = self._config.shutdown_grace if grace is None else grace
+        self._stop_accepting()
+        for protocol in self._connections.values():
+            protocol.stop_reading()
+        if self._connections:
+            _done, pending = await asyncio.wait(list(self._connections), timeout=grace)
+            for _ in pending:
+                self._counters.add("aborted_at_shutdown")
+            self.close()
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed (cancel this to stop waiting)."""
+        await asyncio.shield(self._stopped)
+
+    def __repr__(self) -> str:
+        return f"<Server addresses={self.addresses!r} active={len(self._connections)}>"
+
+
+# -- binding ----------------------------------------------------------------------------------
+
+
+def _unlink_socket_file(path: object) -> None:
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        return
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _listen(family: int, address: Any, *, backlog: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _bind(
+    host: str | None, port: int, path: str | None, *, backlog: int, reuse_port: bool
+) -> list[socket.socket]:
+    if path is not None:
+        _unlink_socket_file(path)
+        return [_listen(socket.AF_UNIX, path, backlog=backlog, reuse_port=False)]
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, _type, _proto, _name, address in dict.fromkeys(
+            (i[0], i[1], i[2], i[3], i[4]) for i in infos
+        ):
+            socks.append(_listen(family, address, backlog=backlog, reuse_port=reuse_port))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+@asynccontextmanager
+async def open_tcp_server(
+    handler: Handler,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    *,
+    path: str | None = None,
+    framing: Framing | str = "raw",
+    ssl: _ssl.SSLContext | None = None,
+    max_connections: int | None = None,
+    first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
+    write_high: int = DEFAULT_WRITE_HIGH,
+    write_low: int = DEFAULT_WRITE_LOW,
+    read_limit: int = DEFAULT_READ_LIMIT,
+    backlog: int = DEFAULT_BACKLOG,
+    reuse_port: bool = False,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+) -> AsyncIterator[Server]:
+    """Serve ``handler`` on a TCP (or Unix) socket for the duration of the ``async with``.
+
+    Args:
+        handler: ``async def handler(stream: MessageStream)``, run once per connection; the
+            connection closes when it returns.
+        host: address or name to bind (default loopback; None binds every interface).
+        port: TCP port (0 picks a free one: see ``Server.addresses``).
+        path: bind a Unix domain socket at this path instead of ``host``/``port``.
+        framing: ``"raw"``, ``"line"``, ``"length"`` or a ``Framing`` object.
+        ssl: a server ``SSLContext`` to serve TLS.
+        max_connections: cap on open connections (default ``default_max_connections()``).
+        first_frame_timeout: seconds to receive the first complete message (None: no limit).
+        idle_timeout: seconds without traffic before closing (None: no limit).
+        tls_handshake_timeout: seconds for the TLS handshake.
+        write_high, write_low: transport write-buffer marks for backpressure.
+        read_limit: unconsumed received bytes above which reading pauses.
+        backlog: listen backlog.
+        reuse_port: set SO_REUSEPORT, so several processes can serve one port.
+        shutdown_grace: grace period of the shutdown done when the block exits.
+
+    Yields:
+        The running ``Server``. Leaving the block shuts it down gracefully.
+    """
+    config = _Config(
+        handler=handler,
+        framing=framing_from_name(framing),
+        limits=StreamLimits(
+            first_frame_timeout=first_frame_timeout,
+            idle_timeout=idle_timeout,
+            write_high=write_high,
+            write_low=write_low,
+            read_limit=read_limit,
+        ),
+        ssl=ssl,
+        tls_handshake_timeout=tls_handshake_timeout,
+        max_connections=max_connections or default_max_connections(),
+        shutdown_grace=shutdown_grace,
+    )
+    socks = await _bind(host, port, path, backlog=backlog, reuse_port=reuse_port)
+    server = Server(config, socks)
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+class TCPServerOptions(TypedDict, total=False):
+    """The keyword options of ``open_tcp_server``, accepted by ``serve_tcp`` too."""
+
+    path: str | None
+    framing: Framing | str
+    ssl: _ssl.SSLContext | None
+    max_connections: int | None
+    first_frame_timeout: float | None
+    idle_timeout: float | None
+    tls_handshake_timeout: float
+    write_high: int
+    write_low: int
+    read_limit: int
+    backlog: int
+    reuse_port: bool
+    shutdown_grace: float
+
+
+async def serve_tcp(
+    handler: Handler,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    **options: Unpack[TCPServerOptions],
+) -> None:
+    """Serve ``handler`` until cancelled; then shut down gracefully.
+
+    Takes the same arguments as ``open_tcp_server``.
+    """
+    async with open_tcp_server(handler, host, port, **options) as server:
+        await server.serve_forever()

@@ -1,0 +1,143 @@
+"""FramedProtocol against a fake transport: flow control and writes after loss, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from netlib.aio.framed import FramedProtocol, StreamLimits
+from netlib.errors import BrokenResourceError, EndOfStream, FrameTooLarge
+from netlib.sansio.framing import LineFraming
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the protocol asks of its transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.writes = 0
+        self.reading = True
+        self.closing = False
+        self.aborted = False
+        self.limits: tuple[int, int] = (0, 0)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        assert high is not None
+        assert low is not None
+        self.limits = (low, high)
+
+    def write(self, data: Any) -> None:
+        self.writes += 1
+        self.written.append(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.writes += 1
+        self.written.extend(bytes(d) for d in list_of_data)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.aborted = self.closing = True
+
+
+def make(**limits: Any) -> tuple[FramedProtocol, FakeTransport]:
+    protocol = FramedProtocol(LineFraming(max_size=100).decoder(), StreamLimits(**limits))
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def test_limits_are_set_explicitly() -> None:
+    _protocol, transport = make(write_high=1000, write_low=10)
+    assert transport.limits == (10, 1000)
+
+
+async def test_reading_pauses_above_the_limit_and_resumes_when_consumed() -> None:
+    protocol, transport = make(read_limit=50)
+    protocol.data_received(b"x" * 30 + b"\n")
+    assert transport.reading
+    protocol.data_received(b"y" * 30 + b"\n")
+    assert not transport.reading
+    assert protocol.queued == 62
+    protocol.frames.clear()
+    protocol.consumed()
+    assert transport.reading
+    assert protocol.queued == 0
+
+
+async def test_partial_frame_does_not_pause_reading() -> None:
+    protocol, transport = make(read_limit=10)
+    protocol.data_received(b"z" * 90)  # no line end yet: bounded by the decoder instead
+    assert transport.reading
+
+
+async def test_writes_in_one_iteration_are_coalesced() -> None:
+    protocol, transport = make()
+    for i in range(100):
+        protocol.write(b"%d\n" % i)
+    assert transport.writes == 0
+    await asyncio.sleep(0)  # one loop iteration runs the scheduled flush
+    assert transport.writes == 1
+    assert b"".join(transport.written) == b"".join(b"%d\n" % i for i in range(100))
+
+
+async def test_flush_at_high_water_mark() -> None:
+    protocol, transport = make(write_high=100, write_low=10)
+    protocol.write(b"a" * 60)
+    assert transport.writes == 0
+    protocol.write(b"b" * 60)
+    assert transport.writes == 1
+
+
+async def test_writes_after_loss_are_silent_no_ops() -> None:
+    protocol, transport = make()
+    protocol.connection_lost(ConnectionResetError())
+    protocol.write(b"late")
+    protocol.flush()
+    assert transport.writes == 0
+    with pytest.raises(BrokenResourceError):
+        await protocol.drain()
+
+
+async def test_writes_to_a_closing_transport_are_dropped() -> None:
+    protocol, transport = make()
+    protocol.write(b"queued")
+    transport.closing = True
+    protocol.flush()
+    assert transport.writes == 0
+
+
+async def test_drain_waits_while_paused() -> None:
+    protocol, _transport = make()
+    protocol.pause_writing()
+    drained = asyncio.ensure_future(protocol.drain())
+    await asyncio.sleep(0)
+    assert not drained.done()
+    protocol.resume_writing()
+    await drained
+
+
+async def test_oversized_frame_keeps_earlier_frames_and_aborts() -> None:
+    protocol, transport = make()
+    protocol.data_received(b"ok\n" + b"x" * 200)
+    assert list(protocol.frames) == [b"ok"]
+    assert isinstance(protocol.error, FrameTooLarge)
+    assert transport.aborted
+
+
+async def test_eof_ends_input_after_queued_frames() -> None:
+    protocol, _transport = make()
+    protocol.data_received(b"last\n")
+    assert protocol.eof_received() is True  # stay open for replies (half-close)
+    assert list(protocol.frames) == [b"last"]
+    assert isinstance(protocol.end_error(), EndOfStream)

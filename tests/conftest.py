@@ -1,0 +1,72 @@
+"""Test configuration: every async test runs on asyncio (debug mode) and on uvloop.
+
+The global gate of robustness.md applies to every test: no call reaches the event loop's
+exception handler, and the process has as many open file descriptors after the test as
+before it (after ``gc.collect()``). Warnings, ResourceWarning included, are errors
+(pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import uvloop
+
+_handler_calls: list[dict[str, Any]] = []
+
+
+def _record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    _handler_calls.append(context)
+    loop.default_exception_handler(context)
+
+
+def _asyncio_debug_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 1.0  # CI machines are slow; the default 0.1 s only logs
+    loop.set_exception_handler(_record)
+    return loop
+
+
+def _uvloop_loop() -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    loop.set_exception_handler(_record)
+    return loop
+
+
+LOOP_FACTORIES: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": _asyncio_debug_loop,
+    "uvloop": _uvloop_loop,
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return LOOP_FACTORIES
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # uvloop opens two process-wide descriptors with its first loop; open them before any
+    # test counts descriptors.
+    uvloop.new_event_loop().close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def global_gate() -> Iterator[None]:
+    _handler_calls.clear()
+    gc.collect()
+    before = open_fds()
+    yield
+    gc.collect()
+    assert not _handler_calls, f"event loop exception handler called: {_handler_calls}"
+    assert open_fds() == before, "file descriptors leaked"

@@ -1,0 +1,261 @@
+"""TCP servers and clients end to end on real loopback sockets, on both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+import netlib
+from netlib import MessageStream
+from tests.helpers import address_of, open_raw, reset, wait_for_eof
+
+FRAMINGS = ["raw", "line", "length"]
+
+
+async def test_echo_round_trip_in_every_framing() -> None:
+    for framing in FRAMINGS:
+        async with (
+            netlib.open_tcp_server(netlib.echo_handler, framing=framing) as server,
+            netlib.connect_tcp(*address_of(server), framing=framing) as stream,
+        ):
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+
+
+async def test_upper_echo_line_framing_with_crlf_client() -> None:
+    async with netlib.open_tcp_server(netlib.upper_echo_handler, framing="line") as server:
+        reader, writer = await open_raw(*address_of(server))
+        writer.write(b"hello\r\nsticky\npack")
+        writer.write(b"ets\n")
+        assert [await reader.readline() for _ in range(3)] == [
+            b"HELLO\n",
+            b"STICKY\n",
+            b"PACKETS\n",
+        ]
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_length_prefixed_binary_messages_keep_boundaries() -> None:
+    messages = [b"", b"\n\r\x00", os.urandom(70_000), b"x" * 5]
+    async with (
+        netlib.open_tcp_server(netlib.echo_handler, framing="length") as server,
+        netlib.connect_tcp(*address_of(server), framing="length") as stream,
+    ):
+        for message in messages:
+            await stream.send(message)
+        assert [await stream.receive() for _ in messages] == messages
+
+
+async def test_ipv6_loopback() -> None:
+    async with (
+        netlib.open_tcp_server(netlib.echo_handler, "::1", framing="line") as server,
+        netlib.connect_tcp("::1", server.addresses[0][1], framing="line") as stream,
+    ):
+        await stream.send(b"six")
+        assert await stream.receive() == b"six"
+        assert stream.remote_address[0] == "::1"
+
+
+async def test_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    async with netlib.open_tcp_server(netlib.echo_handler, path=path, framing="line") as server:
+        assert server.addresses == [path]
+        async with netlib.connect_tcp(path=path, framing="line") as stream:
+            await stream.send(b"unix")
+            assert await stream.receive() == b"unix"
+    assert not Path(path).exists()  # noqa: ASYNC240 (a local stat, no I/O wait)
+
+
+async def test_tls_echo() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with (
+        netlib.open_tcp_server(netlib.echo_handler, framing="line", ssl=server_context) as server,
+        netlib.connect_tcp(
+            *address_of(server), framing="line", ssl=client_context, server_hostname="localhost"
+        ) as stream,
+    ):
+        await stream.send(b"secret")
+        assert await stream.receive() == b"secret"
+        assert stream.extra("ssl_object") is not None
+
+
+async def test_tls_handshake_failure_is_counted_and_server_keeps_serving() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    async with netlib.open_tcp_server(netlib.echo_handler, ssl=server_context) as server:
+        reader, writer = await open_raw(*address_of(server))
+        writer.write(b"this is not a TLS client hello\r\n\r\n")
+        assert await wait_for_eof(reader) == b""
+        writer.close()
+        await writer.wait_closed()
+        assert server.statistics().tls_failures == 1
+
+
+async def test_many_clients_at_once_with_some_vanishing() -> None:
+    """50 clients echo concurrently while others reset or leave without a goodbye."""
+
+    async def good_client(host: str, port: int, n: int) -> list[bytes]:
+        async with netlib.connect_tcp(host, port, framing="line") as stream:
+            for i in range(20):
+                await stream.send(b"%d-%d" % (n, i))
+            return [await stream.receive() for _ in range(20)]
+
+    async def vanishing_client(host: str, port: int, n: int) -> None:
+        _reader, writer = await open_raw(host, port)
+        writer.write(b"partial line without end" if n % 2 else b"hello\n" * 1000)
+        await writer.drain()
+        if n % 2:
+            reset(writer)
+        else:
+            writer.close()  # EOF without reading the replies
+        await writer.wait_closed()
+
+    async with netlib.open_tcp_server(netlib.echo_handler, framing="line") as server:
+        host, port = address_of(server)
+        good = [good_client(host, port, n) for n in range(50)]
+        bad = [vanishing_client(host, port, n) for n in range(20)]
+        results = await asyncio.gather(*good, *bad)
+        for n, replies in enumerate(results[:50]):
+            assert replies == [b"%d-%d" % (n, i) for i in range(20)]
+        assert server.statistics().accepted == 70
+
+
+async def test_handler_exception_is_logged_counted_and_isolated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(stream: MessageStream) -> None:
+        async for message in stream:
+            if message == b"boom":
+                raise RuntimeError("handler bug")
+            await stream.send(message)
+
+    async with netlib.open_tcp_server(handler, framing="line") as server:
+        async with netlib.connect_tcp(*address_of(server), framing="line") as other:
+            async with netlib.connect_tcp(*address_of(server), framing="line") as victim:
+                await victim.send(b"boom")
+                with pytest.raises(netlib.EndOfStream):
+                    await victim.receive()
+            await other.send(b"still here")
+            assert await other.receive() == b"still here"
+        assert server.statistics().handler_errors == 1
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+async def test_server_greeting_before_client_speaks() -> None:
+    async def greeter(stream: MessageStream) -> None:
+        await stream.send(b"welcome")
+        await stream.send((await stream.receive()).upper())
+
+    async with (
+        netlib.open_tcp_server(greeter, framing="line") as server,
+        netlib.connect_tcp(*address_of(server), framing="line") as stream,
+    ):
+        assert await stream.receive() == b"welcome"
+        await stream.send(b"hi")
+        assert await stream.receive() == b"HI"
+        with pytest.raises(netlib.EndOfStream):
+            await stream.receive()
+
+
+async def test_client_iteration_ends_at_eof_and_errors_after_close() -> None:
+    async def two_then_done(stream: MessageStream) -> None:
+        await stream.send(b"1")
+        await stream.send(b"2")
+
+    async with netlib.open_tcp_server(two_then_done, framing="line") as server:
+        async with netlib.connect_tcp(*address_of(server), framing="line") as stream:
+            assert [m async for m in stream] == [b"1", b"2"]
+        with pytest.raises(netlib.ClosedResourceError):
+            await stream.send(b"late")
+        with pytest.raises(netlib.ClosedResourceError):
+            await stream.receive()
+
+
+async def test_connect_refused_raises_oserror() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        async with netlib.connect_tcp("127.0.0.1", port):
+            pass
+
+
+async def test_cancelled_tls_connect_leaks_no_socket() -> None:
+    """A server that accepts but never answers the TLS handshake; the connect is cut."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    try:
+        port = silent.getsockname()[1]
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                async with netlib.connect_tcp(
+                    "127.0.0.1", port, ssl=ssl.create_default_context(), connect_timeout=0.05
+                ):
+                    pass
+            accepted.append(silent.accept()[0])
+        task = asyncio.ensure_future(_enter_and_hold(port))
+        await asyncio.sleep(0)  # let the task start connecting before it is cancelled
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()
+
+
+async def _enter_and_hold(port: int) -> None:
+    async with netlib.connect_tcp("127.0.0.1", port, ssl=ssl.create_default_context()):
+        pass
+
+
+async def test_serve_tcp_runs_until_cancelled() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    task = asyncio.create_task(netlib.serve_tcp(netlib.echo_handler, "127.0.0.1", port))
+    for _ in range(200):
+        try:
+            async with netlib.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"up")
+                assert await stream.receive() == b"up"
+                break
+        except ConnectionRefusedError:
+            await asyncio.sleep(0.01)  # polling the port until the server binds it
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ConnectionRefusedError):
+        async with netlib.connect_tcp("127.0.0.1", port):
+            pass
+
+
+async def test_echo_protocols_work_with_loop_create_server() -> None:
+    loop = asyncio.get_running_loop()
+    for factory, expected in [
+        (netlib.EchoProtocol, b"mixed Case"),
+        (netlib.UpperEchoProtocol, b"MIXED CASE"),
+    ]:
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await open_raw("127.0.0.1", port)
+        writer.write(b"mixed Case")
+        writer.write_eof()
+        assert await wait_for_eof(reader) == expected
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
