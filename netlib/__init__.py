@@ -3,8 +3,15 @@
 Import everything from here; ``netlib.__all__`` is the public API.
 """
 
-from netlib.aio.echo import EchoProtocol, UpperEchoProtocol
-from netlib.client import connect_tcp
+from netlib.aio.datagram import DatagramStatistics
+from netlib.aio.echo import (
+    DatagramEchoProtocol,
+    DatagramEchoStatistics,
+    EchoMode,
+    EchoProtocol,
+    UpperEchoProtocol,
+)
+from netlib.client import connect_tcp, open_udp_endpoint
 from netlib.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -20,6 +27,7 @@ from netlib.errors import (
 )
 from netlib.handlers import echo_handler, upper_echo_handler
 from netlib.runner import loop_factory, run
+from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
 from netlib.sansio.framing import (
     Framing,
     LengthPrefixFraming,
@@ -33,13 +41,31 @@ from netlib.server import (
     open_tcp_server,
     serve_tcp,
 )
-from netlib.streams import MessageStream
+from netlib.streams import DatagramEndpoint, MessageStream
+from netlib.udp import (
+    Datagram,
+    DatagramHandler,
+    DatagramServer,
+    DatagramServerStatistics,
+    open_udp_server,
+    serve_udp,
+    udp_echo_handler,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokenResourceError",
     "ClosedResourceError",
+    "Datagram",
+    "DatagramEchoProtocol",
+    "DatagramEchoStatistics",
+    "DatagramEndpoint",
+    "DatagramHandler",
+    "DatagramServer",
+    "DatagramServerStatistics",
+    "DatagramStatistics",
+    "EchoMode",
     "EchoProtocol",
     "EndOfStream",
     "FrameTooLarge",
@@ -54,6 +80,8 @@ __all__ = [
     "PeerTimedOut",
     "ProtocolError",
     "RawFraming",
+    "ReplyBudget",
+    "ReplyBudgetStatistics",
     "Server",
     "ServerStatistics",
     "SlowConsumer",
@@ -64,7 +92,11 @@ __all__ = [
     "echo_handler",
     "loop_factory",
     "open_tcp_server",
+    "open_udp_endpoint",
+    "open_udp_server",
     "run",
     "serve_tcp",
+    "serve_udp",
+    "udp_echo_handler",
     "upper_echo_handler",
 ]

@@ -2,8 +2,10 @@
 
 ::
 
-    netlib [--loop auto|uvloop|asyncio] echo serve --proto tcp [--upper] [--host H] [--port P]
-    netlib [--loop ...] echo send --proto tcp [--host H] [--port P] [--timeout S] MESSAGE...
+    netlib [--loop auto|uvloop|asyncio] echo serve [--proto tcp|udp] [--mode echo|upper|timestamp]
+                                       [--upper] [--host H] [--port P]
+    netlib [--loop ...] echo send [--proto tcp|udp] [--host H] [--port P] [--timeout S]
+                                  [--retries N] MESSAGE...
     netlib [--loop ...] demo
 
 Bad arguments (an invalid host or port, say) print a one-line usage error and exit with
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_network_options(parser: argparse.ArgumentParser, port: int) -> None:
-    parser.add_argument("--proto", choices=["tcp"], default="tcp", help="transport (tcp)")
+    parser.add_argument("--proto", choices=["tcp", "udp"], default="tcp", help="transport")
     parser.add_argument(
         "--host",
         type=host_type,
@@ -103,28 +105,76 @@ def _add_echo(commands: Any) -> None:
     actions = echo.add_subparsers(dest="action", required=True, metavar="ACTION")
     serve = actions.add_parser("serve", help="run an echo server until interrupted")
     _add_network_options(serve, DEFAULT_ECHO_PORT)
-    serve.add_argument("--upper", action="store_true", help="reply in upper case")
+    serve.add_argument(
+        "--mode",
+        choices=["echo", "upper", "timestamp"],
+        default="echo",
+        help="reply unchanged, upper-cased, or timestamped (timestamp: udp only)",
+    )
+    serve.add_argument("--upper", action="store_true", help="same as --mode upper")
     send = actions.add_parser("send", help="send messages and print each reply")
     _add_network_options(send, DEFAULT_ECHO_PORT)
     send.add_argument(
         "--timeout",
         type=positive_float,
-        default=5.0,
-        help="seconds to wait for each reply (default 5)",
+        default=2.0,
+        help="seconds to wait for each reply (udp: per attempt; default 2)",
+    )
+    send.add_argument(
+        "--retries",
+        type=retries_type,
+        default=3,
+        help="udp: times to resend a request that got no reply (default 3)",
     )
     send.add_argument("messages", nargs="+", metavar="MESSAGE", help="text to send")
 
 
+def retries_type(value: str) -> int:
+    try:
+        retries = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid retries {value!r}: not a number") from None
+    if not 0 <= retries <= 100:
+        raise argparse.ArgumentTypeError(f"invalid retries {retries}: must be 0..100")
+    return retries
+
+
+def _announce(args: argparse.Namespace, mode: str, addresses: list[Any]) -> None:
+    where = ", ".join(_format_address(a) for a in addresses)
+    name = {"echo": "echo", "upper": "upper-case echo", "timestamp": "timestamp echo"}[mode]
+    print(f"netlib {name} server ({args.proto}) listening on {where}; Ctrl-C to stop", flush=True)
+
+
 async def echo_serve(args: argparse.Namespace) -> None:
-    handler = netlib.upper_echo_handler if args.upper else netlib.echo_handler
+    mode: netlib.EchoMode = "upper" if args.upper else args.mode
+    if args.proto == "udp":
+        async with netlib.open_udp_server(
+            netlib.udp_echo_handler(mode), args.host, args.port
+        ) as udp_server:
+            _announce(args, mode, udp_server.addresses)
+            await udp_server.serve_forever()
+        return
+    if mode == "timestamp":
+        raise UsageError("--mode timestamp is a UDP service: use --proto udp")
+    handler = netlib.upper_echo_handler if mode == "upper" else netlib.echo_handler
     async with netlib.open_tcp_server(handler, args.host, args.port) as server:
-        where = ", ".join(_format_address(a) for a in server.addresses)
-        mode = "upper-case echo" if args.upper else "echo"
-        print(f"netlib {mode} server (tcp) listening on {where}; Ctrl-C to stop", flush=True)
+        _announce(args, mode, server.addresses)
         await server.serve_forever()
 
 
+async def echo_send_udp(args: argparse.Namespace) -> None:
+    async with netlib.open_udp_endpoint(args.host, args.port) as endpoint:
+        for message in args.messages:
+            reply = await endpoint.request(
+                message.encode(), timeout=args.timeout, retries=args.retries
+            )
+            print(reply.decode(errors="replace"), flush=True)
+
+
 async def echo_send(args: argparse.Namespace) -> None:
+    if args.proto == "udp":
+        await echo_send_udp(args)
+        return
     async with netlib.connect_tcp(args.host, args.port, framing="line") as stream:
         for message in args.messages:
             await stream.send(message.encode())
@@ -158,8 +208,12 @@ def _run(coro: Coroutine[Any, Any, None], args: argparse.Namespace) -> int:
 def _describe(exc: BaseException, args: argparse.Namespace) -> str:
     where = f"{args.host}:{args.port}"
     match exc:
+        case ConnectionRefusedError() if args.proto == "udp":
+            return f"nothing listens on {where} (udp port unreachable)"
         case ConnectionRefusedError():
             return f"connection refused by {where}"
+        case netlib.PeerTimedOut() if args.proto == "udp":
+            return f"no reply from {where} after {args.retries + 1} attempts of {args.timeout}s"
         case netlib.EndOfStream():
             return f"{where} closed the connection"
         case OSError() if exc.strerror:

@@ -1,4 +1,4 @@
-"""connect_tcp: open a message stream to a TCP (or Unix, or TLS) server.
+"""connect_tcp (a message stream to a TCP, Unix or TLS server) and open_udp_endpoint.
 
 A connect that is cancelled or times out leaves no socket behind: asyncio closes the
 socket it was connecting, and once a transport exists netlib aborts it before re-raising.
@@ -7,11 +7,21 @@ socket it was connecting, and once a transport exists netlib aborts it before re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import ssl as _ssl
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
+from netlib.aio.datagram import (
+    DEFAULT_MAX_DATAGRAM,
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SIZE,
+    DatagramEndpointProtocol,
+    DatagramLimits,
+)
 from netlib.aio.framed import (
     DEFAULT_READ_LIMIT,
     DEFAULT_WRITE_HIGH,
@@ -19,10 +29,11 @@ from netlib.aio.framed import (
     FramedProtocol,
     StreamLimits,
 )
+from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
 from netlib.sansio.framing import Framing, framing_from_name
-from netlib.streams import DEFAULT_CLOSE_TIMEOUT, MessageStream
+from netlib.streams import DEFAULT_CLOSE_TIMEOUT, DatagramEndpoint, MessageStream
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_tcp"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_tcp", "open_udp_endpoint"]
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 """Seconds to establish a connection, TLS handshake included."""
@@ -88,3 +99,103 @@ async def connect_tcp(
         yield stream
     finally:
         await stream.aclose()
+
+
+@asynccontextmanager
+async def open_udp_endpoint(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    local_host: str = "127.0.0.1",
+    local_port: int = 0,
+    path: str | None = None,
+    remote_path: str | None = None,
+    max_size: int = DEFAULT_MAX_DATAGRAM,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    queue_bytes: int = DEFAULT_QUEUE_BYTES,
+    allow_broadcast: bool = False,
+    multicast_group: str | None = None,
+    multicast_interface: str | int = "0.0.0.0",
+    multicast_ttl: int = 1,
+    reuse_port: bool = False,
+) -> AsyncIterator[DatagramEndpoint]:
+    """Open a UDP (or Unix datagram) endpoint and yield it.
+
+    With ``host`` and ``port`` the endpoint is *connected*: ``send(data)`` goes there, only
+    that peer's datagrams are received, and ICMP errors (a closed port) reach ``request()``.
+    Without them it is bound to ``local_host``:``local_port`` and sends with
+    ``send(data, addr)``.
+
+    Args:
+        host, port: the peer to connect to, or None.
+        local_host, local_port: address to bind when not connected (default loopback,
+            a free port). Bind ``0.0.0.0`` or a group address to receive broadcast or
+            multicast from the network.
+        path: bind a Unix datagram socket at this path.
+        remote_path: connect to the Unix datagram socket at this path (without ``path``,
+            the local side is bound in a private temporary directory, removed on close).
+        max_size: largest datagram sent or received (bigger received ones are dropped and
+            counted, never cut short).
+        queue_size, queue_bytes: bound of the receive queue (drops beyond are counted).
+        allow_broadcast: set SO_BROADCAST.
+        multicast_group, multicast_interface, multicast_ttl: join a multicast group.
+        reuse_port: set SO_REUSEPORT.
+
+    Raises:
+        OSError: resolution, bind or connect failed.
+    """
+    unix = path is not None or remote_path is not None
+    private_dir = None
+    if remote_path is not None and path is None:
+        # A Unix client must be bound to receive replies. Not to an abstract address: uvloop
+        # pads those with NULs when replying, so the reply goes nowhere.
+        private_dir = tempfile.mkdtemp(prefix="netlib-")
+        path = os.path.join(private_dir, "endpoint.sock")
+    remote = (host, port) if host is not None and port is not None else None
+    options = DatagramSocketOptions(
+        local=None if unix or remote else (local_host, local_port),
+        remote=None if unix else remote,
+        path=path,
+        remote_path=remote_path,
+        allow_broadcast=allow_broadcast,
+        multicast_group=multicast_group,
+        multicast_interface=multicast_interface,
+        multicast_ttl=multicast_ttl,
+        reuse_port=reuse_port,
+    )
+    limits = DatagramLimits(max_size=max_size, queue_size=queue_size, queue_bytes=queue_bytes)
+    try:
+        sock = await open_datagram_socket(options)
+    except BaseException:
+        _remove(path, private_dir)
+        raise
+    loop = asyncio.get_running_loop()
+    endpoint: DatagramEndpoint | None = None
+
+    def on_error(exc: Exception) -> None:
+        if endpoint is not None:
+            endpoint.fail_request(exc)
+
+    try:
+        _transport, protocol = await loop.create_datagram_endpoint(
+            lambda: DatagramEndpointProtocol(limits, on_error), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        _remove(path, private_dir)
+        raise
+    endpoint = DatagramEndpoint(protocol)
+    try:
+        yield endpoint
+    finally:
+        await endpoint.aclose()
+        _remove(path, private_dir)
+
+
+def _remove(path: str | None, private_dir: str | None) -> None:
+    """Remove the socket file this endpoint bound, and its private directory."""
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if private_dir is not None:
+        os.rmdir(private_dir)

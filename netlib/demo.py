@@ -2,7 +2,9 @@
 
 Starts a TCP echo server and an upper-case echo server on free loopback ports, drives them
 with ``connect_tcp`` clients (one conversation, then several clients at once and one that
-vanishes mid-stream), prints what happened and the servers' statistics, and stops by itself.
+vanishes mid-stream), then a UDP timestamp echo server driven by ``open_udp_endpoint``
+(an empty datagram included, and a flood the reply budget cuts down), prints what happened
+and the servers' statistics, and stops by itself.
 """
 
 from __future__ import annotations
@@ -53,6 +55,27 @@ def _show(name: str, stats: netlib.ServerStatistics) -> None:
     print(f"  {name}: " + " ".join(f"{c}={getattr(stats, c)}" for c in counts))
 
 
+async def _udp_demo() -> None:
+    async with netlib.open_udp_server(netlib.udp_echo_handler("timestamp")) as server:
+        host, port = server.addresses[0][:2]
+        print(f"\nUDP timestamp echo server on {host}:{port}")
+        async with netlib.open_udp_endpoint(host, port) as endpoint:
+            for message in [b"hello", b"datagrams keep their boundaries", b""]:
+                reply = await endpoint.request(message, timeout=1.0)
+                shown = message.decode() or "(empty datagram)"
+                print(f"  > {shown:<32} < {reply.decode()}")
+            print("\n1000 datagrams from one address as fast as it can send them:")
+            for _ in range(10):
+                for _ in range(100):
+                    await endpoint.send(b"flood")
+                await asyncio.sleep(0.01)  # pace the batches so the kernel buffer holds them
+        stats = server.statistics()
+        print(
+            f"  handled={stats.handled} replies={stats.budget.replies_allowed} "
+            f"dropped by the per-address reply budget={stats.budget.replies_dropped}"
+        )
+
+
 async def run_demo() -> None:
     """Run the demo and print a transcript."""
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -72,4 +95,5 @@ async def run_demo() -> None:
         print("\nserver statistics:")
         _show("echo ", echo.statistics())
         _show("upper", upper.statistics())
+    await _udp_demo()
     print("\nservers shut down; demo done")

@@ -10,7 +10,7 @@ three policies in netlib's hands:
 * **File-descriptor exhaustion** (EMFILE/ENFILE/ENOBUFS/ENOMEM): the listener stops watching
   the socket and retries after ``ACCEPT_RETRY_DELAY`` (100 ms), or as soon as one of its
   connections closes and frees a descriptor, instead of spinning or waiting a whole second;
-  the condition is logged at most once per ``LOG_INTERVAL``.
+  the condition is logged at most once a second.
 * **max_connections**: a connection above the cap is closed at once and counted.
 * **Graceful shutdown**: ``shutdown(grace)`` closes the listeners (new connections are
   refused), ends each connection's input after the messages already received, lets the
@@ -47,6 +47,7 @@ from netlib.aio.framed import (
     FramedProtocol,
     StreamLimits,
 )
+from netlib.aio.logs import ThrottledLog
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, framing_from_name
 from netlib.streams import MessageStream
@@ -83,8 +84,6 @@ ACCEPT_BATCH: Final = 64
 """Most connections accepted per readiness event, so accepting cannot starve other work."""
 ACCEPT_RETRY_DELAY: Final = 0.1
 """Seconds the accept loop pauses after running out of file descriptors."""
-LOG_INTERVAL: Final = 1.0
-"""Seconds between two log lines about the same accept condition."""
 _RESERVED_FDS: Final = 32
 _EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -140,24 +139,6 @@ class _Counters:
 
     def add(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
-
-
-class _ThrottledLog:
-    """Log a recurring condition at most once per ``LOG_INTERVAL``, counting the rest."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._last = -LOG_INTERVAL
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._loop.time()
-        if now - self._last < LOG_INTERVAL:
-            self._suppressed += 1
-            return
-        self._last = now
-        suppressed, self._suppressed = self._suppressed, 0
-        logger.warning(message + " (%d similar suppressed)", *args, suppressed)
 
 
 class _Listener:
@@ -233,7 +214,7 @@ class Server:
         self._config = config
         self._loop = asyncio.get_running_loop()
         self._counters = _Counters()
-        self._accept_log = _ThrottledLog(self._loop)
+        self._accept_log = ThrottledLog(logger, self._loop)
         self._connections: dict[asyncio.Task[None], FramedProtocol] = {}
         self._closing = False
         self._stopped = self._loop.create_future()

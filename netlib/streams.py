@@ -1,4 +1,4 @@
-"""MessageStream: an ordered, reliable stream of messages over one connection.
+"""MessageStream (ordered, reliable, one connection) and DatagramEndpoint (unreliable).
 
 A ``MessageStream`` is what a ``serve_tcp`` handler receives and what ``connect_tcp``
 yields. It sends and receives whole messages in the connection's framing (raw chunks,
@@ -17,17 +17,29 @@ one system call per event-loop iteration, which is where netlib gains over async
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any, Final, Self
 
+from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
 from netlib.aio.framed import FramedProtocol
-from netlib.errors import ClosedResourceError, EndOfStream, WouldBlock
+from netlib.errors import ClosedResourceError, EndOfStream, PeerTimedOut, WouldBlock
 from netlib.sansio.framing import Framing
 
-__all__ = ["DEFAULT_CLOSE_TIMEOUT", "MessageStream"]
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
+    "DEFAULT_REQUEST_RETRIES",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DatagramEndpoint",
+    "MessageStream",
+]
 
 DEFAULT_CLOSE_TIMEOUT: Final = 10.0
 """Seconds ``aclose()`` waits for buffered data to reach the peer before aborting."""
+DEFAULT_REQUEST_TIMEOUT: Final = 1.0
+"""Seconds ``DatagramEndpoint.request()`` waits for a reply before retransmitting."""
+DEFAULT_REQUEST_RETRIES: Final = 3
+"""Retransmissions ``DatagramEndpoint.request()`` makes before giving up."""
 
 
 class MessageStream:
@@ -170,3 +182,154 @@ class MessageStream:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<MessageStream {state} peer={self.remote_address!r}>"
+
+
+class DatagramEndpoint:
+    """Send and receive datagrams on one UDP (or Unix datagram) socket.
+
+    Created by ``open_udp_endpoint``. Datagrams are unreliable: they may be lost, duplicated
+    or reordered by the network; ``request()`` adds timeouts and retries for request/reply.
+    """
+
+    __slots__ = ("_closed", "_lock", "_protocol")
+
+    def __init__(self, protocol: DatagramEndpointProtocol) -> None:
+        self._protocol = protocol
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def send(self, data: bytes, addr: Any = None) -> None:
+        """Send one datagram to ``addr`` (None: the connected peer).
+
+        Waits while the kernel's send buffer is full. An empty datagram is sent as one.
+
+        Raises:
+            LimitExceeded: ``data`` is larger than ``max_size``.
+            ClosedResourceError: the endpoint is closed.
+        """
+        self._check_open()
+        self._protocol.check_size(data)
+        await self._protocol.drain()
+        self._protocol.sendto(data, addr)
+
+    def send_nowait(self, data: bytes, addr: Any = None) -> None:
+        """Send one datagram now, or raise ``WouldBlock`` if the send buffer is full."""
+        self._check_open()
+        self._protocol.check_size(data)
+        if self._protocol.write_paused:
+            raise WouldBlock("the send buffer is full")
+        self._protocol.sendto(data, addr)
+
+    async def receive(self) -> tuple[bytes, Any]:
+        """Return the next datagram and its source address.
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+        """
+        protocol = self._protocol
+        if not protocol.queue:
+            self._check_open()
+            await protocol.wait_readable()
+            if not protocol.queue:
+                raise ClosedResourceError("endpoint closed")
+        return protocol.pop()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, Any]:
+        try:
+            return await self.receive()
+        except ClosedResourceError:
+            raise StopAsyncIteration from None
+
+    async def request(
+        self,
+        data: bytes,
+        addr: Any = None,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,  # noqa: ASYNC109 (per attempt, then resend)
+        retries: int = DEFAULT_REQUEST_RETRIES,
+    ) -> bytes:
+        """Send ``data`` and return the next datagram from the same peer, retrying on loss.
+
+        Each attempt waits ``timeout`` seconds; after ``retries`` retransmissions the call
+        gives up. Requests on one endpoint run one at a time; datagrams from other peers
+        stay queued for ``receive()``. A late reply to an earlier attempt counts as the
+        reply: protocols that must tell replies apart carry their own request ids.
+
+        Raises:
+            PeerTimedOut: no reply after ``retries + 1`` attempts.
+            ConnectionRefusedError: the peer's port is closed (ICMP, connected endpoints).
+            LimitExceeded: ``data`` is larger than ``max_size``.
+        """
+        peer = address_key(addr if addr is not None else self.remote_address)
+        if peer is None:
+            raise ValueError("request() needs addr on an endpoint without a remote address")
+        async with self._lock:
+            for _attempt in range(retries + 1):
+                reply = await self._attempt(data, addr, peer, timeout)
+                if reply is not None:
+                    return reply
+        raise PeerTimedOut(f"no reply from {peer!r} after {retries + 1} attempts")
+
+    async def _attempt(self, data: bytes, addr: Any, peer: Any, wait: float) -> bytes | None:
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._protocol.expected[peer] = waiter
+        try:
+            await self.send(data, addr)
+            async with asyncio.timeout(wait):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            if self._protocol.expected.get(peer) is waiter:
+                del self._protocol.expected[peer]
+
+    def fail_request(self, exc: Exception) -> None:
+        """Fail the waiting ``request()`` with ``exc`` (an ICMP error for the peer)."""
+        peer = address_key(self.remote_address)
+        waiter = self._protocol.expected.pop(peer, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _check_open(self) -> None:
+        if self._closed or self._protocol.lost:
+            raise ClosedResourceError("endpoint closed")
+
+    def close(self) -> None:
+        """Close the endpoint (sync; idempotent). Queued datagrams are discarded."""
+        self._closed = True
+        self._protocol.close()
+
+    async def aclose(self) -> None:
+        """Close the endpoint and wait until its socket is released."""
+        self.close()
+        await self._protocol.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def statistics(self) -> DatagramStatistics:
+        """Counters: received, sent, drops by reason, errors, queued."""
+        return self._protocol.statistics()
+
+    @property
+    def local_address(self) -> Any:
+        """This side's socket address."""
+        return self._extra("sockname")
+
+    @property
+    def remote_address(self) -> Any:
+        """The connected peer's address, or None for an unconnected endpoint."""
+        return self._extra("peername")
+
+    def _extra(self, name: str) -> Any:
+        transport = self._protocol.transport
+        try:
+            return None if transport is None else transport.get_extra_info(name)
+        except (AttributeError, OSError):
+            return None

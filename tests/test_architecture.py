@@ -18,6 +18,7 @@ LAYERS = {
     "netlib.client": 3,
     "netlib.handlers": 3,
     "netlib.runner": 3,
+    "netlib.udp": 3,
     "netlib": 4,  # __init__ re-exports
     "netlib.cli": 5,
     "netlib.demo": 5,
@@ -104,4 +105,5 @@ _SUBMODULES = {
     "runner",
     "cli",
     "demo",
+    "udp",
 }

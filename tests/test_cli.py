@@ -27,6 +27,8 @@ NETLIB = [sys.executable, "-m", "netlib"]
         (["echo", "send", "--timeout", "-1", "hi"], "must be > 0"),
         (["echo", "send", "--proto", "sctp", "hi"], "invalid choice: 'sctp'"),
         (["--loop", "trio", "demo"], "invalid choice: 'trio'"),
+        (["echo", "send", "--proto", "udp", "--retries", "x", "hi"], "invalid retries 'x'"),
+        (["echo", "serve", "--mode", "timestamp"], "timestamp is a UDP service"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_error(
@@ -105,4 +107,64 @@ def test_demo_runs_and_stops_by_itself(loop_name: str) -> None:
     assert f"demo on {loop_name}" in done.stdout
     assert "< HELLO" in done.stdout
     assert "2000 of 2000 echoes correct" in done.stdout
+    assert re.search(r"< \[\w{3} \w{3} [ \d]\d [\d:]{8} \d{4}\] hello", done.stdout)
+    assert re.search(r"dropped by the per-address reply budget=[1-9]", done.stdout)
     assert "demo done" in done.stdout
+
+
+def test_udp_echo_serve_and_send_timestamp(loop_name: str) -> None:
+    with serve(loop_name, "--proto", "udp", "--mode", "timestamp") as (_proc, port):
+        done = subprocess.run(
+            [
+                *NETLIB,
+                "--loop",
+                loop_name,
+                "echo",
+                "send",
+                "--proto",
+                "udp",
+                "--port",
+                str(port),
+                "hello",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert re.fullmatch(r"\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] hello", first)
+    assert re.fullmatch(r"\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] ", second)
+
+
+def test_udp_send_without_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["echo", "send", "--proto", "udp", "--port", str(port), "--timeout", "0.1", "hi"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"netlib: error: nothing listens on 127.0.0.1:{port} (udp port unreachable)\n"
+
+
+def test_udp_send_to_a_silent_peer_times_out(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers
+        port = silent.getsockname()[1]
+        argv = [
+            "echo",
+            "send",
+            "--proto",
+            "udp",
+            "--port",
+            str(port),
+            "--timeout",
+            "0.05",
+            "--retries",
+            "2",
+            "hi",
+        ]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"netlib: error: no reply from 127.0.0.1:{port} after 3 attempts of 0.05s\n"

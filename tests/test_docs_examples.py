@@ -14,6 +14,9 @@ EXPECTED = {
     "custom_handler.py": "SET colour blue -> OK\nGET colour -> blue\nGET size -> (nil)\n"
     "DEL colour -> ERR unknown command DEL\n",
     "echo_protocol.py": "MAKE ME LOUD\n",
+    "udp_request.py": "b'hello' -> b'HELLO'\nb'' -> b''\n"
+    "b'datagrams keep their boundaries' -> b'DATAGRAMS KEEP THEIR BOUNDARIES'\n"
+    "handled: 3 replies refused: 0\n",
 }
 
 

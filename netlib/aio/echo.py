@@ -1,4 +1,5 @@
-"""Echo services as plain asyncio Protocols: EchoProtocol and UpperEchoProtocol.
+"""Echo services as plain asyncio Protocols: EchoProtocol, UpperEchoProtocol (TCP) and
+DatagramEchoProtocol (UDP).
 
 They work on their own with ``loop.create_server(EchoProtocol, host, port)`` and are as
 cheap as a hand-written echo Protocol, with two safety additions that cost nothing on the
@@ -9,16 +10,46 @@ fast path:
   echoes, the protocol stops reading its input, so a client that sends without reading
   cannot make the server buffer without bound;
 * writes after the connection is lost are silent no-ops on both loops.
+
+``DatagramEchoProtocol`` answers each datagram in one of three modes: ``echo`` (unchanged),
+``upper`` (upper-cased) or ``timestamp`` (``[<time.ctime()>] <message>``). Every reply
+passes a ``ReplyBudget`` first, so a forged source address cannot turn the server into an
+amplifier: echo replies are never larger than the request, timestamp replies add only their
+fixed 27-byte prefix within the amplification allowance, and a per-address token bucket caps
+what any one address is sent. Datagrams above ``max_size`` are dropped, not cut; empty ones
+are answered with empty (or prefix-only) replies. Every drop is counted in ``statistics()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
+from netlib.aio.datagram import (
+    DEFAULT_DATAGRAM_WRITE_HIGH,
+    DEFAULT_MAX_DATAGRAM,
+    EmptyDatagramSender,
+)
 from netlib.aio.framed import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
+from netlib.aio.logs import ThrottledLog
+from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
 
-__all__ = ["EchoProtocol", "UpperEchoProtocol"]
+__all__ = [
+    "DatagramEchoProtocol",
+    "DatagramEchoStatistics",
+    "EchoMode",
+    "EchoProtocol",
+    "UpperEchoProtocol",
+]
+
+logger = logging.getLogger("netlib.aio.echo")
+
+EchoMode = Literal["echo", "upper", "timestamp"]
+ECHO_MODES: tuple[EchoMode, ...] = ("echo", "upper", "timestamp")
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -61,3 +92,152 @@ class UpperEchoProtocol(EchoProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._lost:
             self.transport.write(data.upper())  # type: ignore[union-attr]
+
+
+class EchoReplies:
+    """Makes echo replies in one mode: ``echo``, ``upper`` or ``timestamp``.
+
+    The timestamp prefix, ``[<time.ctime()>] ``, is formatted once per second.
+    """
+
+    __slots__ = ("_prefix", "_second", "make", "mode")
+
+    def __init__(self, mode: EchoMode = "echo") -> None:
+        if mode not in ECHO_MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(ECHO_MODES)}")
+        self.mode = mode
+        self._second = -1
+        self._prefix = b""
+        makers: dict[str, Callable[[bytes], bytes]] = {
+            "echo": _unchanged,
+            "upper": bytes.upper,
+            "timestamp": self._stamp,
+        }
+        self.make = makers[mode]
+        """The reply function itself (``__call__`` without one level of call)."""
+
+    def __call__(self, data: bytes) -> bytes:
+        """Return the reply to ``data``."""
+        return self.make(data)
+
+    def _stamp(self, data: bytes) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._prefix = f"[{time.ctime(second)}] ".encode()
+        return self._prefix + data
+
+
+def _unchanged(data: bytes) -> bytes:
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramEchoStatistics:
+    """Counters of a ``DatagramEchoProtocol`` (a snapshot).
+
+    Attributes:
+        received: datagrams received (any size).
+        replied: replies handed to the kernel.
+        dropped_too_large: datagrams above ``max_size`` or whose reply would be (a
+            timestamp adds 27 bytes), dropped unanswered.
+        send_dropped: replies dropped because the send buffer was full or the send failed.
+        errors_received: ICMP and socket errors reported by the kernel.
+        budget: the reply budget's counters (replies refused per reason, sources tracked).
+    """
+
+    received: int
+    replied: int
+    dropped_too_large: int
+    send_dropped: int
+    errors_received: int
+    budget: ReplyBudgetStatistics
+
+
+class DatagramEchoProtocol(asyncio.DatagramProtocol):
+    """Answer every datagram: unchanged, upper-cased, or prefixed with a timestamp.
+
+    Args:
+        mode: ``"echo"``, ``"upper"`` or ``"timestamp"`` (``[Mon Nov 23 10:00:00 2026] hi``).
+        budget: the reply policy (default: ``ReplyBudget()`` with its named defaults).
+        max_size: largest datagram answered, in bytes.
+
+    Works on its own: ``loop.create_datagram_endpoint(DatagramEchoProtocol, local_addr=...)``.
+    """
+
+    def __init__(
+        self,
+        mode: EchoMode = "echo",
+        *,
+        budget: ReplyBudget | None = None,
+        max_size: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        self.mode = mode
+        self._budget = budget if budget is not None else ReplyBudget()
+        self._max_size = max_size
+        self._loop = asyncio.get_running_loop()
+        self._log = ThrottledLog(logger, self._loop)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._empty: EmptyDatagramSender | None = None
+        self._paused = False
+        self.make_reply = EchoReplies(mode).make
+        self.received = self.replied = self.dropped_too_large = 0
+        self.send_dropped = self.errors_received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+        self._transport.set_write_buffer_limits(high=DEFAULT_DATAGRAM_WRITE_HIGH)  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        if len(data) > self._max_size:
+            self.dropped_too_large += 1
+            return
+        reply = self.make_reply(data)
+        if len(reply) > self._max_size:  # a timestamp prefix can push it over
+            self.dropped_too_large += 1
+            return
+        if not self._budget.exchange(addr, len(data), len(reply), self._loop.time()):
+            return
+        if self._paused or self._transport is None:
+            self.send_dropped += 1
+        elif reply:
+            self._transport.sendto(reply, addr)
+            self.replied += 1
+        else:
+            self._send_empty(addr)
+
+    def _send_empty(self, addr: Any) -> None:
+        if self._empty is None:
+            self._empty = EmptyDatagramSender(self._transport)  # type: ignore[arg-type]
+        try:
+            self._empty.send(addr)
+        except OSError:
+            self.send_dropped += 1
+        else:
+            self.replied += 1
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors_received += 1
+        self._log.warning("UDP echo: %r", exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._empty is not None:
+            self._empty.detach()
+
+    def statistics(self) -> DatagramEchoStatistics:
+        """Return a snapshot of the counters."""
+        return DatagramEchoStatistics(
+            received=self.received,
+            replied=self.replied,
+            dropped_too_large=self.dropped_too_large,
+            send_dropped=self.send_dropped,
+            errors_received=self.errors_received,
+            budget=self._budget.statistics(),
+        )

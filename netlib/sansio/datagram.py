@@ -239,7 +239,20 @@ class ReplyBudget:
             ValueError: ``size`` is negative.
         """
         _require_size(size)
+        return self._decide(self._touch(addr, now), size, now)
+
+    def exchange(self, addr: Hashable, received: int, reply: int, now: float) -> bool:
+        """``on_received(addr, received, now)`` then ``try_send(addr, reply, now)``.
+
+        The per-datagram fast path of a replying service: one table lookup instead of two.
+        Sizes come from ``len()`` and are not checked.
+        """
         source = self._touch(addr, now)
+        source.credit = min(self._byte_burst, source.credit + self._factor * received)
+        return self._decide(source, reply, now)
+
+    def _decide(self, source: _Source, size: int, now: float) -> bool:
+        """Charge and allow a reply of ``size`` bytes to ``source``, or count the refusal."""
         self._refill(source, now)
         if source.datagram_tokens < 1:
             self._dropped_by_rate += 1

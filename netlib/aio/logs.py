@@ -1,0 +1,57 @@
+"""ThrottledLog: log a recurring condition at most once per interval, counting the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+__all__ = ["LOG_INTERVAL", "ThrottledLog"]
+
+LOG_INTERVAL: Final = 1.0
+"""Seconds between two log lines about the same recurring condition."""
+
+
+class ThrottledLog:
+    """A warning logger that emits at most one line per ``interval`` seconds.
+
+    Each emitted line says how many similar lines were suppressed since the previous one.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        loop: asyncio.AbstractEventLoop,
+        interval: float = LOG_INTERVAL,
+    ) -> None:
+        self._logger = logger
+        self._loop = loop
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log ``message`` at warning level unless one was logged within the interval."""
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        """Log ``message`` at ``level`` unless one was logged within the interval."""
+        suppressed = self._due()
+        if suppressed is not None:
+            self._logger.log(level, message + " (%d similar suppressed)", *args, suppressed)
+
+    def exception(self, message: str, *args: object) -> None:
+        """Like ``warning``, at error level with the current exception's traceback."""
+        suppressed = self._due()
+        if suppressed is not None:
+            self._logger.exception(message + " (%d similar suppressed)", *args, suppressed)
+
+    def _due(self) -> int | None:
+        """Return the count suppressed since the last line if a line is due, else None."""
+        now = self._loop.time()
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return None
+        self._last = now
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed

@@ -1,0 +1,153 @@
+"""Datagram socket creation: resolve, bind or connect, and set the options netlib offers.
+
+netlib creates its datagram sockets itself and hands them to
+``loop.create_datagram_endpoint(sock=...)``, so both loops get the same options: broadcast,
+multicast membership (IPv4 and IPv6), SO_REUSEPORT, and Unix datagram sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DatagramSocketOptions", "open_datagram_socket"]
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramSocketOptions:
+    """Where a datagram socket binds or connects, and its options.
+
+    Attributes:
+        local: (host, port) to bind, or None.
+        remote: (host, port) to connect to (a "connected" endpoint), or None.
+        path: Unix datagram socket path to bind, or None.
+        remote_path: Unix datagram socket path to connect to, or None.
+        allow_broadcast: set SO_BROADCAST.
+        multicast_group: join this group (bind ``local`` to the group or a wildcard).
+        multicast_interface: interface for multicast: an IPv4 address (default 0.0.0.0,
+            the kernel's choice), or for IPv6 an interface name or index.
+        multicast_ttl: hops a multicast datagram may travel (1: the local network).
+        reuse_port: set SO_REUSEPORT (several processes on one port).
+    """
+
+    local: tuple[str, int] | None = None
+    remote: tuple[str, int] | None = None
+    path: str | None = None
+    remote_path: str | None = None
+    allow_broadcast: bool = False
+    multicast_group: str | None = None
+    multicast_interface: str | int = "0.0.0.0"
+    multicast_ttl: int = 1
+    reuse_port: bool = False
+
+
+async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
+    """Return a non-blocking datagram socket set up as ``options`` says.
+
+    Raises:
+        OSError: resolution, bind or connect failed (``socket.gaierror`` for names).
+    """
+    if options.path is not None or options.remote_path is not None:
+        return _unix_socket(options)
+    family, local, remote = await _resolve(options)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        _configure(sock, family, options)
+        if local is not None:
+            sock.bind(local)
+        if remote is not None:
+            sock.connect(remote)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unix_socket(options: DatagramSocketOptions) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        if options.path is not None:
+            sock.bind(options.path)
+        if options.remote_path is not None:
+            sock.connect(options.remote_path)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _resolve(
+    options: DatagramSocketOptions,
+) -> tuple[int, Any | None, Any | None]:
+    loop = asyncio.get_running_loop()
+    remote = local = None
+    family: int = socket.AF_UNSPEC
+    if options.remote is not None:
+        family, remote = await _lookup(loop, options.remote, socket.AF_UNSPEC, passive=False)
+    if options.local is not None:
+        family, local = await _lookup(loop, options.local, family, passive=True)
+    if family == socket.AF_UNSPEC:
+        family, local = await _lookup(loop, ("127.0.0.1", 0), family, passive=True)
+    return family, local, remote
+
+
+async def _lookup(
+    loop: asyncio.AbstractEventLoop, address: tuple[str, int], family: int, *, passive: bool
+) -> tuple[int, Any]:
+    host, port = address
+    infos = await loop.getaddrinfo(
+        host or None,
+        port,
+        family=family,
+        type=socket.SOCK_DGRAM,
+        flags=socket.AI_PASSIVE if passive else 0,
+    )
+    if not infos:
+        raise socket.gaierror(f"no address for {host!r}")
+    found_family, _type, _proto, _name, sockaddr = infos[0]
+    return found_family, sockaddr
+
+
+def _configure(sock: socket.socket, family: int, options: DatagramSocketOptions) -> None:
+    if options.reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if options.allow_broadcast:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if options.multicast_group is not None:
+        if family == socket.AF_INET6:
+            _join_ipv6(sock, options)
+        else:
+            _join_ipv4(sock, options)
+
+
+def _join_ipv4(sock: socket.socket, options: DatagramSocketOptions) -> None:
+    assert options.multicast_group is not None
+    interface = socket.inet_aton(str(ipaddress.IPv4Address(options.multicast_interface)))
+    group = socket.inet_aton(str(ipaddress.IPv4Address(options.multicast_group)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group + interface)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, interface)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, options.multicast_ttl)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+
+
+def _join_ipv6(sock: socket.socket, options: DatagramSocketOptions) -> None:
+    assert options.multicast_group is not None
+    interface = options.multicast_interface
+    if isinstance(interface, str):
+        interface = 0 if interface in ("", "0.0.0.0") else socket.if_nametoindex(interface)
+    group = socket.inet_pton(socket.AF_INET6, options.multicast_group)
+    index = struct.pack("@I", interface)  # ipv6_mreq: in6_addr, then the index in host order
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group + index)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, options.multicast_ttl)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
