@@ -30,7 +30,7 @@ from netlib.aio.framed import (
     StreamLimits,
 )
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
-from netlib.sansio.framing import Framing, framing_from_name
+from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import DEFAULT_CLOSE_TIMEOUT, DatagramEndpoint, MessageStream
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_tcp", "open_udp_endpoint"]
@@ -80,7 +80,7 @@ async def connect_tcp(
         write_low=write_low,
         read_limit=read_limit,
     )
-    protocol = FramedProtocol(chosen.decoder(), limits)
+    protocol = FramedProtocol(chosen.decoder(), limits, raw=isinstance(chosen, RawFraming))
     try:
         async with asyncio.timeout(connect_timeout):
             if path is not None:

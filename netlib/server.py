@@ -49,7 +49,7 @@ from netlib.aio.framed import (
 )
 from netlib.aio.logs import ThrottledLog
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
-from netlib.sansio.framing import Framing, framing_from_name
+from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import MessageStream
 
 __all__ = [
@@ -231,7 +231,10 @@ class Server:
             return
         conn.setblocking(False)
         self._counters.add("accepted")
-        protocol = FramedProtocol(self._config.framing.decoder(), self._config.limits)
+        framing = self._config.framing
+        protocol = FramedProtocol(
+            framing.decoder(), self._config.limits, raw=isinstance(framing, RawFraming)
+        )
         task = self._loop.create_task(self._serve(conn, protocol))
         self._connections[task] = protocol
         task.add_done_callback(self._connections.pop)

@@ -24,7 +24,7 @@ from typing import Any, Final, Self
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
 from netlib.aio.framed import FramedProtocol
 from netlib.errors import ClosedResourceError, EndOfStream, PeerTimedOut, WouldBlock
-from netlib.sansio.framing import Framing
+from netlib.sansio.framing import Framing, RawFraming
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -48,7 +48,15 @@ class MessageStream:
     Created by netlib (``serve_tcp`` handlers, ``connect_tcp``), not by users.
     """
 
-    __slots__ = ("_close_timeout", "_closed", "_encode", "_frames", "_linger", "_protocol")
+    __slots__ = (
+        "_close_timeout",
+        "_closed",
+        "_encode",
+        "_frames",
+        "_linger",
+        "_protocol",
+        "_raw",
+    )
 
     def __init__(
         self,
@@ -61,6 +69,7 @@ class MessageStream:
         self._protocol = protocol
         self._frames = protocol.frames
         self._encode = framing.encode
+        self._raw = isinstance(framing, RawFraming)
         self._linger = linger
         self._close_timeout = close_timeout
         self._closed = False
@@ -78,15 +87,19 @@ class MessageStream:
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
         frames = self._frames
-        if not frames:
+        protocol = self._protocol
+        while not frames:
             if self._closed:
                 raise ClosedResourceError("stream closed")
-            await self._protocol.wait_readable()
-            if not frames:
-                raise self._protocol.end_error()
+            waiter = protocol.readable_waiter()
+            if waiter is None:
+                raise protocol.end_error()
+            await waiter
         frame = frames.popleft()
         if not frames:
-            self._protocol.consumed()
+            protocol.queued = 0
+            if protocol.reading_paused:
+                protocol.consumed()
         return frame
 
     def __aiter__(self) -> Self:
@@ -113,7 +126,7 @@ class MessageStream:
         if protocol.write_paused or protocol.lost or self._closed:
             self._check_open()
             await protocol.drain()
-        protocol.write(self._encode(message))
+        protocol.write(message if self._raw else self._encode(message))
 
     def send_nowait(self, message: bytes) -> None:
         """Send one message now, or raise ``WouldBlock`` if the peer is slow to read."""
@@ -123,6 +136,32 @@ class MessageStream:
         if self._protocol.write_paused:
             raise WouldBlock("the peer is not reading fast enough")
         self._protocol.write(self._encode(message))
+
+    def send_queued(self, message: bytes) -> None:
+        """Queue one message without waiting, whatever the peer's pace.
+
+        For fan-out services that bound each consumer themselves with ``buffered_size``
+        instead of waiting on it (a chat room must not wait for its slowest member).
+        A no-op once the connection is lost.
+
+        Raises:
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        self._protocol.write(self._encode(message))
+
+    def end_input(self) -> None:
+        """Stop receiving: messages already received stay readable, then iteration ends.
+
+        Later input is read and discarded; replies can still be sent. Graceful shutdown
+        does this to every connection.
+        """
+        self._protocol.stop_reading()
+
+    @property
+    def buffered_size(self) -> int:
+        """Bytes sent but not yet handed to the kernel (netlib's and the transport's)."""
+        return self._protocol.buffered_size()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -57,8 +57,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     uvloop.new_event_loop().close()
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> dict[str, str]:
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return found
 
 
 @pytest.fixture(autouse=True)
@@ -69,4 +75,6 @@ def global_gate() -> Iterator[None]:
     yield
     gc.collect()
     assert not _handler_calls, f"event loop exception handler called: {_handler_calls}"
-    assert open_fds() == before, "file descriptors leaked"
+    after = open_fds()
+    leaked = {fd: target for fd, target in after.items() if before.get(fd) != target}
+    assert len(after) == len(before), f"file descriptors leaked: {leaked}"

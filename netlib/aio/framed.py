@@ -12,11 +12,13 @@ Read flow control: ``queued`` counts the bytes of the chunks that completed mess
 the queue, so a handler that falls behind is never buried: at most ``read_limit`` plus one
 read chunk plus one partial frame is held in user space.
 
-Write path: ``write()`` appends to ``pending`` and schedules one ``flush()`` with
-``call_soon``; a handler that answers a batch of pipelined messages therefore produces one
-``writelines`` (one system call) per batch instead of one per message. ``pending`` is
-flushed at once when it reaches the high-water mark, before the consumer waits for input,
-and before close. The transport's own buffer has explicit limits on both loops (uvloop's
+Write path: while received messages are still queued, ``write()`` appends to ``pending``
+(and schedules one ``flush()`` with ``call_soon`` as a backstop); the reply to the last
+queued message flushes them all. A handler that answers a batch of pipelined messages
+therefore produces one ``writelines`` (one system call) per batch instead of one per
+message, and a request/response handler writes at once, with no scheduling. ``pending``
+is also flushed at the high-water mark, before the consumer waits for input, and before
+close. The transport's own buffer has explicit limits on both loops (uvloop's
 default low-water mark is 16 bytes); while it is above the high mark ``write_paused`` is set
 and senders wait in ``drain()``.
 
@@ -93,15 +95,46 @@ class FramedProtocol(asyncio.Protocol):
     ``close()`` / ``finish()`` to end the connection.
     """
 
-    def __init__(self, decoder: Decoder, limits: StreamLimits) -> None:
+    __slots__ = (
+        "_closed",
+        "_decoder",
+        "_discarding",
+        "_drain_waiters",
+        "_first_frame_timer",
+        "_flush_handle",
+        "_idle_timer",
+        "_limits",
+        "_loop",
+        "_peer_done",
+        "_pending",
+        "_pending_size",
+        "_raw",
+        "_waiter",
+        "discarded",
+        "eof",
+        "error",
+        "frames",
+        "last_activity",
+        "lost",
+        "peer_eof",
+        "queued",
+        "reading_paused",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, decoder: Decoder, limits: StreamLimits, *, raw: bool = False) -> None:
         self._decoder = decoder
+        self._raw = raw
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.frames: deque[bytes] = deque()
         self.queued = 0
         self.reading_paused = False
-        self.eof = False
+        self.eof = False  # no more input for the consumer (peer EOF, or stop_reading)
+        self.peer_eof = False
+        self._peer_done: asyncio.Future[None] | None = None
         self.lost = False
         self.error: NetlibError | None = None
         self.write_paused = False
@@ -137,6 +170,14 @@ class FramedProtocol(asyncio.Protocol):
         if self._discarding:
             self.discarded += len(data)
             return
+        if self._raw:  # each chunk is a message: no decoder call, no list
+            self.frames.append(data)
+            if self._first_frame_timer is not None:
+                self._first_frame_timer.cancel()
+                self._first_frame_timer = None
+            self._wake()
+            self._count_queued(len(data))
+            return
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -146,19 +187,27 @@ class FramedProtocol(asyncio.Protocol):
             return
         if frames:
             self._enqueue(frames)
-            self.queued += len(data)  # a partial frame is bounded by the decoder instead
-            if self.queued > self._limits.read_limit and not self.reading_paused:
-                self.reading_paused = True
-                self.transport.pause_reading()  # type: ignore[union-attr]
+            self._count_queued(len(data))  # a partial frame is bounded by the decoder instead
+
+    def _count_queued(self, size: int) -> None:
+        self.queued += size
+        if self.queued > self._limits.read_limit and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         try:
             self._decoder.feed_eof()
         except ProtocolError as exc:
             self.error = exc
-        self.eof = True
+        self.eof = self.peer_eof = True
         self._wake()
+        self._resolve_peer_done()
         return True  # keep the transport open: replies may still be sent (half-close)
+
+    def _resolve_peer_done(self) -> None:
+        if self._peer_done is not None and not self._peer_done.done():
+            self._peer_done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -170,6 +219,7 @@ class FramedProtocol(asyncio.Protocol):
         self._cancel_timers()
         self._wake()
         self._wake_drainers()
+        self._resolve_peer_done()
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -206,10 +256,17 @@ class FramedProtocol(asyncio.Protocol):
     async def wait_readable(self) -> None:
         """Wait until ``frames`` is non-empty or the input has ended (see ``end_error``)."""
         self.flush()
-        self.consumed()
         while not self.frames and not (self.eof or self.lost or self.error):
             self._waiter = self._loop.create_future()
             await self._waiter
+
+    def readable_waiter(self) -> asyncio.Future[None] | None:
+        """Flush, then return a future resolved when input arrives, or None if it ended."""
+        self.flush()
+        if self.eof or self.lost or self.error is not None:
+            return None
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     def end_error(self) -> NetlibError:
         """Return the error that describes why no more frames will come."""
@@ -222,12 +279,17 @@ class FramedProtocol(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` for the next flush; a no-op once the connection is lost."""
+        """Write ``data``, coalesced with the other replies to the queued messages.
+
+        While received messages are still queued, replies are held and written together
+        (when the queue empties, at the high-water mark, or at the end of this loop
+        iteration); otherwise at once. A no-op once the connection is lost.
+        """
         if self.lost:
             return
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size >= self._limits.write_high:
+        if not self.frames or self._pending_size >= self._limits.write_high:
             self.flush()
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
@@ -248,6 +310,13 @@ class FramedProtocol(asyncio.Protocol):
         else:
             transport.writelines(pending)
         self.last_activity = self._loop.time()
+
+    def buffered_size(self) -> int:
+        """Bytes written but not yet handed to the kernel: pending plus transport buffer."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return self._pending_size
+        return self._pending_size + transport.get_write_buffer_size()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark.
@@ -314,13 +383,13 @@ class FramedProtocol(asyncio.Protocol):
         """
         try:
             async with asyncio.timeout(grace):
-                if linger and not self.eof and self._can_write_eof():
+                if linger and not self.peer_eof and self._can_write_eof():
                     self._discarding = True
                     self.consumed()
                     self.flush()
+                    self._peer_done = self._loop.create_future()
                     self.transport.write_eof()  # type: ignore[union-attr]
-                    while not (self.eof or self.lost):
-                        await self.wait_readable()
+                    await self._peer_done  # the peer's EOF, or the connection's end
                 self.close()
                 await asyncio.shield(self._closed)
         except TimeoutError:

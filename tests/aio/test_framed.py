@@ -81,18 +81,33 @@ async def test_partial_frame_does_not_pause_reading() -> None:
     assert transport.reading
 
 
-async def test_writes_in_one_iteration_are_coalesced() -> None:
+async def test_replies_to_queued_messages_are_coalesced() -> None:
     protocol, transport = make()
-    for i in range(100):
-        protocol.write(b"%d\n" % i)
+    protocol.data_received(b"".join(b"%d\n" % i for i in range(100)))
+    while protocol.frames:
+        protocol.write(protocol.frames.popleft() + b"!")
+    assert transport.writes == 1  # the reply to the last queued message flushed them all
+    assert transport.written == [b"%d!" % i for i in range(100)]
+
+
+async def test_write_with_nothing_queued_goes_out_at_once() -> None:
+    protocol, transport = make()
+    protocol.write(b"greeting\n")
+    assert transport.written == [b"greeting\n"]
+
+
+async def test_held_replies_are_flushed_by_the_end_of_the_iteration() -> None:
+    protocol, transport = make()
+    protocol.data_received(b"one\ntwo\n")
+    protocol.write(protocol.frames.popleft())  # "two" is still queued: held
     assert transport.writes == 0
-    await asyncio.sleep(0)  # one loop iteration runs the scheduled flush
-    assert transport.writes == 1
-    assert b"".join(transport.written) == b"".join(b"%d\n" % i for i in range(100))
+    await asyncio.sleep(0)  # one loop iteration runs the backstop flush
+    assert transport.written == [b"one"]
 
 
 async def test_flush_at_high_water_mark() -> None:
     protocol, transport = make(write_high=100, write_low=10)
+    protocol.data_received(b"queued\n")  # replies are held while input is queued
     protocol.write(b"a" * 60)
     assert transport.writes == 0
     protocol.write(b"b" * 60)
@@ -111,6 +126,7 @@ async def test_writes_after_loss_are_silent_no_ops() -> None:
 
 async def test_writes_to_a_closing_transport_are_dropped() -> None:
     protocol, transport = make()
+    protocol.data_received(b"pending\n")
     protocol.write(b"queued")
     transport.closing = True
     protocol.flush()
