@@ -3,6 +3,13 @@
 Import everything from here; ``netlib.__all__`` is the public API.
 """
 
+from netlib.aio.chat import (
+    ChatLimits,
+    ChatProtocol,
+    ChatService,
+    ChatServiceStatistics,
+    DatagramChatProtocol,
+)
 from netlib.aio.datagram import DatagramStatistics
 from netlib.aio.echo import (
     DatagramEchoProtocol,
@@ -11,6 +18,8 @@ from netlib.aio.echo import (
     EchoProtocol,
     UpperEchoProtocol,
 )
+from netlib.aio.hub import Hub, MemoryHub, Subscriber
+from netlib.chat import ChatServer, chat_handler, open_chat_server, serve_chat
 from netlib.client import connect_tcp, open_udp_endpoint
 from netlib.errors import (
     BrokenResourceError,
@@ -56,8 +65,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokenResourceError",
+    "ChatLimits",
+    "ChatProtocol",
+    "ChatServer",
+    "ChatService",
+    "ChatServiceStatistics",
     "ClosedResourceError",
     "Datagram",
+    "DatagramChatProtocol",
     "DatagramEchoProtocol",
     "DatagramEchoStatistics",
     "DatagramEndpoint",
@@ -71,10 +86,12 @@ __all__ = [
     "FrameTooLarge",
     "Framing",
     "Handler",
+    "Hub",
     "IncompleteFrame",
     "LengthPrefixFraming",
     "LimitExceeded",
     "LineFraming",
+    "MemoryHub",
     "MessageStream",
     "NetlibError",
     "PeerTimedOut",
@@ -85,16 +102,20 @@ __all__ = [
     "Server",
     "ServerStatistics",
     "SlowConsumer",
+    "Subscriber",
     "UpperEchoProtocol",
     "WouldBlock",
     "__version__",
+    "chat_handler",
     "connect_tcp",
     "echo_handler",
     "loop_factory",
+    "open_chat_server",
     "open_tcp_server",
     "open_udp_endpoint",
     "open_udp_server",
     "run",
+    "serve_chat",
     "serve_tcp",
     "serve_udp",
     "udp_echo_handler",

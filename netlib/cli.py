@@ -6,6 +6,8 @@
                                        [--upper] [--host H] [--port P]
     netlib [--loop ...] echo send [--proto tcp|udp] [--host H] [--port P] [--timeout S]
                                   [--retries N] MESSAGE...
+    netlib [--loop ...] chat serve [--proto tcp|udp|both] [--host H] [--port P]
+    netlib [--loop ...] chat join [--proto tcp|udp] [--host H] [--port P] [--nick N]
     netlib [--loop ...] demo
 
 Bad arguments (an invalid host or port, say) print a one-line usage error and exit with
@@ -25,13 +27,15 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, Final, NoReturn
 
 import netlib
+from netlib.chat_client import run_chat_client
 from netlib.demo import run_demo
 from netlib.runner import LOOP_CHOICES
 
-__all__ = ["DEFAULT_ECHO_PORT", "main"]
+__all__ = ["DEFAULT_CHAT_PORT", "DEFAULT_ECHO_PORT", "main"]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_ECHO_PORT: Final = 7007
+DEFAULT_CHAT_PORT: Final = 7077
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
@@ -85,12 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_echo(commands)
+    _add_chat(commands)
     commands.add_parser("demo", help="run the demo: servers on loopback driven by clients")
     return parser
 
 
-def _add_network_options(parser: argparse.ArgumentParser, port: int) -> None:
-    parser.add_argument("--proto", choices=["tcp", "udp"], default="tcp", help="transport")
+def _add_network_options(
+    parser: argparse.ArgumentParser, port: int, protos: Sequence[str] = ("tcp", "udp")
+) -> None:
+    parser.add_argument("--proto", choices=protos, default="tcp", help="transport")
     parser.add_argument(
         "--host",
         type=host_type,
@@ -127,6 +134,16 @@ def _add_echo(commands: Any) -> None:
         help="udp: times to resend a request that got no reply (default 3)",
     )
     send.add_argument("messages", nargs="+", metavar="MESSAGE", help="text to send")
+
+
+def _add_chat(commands: Any) -> None:
+    chat = commands.add_parser("chat", help="chat server and interactive client")
+    actions = chat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = actions.add_parser("serve", help="run a chat server until interrupted")
+    _add_network_options(serve, DEFAULT_CHAT_PORT, ("tcp", "udp", "both"))
+    join = actions.add_parser("join", help="join a chat (interactive, or lines from a pipe)")
+    _add_network_options(join, DEFAULT_CHAT_PORT)
+    join.add_argument("--nick", help="nickname to take after joining")
 
 
 def retries_type(value: str) -> int:
@@ -240,12 +257,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         _usage_error(parser, str(exc))
 
 
+async def chat_serve(args: argparse.Namespace) -> None:
+    async with netlib.open_chat_server(args.host, args.port, proto=args.proto) as server:
+        where = ", ".join(
+            f"{_format_address(a)} ({kind})"
+            for kind, addresses in (("tcp", server.tcp_addresses), ("udp", server.udp_addresses))
+            for a in addresses
+        )
+        print(f"netlib chat server listening on {where}; Ctrl-C to stop", flush=True)
+        await server.serve_forever()
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _run(run_demo(), args)
+    if args.command == "chat" and args.action == "join":
+        return _join(args)
+    if args.command == "chat":
+        return _run(chat_serve(args), args)
     if args.action == "serve":
         return _run(echo_serve(args), args)
     return _run(echo_send(args), args)
+
+
+def _join(args: argparse.Namespace) -> int:
+    status = 0
+
+    async def join() -> None:
+        nonlocal status
+        status = await run_chat_client(args.host, args.port, proto=args.proto, nick=args.nick)
+
+    code = _run(join(), args)
+    return code or status
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:

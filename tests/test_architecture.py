@@ -19,6 +19,8 @@ LAYERS = {
     "netlib.handlers": 3,
     "netlib.runner": 3,
     "netlib.udp": 3,
+    "netlib.chat": 3,
+    "netlib.chat_client": 5,
     "netlib": 4,  # __init__ re-exports
     "netlib.cli": 5,
     "netlib.demo": 5,
@@ -106,4 +108,6 @@ _SUBMODULES = {
     "cli",
     "demo",
     "udp",
+    "chat",
+    "chat_client",
 }

@@ -1,0 +1,173 @@
+"""open_chat_server / serve_chat: the chat service over TCP, UDP or both.
+
+The rooms live in a ``ChatService`` (``netlib.aio.chat``); TCP clients are ``ChatProtocol``
+connections (line based, usable from ``nc`` and ``telnet``), UDP clients are peers of a
+``DatagramChatProtocol``. One service can serve both at once, and they share its rooms.
+``chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Hashable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from netlib.aio.chat import (
+    SLOW_CONSUMER,
+    ChatProtocol,
+    ChatService,
+    DatagramChatProtocol,
+)
+from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.server import Handler
+from netlib.streams import MessageStream
+
+__all__ = ["ChatServer", "chat_handler", "open_chat_server", "serve_chat"]
+
+ChatProto = Literal["tcp", "udp", "both"]
+
+
+@dataclass
+class ChatServer:
+    """A running chat server (from ``open_chat_server``).
+
+    Attributes:
+        service: the chat (rooms, sessions, statistics).
+        tcp_addresses: bound TCP addresses (empty when not serving TCP).
+        udp_addresses: bound UDP addresses (empty when not serving UDP).
+    """
+
+    service: ChatService
+    tcp_addresses: list[Any] = field(default_factory=list)
+    udp_addresses: list[Any] = field(default_factory=list)
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close(self) -> None:
+        """Make ``serve_forever`` return; the ``async with`` block then closes everything."""
+        self._closed.set()
+
+    async def serve_forever(self) -> None:
+        """Wait until ``close()`` (or cancel this)."""
+        await self._closed.wait()
+
+
+@asynccontextmanager
+async def open_chat_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    proto: ChatProto = "tcp",
+    udp_port: int | None = None,
+    service: ChatService | None = None,
+) -> AsyncIterator[ChatServer]:
+    """Serve a chat on ``host``:``port`` (TCP and/or UDP) for the ``async with`` block.
+
+    Args:
+        host: address to bind (default loopback).
+        port: TCP port, and UDP port too unless ``udp_port`` is given (0: a free port).
+        proto: ``"tcp"``, ``"udp"`` or ``"both"`` (sharing one set of rooms).
+        udp_port: UDP port when it must differ from ``port``.
+        service: the chat to serve (default: a new ``ChatService`` with a ``MemoryHub``).
+    """
+    loop = asyncio.get_running_loop()
+    own_service = service is None
+    chat = service if service is not None else ChatService()
+    server = ChatServer(chat)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(chat.aclose if own_service else chat.close_sessions)
+        if proto in ("tcp", "both"):
+            tcp = await loop.create_server(lambda: ChatProtocol(chat), host, port)
+            stack.push_async_callback(_close_tcp, tcp)
+            server.tcp_addresses = [s.getsockname() for s in tcp.sockets]
+        if proto in ("udp", "both"):
+            if udp_port is None:
+                udp_port = server.tcp_addresses[0][1] if server.tcp_addresses else port
+            sock = await open_datagram_socket(DatagramSocketOptions(local=(host, udp_port)))
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: DatagramChatProtocol(chat), sock=sock
+            )
+            stack.callback(transport.close)
+            server.udp_addresses = [transport.get_extra_info("sockname")]
+        yield server
+
+
+async def _close_tcp(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
+async def serve_chat(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    proto: ChatProto = "tcp",
+    udp_port: int | None = None,
+    service: ChatService | None = None,
+) -> None:
+    """Serve a chat until cancelled. Takes the same arguments as ``open_chat_server``."""
+    async with open_chat_server(
+        host, port, proto=proto, udp_port=udp_port, service=service
+    ) as server:
+        await server.serve_forever()
+
+
+class _StreamSession:
+    """A chat session on a ``MessageStream`` (line framing), for ``serve_tcp``."""
+
+    def __init__(self, stream: MessageStream, service: ChatService) -> None:
+        self.stream = stream
+        self.service = service
+        self.session_id = 0
+        self.ended = False
+        self._soft_since: float | None = None
+
+    def deliver(self, line: bytes, origin: Hashable) -> None:
+        if origin == self.session_id or self.ended:
+            return
+        limits = self.service.limits
+        buffered = self.stream.buffered_size + len(line)
+        if buffered > limits.hard_limit or self._soft_expired(buffered):
+            self._slow()
+            return
+        self.stream.send_queued(line.rstrip(b"\n"))
+
+    def _soft_expired(self, buffered: int) -> bool:
+        limits = self.service.limits
+        now = asyncio.get_running_loop().time()
+        if buffered <= limits.soft_limit:
+            self._soft_since = None
+            return False
+        if self._soft_since is None:
+            self._soft_since = now
+        return now - self._soft_since >= limits.soft_time
+
+    def _slow(self) -> None:
+        self.ended = True
+        self.service.close(self.session_id, SLOW_CONSUMER)
+        self.stream.abort()
+
+    def end(self, reason: str) -> None:
+        self.ended = True
+        self.stream.end_input()  # the handler's loop ends; the goodbye is still flushed
+
+
+def chat_handler(service: ChatService) -> Handler:
+    """Return a ``serve_tcp`` handler (use ``framing="line"``) that joins ``service``.
+
+    The soft limit is checked as lines are delivered, so a consumer that stays over it
+    is disconnected at the first delivery after ``soft_time`` (``ChatProtocol`` uses a
+    timer instead).
+    """
+
+    async def handler(stream: MessageStream) -> None:
+        session = _StreamSession(stream, service)
+        session.session_id = service.open(session)
+        try:
+            async for line in stream:
+                service.receive(session.session_id, line.decode("utf-8", "replace"))
+        finally:
+            service.close(session.session_id, "connection closed")
+
+    return handler

@@ -1,0 +1,393 @@
+"""Chat over TCP and UDP on real loopback sockets, on both loops (issue: chat)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+import netlib
+from netlib import ChatLimits, ChatService, DatagramChatProtocol
+from tests.helpers import reset, wait_until
+
+
+class LineClient:
+    """A raw socket chat client, as ``nc`` would be: it reads all the time, lines out."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.seen: list[str] = []
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while raw := await reader.readline():
+                self.lines.put_nowait(raw.decode().rstrip("\r\n"))
+        except ConnectionError:
+            pass
+        self.lines.put_nowait(None)
+
+    @classmethod
+    async def connect(cls, port: int) -> LineClient:
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        await client.expect("*** welcome")
+        return client
+
+    def send(self, *lines: str, end: bytes = b"\n") -> None:
+        for line in lines:
+            self.writer.write(line.encode() + end)
+
+    async def expect(self, fragment: str, timeout: float = 2.0) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.lines.get()
+                if line is None:
+                    raise EOFError(f"closed while waiting for {fragment!r}; saw {self.seen}")
+                self.seen.append(line)
+                if fragment in line:
+                    return line
+
+    async def closed(self, timeout: float = 2.0) -> None:
+        async with asyncio.timeout(timeout):
+            while await self.lines.get() is not None:
+                pass
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+        await self._reader
+
+
+@asynccontextmanager
+async def chat_server(
+    proto: netlib.ChatServer | str = "tcp", **limits: Any
+) -> AsyncIterator[netlib.ChatServer]:
+    service = ChatService(limits=ChatLimits(**limits)) if limits else None
+    async with netlib.open_chat_server(proto=proto, service=service) as server:  # type: ignore[arg-type]
+        yield server
+    if service is not None:
+        await service.aclose()
+
+
+def tcp_port(server: netlib.ChatServer) -> int:
+    port: int = server.tcp_addresses[0][1]
+    return port
+
+
+async def test_raw_socket_session_nick_join_broadcast_private_quit() -> None:
+    async with chat_server() as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        alice.send("/nick alice")
+        bob.send("/nick Bob", end=b"\r\n")  # telnet and nc -C send CRLF
+        await alice.expect("[#lobby] *** guest2 is now known as Bob")
+        alice.send("hello, room")
+        assert await bob.expect("<alice>") == "[#lobby] <alice> hello, room"
+        bob.send("/msg alice just you and me")
+        assert await alice.expect("-Bob-") == "-Bob- just you and me"
+        assert await bob.expect("->") == "-> alice: just you and me"
+        alice.send("/join #rust", "/who")
+        assert await alice.expect("*** #rust") == "*** #rust (1 member): alice"
+        bob.send("/join rust")
+        await alice.expect("[#rust] *** Bob joined")
+        bob.send("/me waves")
+        assert await alice.expect("* Bob") == "[#rust] * Bob waves"
+        bob.send("/quit see you")
+        await bob.expect("*** goodbye")
+        await bob.closed()
+        assert await alice.expect("quit") == "[#lobby] *** Bob quit (see you)"
+        alice.send("over")
+        await alice.expect("*** goodbye")
+        await alice.closed()
+        await alice.aclose()
+        await bob.aclose()
+        await wait_until(lambda: server.service.statistics().sessions == 0)
+
+
+async def test_errors_are_clear_replies() -> None:
+    async with chat_server() as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        alice.send("/nick alice")
+        await alice.expect("you are now known as alice")
+        bob.send("/nick ALICE", "/frobnicate", "/msg nobody hi", "/join", "/nick 9lives")
+        assert "already taken" in await bob.expect("!!!")
+        assert "unknown command" in await bob.expect("!!!")
+        assert "nobody" in await bob.expect("!!!")
+        assert "usage" in (await bob.expect("!!!")).lower()
+        assert "9lives" in await bob.expect("!!!")
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_invalid_utf8_is_replaced_and_control_characters_stripped() -> None:
+    async with chat_server() as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        alice.writer.write(b"caf\xc3\xa9 \xff\xfe ok \x1b[31mred\x07\n")
+        line = await bob.expect("<guest1>")
+        assert line == "[#lobby] <guest1> café \ufffd\ufffd ok [31mred"
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_overlong_line_ends_only_that_connection() -> None:
+    async with chat_server(max_line_bytes=1024) as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        alice.writer.write(b"x" * 2000 + b"\n")
+        await alice.closed()
+        assert "quit (protocol error" in await bob.expect("quit")
+        bob.send("/who")
+        assert await bob.expect("*** #lobby") == "*** #lobby (1 member): guest2"
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_flood_control_notices_instead_of_silent_drops() -> None:
+    async with chat_server(flood_rate=1.0, flood_burst=5) as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        alice.send(*(f"line {i}" for i in range(20)))
+        assert "flood" in await alice.expect("!!!")
+        assert await bob.expect("line 4") == "[#lobby] <guest1> line 4"
+        await wait_until(lambda: server.service.statistics().flood_dropped == 15)
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_reset_and_vanishing_clients_never_disturb_the_room() -> None:
+    async with chat_server() as server:
+        port = tcp_port(server)
+        watcher = await LineClient.connect(port)
+        for _ in range(10):
+            ghost = await LineClient.connect(port)
+            ghost.send("hello then gone")
+            reset(ghost.writer)
+        await wait_until(lambda: server.service.statistics().sessions == 1)
+        talker = await LineClient.connect(port)
+        talker.send("still fine")
+        await watcher.expect("still fine")
+        await watcher.aclose()
+        await talker.aclose()
+
+
+async def test_slow_consumer_is_disconnected_at_the_hard_limit() -> None:
+    async with chat_server(
+        soft_limit=64 * 1024,
+        hard_limit=256 * 1024,
+        soft_time=60.0,
+        flood_rate=1e6,
+        flood_burst=10**6,
+    ) as server:
+        port = tcp_port(server)
+        sleeper = await _non_reading_client(port)
+        talker = await LineClient.connect(port)
+        listener = await LineClient.connect(port)
+        line = "z" * 1000
+        for n in range(30_000):  # the kernel's buffers absorb a few MiB first
+            talker.send(f"{n} {line}")
+            if n % 50 == 49:
+                await talker.writer.drain()
+                await asyncio.sleep(0)  # let the server and the listener run
+                if server.service.statistics().slow_consumers:
+                    break
+        assert "quit (slow_consumer)" in await listener.expect("quit (slow_consumer)", 10.0)
+        assert server.service.statistics().slow_consumers == 1  # the listener kept up
+        sleeper.close()
+        await talker.aclose()
+        await listener.aclose()
+
+
+async def test_slow_consumer_is_disconnected_after_the_soft_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft_time = 0.5
+    caplog.set_level(logging.INFO, logger="netlib.aio.chat")
+    async with chat_server(
+        soft_limit=16 * 1024,
+        hard_limit=1 << 30,
+        soft_time=soft_time,
+        flood_rate=1e6,
+        flood_burst=10**6,
+    ) as server:
+        port = tcp_port(server)
+        sleeper = await _non_reading_client(port)
+        talker = await LineClient.connect(port)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        while not server.service.statistics().slow_consumers and sent < 60_000:
+            talker.send("q" * 1000)
+            sent += 1
+            if sent % 50 == 0:
+                await asyncio.sleep(0.01)  # a steady talker, about 5,000 lines per second
+        elapsed = loop.time() - start
+        sleeper.close()
+        await talker.aclose()
+    assert server.service.statistics().slow_consumers == 1
+    assert soft_time <= elapsed < soft_time + 2.0  # after the kernel buffer fills, then 0.5 s
+    held = [
+        r.getMessage() for r in caplog.records if "held above the soft limit" in r.getMessage()
+    ]
+    assert len(held) == 1
+    assert abs(float(held[0].split(" for ")[1].split()[0]) - soft_time) < 0.1
+
+
+async def _non_reading_client(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def test_protocol_on_its_own_with_create_server() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(netlib.ChatProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    alice = await LineClient.connect(port)
+    bob = await LineClient.connect(port)
+    alice.send("shared default service")
+    await bob.expect("shared default service")
+    await alice.aclose()
+    await bob.aclose()
+    server.close()
+    await server.wait_closed()
+    await ChatService.default().aclose()
+
+
+async def test_chat_handler_through_serve_tcp() -> None:
+    service = ChatService()
+    async with netlib.open_tcp_server(netlib.chat_handler(service), framing="line") as server:
+        port = server.addresses[0][1]
+        alice = await LineClient.connect(port)
+        bob = await LineClient.connect(port)
+        alice.send("/nick alice", "through serve_tcp")
+        assert await bob.expect("<alice>") == "[#lobby] <alice> through serve_tcp"
+        alice.send("/quit")
+        await alice.expect("*** goodbye")
+        await alice.closed()
+        await bob.expect("alice quit")
+        await alice.aclose()
+        await bob.aclose()
+    await service.aclose()
+
+
+# -- UDP ------------------------------------------------------------------------------------
+
+
+class UdpChatClient:
+    def __init__(self, endpoint: netlib.DatagramEndpoint) -> None:
+        self.endpoint = endpoint
+
+    async def join(self) -> None:
+        await self.endpoint.send(b"")
+        hello, _ = await asyncio.wait_for(self.endpoint.receive(), 2.0)
+        assert hello.startswith(b"*** hello ")
+        await self.endpoint.send(b"/hello " + hello.split()[-1])
+        await self.expect("*** welcome")
+
+    async def expect(self, fragment: str) -> str:
+        async with asyncio.timeout(2.0):
+            while True:
+                data, _ = await self.endpoint.receive()
+                if fragment in data.decode():
+                    return data.decode()
+
+
+async def test_udp_and_tcp_clients_share_a_room() -> None:
+    async with chat_server("both") as server:
+        tcp = await LineClient.connect(tcp_port(server))
+        async with netlib.open_udp_endpoint(*server.udp_addresses[0][:2]) as endpoint:
+            udp = UdpChatClient(endpoint)
+            await udp.join()
+            await endpoint.send(b"/nick carol")
+            await tcp.expect("now known as carol")
+            await endpoint.send(b"hi from udp")
+            assert await tcp.expect("<carol>") == "[#lobby] <carol> hi from udp"
+            tcp.send("hi from tcp")
+            assert await udp.expect("hi from tcp") == "[#lobby] <guest1> hi from tcp"
+            await endpoint.send(b"/quit")
+            await udp.expect("*** goodbye")
+            await tcp.expect("carol quit")
+        await tcp.aclose()
+
+
+async def test_udp_peers_expire_when_silent_and_heartbeats_keep_them() -> None:
+    service = ChatService()
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: DatagramChatProtocol(service, peer_timeout=0.3), local_addr=("127.0.0.1", 0)
+    )
+    address = transport.get_extra_info("sockname")
+    async with (
+        netlib.open_udp_endpoint(*address) as keeper_ep,
+        netlib.open_udp_endpoint(*address) as silent_ep,
+    ):
+        keeper, silent = UdpChatClient(keeper_ep), UdpChatClient(silent_ep)
+        await keeper.join()
+        await silent.join()
+        assert protocol.peers == 2
+        for _ in range(8):  # heartbeats every 0.1 s for 0.8 s
+            await keeper_ep.send(b"")
+            await asyncio.sleep(0.1)  # the client's heartbeat interval
+        assert protocol.peers == 1
+        assert "guest2 quit (timed out)" in await keeper.expect("quit")
+    transport.close()
+    await service.aclose()
+
+
+class RecordingTransport(asyncio.DatagramTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: dict[Any, int] = {}
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent[addr] = self.sent.get(addr, 0) + len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+async def test_r12_spoofed_sources_cannot_amplify_through_udp_chat() -> None:
+    service = ChatService()
+    protocol = DatagramChatProtocol(service)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    rng = random.Random(5)
+    received: dict[Any, int] = {}
+    for _ in range(10_000):
+        addr = (f"198.51.100.{rng.randrange(256)}", rng.randrange(1, 65536))
+        data = rng.randbytes(rng.randint(1, 1500))
+        received[addr] = received.get(addr, 0) + len(data)
+        protocol.datagram_received(data, addr)
+    assert protocol.peers == 0  # no forged source became a session
+    assert service.statistics().opened == 0
+    for addr, size in transport.sent.items():
+        assert size <= 3 * received[addr] + 1200 * 2  # the UDP reply budget's cap
+    protocol.connection_lost(None)
+    await service.aclose()
+
+
+@pytest.mark.parametrize("lines", [["/quit"], ["over"]])
+async def test_ending_words(lines: list[str]) -> None:
+    async with chat_server() as server:
+        client = await LineClient.connect(tcp_port(server))
+        client.send(*lines)
+        await client.expect("*** goodbye")
+        await client.closed()
+        await client.aclose()
