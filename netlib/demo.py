@@ -3,8 +3,9 @@
 Starts a TCP echo server and an upper-case echo server on free loopback ports, drives them
 with ``connect_tcp`` clients (one conversation, then several clients at once and one that
 vanishes mid-stream), then a UDP timestamp echo server driven by ``open_udp_endpoint``
-(an empty datagram included, and a flood the reply budget cuts down), prints what happened
-and the servers' statistics, and stops by itself.
+(an empty datagram included, and a flood the reply budget cuts down), then a short scripted
+chat between two TCP clients and a UDP client sharing one room. It prints what happened and
+the servers' statistics, and stops by itself.
 """
 
 from __future__ import annotations
@@ -76,6 +77,75 @@ async def _udp_demo() -> None:
         )
 
 
+class _ChatUser:
+    """A scripted chat client over TCP (as ``nc`` would be) or UDP."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.endpoint: netlib.DatagramEndpoint | None = None
+
+    async def say(self, line: str) -> None:
+        print(f"  {self.name:>5} types: {line}")
+        if self.writer is not None:
+            self.writer.write(line.encode() + b"\n")
+        elif self.endpoint is not None:
+            await self.endpoint.send(line.encode())
+
+    async def sees(self, fragment: str) -> None:
+        while True:
+            if self.reader is not None:
+                raw = await asyncio.wait_for(self.reader.readline(), 2.0)
+            else:
+                assert self.endpoint is not None
+                raw, _addr = await asyncio.wait_for(self.endpoint.receive(), 2.0)
+            line = raw.decode().rstrip()
+            if fragment in line:
+                print(f"  {self.name:>5} sees:  {line}")
+                return
+
+
+async def _tcp_user(name: str, port: int) -> _ChatUser:
+    user = _ChatUser(name)
+    user.reader, user.writer = await asyncio.open_connection("127.0.0.1", port)
+    await user.sees("*** welcome")
+    return user
+
+
+async def _chat_demo() -> None:
+    async with netlib.open_chat_server(proto="both") as server:
+        port = server.tcp_addresses[0][1]
+        print(f"\nchat server on 127.0.0.1:{port} (tcp and udp, one set of rooms)")
+        alice, bob = await _tcp_user("alice", port), await _tcp_user("bob", port)
+        await alice.say("/nick alice")
+        await alice.sees("you are now known as alice")
+        await bob.say("/nick bob")
+        await alice.sees("is now known as bob")
+        async with netlib.open_udp_endpoint(*server.udp_addresses[0][:2]) as endpoint:
+            carol = _ChatUser("carol")
+            carol.endpoint = endpoint
+            hello = await endpoint.request(b"", timeout=1.0)  # join: a cookie round trip
+            await endpoint.send(b"/hello " + hello.split()[-1])
+            await carol.sees("*** welcome")
+            await carol.say("/nick carol")
+            await bob.sees("is now known as carol")
+            await alice.say("hi everyone")
+            await bob.sees("<alice> hi everyone")
+            await carol.sees("<alice> hi everyone")
+            await carol.say("hello from udp")
+            await alice.sees("<carol> hello from udp")
+            await bob.say("/msg alice psst, over here")
+            await alice.sees("-bob- psst")
+            await alice.say("/quit see you")
+            await carol.sees("alice quit")
+        for user in (alice, bob):
+            assert user.writer is not None
+            user.writer.close()
+        stats = server.service.statistics()
+        print(f"  sessions opened={stats.opened} lines={stats.lines_received}")
+
+
 async def run_demo() -> None:
     """Run the demo and print a transcript."""
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -96,4 +166,5 @@ async def run_demo() -> None:
         _show("echo ", echo.statistics())
         _show("upper", upper.statistics())
     await _udp_demo()
+    await _chat_demo()
     print("\nservers shut down; demo done")

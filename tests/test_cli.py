@@ -109,6 +109,9 @@ def test_demo_runs_and_stops_by_itself(loop_name: str) -> None:
     assert "2000 of 2000 echoes correct" in done.stdout
     assert re.search(r"< \[\w{3} \w{3} [ \d]\d [\d:]{8} \d{4}\] hello", done.stdout)
     assert re.search(r"dropped by the per-address reply budget=[1-9]", done.stdout)
+    assert "carol sees:  [#lobby] <alice> hi everyone" in done.stdout
+    assert "alice sees:  -bob- psst, over here" in done.stdout
+    assert "carol sees:  [#lobby] *** alice quit (see you)" in done.stdout
     assert "demo done" in done.stdout
 
 
@@ -168,3 +171,57 @@ def test_udp_send_to_a_silent_peer_times_out(capsys: pytest.CaptureFixture[str])
         assert main(argv) == 1
     err = capsys.readouterr().err
     assert err == f"netlib: error: no reply from 127.0.0.1:{port} after 3 attempts of 0.05s\n"
+
+
+@contextmanager
+def chat_server(loop_name: str) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [*NETLIB, "--loop", loop_name, "chat", "serve", "--proto", "both", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    match = re.search(r"127\.0\.0\.1:(\d+) \(tcp\)", proc.stdout.readline())
+    assert match, "chat server did not announce its address"
+    try:
+        yield int(match.group(1))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_chat_serve_and_join_from_a_pipe(loop_name: str, proto: str) -> None:
+    with chat_server(loop_name) as port:
+        done = subprocess.run(
+            [
+                *NETLIB,
+                "--loop",
+                loop_name,
+                "chat",
+                "join",
+                "--proto",
+                proto,
+                "--port",
+                str(port),
+                "--nick",
+                "alice",
+            ],
+            input="/join #netlib\n/who\nover\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "*** you are now known as alice" in done.stdout
+    assert "*** #netlib (1 member): alice" in done.stdout
+    assert done.stdout.rstrip().endswith("*** goodbye")
+
+
+def test_chat_join_without_server(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["chat", "join", "--port", str(port)]) == 1
+    assert "netlib: error:" in capsys.readouterr().err

@@ -91,7 +91,7 @@ class FramedProtocol(asyncio.Protocol):
         limits: flow-control limits and deadlines.
 
     The public ``MessageStream`` is the intended consumer: it pops ``frames``, calls
-    ``wait_readable()`` when the queue is empty, ``write()`` / ``drain()`` to send, and
+    ``readable_waiter()`` when the queue is empty, ``write()`` / ``drain()`` to send, and
     ``close()`` / ``finish()`` to end the connection.
     """
 
@@ -172,24 +172,27 @@ class FramedProtocol(asyncio.Protocol):
             return
         if self._raw:  # each chunk is a message: no decoder call, no list
             self.frames.append(data)
-            if self._first_frame_timer is not None:
-                self._first_frame_timer.cancel()
-                self._first_frame_timer = None
-            self._wake()
-            self._count_queued(len(data))
+            self._queued(len(data))
             return
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            frames = exc.frames if isinstance(exc, FrameTooLarge) else []
-            self._enqueue(frames)
+            if isinstance(exc, FrameTooLarge) and exc.frames:
+                self.frames.extend(exc.frames)
+                self._queued(0)
             self.fail(exc)
             return
         if frames:
-            self._enqueue(frames)
-            self._count_queued(len(data))  # a partial frame is bounded by the decoder instead
+            self.frames.extend(frames)
+            self._queued(len(data))  # a partial frame is bounded by the decoder instead
 
-    def _count_queued(self, size: int) -> None:
+    def _queued(self, size: int) -> None:
+        """Messages were queued from ``size`` bytes: lift the first-frame deadline, wake the
+        consumer, and pause reading past ``read_limit``."""
+        if self._first_frame_timer is not None:
+            self._first_frame_timer.cancel()
+            self._first_frame_timer = None
+        self._wake()
         self.queued += size
         if self.queued > self._limits.read_limit and not self.reading_paused:
             self.reading_paused = True
@@ -232,13 +235,6 @@ class FramedProtocol(asyncio.Protocol):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _enqueue(self, frames: list[bytes]) -> None:
-        if self._first_frame_timer is not None:
-            self._first_frame_timer.cancel()
-            self._first_frame_timer = None
-        self.frames.extend(frames)
-        self._wake()
-
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
@@ -252,13 +248,6 @@ class FramedProtocol(asyncio.Protocol):
         if self.reading_paused and not self.lost:
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
-
-    async def wait_readable(self) -> None:
-        """Wait until ``frames`` is non-empty or the input has ended (see ``end_error``)."""
-        self.flush()
-        while not self.frames and not (self.eof or self.lost or self.error):
-            self._waiter = self._loop.create_future()
-            await self._waiter
 
     def readable_waiter(self) -> asyncio.Future[None] | None:
         """Flush, then return a future resolved when input arrives, or None if it ended."""
