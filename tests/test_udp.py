@@ -416,3 +416,14 @@ async def test_r12_forged_sources_udp_server(mode: netlib.EchoMode) -> None:
     assert sum(transport.sent.values()) > 0
     server.close()
     await server.wait_closed()
+
+
+async def test_echo_protocol_lease_table_is_bounded() -> None:
+    protocol = DatagramEchoProtocol()
+    protocol._max_leases = 10
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    for port in range(1, 26):
+        protocol.datagram_received(b"x", ("192.0.2.1", port))
+    assert len(protocol._leases) <= 10
+    assert protocol.statistics().replied == 25  # every address still got its reply

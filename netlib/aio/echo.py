@@ -16,8 +16,11 @@ fast path:
 passes a ``ReplyBudget`` first, so a forged source address cannot turn the server into an
 amplifier: echo replies are never larger than the request, timestamp replies add only their
 fixed 27-byte prefix within the amplification allowance, and a per-address token bucket caps
-what any one address is sent. Datagrams above ``max_size`` are dropped, not cut; empty ones
-are answered with empty (or prefix-only) replies. Every drop is counted in ``statistics()``.
+what any one address is sent. The budget grants each address a small batch of replies at a
+time (``LEASE_DATAGRAMS``, ``LEASE_BYTES``), charged when granted, so the per-datagram cost
+is two subtractions and nothing is ever sent uncharged. Datagrams above ``max_size`` are
+dropped, not cut; empty ones are answered with empty (or prefix-only) replies. Every drop is
+counted in ``statistics()``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 from netlib.aio.datagram import (
     DEFAULT_DATAGRAM_WRITE_HIGH,
@@ -36,7 +39,7 @@ from netlib.aio.datagram import (
 )
 from netlib.aio.framed import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 from netlib.aio.logs import ThrottledLog
-from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
+from netlib.sansio.datagram import DEFAULT_MAX_SOURCES, ReplyBudget, ReplyBudgetStatistics
 
 __all__ = [
     "DatagramEchoProtocol",
@@ -47,6 +50,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("netlib.aio.echo")
+
+LEASE_DATAGRAMS: Final = 32
+"""Replies the reply budget grants an address at a time (charged when granted)."""
+LEASE_BYTES: Final = 64 * 1024
+"""Reply bytes the reply budget grants an address at a time, at most."""
 
 EchoMode = Literal["echo", "upper", "timestamp"]
 ECHO_MODES: tuple[EchoMode, ...] = ("echo", "upper", "timestamp")
@@ -181,6 +189,9 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self._empty: EmptyDatagramSender | None = None
         self._paused = False
         self.make_reply = EchoReplies(mode).make
+        self._unchanged = mode == "echo"
+        self._leases: dict[Any, list[int]] = {}  # addr -> [datagrams, bytes, bytes earned]
+        self._max_leases = DEFAULT_MAX_SOURCES
         self.received = self.replied = self.dropped_too_large = 0
         self.send_dropped = self.errors_received = 0
 
@@ -190,22 +201,48 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.received += 1
-        if len(data) > self._max_size:
-            self.dropped_too_large += 1
+        size = len(data)
+        if self._unchanged:
+            reply, reply_size = data, size
+        else:
+            reply = self.make_reply(data)
+            reply_size = len(reply)
+        if reply_size > self._max_size or size > self._max_size:
+            self.dropped_too_large += 1  # a timestamp prefix can push a reply over
             return
-        reply = self.make_reply(data)
-        if len(reply) > self._max_size:  # a timestamp prefix can push it over
-            self.dropped_too_large += 1
+        lease = self._leases.get(addr)
+        if lease is not None and lease[0] and lease[1] >= reply_size:
+            lease[0] -= 1  # the fast path: spend the grant, remember what was earned
+            lease[1] -= reply_size
+            lease[2] += size
+        elif not self._renew(addr, lease, size, reply_size):
             return
-        if not self._budget.exchange(addr, len(data), len(reply), self._loop.time()):
-            return
-        if self._paused or self._transport is None:
+        if self._paused:
             self.send_dropped += 1
         elif reply:
-            self._transport.sendto(reply, addr)
+            self._transport.sendto(reply, addr)  # type: ignore[union-attr]
             self.replied += 1
         else:
             self._send_empty(addr)
+
+    def _renew(self, addr: Any, lease: list[int] | None, size: int, reply_size: int) -> bool:
+        """Ask the budget for a new grant for ``addr``, spending one reply of it now."""
+        earned = size + (lease[2] if lease is not None else 0)
+        count, nbytes = self._budget.lease(
+            addr,
+            earned,
+            reply_size,
+            self._loop.time(),
+            datagrams=LEASE_DATAGRAMS,
+            nbytes=LEASE_BYTES,
+        )
+        if not count:
+            self._leases.pop(addr, None)
+            return False
+        if lease is None and len(self._leases) >= self._max_leases:
+            self._leases.clear()  # unspent grants are lost: that only ever sends less
+        self._leases[addr] = [count - 1, nbytes - reply_size, 0]
+        return True
 
     def _send_empty(self, addr: Any) -> None:
         if self._empty is None:

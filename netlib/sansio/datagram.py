@@ -251,9 +251,50 @@ class ReplyBudget:
         source.credit = min(self._byte_burst, source.credit + self._factor * received)
         return self._decide(source, reply, now)
 
+    def lease(
+        self, addr: Hashable, received: int, size: int, now: float, *, datagrams: int, nbytes: int
+    ) -> tuple[int, int]:
+        """Record ``received`` bytes from ``addr``, then grant a batch of replies, charged now.
+
+        The per-datagram fast path of a replying service: the caller spends the grant with
+        two subtractions and asks again when it runs out, reporting the bytes it received
+        meanwhile as ``received``. Granted replies are charged before they are sent, so
+        every bound of the budget holds for what is actually sent; a grant left unspent is
+        simply lost. Credit earned by datagrams received during a grant counts only at the
+        next call, which errs on the safe side.
+
+        Returns:
+            ``(count, nbytes)`` reply datagrams and bytes granted (at most ``datagrams`` and
+            ``nbytes``), enough for at least one reply of ``size`` bytes; ``(0, 0)`` if that
+            reply may not go, counted as for ``try_send``.
+        """
+        source = self._touch(addr, now)
+        source.credit = min(self._byte_burst, source.credit + self._factor * received)
+        self._refill(source, now)
+        if self._refused(source, size):
+            return 0, 0
+        count = min(datagrams, int(source.datagram_tokens))
+        room = source.byte_tokens
+        if not source.verified:
+            room = min(room, source.credit + source.allowance)
+        granted = max(size, min(nbytes, int(room)))
+        source.datagram_tokens -= count
+        source.byte_tokens -= granted
+        self._spend(source, granted)
+        self._replies_allowed += count
+        self._bytes_allowed += granted
+        return count, granted
+
     def _decide(self, source: _Source, size: int, now: float) -> bool:
         """Charge and allow a reply of ``size`` bytes to ``source``, or count the refusal."""
         self._refill(source, now)
+        if self._refused(source, size):
+            return False
+        self._charge(source, size)
+        return True
+
+    def _refused(self, source: _Source, size: int) -> bool:
+        """Count and return whether a reply of ``size`` bytes to ``source`` must be dropped."""
         if source.datagram_tokens < 1:
             self._dropped_by_rate += 1
         elif source.byte_tokens < size:
@@ -261,9 +302,8 @@ class ReplyBudget:
         elif not source.verified and source.credit + source.allowance < size:
             self._dropped_by_amplification += 1
         else:
-            self._charge(source, size)
-            return True
-        return False
+            return False
+        return True
 
     def exempt(self, addr: Hashable, now: float) -> None:
         """Exempt ``addr``, proven by a handshake, from the amplification cap.
@@ -316,12 +356,17 @@ class ReplyBudget:
         """Take one datagram, ``size`` bytes, and (unless exempt) credit then allowance."""
         source.datagram_tokens -= 1
         source.byte_tokens -= size
+        self._spend(source, size)
+        self._replies_allowed += 1
+        self._bytes_allowed += size
+
+    @staticmethod
+    def _spend(source: _Source, size: int) -> None:
+        """Pay ``size`` bytes from credit, then allowance (nothing for an exempt source)."""
         if not source.verified:
             from_credit = min(source.credit, size)
             source.credit -= from_credit
             source.allowance -= size - from_credit
-        self._replies_allowed += 1
-        self._bytes_allowed += size
 
 
 def _require(name: str, value: float, ok: bool) -> None:

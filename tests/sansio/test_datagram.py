@@ -442,3 +442,32 @@ def test_exchange_equals_on_received_then_try_send(
         slow.on_received(addr, received, now)
         assert fast.exchange(addr, received, reply, now) == slow.try_send(addr, reply, now)
     assert fast.statistics() == slow.statistics()
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1500), st.integers(0, 1600), st.floats(0, 0.5)),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_lease_grants_stay_within_every_bound(steps: list[tuple[int, int, float]]) -> None:
+    budget = ReplyBudget()
+    now = received = granted_bytes = granted_count = refused = 0.0
+    for got, reply, dt in steps:
+        now += dt
+        received += got
+        count, nbytes = budget.lease("peer", got, reply, now, datagrams=32, nbytes=65536)
+        if count:
+            assert nbytes >= reply
+            assert count <= 32
+        else:
+            refused += 1
+        granted_count += count
+        granted_bytes += nbytes
+    assert granted_bytes <= AMPLIFICATION_FACTOR * received + AMPLIFICATION_ALLOWANCE * (
+        1 + now / AMPLIFICATION_WINDOW
+    )
+    assert granted_count <= DEFAULT_SOURCE_BURST + DEFAULT_SOURCE_RATE * now
+    assert budget.statistics().replies_dropped == refused
+    assert budget.statistics().replies_allowed == granted_count
