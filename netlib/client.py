@@ -7,7 +7,6 @@ socket it was connecting, and once a transport exists netlib aborts it before re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl as _ssl
 import tempfile
@@ -29,7 +28,7 @@ from netlib.aio.framed import (
     FramedProtocol,
     StreamLimits,
 )
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket, remove_socket_file
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import DEFAULT_CLOSE_TIMEOUT, DatagramEndpoint, MessageStream
 
@@ -194,8 +193,6 @@ async def open_udp_endpoint(
 
 def _remove(path: str | None, private_dir: str | None) -> None:
     """Remove the socket file this endpoint bound, and its private directory."""
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    remove_socket_file(path)
     if private_dir is not None:
         os.rmdir(private_dir)

@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import resource
 import socket
 import ssl as _ssl
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -48,6 +46,7 @@ from netlib.aio.framed import (
     StreamLimits,
 )
 from netlib.aio.logs import ThrottledLog
+from netlib.aio.sockets import remove_socket_file
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import MessageStream
@@ -188,7 +187,7 @@ class _Listener:
         else:
             self._loop.remove_reader(self.sock.fileno())
         if self.sock.family == socket.AF_UNIX:
-            _unlink_socket_file(self.sock.getsockname())
+            remove_socket_file(self.sock.getsockname())
         self.sock.close()
 
 
@@ -348,16 +347,6 @@ class Server:
 # -- binding ----------------------------------------------------------------------------------
 
 
-def _unlink_socket_file(path: object) -> None:
-    if not isinstance(path, str) or not path or path.startswith("\0"):
-        return
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _listen(family: int, address: Any, *, backlog: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -380,7 +369,7 @@ async def _bind(
     host: str | None, port: int, path: str | None, *, backlog: int, reuse_port: bool
 ) -> list[socket.socket]:
     if path is not None:
-        _unlink_socket_file(path)
+        remove_socket_file(path)
         return [_listen(socket.AF_UNIX, path, backlog=backlog, reuse_port=False)]
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from netlib.aio.datagram import (
 )
 from netlib.aio.echo import EchoMode, EchoReplies
 from netlib.aio.logs import ThrottledLog
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket, remove_socket_file
 from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
 
 __all__ = [
@@ -253,15 +252,7 @@ async def open_udp_server(
     finally:
         server.close()
         await server.wait_closed()
-        if path is not None:
-            _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        remove_socket_file(path)
 
 
 async def serve_udp(

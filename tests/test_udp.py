@@ -427,3 +427,14 @@ async def test_echo_protocol_lease_table_is_bounded() -> None:
         protocol.datagram_received(b"x", ("192.0.2.1", port))
     assert len(protocol._leases) <= 10
     assert protocol.statistics().replied == 25  # every address still got its reply
+
+
+async def test_unix_datagram_server_replaces_a_stale_socket_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as crashed:
+        crashed.bind(path)  # left behind, as by a process that died
+    async with (
+        netlib.open_udp_server(netlib.udp_echo_handler(), path=path),
+        netlib.open_udp_endpoint(remote_path=path) as endpoint,
+    ):
+        assert await endpoint.request(b"fresh", timeout=1.0) == b"fresh"

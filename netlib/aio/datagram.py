@@ -36,7 +36,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from netlib.aio.logs import ThrottledLog
 from netlib.errors import BrokenResourceError, LimitExceeded
@@ -107,6 +107,12 @@ class DatagramStatistics:
     queued: int = 0
 
 
+class _EmptySendOwner(Protocol):
+    send_dropped: int
+
+    def error_received(self, exc: Exception) -> None: ...
+
+
 class EmptyDatagramSender:
     """Sends zero-length datagrams, which both loops' ``sendto`` silently discard.
 
@@ -122,18 +128,37 @@ class EmptyDatagramSender:
             info.family, info.type, info.proto, fileno=info.fileno()
         )
 
-    def send(self, addr: Any) -> None:
+    def send(self, addr: Any) -> OSError | None:
         """Send an empty datagram to ``addr`` (None: the connected peer).
 
-        Raises:
-            OSError: from the kernel (BlockingIOError when its buffer is full).
+        Returns:
+            None when sent, else the kernel's error (``BlockingIOError``: buffer full).
         """
         if self._sock is None:
-            return
-        if addr is None:
-            self._sock.send(b"")
+            return BrokenPipeError("endpoint closed")
+        try:
+            if addr is None:
+                self._sock.send(b"")
+            else:
+                self._sock.sendto(b"", addr)
+        except OSError as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def sent(error: OSError | None, owner: _EmptySendOwner) -> bool:
+        """Count the outcome of ``send()`` on ``owner``; return whether it was sent.
+
+        A full buffer is a counted drop (``send_dropped``); any other error is reported to
+        ``owner.error_received`` (ICMP and friends, never fatal).
+        """
+        if error is None:
+            return True
+        if isinstance(error, BlockingIOError):
+            owner.send_dropped += 1
         else:
-            self._sock.sendto(b"", addr)
+            owner.error_received(error)
+        return False
 
     def detach(self) -> None:
         """Forget the descriptor without closing it."""
@@ -275,15 +300,7 @@ class DatagramEndpointProtocol(asyncio.DatagramProtocol):
     def _send_empty(self, addr: Any) -> bool:
         if self._empty is None:
             self._empty = EmptyDatagramSender(self.transport)  # type: ignore[arg-type]
-        try:
-            self._empty.send(addr)
-        except BlockingIOError:
-            self.send_dropped += 1
-            return False
-        except OSError as exc:
-            self.error_received(exc)
-            return False
-        return True
+        return self._empty.sent(self._empty.send(addr), self)
 
     async def drain(self) -> None:
         """Wait while the transport's send buffer is above its high-water mark."""

@@ -247,11 +247,7 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
     def _send_empty(self, addr: Any) -> None:
         if self._empty is None:
             self._empty = EmptyDatagramSender(self._transport)  # type: ignore[arg-type]
-        try:
-            self._empty.send(addr)
-        except OSError:
-            self.send_dropped += 1
-        else:
+        if self._empty.sent(self._empty.send(addr), self):
             self.replied += 1
 
     def error_received(self, exc: Exception) -> None:

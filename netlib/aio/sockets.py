@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DatagramSocketOptions", "open_datagram_socket"]
+__all__ = ["DatagramSocketOptions", "open_datagram_socket", "remove_socket_file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +70,22 @@ async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
     return sock
 
 
+def remove_socket_file(path: object) -> None:
+    """Remove ``path`` if it is a Unix socket file (a stale one from an earlier run)."""
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        return
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _unix_socket(options: DatagramSocketOptions) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         if options.path is not None:
+            remove_socket_file(options.path)
             sock.bind(options.path)
         if options.remote_path is not None:
             sock.connect(options.remote_path)
