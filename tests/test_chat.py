@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -391,3 +391,35 @@ async def test_ending_words(lines: list[str]) -> None:
         await client.expect("*** goodbye")
         await client.closed()
         await client.aclose()
+
+
+class FailingHub(netlib.MemoryHub):
+    """A hub whose broker refuses one publish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+
+    async def publish(self, room: str, line: bytes, origin: Hashable) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("broker unavailable")
+        await super().publish(room, line, origin)
+
+
+async def test_a_failed_hub_publish_does_not_stop_the_chat(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = FailingHub()
+    service = ChatService(hub=hub)
+    async with netlib.open_chat_server(service=service) as server:
+        alice = await LineClient.connect(tcp_port(server))
+        bob = await LineClient.connect(tcp_port(server))
+        hub.fail_next = True
+        alice.send("lost to the broker", "after the outage")
+        assert await bob.expect("<guest1>") == "[#lobby] <guest1> after the outage"
+        await alice.aclose()
+        await bob.aclose()
+    assert service.statistics().effect_errors == 1
+    assert any("chat effect" in r.getMessage() for r in caplog.records)
+    await service.aclose()

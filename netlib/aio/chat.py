@@ -37,10 +37,11 @@ import itertools
 import logging
 import os
 import socket
+import weakref
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, cast
+from typing import Any, ClassVar, Final, Protocol, cast
 
 from netlib.aio.hub import Hub, MemoryHub
 from netlib.aio.logs import ThrottledLog
@@ -129,6 +130,7 @@ class ChatServiceStatistics:
         lines_received: lines handed to the chat core.
         slow_consumers: sessions disconnected as slow consumers.
         flood_dropped: lines dropped by flood control.
+        effect_errors: effects that failed (a hub error, say), logged and skipped.
     """
 
     sessions: int
@@ -136,6 +138,7 @@ class ChatServiceStatistics:
     lines_received: int
     slow_consumers: int
     flood_dropped: int
+    effect_errors: int
 
 
 class Session(Protocol):
@@ -171,7 +174,9 @@ class ChatService:
     clients of one service share its rooms.
     """
 
-    _defaults: dict[asyncio.AbstractEventLoop, ChatService] = {}  # noqa: RUF012
+    _defaults: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ChatService]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, *, hub: Hub | None = None, limits: ChatLimits | None = None) -> None:
         self.limits = limits or ChatLimits()
@@ -186,7 +191,8 @@ class ChatService:
         self._effects: deque[Effect | _Forget] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._worker = self._loop.create_task(self._run())
-        self.opened = self.slow_consumers = 0
+        self._errors_log = ThrottledLog(logger, self._loop)
+        self.opened = self.slow_consumers = self._errors = 0
 
     @classmethod
     def default(cls) -> ChatService:
@@ -230,6 +236,7 @@ class ChatService:
             lines_received=core.lines_received,
             slow_consumers=self.slow_consumers,
             flood_dropped=core.lines_flood_dropped,
+            effect_errors=self._errors,
         )
 
     async def close_sessions(self, grace: float = CHAT_CLOSE_GRACE) -> None:
@@ -272,7 +279,12 @@ class ChatService:
         effects = self._effects
         while True:
             while effects:
-                await self._carry_out(effects.popleft())
+                effect = effects.popleft()
+                try:
+                    await self._carry_out(effect)
+                except Exception:  # one failed effect (a hub error) must not stop the chat
+                    self._errors += 1
+                    self._errors_log.exception("chat effect %r failed", effect)
             self._wakeup = self._loop.create_future()
             await self._wakeup
             self._wakeup = None
