@@ -106,10 +106,25 @@ class MessageStream:
         return self
 
     async def __anext__(self) -> bytes:
-        try:
-            return await self.receive()
-        except EndOfStream:
-            raise StopAsyncIteration from None
+        # receive() inlined: one coroutine frame per message instead of two (hot path).
+        frames = self._frames
+        protocol = self._protocol
+        while not frames:
+            if self._closed:
+                raise ClosedResourceError("stream closed")
+            waiter = protocol.readable_waiter()
+            if waiter is None:
+                error = protocol.end_error()
+                if isinstance(error, EndOfStream):
+                    raise StopAsyncIteration
+                raise error
+            await waiter
+        frame = frames.popleft()
+        if not frames:
+            protocol.queued = 0
+            if protocol.reading_paused:
+                protocol.consumed()
+        return frame
 
     # -- sending ----------------------------------------------------------------------------
 
