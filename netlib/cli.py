@@ -211,6 +211,11 @@ def _format_address(address: Any) -> str:
 
 def _run(coro: Coroutine[Any, Any, None], args: argparse.Namespace) -> int:
     try:
+        netlib.loop_factory(args.loop)
+    except ValueError as exc:  # e.g. --loop uvloop where uvloop is not installed
+        coro.close()
+        raise UsageError(str(exc)) from None
+    try:
         netlib.run(coro, loop=args.loop)
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
@@ -253,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         _usage_error(parser, str(exc))
 
 

@@ -225,3 +225,13 @@ def test_chat_join_without_server(capsys: pytest.CaptureFixture[str]) -> None:
         port = probe.getsockname()[1]
     assert main(["chat", "join", "--port", str(port)]) == 1
     assert "netlib: error:" in capsys.readouterr().err
+
+
+def test_bad_loop_from_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NETLIB_LOOP", "trio")
+    with pytest.raises(SystemExit) as info:
+        main(["echo", "send", "hi"])
+    assert info.value.code == 2
+    assert "netlib: error: unknown loop 'trio'" in capsys.readouterr().err
