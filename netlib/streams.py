@@ -219,13 +219,7 @@ class MessageStream:
 
     def extra(self, name: str, default: Any = None) -> Any:
         """Return transport information: ``peername``, ``sockname``, ``ssl_object``, ..."""
-        transport = self._protocol.transport
-        if transport is None:
-            return default
-        try:
-            return transport.get_extra_info(name, default)
-        except (AttributeError, OSError):  # uvloop, once the socket is closed
-            return default
+        return _extra_info(self._protocol.transport, name, default)
 
     @property
     def socket(self) -> socket.socket | None:
@@ -374,16 +368,19 @@ class DatagramEndpoint:
     @property
     def local_address(self) -> Any:
         """This side's socket address."""
-        return self._extra("sockname")
+        return _extra_info(self._protocol.transport, "sockname")
 
     @property
     def remote_address(self) -> Any:
         """The connected peer's address, or None for an unconnected endpoint."""
-        return self._extra("peername")
+        return _extra_info(self._protocol.transport, "peername")
 
-    def _extra(self, name: str) -> Any:
-        transport = self._protocol.transport
-        try:
-            return None if transport is None else transport.get_extra_info(name)
-        except (AttributeError, OSError):
-            return None
+
+def _extra_info(transport: asyncio.BaseTransport | None, name: str, default: Any = None) -> Any:
+    """``transport.get_extra_info(name)``, or ``default`` once there is no socket."""
+    if transport is None:
+        return default
+    try:
+        return transport.get_extra_info(name, default)
+    except (AttributeError, OSError):  # uvloop, once the socket is closed
+        return default
