@@ -41,26 +41,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import importlib.metadata
 import json
-import os
-import platform
 import re
 import resource
-import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
+import harness
 import psutil
 
 HOST = "127.0.0.1"
@@ -111,12 +102,6 @@ class BaselineChat(asyncio.Protocol):
         self.room.pop(self, None)
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(port))
-    os.replace(tmp, path)
-
-
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -127,32 +112,18 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
     import netlib  # imported here so the client process stays lean
 
     loop = asyncio.get_running_loop()
-    profiler: Any = None
-    if profile_out:
-        import cProfile
-
-        profiler = cProfile.Profile()
     service: netlib.ChatService | None = None
 
-    def on_stdin() -> None:  # the parent closed our stdin (or died): exit at once
-        if not os.read(sys.stdin.fileno(), 4096):
-            os._exit(0)
-
-    def on_term() -> None:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(profile_out)
+    def print_stats() -> None:  # on SIGTERM
         if service is not None:
             stats = dataclasses.asdict(service.statistics())
             print("STATS " + json.dumps(stats), flush=True)
-        os._exit(0)
 
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
-    loop.add_signal_handler(signal.SIGTERM, on_term)
+    profiler = harness.install_exit_handlers(loop, profile_out, print_stats)
 
     if name == "baseline":
         server = await loop.create_server(BaselineChat, HOST, 0)
-        _write_port_file(port_file, server.sockets[0].getsockname()[1])
+        harness.write_port_file(port_file, server.sockets[0].getsockname()[1])
         if profiler is not None:
             profiler.enable()
         await server.serve_forever()
@@ -160,7 +131,7 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
     limits = netlib.ChatLimits(flood_rate=1e6, flood_burst=1_000_000)
     service = netlib.ChatService(limits=limits)
     async with netlib.open_chat_server(HOST, 0, service=service) as chat:
-        _write_port_file(port_file, chat.tcp_addresses[0][1])
+        harness.write_port_file(port_file, chat.tcp_addresses[0][1])
         if profiler is not None:
             profiler.enable()
         await chat.serve_forever()
@@ -169,11 +140,9 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
 def server_main(args: argparse.Namespace) -> None:
     import netlib
 
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
+    harness.pin_server(args, SERVER_LIFETIME)
     raise_nofile()
-    signal.alarm(SERVER_LIFETIME)
-    loop: Literal["uvloop", "asyncio"] = "uvloop" if args.loop == "uvloop" else "asyncio"
+    loop = harness.server_loop(args)
     netlib.run(_serve(args.serve, Path(args.port_file), args.profile_out), loop=loop)
 
 
@@ -420,14 +389,14 @@ class Room:
             await asyncio.sleep(args.warmup)
             self.latencies = []
             self.recording = rate is not None
-            watch = CpuWatch(proc, args.cpus)
+            watch = harness.CpuWatch(proc, args.cpus)
             d0, p0 = self.delivered, self.published()
-            s0, c0 = server_cpu_seconds(proc), time.process_time()
+            s0, c0 = harness.proc_cpu_seconds(proc), time.process_time()
             t0 = time.perf_counter()
             await asyncio.sleep(args.duration)
             t1 = time.perf_counter()
             d1, p1 = self.delivered, self.published()
-            s1, c1 = server_cpu_seconds(proc), time.process_time()
+            s1, c1 = harness.proc_cpu_seconds(proc), time.process_time()
             cpu = watch.stop()
             self.recording = False
         finally:
@@ -485,154 +454,30 @@ def quantile(samples: list[int], q: float) -> float:
     return float(samples[max(0, min(len(samples) - 1, int(q * len(samples))))])
 
 
-def server_cpu_seconds(proc: Any) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(cpus: set[int]) -> dict[int, list[int]]:
-    """Per-CPU /proc/stat counters: user nice system idle iowait irq softirq steal."""
-    ticks: dict[int, list[int]] = {}
-    with open("/proc/stat") as stat:
-        for line in stat:
-            if line.startswith("cpu") and not line.startswith("cpu "):
-                fields = line.split()
-                cpu = int(fields[0][3:])
-                if cpu in cpus:
-                    ticks[cpu] = [int(f) for f in fields[1:9]]
-    return ticks
-
-
-class CpuWatch:
-    """Busy share of the benchmark CPUs (softirq included) and load from other processes."""
-
-    def __init__(self, proc: Any, cpus: set[int]) -> None:
-        self.proc, self.cpus = proc, cpus
-        self.start = time.perf_counter()
-        self.ticks = cpu_ticks(cpus)
-        self.own = server_cpu_seconds(proc) + time.process_time()
-
-    def stop(self) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
-        own = server_cpu_seconds(self.proc) + time.process_time() - self.own
-        busy: dict[int, float] = {}
-        others = 0.0
-        for cpu, now in cpu_ticks(self.cpus).items():
-            delta = [a - b for a, b in zip(now, self.ticks[cpu], strict=True)]
-            busy[cpu] = (sum(delta) - delta[3] - delta[4]) / _TICK / elapsed
-            others += (delta[0] + delta[1] + delta[2] + delta[7]) / _TICK
-        return {"foreign_cores": max(0.0, others - own) / elapsed, "core_busy": busy}
-
-
 # =============================================================================================
 # Orchestration
 # =============================================================================================
 
 
-@dataclass
-class Child:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    name: str
-    port_file: Path
-
-
-_children: list[Child] = []
-
-
-def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> Child:
+def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> harness.Child:
     key = f"{name}-{loop}-{len(list(workdir.iterdir()))}"
-    port_file = workdir / f"{key}.port"
-    log = workdir / f"{key}.log"
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--loop", loop]
-    cmd += ["--port-file", str(port_file)]
-    if args.pin:
-        cmd += ["--cpu", str(SERVER_CPU)]
+    profile = None
     if args.profile_dir:
-        cmd += ["--profile-out", str(Path(args.profile_dir).absolute() / f"{key}.pstats")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-    child = Child(proc, log, key, port_file)
-    _children.append(child)
-    return child
+        profile = Path(args.profile_dir).absolute() / f"{key}.pstats"
+    return harness.start_server(
+        __file__, key, name, loop, workdir,
+        cpu=SERVER_CPU if args.pin else None, profile_out=profile,
+    )  # fmt: skip
 
 
-def wait_ready(child: Child, timeout: float = 15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"server {child.name} exited:\n{child.log.read_text()[-2000:]}")
-        if child.port_file.exists():
-            return int(child.port_file.read_text())
-        time.sleep(0.02)
-    raise RuntimeError(f"server {child.name} not ready after {timeout}s")
-
-
-def stop_server(child: Child) -> None:
-    proc = child.proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(3)
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    if child in _children:
-        _children.remove(child)
-
-
-def kill_all_servers() -> None:
-    while _children:
-        with contextlib.suppress(Exception):
-            stop_server(_children.pop())
-
-
-def server_log(child: Child) -> tuple[dict[str, Any] | None, str]:
+def server_log(child: harness.Child) -> tuple[dict[str, Any] | None, str]:
     """The server's final statistics line, and the log's tail if it shows a problem."""
     text = child.log.read_text(errors="replace")
     stats = None
     for line in text.splitlines():
         if line.startswith("STATS "):
             stats = json.loads(line[6:])
-    markers = ("Traceback", "Error", "exception", "Task was destroyed")
-    return stats, (text[-1500:] if any(m in text for m in markers) else "")
-
-
-@contextlib.contextmanager
-def servers_always_killed(workdir: Path) -> Iterator[None]:
-    """Kill the server subprocesses on exit, error, Ctrl-C or SIGTERM (SIGKILL: they see
-    their stdin close and exit by themselves)."""
-
-    def on_term(signum: int, _frame: object) -> None:
-        kill_all_servers()
-        shutil.rmtree(workdir, ignore_errors=True)
-        os._exit(128 + signum)
-
-    previous: Callable[[int, Any], Any] | int | None = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        kill_all_servers()
-        signal.signal(signal.SIGTERM, previous)
-
-
-async def wait_quiet(proc: Any, args: argparse.Namespace) -> bool:
-    """Wait until other processes leave the benchmark CPUs alone (spends the retry budget)."""
-    while args.retry_budget > 0:
-        started = time.monotonic()
-        watch = CpuWatch(proc, args.cpus)
-        await asyncio.sleep(0.5)
-        quiet = watch.stop()["foreign_cores"] <= args.max_foreign / 2
-        args.retry_budget -= time.monotonic() - started
-        if quiet:
-            return True
-    return False
+    return stats, harness.log_problems(text)
 
 
 async def quiet_phase(
@@ -645,7 +490,7 @@ async def quiet_phase(
     errors = dict.fromkeys(ERRORS, 0)  # over every attempt: a bad line is never measured away
     for attempt in range(1 + args.retries):
         started = time.monotonic()
-        if attempt and not await wait_quiet(proc, args):
+        if attempt and not await harness.wait_quiet_async(proc, args):
             break
         sample = await room.phase(proc, args, rate)
         sample["attempts"] = attempt + 1
@@ -693,6 +538,11 @@ async def measure_pair(
         await asyncio.sleep(0.1)
 
 
+def _port(port: int) -> int:
+    """The port as soon as the server wrote it (chat servers accept at once)."""
+    return port
+
+
 def measure_config(
     n: int, loop: str, index: int, workdir: Path, args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
@@ -701,13 +551,13 @@ def measure_config(
     order = list(SERVERS) if index % 2 == 0 else list(SERVERS)[::-1]
     children = {name: start_server(name, loop, workdir, args) for name in order}
     try:
-        ports = {name: wait_ready(child) for name, child in children.items()}
+        ports = {name: harness.wait_ready(child, _port) for name, child in children.items()}
         procs = {name: psutil.Process(child.proc.pid) for name, child in children.items()}
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             results = runner.run(measure_pair(ports, procs, n, order, args))
     finally:
         for child in children.values():
-            stop_server(child)
+            harness.stop_server(child, timeout=5.0)
     for name, child in children.items():
         stats, problems = server_log(child)
         if stats is not None:
@@ -720,7 +570,7 @@ def measure_config(
 
 # ---- reporting ---------------------------------------------------------------------------
 
-Rounds = list[dict[str, dict[str, Any]]]
+Rounds = harness.Rounds
 METRICS = [
     "sat_deliveries_per_s",
     "sat_published_per_s",
@@ -738,10 +588,6 @@ METRICS = [
 ERRORS = ["gaps", "dups", "lost_after_drain", "disconnected"]
 
 
-def med(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def summarize(rounds: Rounds, groups: list[tuple[int, str]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for n, loop in groups:
@@ -751,14 +597,16 @@ def summarize(rounds: Rounds, groups: list[tuple[int, str]]) -> dict[str, Any]:
             samples = [r[key] for r in rounds if key in r]
             entry: dict[str, Any] = {"rounds": len(samples)}
             for metric in METRICS:
-                entry[metric] = med([s[metric] for s in samples if s.get(metric) is not None])
+                entry[metric] = harness.median_or_none(
+                    [s[metric] for s in samples if s.get(metric) is not None]
+                )
             for metric in ("sat_deliveries_per_s", "sat_server_us_per_delivery", "fix_p50_us"):
                 ratios = [
                     r[key][metric] / r[base_key][metric]
                     for r in rounds
                     if key in r and r[key].get(metric) and r[base_key].get(metric)
                 ]
-                entry[f"{metric}_ratio"] = med(ratios)
+                entry[f"{metric}_ratio"] = harness.median_or_none(ratios)
             entry["foreign_max"] = max(
                 max(s["sat_foreign_cores"], s["fix_foreign_cores"]) for s in samples
             )
@@ -860,23 +708,6 @@ def acceptance(
     return lines
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": importlib.metadata.version("uvloop"),
-        "psutil": psutil.__version__,
-    }
-
-
 def bench_main(args: argparse.Namespace) -> int:
     if args.quick:
         args.warmup, args.duration = 0.3, 1.0
@@ -887,14 +718,8 @@ def bench_main(args: argparse.Namespace) -> int:
     if any(loop not in LOOPS for loop in loops) or min(sizes) <= args.publishers:
         raise SystemExit("--loops: uvloop,asyncio; --clients must exceed --publishers")
     raise_nofile()
-    cpus = os.sched_getaffinity(0)
-    args.pin = {SERVER_CPU, CLIENT_CPU} <= cpus
-    args.cpus = {SERVER_CPU, CLIENT_CPU} if args.pin else cpus
-    if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CPU})
-    else:
-        print("warning: CPUs 0 and 1 not both available; running unpinned", file=sys.stderr)
-    info = machine_info()
+    harness.pin_client(args, SERVER_CPU, CLIENT_CPU)
+    info = harness.machine_info()
     groups = [(n, loop) for n in sizes for loop in loops]
     print(
         f"chat_fanout: rooms of {args.clients} clients, {args.publishers} publishers, loops"
@@ -911,7 +736,7 @@ def bench_main(args: argparse.Namespace) -> int:
     rounds: Rounds = []
     with (
         tempfile.TemporaryDirectory(prefix="chat_fanout.") as tmp,
-        servers_always_killed(Path(tmp)),
+        harness.servers_always_killed(Path(tmp)),
     ):
         for index in range(runs):
             results: dict[str, dict[str, Any]] = {}
@@ -953,29 +778,18 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.json:
         data = {
             "machine": info,
-            "settings": {
-                **{
-                    k: sorted(v) if isinstance(v, set) else v
-                    for k, v in vars(args).items()
-                    if k != "serve"
-                },
-                "runs": runs,
-            },
+            "settings": harness.settings(args, runs=runs),
             "elapsed_s": elapsed,
             "rounds": rounds,
             "summary": summary,
             "checks": checks,
         }
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json}")
+        harness.write_json(args.json, data)
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short windows, one round by default")
-    p.add_argument("--runs", type=int, default=None, help="rounds (default 3; 1 with --quick)")
-    p.add_argument("--json", metavar="FILE", help="write every raw number to FILE")
+    p = harness.new_parser(__doc__)
     p.add_argument("--clients", default="100,1000", help="room sizes (100,1000)")
     p.add_argument("--publishers", type=int, default=4, help="publishers per room (4)")
     p.add_argument("--loops", default="uvloop,asyncio", help="server loops (uvloop,asyncio)")
@@ -994,42 +808,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fixed offered rate as a share of the baseline's saturation (0.5)",
     )
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain (10)")
-    p.add_argument("--retries", type=int, default=2, help="re-measure when disturbed (2)")
-    p.add_argument(
-        "--retry-budget",
-        type=float,
-        default=60.0,
-        help="seconds a run may spend waiting for quiet CPUs and re-measuring (60)",
-    )
-    p.add_argument(
-        "--max-foreign",
-        type=float,
-        default=0.10,
-        help="foreign CPU load (cores) on the benchmark CPUs above which a phase is\n"
-        "disturbed and measured again (0.10)",
-    )
+    harness.add_retry_args(p, 60.0, "phase")
     p.add_argument("--profile-dir", metavar="DIR", help="cProfile each server into DIR")
     # server subprocess mode
-    p.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
-    p.add_argument("--loop", choices=LOOPS, default="uvloop", help=argparse.SUPPRESS)
-    p.add_argument("--port-file", help=argparse.SUPPRESS)
-    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    harness.add_server_args(p, SERVERS, LOOPS)
     return p.parse_args(argv)
 
 
 def main() -> int:
-    args = parse_args()
-    if args.serve:
-        if not args.port_file:
-            raise SystemExit("--serve needs --port-file")
-        server_main(args)
-        return 0
-    try:
-        return bench_main(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        return 130
+    return harness.run_main(parse_args(), server_main, bench_main)
 
 
 if __name__ == "__main__":

@@ -27,24 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
-import json
 import math
-import os
-import platform
-import shutil
-import signal
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
+import harness
 import psutil
 
 HOST = "127.0.0.1"
@@ -119,34 +110,11 @@ def _free_port() -> int:
         return port
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(port))
-    os.replace(tmp, path)
-
-
 async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
     import netlib  # imported here so the client process stays lean
 
     loop = asyncio.get_running_loop()
-    profiler: Any = None
-    if profile_out:
-        import cProfile
-
-        profiler = cProfile.Profile()
-
-    def on_stdin() -> None:  # the parent closed our stdin (or died): exit at once
-        if not os.read(sys.stdin.fileno(), 4096):
-            os._exit(0)
-
-    def on_term() -> None:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(profile_out)
-        os._exit(0)
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
-    loop.add_signal_handler(signal.SIGTERM, on_term)
+    profiler = harness.install_exit_handlers(loop, profile_out)
 
     server: asyncio.Server | None = None
     serving: asyncio.Task[None] | None = None
@@ -168,7 +136,7 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
         raise SystemExit(f"unknown server {name!r}")
     if server is not None:
         port = server.sockets[0].getsockname()[1]
-    _write_port_file(port_file, port)  # the parent also probes until a connect succeeds
+    harness.write_port_file(port_file, port)  # the parent also probes until a connect succeeds
     if profiler is not None:
         profiler.enable()
     if serving is not None:
@@ -180,10 +148,8 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
 def server_main(args: argparse.Namespace) -> None:
     import netlib
 
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
-    signal.alarm(SERVER_LIFETIME)
-    loop: Literal["uvloop", "asyncio"] = "uvloop" if args.loop == "uvloop" else "asyncio"
+    harness.pin_server(args, SERVER_LIFETIME)
+    loop = harness.server_loop(args)
     netlib.run(_serve(args.serve, Path(args.port_file), args.profile_out), loop=loop)
 
 
@@ -242,11 +208,6 @@ class LoadProtocol(asyncio.Protocol):
             self.drained.set_result(None)
 
 
-def server_cpu_seconds(proc: Any) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
 async def measure_throughput(port: int, proc: Any, args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     window = args.window
@@ -262,10 +223,10 @@ async def measure_throughput(port: int, proc: Any, args: argparse.Namespace) -> 
 
     try:
         await asyncio.sleep(args.warmup)
-        watch = CpuWatch(proc, args.cpus)
+        watch = harness.CpuWatch(proc, args.cpus)
         t0 = time.perf_counter()
         b0 = received()
-        s0 = server_cpu_seconds(proc)
+        s0 = harness.proc_cpu_seconds(proc)
         c0 = time.process_time()
         deadline = t0 + args.duration
         max_bytes = args.max_msgs * MSG_SIZE
@@ -276,7 +237,7 @@ async def measure_throughput(port: int, proc: Any, args: argparse.Namespace) -> 
             await asyncio.sleep(min(0.05, deadline - now))
         t1 = time.perf_counter()
         b1 = received()
-        s1 = server_cpu_seconds(proc)
+        s1 = harness.proc_cpu_seconds(proc)
         c1 = time.process_time()
         cpu = watch.stop()
         waiters = [p.stop() for p in protocols]
@@ -397,141 +358,27 @@ def measure_memory(port: int, proc: Any, args: argparse.Namespace) -> dict[str, 
     }
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(cpus: set[int]) -> dict[int, list[int]]:
-    """Per-CPU /proc/stat counters: user nice system idle iowait irq softirq steal."""
-    ticks: dict[int, list[int]] = {}
-    with open("/proc/stat") as stat:
-        for line in stat:
-            if line.startswith("cpu") and not line.startswith("cpu "):
-                fields = line.split()
-                cpu = int(fields[0][3:])
-                if cpu in cpus:
-                    ticks[cpu] = [int(f) for f in fields[1:9]]
-    return ticks
-
-
-class CpuWatch:
-    """What the benchmark CPUs did over an interval, from /proc/stat.
-
-    ``foreign_cores``: user+nice+system+steal time on the benchmark CPUs not used by the
-    server or this client, in cores: other processes (or the hypervisor) were in the way.
-    ``core_busy``: share of each CPU that was not idle, including the irq/softirq time of
-    loopback TCP, which is charged to no process (so a core can be full while the process
-    on it shows less than 100%).
-    """
-
-    def __init__(self, proc: Any, cpus: set[int]) -> None:
-        self.proc, self.cpus = proc, cpus
-        self.start = time.perf_counter()
-        self.ticks = cpu_ticks(cpus)
-        self.own = server_cpu_seconds(proc) + time.process_time()
-
-    def stop(self) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
-        own = server_cpu_seconds(self.proc) + time.process_time() - self.own
-        ticks = cpu_ticks(self.cpus)
-        busy: dict[int, float] = {}
-        others = 0.0
-        for cpu, now in ticks.items():
-            delta = [a - b for a, b in zip(now, self.ticks[cpu], strict=True)]
-            busy[cpu] = (sum(delta) - delta[3] - delta[4]) / _TICK / elapsed
-            others += (delta[0] + delta[1] + delta[2] + delta[7]) / _TICK
-        return {"foreign_cores": max(0.0, others - own) / elapsed, "core_busy": busy}
-
-
 # =============================================================================================
 # Orchestration
 # =============================================================================================
 
 
-@dataclass
-class Child:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    name: str
-
-
-_children: list[Child] = []
-
-
-def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> Child:
+def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> harness.Child:
     key = f"{name}-{loop}"
-    port_file = workdir / f"{key}.port"
-    port_file.unlink(missing_ok=True)
-    log = workdir / f"{key}.log"
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--loop", loop]
-    cmd += ["--port-file", str(port_file)]
-    if args.pin:
-        cmd += ["--cpu", str(SERVER_CPU)]
-    if args.profile_dir:
-        cmd += ["--profile-out", str(Path(args.profile_dir) / f"{key}.pstats")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-    child = Child(proc, log, key)
-    _children.append(child)
-    return child
+    profile = Path(args.profile_dir) / f"{key}.pstats" if args.profile_dir else None
+    return harness.start_server(
+        __file__, key, name, loop, workdir,
+        cpu=SERVER_CPU if args.pin else None, profile_out=profile,
+    )  # fmt: skip
 
 
-def wait_ready(child: Child, timeout: float = 15.0) -> int:
-    port_file = child.log.with_suffix(".port")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"server {child.name} exited:\n{child.log.read_text()[-2000:]}")
-        if port_file.exists():
-            port = int(port_file.read_text())
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-            except OSError:
-                pass
-            else:
-                return port
-        time.sleep(0.02)
-    raise RuntimeError(f"server {child.name} not ready after {timeout}s")
-
-
-def stop_server(child: Child) -> None:
-    proc = child.proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(3)
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    if child in _children:
-        _children.remove(child)
-
-
-def kill_all_servers() -> None:
-    while _children:
-        with contextlib.suppress(Exception):
-            stop_server(_children.pop())
-
-
-def server_log_problems(child: Child) -> str:
-    text = child.log.read_text(errors="replace")
-    markers = ("Traceback", "Error", "exception", "Task was destroyed")
-    return text[-1500:] if any(m in text for m in markers) else ""
-
-
-def wait_quiet(proc: Any, args: argparse.Namespace) -> bool:
-    """Wait until other processes leave the benchmark CPUs alone (spends the retry budget)."""
-    while args.retry_budget > 0:
-        started = time.monotonic()
-        watch = CpuWatch(proc, args.cpus)
-        time.sleep(0.5)
-        quiet = watch.stop()["foreign_cores"] <= args.max_foreign / 2
-        args.retry_budget -= time.monotonic() - started
-        if quiet:
-            return True
-    return False
+def _accepts(port: int) -> int | None:
+    """The port once a TCP connect to it succeeds, else None."""
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return None
+    return port
 
 
 def measure_config(
@@ -548,19 +395,19 @@ def measure_config(
 
     child = start_server(name, loop, workdir, args)
     try:
-        port = wait_ready(child)
+        port = harness.wait_ready(child, _accepts)
         proc = psutil.Process(child.proc.pid)
         result: dict[str, Any] = {}
         result.update(measure_memory(port, proc, args))
         best: tuple[float, dict[str, Any]] | None = None
         for attempt in range(1 + args.retries):
             if attempt:  # disturbed: wait for quiet CPUs, within the run's budget
-                if not wait_quiet(proc, args):
+                if not harness.wait_quiet(proc, args):
                     break
                 started = time.monotonic()
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 sample = runner.run(measure_throughput(port, proc, args))
-            watch = CpuWatch(proc, args.cpus)
+            watch = harness.CpuWatch(proc, args.cpus)
             sample.update(measure_latency(port, args))
             latency_foreign = watch.stop()["foreign_cores"]
             load = max(sample["foreign_cores_throughput"], latency_foreign)
@@ -575,8 +422,8 @@ def measure_config(
         result.update(best[1])
         result["disturbed"] = best[0] > args.max_foreign
     finally:
-        stop_server(child)
-    problems = server_log_problems(child)
+        harness.stop_server(child)
+    problems = harness.server_log_problems(child)
     if problems:
         print(f"\n  !! server {child.name} logged problems:\n{problems}", file=sys.stderr)
         result["server_log"] = problems
@@ -595,7 +442,7 @@ METRICS: list[tuple[str, str, str]] = [
 ]
 SHARES = ["server_cpu_share", "client_cpu_share", "client_core_busy", "foreign_cores_throughput"]
 
-Rounds = list[dict[str, dict[str, Any]]]
+Rounds = harness.Rounds
 
 
 def config_keys(args: argparse.Namespace) -> list[str]:
@@ -606,16 +453,6 @@ def config_keys(args: argparse.Namespace) -> list[str]:
 def label(key: str) -> str:
     name, loop = key.split("/")
     return f"{SERVERS[name]} ({loop})"
-
-
-def usable(rounds: Rounds, *keys: str) -> tuple[Rounds, bool]:
-    """The rounds where every config in ``keys`` was measured undisturbed (else all rounds).
-
-    Returns the rounds and whether they are clean.
-    """
-    present = [r for r in rounds if all(k in r for k in keys)]
-    clean = [r for r in present if not any(r[k]["disturbed"] for k in keys)]
-    return (clean, True) if clean else (present, False)
 
 
 def client_bound(entry: dict[str, Any]) -> bool:
@@ -631,23 +468,17 @@ def summarize(rounds: Rounds, keys: list[str]) -> dict[str, Any]:
     """
     summary: dict[str, Any] = {}
     for key in keys:
-        own, clean = usable(rounds, key)
-        pair, pair_clean = usable(rounds, key, BASELINE)
+        own, clean = harness.usable(rounds, key)
+        pair, pair_clean = harness.usable(rounds, key, BASELINE)
         entry: dict[str, Any] = {"rounds": len(own), "clean": clean, "ratio_clean": pair_clean}
         for metric in [m[0] for m in METRICS] + SHARES:
             values = [r[key][metric] for r in own if r[key].get(metric) is not None]
-            entry[metric] = statistics.median(values) if values else None
+            entry[metric] = harness.median_or_none(values)
         for metric, _title, _fmt in METRICS:
             ratios = [r[key][metric] / r[BASELINE][metric] for r in pair if r[BASELINE][metric]]
-            entry[f"{metric}_ratio"] = statistics.median(ratios) if ratios else None
+            entry[f"{metric}_ratio"] = harness.median_or_none(ratios)
         summary[key] = entry
     return summary
-
-
-def pair_ratio(rounds: Rounds, a: str, b: str, metric: str) -> tuple[float, bool]:
-    """Median over rounds of ``a[metric] / b[metric]`` measured in the same round."""
-    pair, clean = usable(rounds, a, b)
-    return float(statistics.median(r[a][metric] / r[b][metric] for r in pair)), clean
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -687,11 +518,11 @@ def acceptance(rounds: Rounds, summary: dict[str, Any]) -> list[dict[str, Any]]:
     def check(text: str, a: str, b: str, metric: str, limit: float, at_least: bool) -> None:
         if a not in summary or b not in summary:
             return
-        ratio, clean = pair_ratio(rounds, a, b, metric)
+        ratio, clean = harness.pair_ratio(rounds, a, b, metric)
         ok = ratio >= limit if at_least else ratio <= limit
         notes = []
         if metric == "msgs_per_s":
-            cpu, _ = pair_ratio(rounds, a, b, "server_us_per_msg")
+            cpu, _ = harness.pair_ratio(rounds, a, b, "server_us_per_msg")
             notes.append(f"server CPU/msg ratio {cpu:.2f}x")
             bound = [label(k) for k in (a, b) if client_bound(summary[k])]
             if bound:
@@ -732,45 +563,6 @@ def acceptance(rounds: Rounds, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": importlib.metadata.version("uvloop"),
-        "psutil": psutil.__version__,
-    }
-
-
-@contextlib.contextmanager
-def servers_always_killed(workdir: Path) -> Iterator[None]:
-    """Kill the server subprocesses on exit, error, Ctrl-C (KeyboardInterrupt) or SIGTERM.
-
-    SIGTERM kills them at once and exits: raising from a signal handler could land inside a
-    protocol callback, which the event loop would swallow. (On SIGKILL the servers see
-    their stdin close and exit by themselves.)
-    """
-
-    def on_term(signum: int, _frame: object) -> None:
-        kill_all_servers()
-        shutil.rmtree(workdir, ignore_errors=True)
-        os._exit(128 + signum)
-
-    previous: Callable[[int, Any], Any] | int | None = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        kill_all_servers()
-        signal.signal(signal.SIGTERM, previous)
-
-
 def bench_main(args: argparse.Namespace) -> int:
     if args.quick:
         args.warmup, args.duration = 0.3, 0.5
@@ -778,14 +570,8 @@ def bench_main(args: argparse.Namespace) -> int:
         args.retry_budget = min(args.retry_budget, 20.0)
     budget = args.retry_budget
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
-    cpus = os.sched_getaffinity(0)
-    args.pin = {SERVER_CPU, CLIENT_CPU} <= cpus
-    args.cpus = {SERVER_CPU, CLIENT_CPU} if args.pin else cpus
-    if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CPU})
-    else:
-        print("warning: CPUs 0 and 1 not both available; running unpinned", file=sys.stderr)
-    info = machine_info()
+    harness.pin_client(args, SERVER_CPU, CLIENT_CPU)
+    info = harness.machine_info()
     keys = config_keys(args)
     print(
         f"tcp_echo: {len(keys)} configurations x {runs} rounds; {info['cpus']} CPUs"
@@ -799,10 +585,10 @@ def bench_main(args: argparse.Namespace) -> int:
         f" trips; memory {args.idle_connections} idle connections\n"
     )
     started = time.monotonic()
-    rounds: list[dict[str, dict[str, Any]]] = []
+    rounds: Rounds = []
     with (
         tempfile.TemporaryDirectory(prefix="tcp_echo.") as tmp,
-        servers_always_killed(Path(tmp)),
+        harness.servers_always_killed(Path(tmp)),
     ):
         for index in range(runs):
             order = keys if index % 2 == 0 else keys[::-1]  # alternate to cancel drift
@@ -828,30 +614,14 @@ def bench_main(args: argparse.Namespace) -> int:
     print(f"\nmedians over {runs} rounds ({elapsed:.0f}s):\n")
     print_table(summary)
     checks = acceptance(rounds, summary)
-    samples = [r[k] for r in rounds for k in r]
-    retried = sum(x["attempts"] > 1 for x in samples)
-    disturbed = sum(x["disturbed"] for x in samples)
-    print(
-        f"\nother processes on the benchmark CPUs: {retried} of {len(samples)} samples"
-        f" re-measured ({budget - args.retry_budget:.0f}s of the {budget:.0f}s retry budget"
-        f" used); {disturbed} still disturbed (> {args.max_foreign} foreign cores) and left"
-        " out of the medians where an undisturbed sample exists."
-    )
+    harness.print_retry_summary(rounds, budget, args)
     print("\nacceptance checks (median of per-round ratios):")
     for c in checks:
         print("  " + c["line"])
     if args.json:
         data = {
             "machine": info,
-            "settings": {
-                **{
-                    k: sorted(v) if isinstance(v, set) else v
-                    for k, v in vars(args).items()
-                    if k != "serve"
-                },
-                "runs": runs,
-                "retry_budget": budget,
-            },
+            "settings": harness.settings(args, runs=runs, retry_budget=budget),
             "message": {"size": MSG_SIZE, "bytes": MESSAGE.decode()},
             "baseline": BASELINE,
             "elapsed_s": elapsed,
@@ -859,16 +629,12 @@ def bench_main(args: argparse.Namespace) -> int:
             "summary": summary,
             "checks": checks,
         }
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json}")
+        harness.write_json(args.json, data)
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short windows, one round by default")
-    p.add_argument("--runs", type=int, default=None, help="rounds (default 3; 1 with --quick)")
-    p.add_argument("--json", metavar="FILE", help="write every raw number to FILE")
+    p = harness.new_parser(__doc__)
     p.add_argument("--connections", type=int, default=10, help="throughput connections (10)")
     p.add_argument("--window", type=int, default=64, help="messages in flight per connection")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before counting (0.5)")
@@ -880,43 +646,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mem-warm", type=int, default=1000, help="idle connections opened before counting"
     )
-    p.add_argument("--retries", type=int, default=2, help="re-measure when disturbed (2)")
-    p.add_argument(
-        "--retry-budget",
-        type=float,
-        default=150.0,
-        help="seconds a run may spend waiting for quiet CPUs and re-measuring (150)",
-    )
-    p.add_argument(
-        "--max-foreign",
-        type=float,
-        default=0.10,
-        help="foreign CPU load (cores) on the benchmark CPUs above which a sample is\n"
-        "disturbed and measured again (0.10)",
-    )
+    harness.add_retry_args(p, 150.0)
     p.add_argument("--only", metavar="NAMES", help="comma-separated servers (raw always runs)")
     p.add_argument("--profile-dir", metavar="DIR", help="cProfile each server into DIR")
     # server subprocess mode
-    p.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
-    p.add_argument("--loop", choices=LOOPS, default="uvloop", help=argparse.SUPPRESS)
-    p.add_argument("--port-file", help=argparse.SUPPRESS)
-    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    harness.add_server_args(p, SERVERS, LOOPS)
     return p.parse_args(argv)
 
 
 def main() -> int:
-    args = parse_args()
-    if args.serve:
-        if not args.port_file:
-            raise SystemExit("--serve needs --port-file")
-        server_main(args)
-        return 0
-    try:
-        return bench_main(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        return 130
+    return harness.run_main(parse_args(), server_main, bench_main)
 
 
 if __name__ == "__main__":

@@ -35,23 +35,17 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
-import shutil
-import signal
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import harness
 import psutil
 
 if TYPE_CHECKING:
@@ -121,39 +115,19 @@ def bench_budget() -> netlib.ReplyBudget:
     return netlib.ReplyBudget(rate=1e9, burst=1e9, byte_rate=1e12, byte_burst=1e12)
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(port))
-    os.replace(tmp, path)
-
-
 async def _serve(
     name: str, port_file: Path, stats_out: str | None, profile_out: str | None
 ) -> None:
     import netlib  # imported here so the client process stays lean
 
     loop = asyncio.get_running_loop()
-    profiler: Any = None
-    if profile_out:
-        import cProfile
-
-        profiler = cProfile.Profile()
     stats: Callable[[], Any] | None = None
 
-    def on_stdin() -> None:  # the parent closed our stdin (or died): exit at once
-        if not os.read(sys.stdin.fileno(), 4096):
-            os._exit(0)
-
-    def on_term() -> None:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(profile_out)
+    def write_stats() -> None:  # on SIGTERM
         if stats_out and stats is not None:
             Path(stats_out).write_text(json.dumps(dataclasses.asdict(stats())))
-        os._exit(0)
 
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
-    loop.add_signal_handler(signal.SIGTERM, on_term)
+    profiler = harness.install_exit_handlers(loop, profile_out, write_stats)
 
     async with contextlib.AsyncExitStack() as stack:
         if name == "raw":
@@ -177,7 +151,7 @@ async def _serve(
             stats = server.statistics
         else:
             raise SystemExit(f"unknown server {name!r}")
-        _write_port_file(port_file, port)  # the parent then probes until an echo comes back
+        harness.write_port_file(port_file, port)  # the parent then probes until an echo comes back
         if profiler is not None:
             profiler.enable()
         await loop.create_future()  # until SIGTERM or stdin closes
@@ -186,10 +160,8 @@ async def _serve(
 def server_main(args: argparse.Namespace) -> None:
     import netlib
 
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
-    signal.alarm(SERVER_LIFETIME)
-    loop: Literal["uvloop", "asyncio"] = "uvloop" if args.loop == "uvloop" else "asyncio"
+    harness.pin_server(args, SERVER_LIFETIME)
+    loop = harness.server_loop(args)
     netlib.run(
         _serve(args.serve, Path(args.port_file), args.stats_out, args.profile_out), loop=loop
     )
@@ -418,22 +390,17 @@ def minor_faults(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[7])
 
 
-def server_cpu_times(proc: Any) -> tuple[float, float]:
-    times = proc.cpu_times()
-    return float(times.user), float(times.system)
-
-
 async def measure_throughput(
     port: int, proc: Any, args: argparse.Namespace, reply_extra: int
 ) -> dict[str, Any]:
     client = LoadClient(port, args, reply_extra)
     try:
         await asyncio.sleep(args.warmup)
-        watch = CpuWatch(proc, args.cpus)
+        watch = harness.CpuWatch(proc, args.cpus)
         client.start_measuring()
         t0 = time.perf_counter()
         r0 = client.received
-        u0, s0 = server_cpu_times(proc)
+        u0, s0 = harness.proc_cpu_times(proc)
         f0 = minor_faults(proc.pid)
         c0 = time.process_time()
         deadline = t0 + args.duration
@@ -444,7 +411,7 @@ async def measure_throughput(
             await asyncio.sleep(min(0.05, deadline - now))
         t1 = time.perf_counter()
         r1 = client.received
-        u1, s1 = server_cpu_times(proc)
+        u1, s1 = harness.proc_cpu_times(proc)
         f1 = minor_faults(proc.pid)
         c1 = time.process_time()
         cpu = watch.stop()
@@ -486,91 +453,32 @@ async def measure_throughput(
     }
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(cpus: set[int]) -> dict[int, list[int]]:
-    """Per-CPU /proc/stat counters: user nice system idle iowait irq softirq steal."""
-    ticks: dict[int, list[int]] = {}
-    with open("/proc/stat") as stat:
-        for line in stat:
-            if line.startswith("cpu") and not line.startswith("cpu "):
-                fields = line.split()
-                cpu = int(fields[0][3:])
-                if cpu in cpus:
-                    ticks[cpu] = [int(f) for f in fields[1:9]]
-    return ticks
-
-
-class CpuWatch:
-    """What the benchmark CPUs did over an interval, from /proc/stat.
-
-    ``foreign_cores``: user+nice+system+steal time on the benchmark CPUs not used by the
-    server or this client, in cores: other processes (or the hypervisor) were in the way.
-    ``core_busy``: share of each CPU that was not idle, including the softirq time of
-    loopback UDP, which is charged to no process.
-    """
-
-    def __init__(self, proc: Any, cpus: set[int]) -> None:
-        self.proc, self.cpus = proc, cpus
-        self.start = time.perf_counter()
-        self.ticks = cpu_ticks(cpus)
-        self.own = sum(server_cpu_times(proc)) + time.process_time()
-
-    def stop(self) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.start
-        own = sum(server_cpu_times(self.proc)) + time.process_time() - self.own
-        ticks = cpu_ticks(self.cpus)
-        busy: dict[int, float] = {}
-        others = 0.0
-        for cpu, now in ticks.items():
-            delta = [a - b for a, b in zip(now, self.ticks[cpu], strict=True)]
-            busy[cpu] = (sum(delta) - delta[3] - delta[4]) / _TICK / elapsed
-            others += (delta[0] + delta[1] + delta[2] + delta[7]) / _TICK
-        return {"foreign_cores": max(0.0, others - own) / elapsed, "core_busy": busy}
-
-
 # =============================================================================================
 # Orchestration
 # =============================================================================================
 
 
-@dataclass
-class Child:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    name: str
-    port_file: Path
-    stats_file: Path
+def _stats_file(child: harness.Child) -> Path:
+    """Where the server writes its final statistics (``--stats-out``)."""
+    return child.log.with_name(f"{child.name}.stats.json")
 
 
-_children: list[Child] = []
-
-
-def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> Child:
+def start_server(name: str, loop: str, workdir: Path, args: argparse.Namespace) -> harness.Child:
     key = f"{name}-{loop}"
-    port_file = workdir / f"{key}.port"
     stats_file = workdir / f"{key}.stats.json"
-    for stale in (port_file, stats_file):
-        stale.unlink(missing_ok=True)
-    log = workdir / f"{key}.log"
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--loop", loop]
-    cmd += ["--port-file", str(port_file), "--stats-out", str(stats_file)]
-    if args.pin:
-        cmd += ["--cpu", str(SERVER_CPU)]
+    stats_file.unlink(missing_ok=True)
+    profile = None
     if args.profile_dir:
-        cmd += ["--profile-out", str(Path(args.profile_dir).absolute() / f"{key}.pstats")]
+        profile = Path(args.profile_dir).absolute() / f"{key}.pstats"
     env = dict(os.environ)
     if args.malloc_pin:
         tunables = [t for t in (env.get("GLIBC_TUNABLES"), MALLOC_PIN) if t]
         env["GLIBC_TUNABLES"] = ":".join(tunables)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    child = Child(proc, log, key, port_file, stats_file)
-    _children.append(child)
-    return child
+    return harness.start_server(
+        __file__, key, name, loop, workdir,
+        cpu=SERVER_CPU if args.pin else None, profile_out=profile,
+        extra=["--stats-out", str(stats_file)], env=env,
+    )  # fmt: skip
 
 
 def _probe(port: int, size: int) -> int | None:
@@ -589,61 +497,10 @@ def _probe(port: int, size: int) -> int | None:
     return len(reply) - len(payload)
 
 
-def wait_ready(child: Child, size: int, timeout: float = 15.0) -> tuple[int, int]:
-    """Wait for the port file and a first echo; returns the port and the reply's extra size."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"server {child.name} exited:\n{child.log.read_text()[-2000:]}")
-        if child.port_file.exists():
-            port = int(child.port_file.read_text())
-            extra = _probe(port, size)
-            if extra is not None:
-                return port, extra
-        else:
-            time.sleep(0.02)
-    raise RuntimeError(f"server {child.name} not ready after {timeout}s")
-
-
-def stop_server(child: Child) -> None:
-    proc = child.proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(3)
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    if child in _children:
-        _children.remove(child)
-
-
-def kill_all_servers() -> None:
-    while _children:
-        with contextlib.suppress(Exception):
-            stop_server(_children.pop())
-
-
-def server_log_problems(child: Child) -> str:
-    text = child.log.read_text(errors="replace")
-    markers = ("Traceback", "Error", "exception", "Task was destroyed")
-    return text[-1500:] if any(m in text for m in markers) else ""
-
-
-def wait_quiet(proc: Any, args: argparse.Namespace) -> bool:
-    """Wait until other processes leave the benchmark CPUs alone (spends the retry budget)."""
-    while args.retry_budget > 0:
-        started = time.monotonic()
-        watch = CpuWatch(proc, args.cpus)
-        time.sleep(0.5)
-        quiet = watch.stop()["foreign_cores"] <= args.max_foreign / 2
-        args.retry_budget -= time.monotonic() - started
-        if quiet:
-            return True
-    return False
+def _ready(port: int, size: int) -> tuple[int, int] | None:
+    """The port and the reply's extra size once a first echo came back, else None."""
+    extra = _probe(port, size)
+    return None if extra is None else (port, extra)
 
 
 def measure_config(
@@ -659,13 +516,13 @@ def measure_config(
 
     child = start_server(name, loop, workdir, args)
     try:
-        port, extra = wait_ready(child, args.size)
+        port, extra = harness.wait_ready(child, lambda p: _ready(p, args.size), pause=False)
         proc = psutil.Process(child.proc.pid)
         best: tuple[float, dict[str, Any]] | None = None
         for attempt in range(1 + args.retries):
             if attempt:  # disturbed: wait for quiet CPUs, within the run's budget
                 started = time.monotonic()
-                quiet = wait_quiet(proc, args)
+                quiet = harness.wait_quiet(proc, args)
                 if not quiet or args.retry_budget <= 0:
                     break
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -683,10 +540,10 @@ def measure_config(
         result["reply_extra_bytes"] = extra
         result["disturbed"] = best[0] > args.max_foreign
     finally:
-        stop_server(child)
-    if child.stats_file.exists():
-        result["server_stats"] = json.loads(child.stats_file.read_text())
-    problems = server_log_problems(child)
+        harness.stop_server(child)
+    if _stats_file(child).exists():
+        result["server_stats"] = json.loads(_stats_file(child).read_text())
+    problems = harness.server_log_problems(child)
     if problems:
         print(f"\n  !! server {child.name} logged problems:\n{problems}", file=sys.stderr)
         result["server_log"] = problems
@@ -722,7 +579,7 @@ SHARES = [
     "foreign_cores",
 ]
 
-Rounds = list[dict[str, dict[str, Any]]]
+Rounds = harness.Rounds
 
 
 def config_keys(args: argparse.Namespace) -> list[str]:
@@ -733,13 +590,6 @@ def config_keys(args: argparse.Namespace) -> list[str]:
 def label(key: str) -> str:
     name, loop = key.split("/")
     return f"{SERVERS[name]} ({loop})"
-
-
-def usable(rounds: Rounds, *keys: str) -> tuple[Rounds, bool]:
-    """The rounds where every config in ``keys`` was measured undisturbed (else all rounds)."""
-    present = [r for r in rounds if all(k in r for k in keys)]
-    clean = [r for r in present if not any(r[k]["disturbed"] for k in keys)]
-    return (clean, True) if clean else (present, False)
 
 
 def client_bound(entry: dict[str, Any]) -> bool:
@@ -756,29 +606,23 @@ def summarize(rounds: Rounds, keys: list[str]) -> dict[str, Any]:
     """Per config: medians across rounds, and medians of the per-round ratios to BASELINE."""
     summary: dict[str, Any] = {}
     for key in keys:
-        own, clean = usable(rounds, key)
-        pair, pair_clean = usable(rounds, key, BASELINE)
+        own, clean = harness.usable(rounds, key)
+        pair, pair_clean = harness.usable(rounds, key, BASELINE)
         entry: dict[str, Any] = {"rounds": len(own), "clean": clean, "ratio_clean": pair_clean}
         for metric in [m[0] for m in METRICS] + SHARES:
             values = [r[key][metric] for r in own if r[key].get(metric) is not None]
-            entry[metric] = statistics.median(values) if values else None
+            entry[metric] = harness.median_or_none(values)
         for metric, _title, _fmt, ratio in METRICS:
             if ratio:
                 ratios = [
                     r[key][metric] / r[BASELINE][metric] for r in pair if r[BASELINE][metric]
                 ]
-                entry[f"{metric}_ratio"] = statistics.median(ratios) if ratios else None
+                entry[f"{metric}_ratio"] = harness.median_or_none(ratios)
         refused = [budget_refusals(r[key]) for r in own]
         entry["budget_refusals"] = None if None in refused else sum(cast(list[int], refused))
         entry["bad_replies"] = sum(r[key]["bad_replies"] for r in own)
         summary[key] = entry
     return summary
-
-
-def pair_ratio(rounds: Rounds, a: str, b: str, metric: str) -> tuple[float, bool]:
-    """Median over rounds of ``a[metric] / b[metric]`` measured in the same round."""
-    pair, clean = usable(rounds, a, b)
-    return float(statistics.median(r[a][metric] / r[b][metric] for r in pair)), clean
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -822,9 +666,9 @@ def acceptance(rounds: Rounds, summary: dict[str, Any]) -> list[dict[str, Any]]:
     def check(text: str, a: str, b: str, limit: float | None) -> None:
         if a not in summary or b not in summary:
             return
-        ratio, clean = pair_ratio(rounds, a, b, "dgrams_per_s")
-        cpu, _ = pair_ratio(rounds, a, b, "server_us_per_dgram")
-        user, _ = pair_ratio(rounds, a, b, "server_user_us_per_dgram")
+        ratio, clean = harness.pair_ratio(rounds, a, b, "dgrams_per_s")
+        cpu, _ = harness.pair_ratio(rounds, a, b, "server_us_per_dgram")
+        user, _ = harness.pair_ratio(rounds, a, b, "server_user_us_per_dgram")
         notes = [f"server CPU/dgram ratio {cpu:.2f}x (user-space {user:.2f}x)"]
         bound = [label(k) for k in (a, b) if client_bound(summary[k])]
         if bound:
@@ -837,7 +681,7 @@ def acceptance(rounds: Rounds, summary: dict[str, Any]) -> list[dict[str, Any]]:
                 )
         elif client_bound(summary[a]) and client_bound(summary[b]):
             notes.append("both client-bound: the server CPU/dgram ratio is the better measure")
-        used = len(usable(rounds, a, b)[0])
+        used = len(harness.usable(rounds, a, b)[0])
         notes.append(f"{used} {'clean' if clean else 'DISTURBED'} round(s)")
         if not clean or used < MIN_ROUNDS:
             notes.append("not conclusive: re-run on a quiet machine")
@@ -871,45 +715,6 @@ def acceptance(rounds: Rounds, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": importlib.metadata.version("uvloop"),
-        "psutil": psutil.__version__,
-    }
-
-
-@contextlib.contextmanager
-def servers_always_killed(workdir: Path) -> Iterator[None]:
-    """Kill the server subprocesses on exit, error, Ctrl-C (KeyboardInterrupt) or SIGTERM.
-
-    SIGTERM kills them at once and exits: raising from a signal handler could land inside a
-    protocol callback, which the event loop would swallow. (On SIGKILL the servers see
-    their stdin close and exit by themselves.)
-    """
-
-    def on_term(signum: int, _frame: object) -> None:
-        kill_all_servers()
-        shutil.rmtree(workdir, ignore_errors=True)
-        os._exit(128 + signum)
-
-    previous: Callable[[int, Any], Any] | int | None = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        kill_all_servers()
-        signal.signal(signal.SIGTERM, previous)
-
-
 def bench_main(args: argparse.Namespace) -> int:
     if args.quick:
         args.warmup, args.duration = 0.3, 0.5
@@ -918,14 +723,8 @@ def bench_main(args: argparse.Namespace) -> int:
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     if args.profile_dir:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-    cpus = os.sched_getaffinity(0)
-    args.pin = {SERVER_CPU, CLIENT_CPU} <= cpus
-    args.cpus = {SERVER_CPU, CLIENT_CPU} if args.pin else cpus
-    if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CPU})
-    else:
-        print("warning: CPUs 0 and 1 not both available; running unpinned", file=sys.stderr)
-    info = machine_info()
+    harness.pin_client(args, SERVER_CPU, CLIENT_CPU)
+    info = harness.machine_info()
     keys = config_keys(args)
     malloc = f"pinned (GLIBC_TUNABLES={MALLOC_PIN})" if args.malloc_pin else "NOT pinned"
     print(
@@ -944,7 +743,7 @@ def bench_main(args: argparse.Namespace) -> int:
     rounds: Rounds = []
     with (
         tempfile.TemporaryDirectory(prefix="udp_echo.") as tmp,
-        servers_always_killed(Path(tmp)),
+        harness.servers_always_killed(Path(tmp)),
     ):
         for index in range(runs):
             order = keys if index % 2 == 0 else keys[::-1]  # alternate to cancel drift
@@ -972,17 +771,9 @@ def bench_main(args: argparse.Namespace) -> int:
     print(f"\nmedians over {runs} rounds ({elapsed:.0f}s):\n")
     print_table(summary)
     checks = acceptance(rounds, summary)
-    samples = [r[k] for r in rounds for k in r]
-    retried = sum(x["attempts"] > 1 for x in samples)
-    disturbed = sum(x["disturbed"] for x in samples)
     refusals = [s["budget_refusals"] for s in summary.values() if s["budget_refusals"]]
     bad = sum(s["bad_replies"] for s in summary.values())
-    print(
-        f"\nother processes on the benchmark CPUs: {retried} of {len(samples)} samples"
-        f" re-measured ({budget - args.retry_budget:.0f}s of the {budget:.0f}s retry budget"
-        f" used); {disturbed} still disturbed (> {args.max_foreign} foreign cores) and left"
-        " out of the medians where an undisturbed sample exists."
-    )
+    harness.print_retry_summary(rounds, budget, args)
     faulty = sorted(
         {label(k) for r in rounds for k in r if r[k]["server_faults_per_dgram"] >= 0.5}
     )
@@ -997,31 +788,19 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.json:
         data = {
             "machine": info,
-            "settings": {
-                **{
-                    k: sorted(v) if isinstance(v, set) else v
-                    for k, v in vars(args).items()
-                    if k != "serve"
-                },
-                "runs": runs,
-                "retry_budget": budget,
-            },
+            "settings": harness.settings(args, runs=runs, retry_budget=budget),
             "baseline": BASELINE,
             "elapsed_s": elapsed,
             "rounds": rounds,
             "summary": summary,
             "checks": checks,
         }
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json}")
+        harness.write_json(args.json, data)
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short windows, one round by default")
-    p.add_argument("--runs", type=int, default=None, help="rounds (default 3; 1 with --quick)")
-    p.add_argument("--json", metavar="FILE", help="write every raw number to FILE")
+    p = harness.new_parser(__doc__)
     p.add_argument("--size", type=int, default=64, help="datagram payload bytes (64)")
     p.add_argument("--sockets", type=int, default=16, help="client UDP sockets (16)")
     p.add_argument(
@@ -1035,20 +814,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=2.0, help="measured window, s (2.0)")
     p.add_argument("--drain", type=float, default=0.2, help="wait for late echoes, s (0.2)")
     p.add_argument("--max-dgrams", type=int, default=10_000_000, help="cap on counted dgrams")
-    p.add_argument("--retries", type=int, default=2, help="re-measure when disturbed (2)")
-    p.add_argument(
-        "--retry-budget",
-        type=float,
-        default=90.0,
-        help="seconds a run may spend waiting for quiet CPUs and re-measuring (90)",
-    )
-    p.add_argument(
-        "--max-foreign",
-        type=float,
-        default=0.10,
-        help="foreign CPU load (cores) on the benchmark CPUs above which a sample is\n"
-        "disturbed and measured again (0.10)",
-    )
+    harness.add_retry_args(p, 90.0)
     p.add_argument(
         "--only", metavar="NAMES", help="comma-separated servers (raw/uvloop always runs)"
     )
@@ -1060,12 +826,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not pin glibc's malloc thresholds in the servers (see MALLOC_PIN)",
     )
     # server subprocess mode
-    p.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
-    p.add_argument("--loop", choices=LOOPS, default="uvloop", help=argparse.SUPPRESS)
-    p.add_argument("--port-file", help=argparse.SUPPRESS)
-    p.add_argument("--stats-out", help=argparse.SUPPRESS)
-    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    harness.add_server_args(p, SERVERS, LOOPS, files=["stats-out"])
     args = p.parse_args(argv)
     if not 1 <= args.size <= 65_000:
         p.error("--size must be in [1, 65000]")
@@ -1075,17 +836,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> int:
-    args = parse_args()
-    if args.serve:
-        if not args.port_file:
-            raise SystemExit("--serve needs --port-file")
-        server_main(args)
-        return 0
-    try:
-        return bench_main(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        return 130
+    return harness.run_main(parse_args(), server_main, bench_main)
 
 
 if __name__ == "__main__":
