@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -78,3 +79,25 @@ def global_gate() -> Iterator[None]:
     after = open_fds()
     leaked = {fd: target for fd, target in after.items() if before.get(fd) != target}
     assert len(after) == len(before), f"file descriptors leaked: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def no_pending_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail an async test that leaves tasks running (robustness.md's global gate).
+
+    Runs after the test and before pytest-asyncio closes the test's loop (which would
+    cancel such tasks silently). Relies on pytest-asyncio's function-scoped runner
+    fixture, whose name is internal to it.
+    """
+    if not inspect.iscoroutinefunction(request.function):
+        yield
+        return
+    runner = request.getfixturevalue("_function_scoped_runner")
+    yield
+    loop = runner.get_loop()
+    for _ in range(20):  # let tasks that are finishing take their last steps
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not pending:
+            return
+        loop.run_until_complete(asyncio.sleep(0))
+    pytest.fail(f"tasks still pending after the test: {pending}")
