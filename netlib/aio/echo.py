@@ -191,6 +191,8 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self.make_reply = EchoReplies(mode).make
         self._unchanged = mode == "echo"
         self._leases: dict[Any, list[int]] = {}  # addr -> [datagrams, bytes, bytes earned]
+        self._last_addr: Any = None
+        self._last_lease: list[int] | None = None
         self._max_leases = DEFAULT_MAX_SOURCES
         self.received = self.replied = self.dropped_too_large = 0
         self.send_dropped = self.errors_received = 0
@@ -210,13 +212,17 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         if reply_size > self._max_size or size > self._max_size:
             self.dropped_too_large += 1  # a timestamp prefix can push a reply over
             return
-        lease = self._leases.get(addr)
+        # bursts come from one peer: comparing with the last one avoids hashing the address
+        lease = self._last_lease if addr == self._last_addr else self._leases.get(addr)
         if lease is not None and lease[0] and lease[1] >= reply_size:
             lease[0] -= 1  # the fast path: spend the grant, remember what was earned
             lease[1] -= reply_size
             lease[2] += size
         elif not self._renew(addr, lease, size, reply_size):
             return
+        else:
+            lease = self._leases[addr]
+        self._last_addr, self._last_lease = addr, lease
         if self._paused:
             self.send_dropped += 1
         elif reply:
@@ -238,9 +244,11 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         )
         if not count:
             self._leases.pop(addr, None)
+            self._last_addr = self._last_lease = None
             return False
         if lease is None and len(self._leases) >= self._max_leases:
             self._leases.clear()  # unspent grants are lost: that only ever sends less
+            self._last_addr = self._last_lease = None
         self._leases[addr] = [count - 1, nbytes - reply_size, 0]
         return True
 
