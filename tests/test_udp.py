@@ -438,3 +438,16 @@ async def test_unix_datagram_server_replaces_a_stale_socket_file(tmp_path: Path)
         netlib.open_udp_endpoint(remote_path=path) as endpoint,
     ):
         assert await endpoint.request(b"fresh", timeout=1.0) == b"fresh"
+
+
+async def test_echo_protocol_cuts_a_flood_from_one_address_to_its_budget() -> None:
+    budget = netlib.ReplyBudget(rate=0.001, burst=200)  # a burst of 200, then (almost) none
+    protocol = DatagramEchoProtocol(budget=budget)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    for _ in range(1000):
+        protocol.datagram_received(b"flood", ("192.0.2.7", 9))
+    stats = protocol.statistics()
+    assert (stats.received, stats.replied) == (1000, 200)
+    assert transport.sent[("192.0.2.7", 9)] == 200 * len(b"flood")
+    assert (stats.budget.replies_allowed, stats.budget.dropped_by_rate) == (200, 800)
