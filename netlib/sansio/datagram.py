@@ -241,16 +241,6 @@ class ReplyBudget:
         _require_size(size)
         return self._decide(self._touch(addr, now), size, now)
 
-    def exchange(self, addr: Hashable, received: int, reply: int, now: float) -> bool:
-        """``on_received(addr, received, now)`` then ``try_send(addr, reply, now)``.
-
-        The per-datagram fast path of a replying service: one table lookup instead of two.
-        Sizes come from ``len()`` and are not checked.
-        """
-        source = self._touch(addr, now)
-        source.credit = min(self._byte_burst, source.credit + self._factor * received)
-        return self._decide(source, reply, now)
-
     def lease(
         self, addr: Hashable, received: int, size: int, now: float, *, datagrams: int, nbytes: int
     ) -> tuple[int, int]:

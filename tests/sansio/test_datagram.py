@@ -428,24 +428,6 @@ def test_memory_is_bounded_under_50k_sources() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.integers(0, 3), st.integers(0, 1500), st.integers(0, 1600), st.floats(0, 2)),
-        max_size=200,
-    )
-)
-def test_exchange_equals_on_received_then_try_send(
-    steps: list[tuple[int, int, int, float]],
-) -> None:
-    fast, slow = ReplyBudget(max_sources=3), ReplyBudget(max_sources=3)
-    now = 0.0
-    for addr, received, reply, dt in steps:
-        now += dt
-        slow.on_received(addr, received, now)
-        assert fast.exchange(addr, received, reply, now) == slow.try_send(addr, reply, now)
-    assert fast.statistics() == slow.statistics()
-
-
-@given(
-    st.lists(
         st.tuples(st.integers(0, 1500), st.integers(0, 1600), st.floats(0, 0.5)),
         min_size=1,
         max_size=300,
