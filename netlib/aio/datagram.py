@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
+from netlib.aio.flow import WriteFlowControl
 from netlib.aio.logs import ThrottledLog
 from netlib.errors import BrokenResourceError, LimitExceeded
 
@@ -167,7 +168,7 @@ class EmptyDatagramSender:
             self._sock = None
 
 
-class DatagramEndpointProtocol(asyncio.DatagramProtocol):
+class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
     """Bounded receive queue, size policy, empty datagrams and ICMP policy for one socket.
 
     Args:
@@ -244,13 +245,6 @@ class DatagramEndpointProtocol(asyncio.DatagramProtocol):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake_drainers()
-
     # -- receiving --------------------------------------------------------------------------
 
     def pop(self) -> tuple[bytes, Any]:
@@ -301,19 +295,6 @@ class DatagramEndpointProtocol(asyncio.DatagramProtocol):
         if self._empty is None:
             self._empty = EmptyDatagramSender(self.transport)  # type: ignore[arg-type]
         return self._empty.sent(self._empty.send(addr), self)
-
-    async def drain(self) -> None:
-        """Wait while the transport's send buffer is above its high-water mark."""
-        while self.write_paused and not self.lost:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
-
-    def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- closing ----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, cast
 
+from netlib.aio.flow import WriteFlowControl
 from netlib.errors import (
     BrokenResourceError,
     EndOfStream,
@@ -83,7 +84,7 @@ class StreamLimits:
             raise ValueError(f"read_limit must be >= 1, got {self.read_limit}")
 
 
-class FramedProtocol(asyncio.Protocol):
+class FramedProtocol(WriteFlowControl, asyncio.Protocol):
     """Bridges a stream transport and a decoder to a message queue, with flow control.
 
     Args:
@@ -99,7 +100,6 @@ class FramedProtocol(asyncio.Protocol):
         "_closed",
         "_decoder",
         "_discarding",
-        "_drain_waiters",
         "_first_frame_timer",
         "_flush_handle",
         "_idle_timer",
@@ -120,7 +120,6 @@ class FramedProtocol(asyncio.Protocol):
         "queued",
         "reading_paused",
         "transport",
-        "write_paused",
     )
 
     def __init__(self, decoder: Decoder, limits: StreamLimits, *, raw: bool = False) -> None:
@@ -226,13 +225,6 @@ class FramedProtocol(asyncio.Protocol):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake_drainers()
-
     # -- reading ----------------------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -313,10 +305,7 @@ class FramedProtocol(asyncio.Protocol):
         Raises:
             BrokenResourceError: the connection is lost (or ``PeerTimedOut``).
         """
-        while self.write_paused and not self.lost:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+        await super().drain()
         if self.lost:
             raise self._lost_error()
 
@@ -324,12 +313,6 @@ class FramedProtocol(asyncio.Protocol):
         if isinstance(self.error, BrokenResourceError):
             return self.error
         return BrokenResourceError("connection lost")
-
-    def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- closing ----------------------------------------------------------------------------
 
