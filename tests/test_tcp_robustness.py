@@ -338,8 +338,10 @@ async def test_r10_graceful_shutdown_loses_no_acknowledged_message() -> None:
         await asyncio.gather(*(e.wait() for e in events))
         loop = asyncio.get_running_loop()
         start = loop.time()
+        assert server.is_serving
         shutdown = asyncio.create_task(server.shutdown(grace=grace))
         await asyncio.sleep(0)
+        assert not server.is_serving
         with pytest.raises(ConnectionRefusedError):
             await open_raw(host, port)
         assert loop.time() - start < 0.1
