@@ -17,7 +17,9 @@ three policies in netlib's hands:
   handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
   left when the grace period ends.
 
-Each connection is one task running the user's handler with a ``MessageStream``. Errors the
+Each connection runs the user's handler with a ``MessageStream`` in a task of its own, with
+nothing else held per connection: accepting (and the TLS handshake) and the graceful close
+are separate short tasks, each started by the previous one's done callback. Errors the
 peer causes (malformed frames, resets, timeouts) end that connection and are counted; an
 unexpected exception in a handler is logged with its traceback and counted. Neither
 disturbs other connections.
@@ -26,6 +28,7 @@ disturbs other connections.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import resource
@@ -49,7 +52,7 @@ from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import remove_socket_file
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
-from netlib.streams import MessageStream
+from netlib.streams import DEFAULT_CLOSE_TIMEOUT, MessageStream, _extra_info
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -136,8 +139,8 @@ class _Counters:
         values["active"] = active
         return ServerStatistics(**values)
 
-    def add(self, name: str) -> None:
-        setattr(self, name, getattr(self, name) + 1)
+    def add(self, name: str, count: int = 1) -> None:
+        setattr(self, name, getattr(self, name) + count)
 
 
 class _Listener:
@@ -214,7 +217,16 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._counters = _Counters()
         self._accept_log = ThrottledLog(logger, self._loop)
-        self._connections: dict[asyncio.Task[None], FramedProtocol] = {}
+        self._connections: dict[asyncio.Future[Any], FramedProtocol] = {}
+        limits = config.limits
+        self._deadlines = limits.deadline_timer() if limits.has_deadlines else None
+        # A connection goes through three tasks: _start (accept, TLS), the handler, and
+        # protocol.finish (graceful close); each one's done callback starts the next.
+        self._context = contextvars.copy_context()
+        self._started = self._on_started
+        self._handled = self._on_handled
+        self._closed = self._on_closed
+        self._lost = self._on_lost
         self._closing = False
         self._stopped = self._loop.create_future()
         self.addresses: list[Any] = [sock.getsockname() for sock in socks]
@@ -232,30 +244,24 @@ class Server:
         self._counters.add("accepted")
         framing = self._config.framing
         protocol = FramedProtocol(
-            framing.decoder(), self._config.limits, raw=isinstance(framing, RawFraming)
+            framing.decoder(),
+            self._config.limits,
+            raw=isinstance(framing, RawFraming),
+            deadlines=self._deadlines,
+            on_lost=self._lost,
         )
-        task = self._loop.create_task(self._serve(conn, protocol))
-        self._connections[task] = protocol
-        task.add_done_callback(self._connections.pop)
+        self._track(self._loop.create_task(self._start(conn, protocol)), protocol, self._started)
 
-    async def _serve(self, conn: socket.socket, protocol: FramedProtocol) -> None:
-        if not await self._start(conn, protocol):
-            return
-        config = self._config
-        stream = MessageStream(protocol, config.framing, linger=True)
-        try:
-            await config.handler(stream)
-        except (EndOfStream, ProtocolError, BrokenResourceError) as exc:
-            logger.debug("connection %s ended: %r", stream.remote_address, exc)
-        except Exception:
-            self._counters.add("handler_errors")
-            logger.exception("handler failed for %s", stream.remote_address)
-        finally:
-            await stream.aclose()
-            self._count_end(protocol)
-            if not self._closing:
-                for listener in self._listeners:
-                    listener.descriptor_freed()
+    def _track(
+        self,
+        task: asyncio.Future[Any],
+        protocol: FramedProtocol,
+        then: Callable[[asyncio.Future[Any]], None],
+    ) -> None:
+        self._connections[task] = protocol
+        # The callbacks are bound once per server and run in one context copied once:
+        # nothing is allocated per connection to hold them.
+        task.add_done_callback(then, context=self._context)
 
     async def _start(self, conn: socket.socket, protocol: FramedProtocol) -> bool:
         config = self._config
@@ -275,6 +281,45 @@ class Server:
             conn.close()
             raise
         return True
+
+    def _on_started(self, task: asyncio.Future[Any]) -> None:
+        protocol = self._connections.pop(task)
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            logger.error("connection setup failed", exc_info=exc)
+            return
+        if not task.result():
+            return
+        stream = MessageStream(protocol, self._config.framing, linger=True)
+        handling = asyncio.ensure_future(self._config.handler(stream))
+        self._track(handling, protocol, self._handled)
+
+    def _on_handled(self, task: asyncio.Future[Any]) -> None:
+        protocol = self._connections.pop(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            peer = _extra_info(protocol.transport, "peername")
+            if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
+                logger.debug("connection %s ended: %r", peer, exc)
+            else:
+                self._counters.add("handler_errors")
+                logger.error("handler failed for %s", peer, exc_info=exc)
+        if protocol.lost:  # nothing left to close gracefully
+            return
+        closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
+        self._track(closing, protocol, self._closed)
+
+    def _on_closed(self, task: asyncio.Future[Any]) -> None:
+        self._connections.pop(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("closing the connection failed", exc_info=exc)
+
+    def _on_lost(self, protocol: FramedProtocol) -> None:
+        """A connection's transport is gone: count why, and retry accept if fds ran out."""
+        self._count_end(protocol)
+        if not self._closing:
+            for listener in self._listeners:
+                listener.descriptor_freed()
 
     def _count_end(self, protocol: FramedProtocol) -> None:
         match protocol.error:
@@ -317,6 +362,8 @@ class Server:
         await asyncio.shield(self._stopped)
         while self._connections:
             await asyncio.wait(list(self._connections))
+        if self._deadlines is not None:
+            self._deadlines.close()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let handlers finish within ``grace`` seconds, then abort.
@@ -330,9 +377,12 @@ class Server:
         for protocol in self._connections.values():
             protocol.stop_reading()
         if self._connections:
-            _done, pending = await asyncio.wait(list(self._connections), timeout=grace)
-            for _ in pending:
-                self._counters.add("aborted_at_shutdown")
+            try:
+                async with asyncio.timeout(grace):
+                    while self._connections:  # each phase's callback adds the next task
+                        await asyncio.wait(list(self._connections))
+            except TimeoutError:
+                self._counters.add("aborted_at_shutdown", len(self._connections))
             self.close()
         await self.wait_closed()
 

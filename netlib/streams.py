@@ -51,8 +51,8 @@ class MessageStream:
     __slots__ = (
         "_close_timeout",
         "_closed",
-        "_encode",
         "_frames",
+        "_framing",
         "_linger",
         "_protocol",
         "_raw",
@@ -68,7 +68,7 @@ class MessageStream:
     ) -> None:
         self._protocol = protocol
         self._frames = protocol.frames
-        self._encode = framing.encode
+        self._framing = framing
         self._raw = isinstance(framing, RawFraming)
         self._linger = linger
         self._close_timeout = close_timeout
@@ -95,18 +95,14 @@ class MessageStream:
             if waiter is None:
                 raise protocol.end_error()
             await waiter
-        frame = frames.popleft()
-        if not frames:
-            protocol.queued = 0
-            if protocol.reading_paused:
-                protocol.consumed()
-        return frame
+        return protocol.take()
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> bytes:
-        # receive() inlined: one coroutine frame per message instead of two (hot path).
+        # receive() and protocol.take() inlined: one coroutine frame per message and no
+        # call (hot path).
         frames = self._frames
         protocol = self._protocol
         while not frames:
@@ -119,9 +115,14 @@ class MessageStream:
                     raise StopAsyncIteration
                 raise error
             await waiter
-        frame = frames.popleft()
-        if not frames:
-            protocol.queued = 0
+        head = protocol.head
+        frame = frames[head]
+        head += 1
+        if head < len(frames):
+            protocol.head = head
+        else:  # all read: clear, and let the protocol read again if it paused
+            frames.clear()
+            protocol.head = protocol.queued = 0
             if protocol.reading_paused:
                 protocol.consumed()
         return frame
@@ -141,7 +142,7 @@ class MessageStream:
         if protocol.write_paused or protocol.lost or self._closed:
             self._check_open()
             await protocol.drain()
-        protocol.write(message if self._raw else self._encode(message))
+        protocol.write(message if self._raw else self._framing.encode(message))
 
     def send_nowait(self, message: bytes) -> None:
         """Send one message now, or raise ``WouldBlock`` if the peer is slow to read."""
@@ -150,7 +151,7 @@ class MessageStream:
             raise self._protocol.end_error()
         if self._protocol.write_paused:
             raise WouldBlock("the peer is not reading fast enough")
-        self._protocol.write(self._encode(message))
+        self._protocol.write(self._framing.encode(message))
 
     def send_queued(self, message: bytes) -> None:
         """Queue one message without waiting, whatever the peer's pace.
@@ -163,7 +164,7 @@ class MessageStream:
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
         self._check_open()
-        self._protocol.write(self._encode(message))
+        self._protocol.write(self._framing.encode(message))
 
     def end_input(self) -> None:
         """Stop receiving: messages already received stay readable, then iteration ends.

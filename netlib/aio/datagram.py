@@ -195,7 +195,7 @@ class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
         self.expected: dict[Any, asyncio.Future[bytes]] = {}
         self._empty: EmptyDatagramSender | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._closed = self._loop.create_future()
         self.received = self.sent = self.errors_received = 0
         self.dropped_queue_full = self.dropped_too_large = self.send_dropped = 0

@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 ``data_received`` feeds each chunk to the connection's decoder and appends the completed
-messages to ``frames``, a deque the public ``MessageStream`` pops from without suspending
-while it is non-empty. Nothing is done per message here: one decoder call per chunk.
+messages to ``frames``, a list the public ``MessageStream`` reads from ``head`` on without
+suspending while it is non-empty; it clears the list when it has read it all (a list costs
+56 bytes while empty, a deque 760). Nothing is done per message here: one decoder call
+per chunk.
 
 Read flow control: ``queued`` counts the bytes of the chunks that completed messages since
 ``frames`` was last empty (a partial frame is bounded by the decoder's own limit). Past
@@ -22,9 +24,13 @@ close. The transport's own buffer has explicit limits on both loops (uvloop's
 default low-water mark is 16 bytes); while it is above the high mark ``write_paused`` is set
 and senders wait in ``drain()``.
 
-Deadlines use one timer each, armed once: the first-frame deadline is not extended by
-trickled bytes (slowloris); the idle deadline is checked lazily against ``last_activity``
-(updated per chunk read or batch written), so no timer is re-armed per packet.
+Deadlines live in a ``DeadlineTimer`` (one event-loop timer per server, see
+``aio/deadlines.py``): the first-frame deadline is not extended by trickled bytes
+(slowloris); the idle deadline is checked lazily against ``last_activity`` (updated per
+chunk read or batch written), so nothing is re-armed per packet.
+
+Objects only some connections need (the pending-write list, the drain waiters, the closed
+future) are created on first use: an idle connection holds as little as possible.
 
 After the connection is lost, writes are silent no-ops on both loops (uvloop raises and
 asyncio warns if a closing transport is written to, so the transport is never touched).
@@ -34,10 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
+from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
 from netlib.aio.flow import WriteFlowControl
 from netlib.errors import (
     BrokenResourceError,
@@ -83,6 +90,15 @@ class StreamLimits:
         if self.read_limit < 1:
             raise ValueError(f"read_limit must be >= 1, got {self.read_limit}")
 
+    @property
+    def has_deadlines(self) -> bool:
+        return self.first_frame_timeout is not None or self.idle_timeout is not None
+
+    def deadline_timer(self) -> DeadlineTimer:
+        """A ``DeadlineTimer`` fine enough for these deadlines (for a server's connections)."""
+        resolution = resolution_for(self.first_frame_timeout, self.idle_timeout)
+        return DeadlineTimer(asyncio.get_running_loop(), resolution)
+
 
 class FramedProtocol(WriteFlowControl, asyncio.Protocol):
     """Bridges a stream transport and a decoder to a message queue, with flow control.
@@ -90,6 +106,12 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
     Args:
         decoder: this connection's framing decoder.
         limits: flow-control limits and deadlines.
+        raw: each chunk received is a message (the decoder is not called).
+        deadlines: the timer that checks this connection's deadlines (a server shares one
+            between its connections); by default the connection gets its own if it has
+            deadlines.
+        on_lost: called with this protocol when the connection is lost (a server counts
+            how its connections end).
 
     The public ``MessageStream`` is the intended consumer: it pops ``frames``, calls
     ``readable_waiter()`` when the queue is empty, ``write()`` / ``drain()`` to send, and
@@ -98,13 +120,15 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
 
     __slots__ = (
         "_closed",
+        "_deadline_slot",
+        "_deadlines",
         "_decoder",
         "_discarding",
-        "_first_frame_timer",
+        "_first_deadline",
         "_flush_handle",
-        "_idle_timer",
         "_limits",
         "_loop",
+        "_on_lost",
         "_peer_done",
         "_pending",
         "_pending_size",
@@ -114,6 +138,7 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         "eof",
         "error",
         "frames",
+        "head",
         "last_activity",
         "lost",
         "peer_eof",
@@ -122,13 +147,22 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, decoder: Decoder, limits: StreamLimits, *, raw: bool = False) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        limits: StreamLimits,
+        *,
+        raw: bool = False,
+        deadlines: DeadlineTimer | None = None,
+        on_lost: Callable[[FramedProtocol], None] | None = None,
+    ) -> None:
         self._decoder = decoder
         self._raw = raw
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.frames: deque[bytes] = deque()
+        self.frames: list[bytes] = []
+        self.head = 0  # frames[:head] are consumed; the consumer clears frames at the end
         self.queued = 0
         self.reading_paused = False
         self.eof = False  # no more input for the consumer (peer EOF, or stop_reading)
@@ -140,14 +174,18 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         self.last_activity = 0.0
         self.discarded = 0
         self._discarding = False
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] | None = None
         self._pending_size = 0
         self._flush_handle: asyncio.Handle | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self._first_frame_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._closed = self._loop.create_future()
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
+        if deadlines is None and limits.has_deadlines:
+            deadlines = limits.deadline_timer()
+        self._deadlines = deadlines
+        self._deadline_slot: dict[HasDeadlines, None] | None = None
+        self._first_deadline: float | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._on_lost = on_lost
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
 
@@ -155,14 +193,10 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
-        self.last_activity = self._loop.time()
-        call_later = self._loop.call_later
+        now = self.last_activity = self._loop.time()
         if self._limits.first_frame_timeout is not None:
-            self._first_frame_timer = call_later(
-                self._limits.first_frame_timeout, self._first_frame_expired
-            )
-        if self._limits.idle_timeout is not None:
-            self._idle_timer = call_later(self._limits.idle_timeout, self._idle_check)
+            self._first_deadline = now + self._limits.first_frame_timeout
+        self._schedule_deadlines()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
@@ -171,29 +205,27 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
             return
         if self._raw:  # each chunk is a message: no decoder call, no list
             self.frames.append(data)
-            self._queued(len(data))
-            return
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            if isinstance(exc, FrameTooLarge) and exc.frames:
-                self.frames.extend(exc.frames)
-                self._queued(0)
-            self.fail(exc)
-            return
-        if frames:
+        else:
+            try:
+                frames = self._decoder.feed(data)
+            except ProtocolError as exc:
+                if isinstance(exc, FrameTooLarge) and exc.frames:
+                    self.frames.extend(exc.frames)
+                    self._queued(0)
+                self.fail(exc)
+                return
+            if not frames:
+                return  # a partial frame is bounded by the decoder instead
             self.frames.extend(frames)
-            self._queued(len(data))  # a partial frame is bounded by the decoder instead
+        self._queued(len(data))
 
     def _queued(self, size: int) -> None:
         """Messages were queued from ``size`` bytes: lift the first-frame deadline, wake the
         consumer, and pause reading past ``read_limit``."""
-        if self._first_frame_timer is not None:
-            self._first_frame_timer.cancel()
-            self._first_frame_timer = None
+        self._first_deadline = None  # lifted; the wheel finds out lazily
         self._wake()
-        self.queued += size
-        if self.queued > self._limits.read_limit and not self.reading_paused:
+        queued = self.queued = self.queued + size
+        if queued > self._limits.read_limit and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -217,13 +249,15 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
             error = BrokenResourceError(f"connection lost: {exc!r}")
             error.__cause__ = exc
             self.error = error
-        self._pending.clear()
-        self._cancel_timers()
+        self._pending = None
+        self._cancel_deadlines()
         self._wake()
         self._wake_drainers()
         self._resolve_peer_done()
-        if not self._closed.done():
+        if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
+        if self._on_lost is not None:
+            self._on_lost(self)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -234,6 +268,25 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def take(self) -> bytes:
+        """Pop the oldest queued message (``frames`` must not be empty).
+
+        When the last one is taken, ``frames`` is cleared and reading resumes if it paused.
+        ``MessageStream.__anext__`` inlines this (hot path): keep the two in step.
+        """
+        frames = self.frames
+        head = self.head
+        frame = frames[head]
+        head += 1
+        if head < len(frames):
+            self.head = head
+        else:
+            frames.clear()
+            self.head = self.queued = 0
+            if self.reading_paused:
+                self.consumed()
+        return frame
+
     def consumed(self) -> None:
         """Record that ``frames`` was emptied: reset the count and resume reading."""
         self.queued = 0
@@ -243,7 +296,8 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
 
     def readable_waiter(self) -> asyncio.Future[None] | None:
         """Flush, then return a future resolved when input arrives, or None if it ended."""
-        self.flush()
+        if self._pending:
+            self.flush()
         if self.eof or self.lost or self.error is not None:
             return None
         waiter = self._waiter = self._loop.create_future()
@@ -266,9 +320,19 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         (when the queue empties, at the high-water mark, or at the end of this loop
         iteration); otherwise at once. A no-op once the connection is lost.
         """
+        pending = self._pending
+        if not pending and not self.frames:  # nothing to coalesce with: write at once
+            transport = self.transport
+            if self.lost or transport is None or transport.is_closing():
+                return
+            transport.write(data)
+            self.last_activity = self._loop.time()
+            return
         if self.lost:
             return
-        self._pending.append(data)
+        if pending is None:
+            pending = self._pending = []
+        pending.append(data)
         self._pending_size += len(data)
         if not self.frames or self._pending_size >= self._limits.write_high:
             self.flush()
@@ -281,16 +345,15 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         pending = self._pending
         if not pending:
             return
-        self._pending = []
-        self._pending_size = 0
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if len(pending) == 1:
-            transport.write(pending[0])
-        else:
-            transport.writelines(pending)
-        self.last_activity = self._loop.time()
+        if transport is not None and not transport.is_closing():
+            if len(pending) == 1:
+                transport.write(pending[0])
+            else:
+                transport.writelines(pending)
+            self.last_activity = self._loop.time()
+        pending.clear()  # the transports keep the buffers, not the list
+        self._pending_size = 0
 
     def buffered_size(self) -> int:
         """Bytes written but not yet handed to the kernel: pending plus transport buffer."""
@@ -338,7 +401,7 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
     def close(self) -> None:
         """Flush pending writes and close the transport (the transport drains its buffer)."""
         self.flush()
-        self._cancel_timers()
+        self._cancel_deadlines()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -363,10 +426,10 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
                     self.transport.write_eof()  # type: ignore[union-attr]
                     await self._peer_done  # the peer's EOF, or the connection's end
                 self.close()
-                await asyncio.shield(self._closed)
+                await self.wait_closed()
         except TimeoutError:
             self.abort()
-            await asyncio.shield(self._closed)
+            await self.wait_closed()
 
     def _can_write_eof(self) -> bool:
         transport = self.transport
@@ -376,24 +439,36 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         """Wait until ``connection_lost`` has run."""
+        if self.lost or self.transport is None:
+            return
+        if self._closed is None:
+            self._closed = self._loop.create_future()
         await asyncio.shield(self._closed)
 
     # -- deadlines --------------------------------------------------------------------------
 
-    def _cancel_timers(self) -> None:
-        for timer in (self._first_frame_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._first_frame_timer = self._idle_timer = None
+    def _schedule_deadlines(self) -> None:
+        deadline = self._first_deadline
+        idle = self._limits.idle_timeout
+        if idle is not None and (deadline is None or self.last_activity + idle < deadline):
+            deadline = self.last_activity + idle
+        if deadline is not None and self._deadlines is not None:
+            self._deadline_slot = self._deadlines.schedule(self, deadline)
 
-    def _first_frame_expired(self) -> None:
-        self.fail(PeerTimedOut(f"no complete message within {self._limits.first_frame_timeout}s"))
+    def _cancel_deadlines(self) -> None:
+        if self._deadline_slot is not None and self._deadlines is not None:
+            self._deadlines.cancel(self, self._deadline_slot)
+        self._deadline_slot = None
 
-    def _idle_check(self) -> None:
-        timeout = self._limits.idle_timeout
-        assert timeout is not None
-        remaining = self.last_activity + timeout - self._loop.time()
-        if remaining > 0:
-            self._idle_timer = self._loop.call_later(remaining, self._idle_check)
+    def check_deadlines(self, now: float) -> None:
+        """Called by the ``DeadlineTimer`` when a deadline may have passed."""
+        self._deadline_slot = None
+        if self.lost:
+            return
+        limits = self._limits
+        if self._first_deadline is not None and now >= self._first_deadline:
+            self.fail(PeerTimedOut(f"no complete message within {limits.first_frame_timeout}s"))
+        elif limits.idle_timeout is not None and now >= self.last_activity + limits.idle_timeout:
+            self.fail(PeerTimedOut(f"no traffic for {limits.idle_timeout}s"))
         else:
-            self.fail(PeerTimedOut(f"no traffic for {timeout}s"))
+            self._schedule_deadlines()

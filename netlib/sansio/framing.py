@@ -112,6 +112,9 @@ class _RawDecoder:
         return 0
 
 
+_RAW_DECODER: Final = _RawDecoder()
+
+
 class RawFraming:
     """No framing: each chunk received is one message, and a message is sent as is."""
 
@@ -119,7 +122,7 @@ class RawFraming:
     max_size = None
 
     def decoder(self) -> Decoder:
-        return _RawDecoder()
+        return _RAW_DECODER  # stateless: one for all connections
 
     def encode(self, message: bytes) -> bytes:
         return message
