@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import netlib
 from netlib import Datagram, DatagramEchoProtocol, DatagramServer
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
+from netlib.aio.echo import TIMESTAMP_PREFIX_SIZE, EchoReplies
 from netlib.sansio.datagram import AMPLIFICATION_ALLOWANCE, AMPLIFICATION_FACTOR
 from tests.helpers import wait_until
 
@@ -101,6 +102,15 @@ async def _echo(mode: netlib.EchoMode, use_server: bool) -> AsyncIterator[tuple[
     else:
         async with echo_protocol_server(mode) as (address, _protocol):
             yield address
+
+
+@pytest.mark.parametrize("second", [0, 1_000_000_000, 1_785_000_000, 4_102_444_799])
+def test_timestamp_prefix_has_a_fixed_size(second: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DatagramEchoProtocol derives the bytes its requests earned from this constant size.
+    monkeypatch.setattr("netlib.aio.echo.time.time", lambda: float(second))
+    reply = EchoReplies("timestamp")(b"hi")
+    assert len(reply) == TIMESTAMP_PREFIX_SIZE + 2
+    assert re.fullmatch(rb"\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] hi", reply)
 
 
 async def test_timestamp_reply_to_a_maximum_size_datagram_is_dropped_not_cut() -> None:
@@ -427,6 +437,70 @@ async def test_echo_protocol_lease_table_is_bounded() -> None:
         protocol.datagram_received(b"x", ("192.0.2.1", port))
     assert len(protocol._leases) <= 10
     assert protocol.statistics().replied == 25  # every address still got its reply
+
+
+class CountingTransport(RecordingTransport):
+    """Counts sendto calls too (a reply may be empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.calls += 1
+        super().sendto(data, addr)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 64, 1200, 2000]),  # 2000 is above max_size
+            st.integers(0, 12),  # address
+            st.booleans(),  # writing paused
+        ),
+        min_size=1,
+        max_size=400,
+    ),
+    st.sampled_from(["echo", "timestamp"]),
+    st.sampled_from([0.5, 1_000.0]),  # a budget that refuses, and one that does not
+)
+def test_echo_protocol_statistics_add_up(
+    events: list[tuple[int, int, bool]], mode: netlib.EchoMode, rate: float
+) -> None:
+    asyncio.run(_statistics_example(events, mode, rate))
+
+
+async def _statistics_example(
+    events: list[tuple[int, int, bool]], mode: netlib.EchoMode, rate: float
+) -> None:
+    budget = netlib.ReplyBudget(rate=rate, burst=max(1.0, rate))
+    protocol = DatagramEchoProtocol(mode, budget=budget, max_size=1500)
+    protocol._max_leases = 4  # evictions settle grants early
+    transport = CountingTransport()
+    protocol.connection_made(transport)
+    for size, address, paused in events:
+        if paused:
+            protocol.pause_writing()
+        before = _outcomes(protocol, transport)
+        protocol.datagram_received(b"x" * size, ("192.0.2.1", 1000 + address))
+        after = _outcomes(protocol, transport)
+        protocol.resume_writing()
+        received, *outcomes = (new - old for new, old in zip(after, before, strict=True))
+        assert received == 1
+        assert sorted(outcomes) == [0, 0, 0, 1]  # replied, too large, refused or send_dropped
+        assert protocol.statistics().replied == transport.calls
+        assert not outcomes[3] or paused
+    prefix = 27 if mode == "timestamp" else 0
+    too_large = sum(size + prefix > 1500 for size, _, _ in events)
+    assert protocol.statistics().dropped_too_large == too_large
+
+
+def _outcomes(protocol: DatagramEchoProtocol, transport: CountingTransport) -> tuple[int, ...]:
+    stats = protocol.statistics()
+    budget = stats.budget
+    refused = budget.dropped_by_rate + budget.dropped_by_bytes + budget.dropped_by_amplification
+    return stats.received, transport.calls, stats.dropped_too_large, refused, stats.send_dropped
 
 
 async def test_unix_datagram_server_replaces_a_stale_socket_file(tmp_path: Path) -> None:

@@ -136,6 +136,10 @@ class EchoReplies:
         return self._prefix + data
 
 
+TIMESTAMP_PREFIX_SIZE: Final = len(b"[Mon Nov 23 10:00:00 2026] ")
+"""Bytes a timestamp reply adds to its request: ``time.ctime()`` has a fixed width."""
+
+
 def _unchanged(data: bytes) -> bytes:
     return data
 
@@ -190,50 +194,57 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self._paused = False
         self.make_reply = EchoReplies(mode).make
         self._unchanged = mode == "echo"
-        self._leases: dict[Any, list[int]] = {}  # addr -> [datagrams, bytes, bytes earned]
+        # A reply is this many bytes longer than its request (the timestamp prefix).
+        self._overhead = TIMESTAMP_PREFIX_SIZE if mode == "timestamp" else 0
+        # addr -> [datagrams left, bytes left, datagrams and bytes left after the grant's
+        # first reply]: what a grant spent, and so what its requests earned, is the
+        # difference, settled when the grant is renewed or dropped.
+        self._leases: dict[Any, list[int]] = {}
         self._last_addr: Any = None
         self._last_lease: list[int] | None = None
         self._max_leases = DEFAULT_MAX_SOURCES
-        self.received = self.replied = self.dropped_too_large = 0
-        self.send_dropped = self.errors_received = 0
+        self._spent = 0  # replies granted and settled (sent, or counted in _unsent)
+        self._unsent = 0  # granted but not sent: paused writing, or a failed empty send
+        self._refused = 0
+        self.dropped_too_large = self.send_dropped = self.errors_received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
         self._transport.set_write_buffer_limits(high=DEFAULT_DATAGRAM_WRITE_HIGH)  # type: ignore[attr-defined]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.received += 1
-        size = len(data)
-        if self._unchanged:
-            reply, reply_size = data, size
-        else:
-            reply = self.make_reply(data)
-            reply_size = len(reply)
-        if reply_size > self._max_size or size > self._max_size:
-            self.dropped_too_large += 1  # a timestamp prefix can push a reply over
-            return
+        reply = data if self._unchanged else self.make_reply(data)
+        size = len(reply)  # never less than the request's
         # bursts come from one peer: comparing with the last one avoids hashing the address
         lease = self._last_lease if addr == self._last_addr else self._leases.get(addr)
-        if lease is not None and lease[0] and lease[1] >= reply_size:
-            lease[0] -= 1  # the fast path: spend the grant, remember what was earned
-            lease[1] -= reply_size
-            lease[2] += size
-        elif not self._renew(addr, lease, size, reply_size):
-            return
+        if lease is not None and lease[0] and lease[1] >= size and size <= self._max_size:
+            lease[0] -= 1  # the fast path: spend the grant; nothing else is counted here
+            lease[1] -= size
         else:
-            lease = self._leases[addr]
+            lease = self._renew(addr, lease, len(data), size)
+            if lease is None:
+                return
         self._last_addr, self._last_lease = addr, lease
         if self._paused:
             self.send_dropped += 1
+            self._unsent += 1
         elif reply:
             self._transport.sendto(reply, addr)  # type: ignore[union-attr]
-            self.replied += 1
         else:
             self._send_empty(addr)
 
-    def _renew(self, addr: Any, lease: list[int] | None, size: int, reply_size: int) -> bool:
-        """Ask the budget for a new grant for ``addr``, spending one reply of it now."""
-        earned = size + (lease[2] if lease is not None else 0)
+    def _renew(
+        self, addr: Any, lease: list[int] | None, size: int, reply_size: int
+    ) -> list[int] | None:
+        """Settle ``addr``'s grant and ask the budget for a new one, spending one reply now.
+
+        Returns the new grant, or None if the datagram is dropped (too large, or refused
+        by the budget; both counted).
+        """
+        if reply_size > self._max_size:
+            self.dropped_too_large += 1  # a timestamp prefix can push a reply over
+            return None
+        earned = size + (self._settle(lease) if lease is not None else 0)
         count, nbytes = self._budget.lease(
             addr,
             earned,
@@ -243,20 +254,32 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
             nbytes=LEASE_BYTES,
         )
         if not count:
+            self._refused += 1
             self._leases.pop(addr, None)
             self._last_addr = self._last_lease = None
-            return False
+            return None
         if lease is None and len(self._leases) >= self._max_leases:
-            self._leases.clear()  # unspent grants are lost: that only ever sends less
+            for old in self._leases.values():  # unspent grants are lost: that only sends less
+                self._settle(old)
+            self._leases.clear()
             self._last_addr = self._last_lease = None
-        self._leases[addr] = [count - 1, nbytes - reply_size, 0]
-        return True
+        self._spent += 1  # this datagram's reply; the grant's own count starts after it
+        left = [count - 1, nbytes - reply_size]
+        lease = self._leases[addr] = [*left, *left]
+        return lease
+
+    def _settle(self, lease: list[int]) -> int:
+        """Count what ``lease`` spent, as it is replaced or dropped; return the request
+        bytes that earned it."""
+        replies = lease[2] - lease[0]
+        self._spent += replies
+        return max(0, lease[3] - lease[1] - replies * self._overhead)
 
     def _send_empty(self, addr: Any) -> None:
         if self._empty is None:
             self._empty = EmptyDatagramSender(self._transport)  # type: ignore[arg-type]
-        if self._empty.sent(self._empty.send(addr), self):
-            self.replied += 1
+        if not self._empty.sent(self._empty.send(addr), self):
+            self._unsent += 1
 
     def error_received(self, exc: Exception) -> None:
         self.errors_received += 1
@@ -271,6 +294,19 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._empty is not None:
             self._empty.detach()
+
+    @property
+    def received(self) -> int:
+        """Datagrams received (any size)."""
+        return self._granted() + self.dropped_too_large + self._refused
+
+    @property
+    def replied(self) -> int:
+        """Replies handed to the kernel."""
+        return self._granted() - self._unsent
+
+    def _granted(self) -> int:
+        return self._spent + sum(lease[2] - lease[0] for lease in self._leases.values())
 
     def statistics(self) -> DatagramEchoStatistics:
         """Return a snapshot of the counters."""
