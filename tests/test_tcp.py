@@ -184,6 +184,21 @@ async def test_client_iteration_ends_at_eof_and_errors_after_close() -> None:
             await stream.receive()
 
 
+async def test_client_idle_timeout_ends_a_silent_connection() -> None:
+    async def silent(stream: MessageStream) -> None:
+        async for _ in stream:  # never answers
+            pass
+
+    async with netlib.open_tcp_server(silent, framing="line") as server:
+        loop = asyncio.get_running_loop()
+        async with netlib.connect_tcp(*address_of(server), idle_timeout=0.2) as stream:
+            await stream.send(b"anyone?")
+            started = loop.time()
+            with pytest.raises(netlib.PeerTimedOut):
+                await stream.receive()
+            assert 0.15 < loop.time() - started < 0.5  # from the last send, one slot late at most
+
+
 async def test_connect_refused_raises_oserror() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

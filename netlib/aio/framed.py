@@ -129,6 +129,7 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         "_limits",
         "_loop",
         "_on_lost",
+        "_own_deadlines",
         "_peer_done",
         "_pending",
         "_pending_size",
@@ -179,7 +180,8 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         self._flush_handle: asyncio.Handle | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] | None = None
-        if deadlines is None and limits.has_deadlines:
+        self._own_deadlines = deadlines is None and limits.has_deadlines
+        if self._own_deadlines:
             deadlines = limits.deadline_timer()
         self._deadlines = deadlines
         self._deadline_slot: dict[HasDeadlines, None] | None = None
@@ -459,6 +461,8 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         if self._deadline_slot is not None and self._deadlines is not None:
             self._deadlines.cancel(self, self._deadline_slot)
         self._deadline_slot = None
+        if self._own_deadlines and self._deadlines is not None:
+            self._deadlines.close()  # no timer left armed for a closed connection
 
     def check_deadlines(self, now: float) -> None:
         """Called by the ``DeadlineTimer`` when a deadline may have passed."""
