@@ -223,11 +223,12 @@ class Server:
         # A connection goes through three tasks: _start (accept, TLS), the handler, and
         # protocol.finish (graceful close); each one's done callback starts the next.
         self._context = contextvars.copy_context()
-        self._started = self._on_started
-        self._handled = self._on_handled
-        self._closed = self._on_closed
-        self._lost = self._on_lost
+        self._started_cb = self._on_started
+        self._handled_cb = self._on_handled
+        self._closed_cb = self._on_closed
+        self._lost_cb = self._on_lost
         self._closing = False
+        self._aborted = False
         self._stopped = self._loop.create_future()
         self.addresses: list[Any] = [sock.getsockname() for sock in socks]
         """The bound addresses (with the real ports when bound to port 0)."""
@@ -248,9 +249,11 @@ class Server:
             self._config.limits,
             raw=isinstance(framing, RawFraming),
             deadlines=self._deadlines,
-            on_lost=self._lost,
+            on_lost=self._lost_cb,
         )
-        self._track(self._loop.create_task(self._start(conn, protocol)), protocol, self._started)
+        self._track(
+            self._loop.create_task(self._start(conn, protocol)), protocol, self._started_cb
+        )
 
     def _track(
         self,
@@ -291,9 +294,14 @@ class Server:
             return
         if not task.result():
             return
+        if self._aborted:  # close() ran after this connection was set up: no handler
+            protocol.abort()
+            return
         stream = MessageStream(protocol, self._config.framing, linger=True)
-        handling = asyncio.ensure_future(self._config.handler(stream))
-        self._track(handling, protocol, self._handled)
+        # The handler is called in a copy of the server's context, as a task's first step
+        # would be: what its synchronous part sets stays with this connection.
+        handling = self._context.copy().run(_start_handler, self._config.handler, stream)
+        self._track(handling, protocol, self._handled_cb)
 
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
         protocol = self._connections.pop(task)
@@ -307,7 +315,7 @@ class Server:
         if protocol.lost:  # nothing left to close gracefully
             return
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
-        self._track(closing, protocol, self._closed)
+        self._track(closing, protocol, self._closed_cb)
 
     def _on_closed(self, task: asyncio.Future[Any]) -> None:
         self._connections.pop(task)
@@ -352,6 +360,7 @@ class Server:
 
     def close(self) -> None:
         """Stop accepting and abort every connection now (see ``shutdown`` for grace)."""
+        self._aborted = True
         self._stop_accepting()
         for task, protocol in list(self._connections.items()):
             protocol.abort()
@@ -392,6 +401,17 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<Server addresses={self.addresses!r} active={len(self._connections)}>"
+
+
+def _start_handler(handler: Handler, stream: MessageStream) -> asyncio.Future[Any]:
+    """Start ``handler(stream)`` as a task; a handler that fails to start gives a failed
+    future instead of an exception in a done callback (so it is counted and closed)."""
+    try:
+        return asyncio.ensure_future(handler(stream))
+    except Exception as exc:
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        return failed
 
 
 # -- binding ----------------------------------------------------------------------------------

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import socket
 import ssl
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 import netlib
-from netlib import MessageStream
-from tests.helpers import address_of, open_raw, reset, wait_for_eof
+from netlib import MessageStream, Server
+from tests.helpers import address_of, open_raw, reset, wait_for_eof, wait_until
 
 FRAMINGS = ["raw", "line", "length"]
 
@@ -152,6 +156,76 @@ async def test_handler_exception_is_logged_counted_and_isolated(
             assert await other.receive() == b"still here"
         assert server.statistics().handler_errors == 1
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("failure", ["raises", "not awaitable"])
+async def test_handler_that_fails_to_start_is_counted_and_closed(
+    failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(stream: MessageStream) -> Any:
+        if failure == "raises":
+            raise RuntimeError("handler bug")
+        return 42  # not awaitable
+
+    async with netlib.open_tcp_server(handler, framing="line") as server:
+        reader, writer = await open_raw(*address_of(server))
+        assert await wait_for_eof(reader) == b""  # closed, not left open and forgotten
+        writer.close()
+        await writer.wait_closed()
+        await wait_until(lambda: server.statistics().active == 0)
+        assert server.statistics().handler_errors == 1
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+async def test_context_set_when_a_handler_starts_stays_with_its_connection() -> None:
+    seen: list[str] = []
+
+    class Handler:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def __call__(self, stream: MessageStream) -> Coroutine[Any, Any, None]:
+            seen.append(REQUEST_ID.get())  # what the previous connection left, if anything
+            self.count += 1
+            REQUEST_ID.set(f"conn-{self.count}")
+            return netlib.echo_handler(stream)
+
+    async with netlib.open_tcp_server(Handler(), framing="line") as server:
+        for _ in range(3):
+            async with netlib.connect_tcp(*address_of(server), framing="line") as stream:
+                await stream.send(b"hi")
+                assert await stream.receive() == b"hi"
+    assert seen == ["", "", ""]
+
+
+async def test_close_while_a_connection_is_being_set_up_starts_no_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[MessageStream] = []
+
+    async def handler(stream: MessageStream) -> None:
+        started.append(stream)
+        await asyncio.Event().wait()
+
+    start = Server._start
+
+    async def start_then_close(self: Server, *args: Any) -> bool:
+        ok = await start(self, *args)
+        asyncio.get_running_loop().call_soon(self.close)  # before the done callback runs
+        return ok
+
+    monkeypatch.setattr(Server, "_start", start_then_close)
+    async with netlib.open_tcp_server(handler, framing="line") as server:
+        reader, writer = await open_raw(*address_of(server))
+        await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+        assert started == []
+        assert server.statistics().active == 0
+        with contextlib.suppress(ConnectionResetError):  # aborted: EOF or reset
+            await reader.read()
+        writer.close()
 
 
 async def test_server_greeting_before_client_speaks() -> None:

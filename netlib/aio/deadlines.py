@@ -11,6 +11,7 @@ wheel).
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Final, Protocol
 
 from netlib.sansio.deadlines import DeadlineWheel
@@ -41,13 +42,14 @@ class DeadlineTimer:
         resolution: slot width in seconds; deadlines fire at most this late.
     """
 
-    __slots__ = ("_armed_at", "_handle", "_loop", "_wheel")
+    __slots__ = ("_armed_at", "_armed_tick", "_handle", "_loop", "_wheel")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float) -> None:
         self._loop = loop
         self._wheel: DeadlineWheel[HasDeadlines] = DeadlineWheel(resolution)
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = float("inf")
+        self._armed_tick = -1
 
     def schedule(self, item: HasDeadlines, deadline: float) -> dict[HasDeadlines, None]:
         """Check ``item`` at ``deadline`` (rounded up); returns the slot, for ``cancel``."""
@@ -68,21 +70,29 @@ class DeadlineTimer:
         self._armed_at = float("inf")
 
     def _arm(self) -> None:
-        when = self._wheel.next_time()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._armed_at = float("inf") if when is None else when
-        if when is not None:
-            self._handle = self._loop.call_at(when, self._fire)
+        self._armed_at = float("inf")
+        tick = self._wheel.next_tick()
+        if tick is not None:
+            self._armed_tick = tick
+            self._armed_at = self._wheel.time_of(tick)
+            self._handle = self._loop.call_at(self._armed_at, self._fire)
 
     def _fire(self) -> None:
         # The loop may run a timer a fraction of a millisecond before its time (uvloop
-        # rounds to milliseconds): the slot it was armed for counts as due.
+        # rounds to milliseconds): the slot it was armed for counts as due, by its tick.
         now = max(self._loop.time(), self._armed_at)
+        through = max(self._armed_tick, math.floor(now / self._wheel.resolution))
         self._handle = None
         self._armed_at = float("inf")
-        for item in self._wheel.pop_due(now):
-            item.check_deadlines(now)
+        for item in self._wheel.pop_through(through):
+            try:
+                item.check_deadlines(now)
+            except Exception as exc:  # one broken item must not cost the others their deadlines
+                self._loop.call_exception_handler(
+                    {"message": "deadline check failed", "exception": exc, "item": item}
+                )
         if self._handle is None:
             self._arm()

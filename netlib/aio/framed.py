@@ -252,6 +252,7 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
             error.__cause__ = exc
             self.error = error
         self._pending = None
+        self._pending_size = 0
         self._cancel_deadlines()
         self._wake()
         self._wake_drainers()

@@ -7,9 +7,12 @@ Rules
   and at most ``resolution`` late.
 * ``add()`` returns the slot the item went into; ``discard(item, slot)`` takes it out. An item
   should be in one slot at a time: the owner keeps the slot and discards before adding again.
-* ``pop_due(now)`` removes and returns every item whose slot is due. Deadlines are checked
-  lazily: activity never touches the wheel, the owner re-checks the real deadline of each
-  item popped and adds it back if it moved.
+* Slots are numbered by integer ticks (slot time = tick * resolution, never less than the
+  deadlines in it). ``pop_through(tick)`` removes and returns the items of every slot up to
+  ``tick``, so an owner that armed a timer for ``next_tick()`` pops exactly that slot,
+  whatever the float rounding of the clock. Deadlines are checked lazily: activity never
+  touches the wheel, the owner re-checks the real deadline of each item popped and adds it
+  back if it moved.
 
 A server with ten thousand connections thus keeps one event-loop timer (for the earliest slot)
 instead of ten thousand, and a connection's deadlines cost one dictionary entry.
@@ -23,8 +26,6 @@ from typing import Generic, TypeVar
 __all__ = ["DeadlineWheel"]
 
 T = TypeVar("T")
-
-_EPSILON = 1e-9
 
 
 class DeadlineWheel(Generic[T]):
@@ -47,6 +48,8 @@ class DeadlineWheel(Generic[T]):
     def add(self, item: T, deadline: float) -> dict[T, None]:
         """Put ``item`` in the slot of ``deadline``; return that slot (for ``discard``)."""
         tick = math.ceil(deadline / self.resolution)
+        if self.time_of(tick) < deadline:  # float rounding: the slot must not be early
+            tick += 1
         slot = self._slots.get(tick)
         if slot is None:
             slot = self._slots[tick] = {}
@@ -58,22 +61,29 @@ class DeadlineWheel(Generic[T]):
         """Take ``item`` out of ``slot`` (no-op if it is not there, or the slot was popped)."""
         slot.pop(item, None)
 
-    def next_time(self) -> float | None:
-        """The time the earliest non-empty slot is due, or None if there is none."""
+    def time_of(self, tick: int) -> float:
+        """The time slot ``tick`` is due."""
+        return tick * self.resolution
+
+    def next_tick(self) -> int | None:
+        """The tick of the earliest non-empty slot, or None if there is none."""
         ticks = [tick for tick, slot in self._slots.items() if slot]
         if not ticks:
             self._slots.clear()
             return None
-        return min(ticks) * self.resolution
+        return min(ticks)
+
+    def pop_through(self, tick: int) -> list[T]:
+        """Remove and return the items of every slot up to ``tick``, earliest slot first."""
+        due = sorted(t for t in self._slots if t <= tick)
+        items: list[T] = []
+        for t in due:
+            items.extend(self._slots.pop(t))
+        return items
 
     def pop_due(self, now: float) -> list[T]:
         """Remove and return the items of every slot due at ``now``, earliest slot first."""
-        last = math.floor(now / self.resolution + _EPSILON)  # now may be a tick's own time
-        due = sorted(tick for tick in self._slots if tick <= last)
-        items: list[T] = []
-        for tick in due:
-            items.extend(self._slots.pop(tick))
-        return items
+        return self.pop_through(math.floor(now / self.resolution))
 
     def __len__(self) -> int:
         return sum(len(slot) for slot in self._slots.values())
