@@ -7,13 +7,16 @@ Time thresholds are scaled down for CI as robustness.md allows; the behaviour te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import resource
 import socket
 import struct
 import sys
+import time
 import tracemalloc
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -305,6 +308,101 @@ async def test_r9_echo_protocol_survives_resets() -> None:
     server.close()
     await server.wait_closed()
     assert all(isinstance(exc, ConnectionResetError) for exc in lost)
+
+
+# -- R5: slow readers on a 1:1 stream ---------------------------------------------------------
+
+_NON_READERS = r"""
+import selectors, socket, sys, time
+port, count, each = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+left, socks = {}, []
+selector = selectors.DefaultSelector()
+for _ in range(count):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    socks.append(sock)
+    left[sock] = each
+    selector.register(sock, selectors.EVENT_WRITE)
+chunk = bytes(64 * 1024)
+progress = time.monotonic()
+while left and time.monotonic() - progress < 1.0:  # until every sender is held back
+    for key, _ in selector.select(timeout=0.1):
+        sent = key.fileobj.send(chunk[: left[key.fileobj]])
+        left[key.fileobj] -= sent
+        progress = time.monotonic()
+        if not left[key.fileobj]:
+            del left[key.fileobj]
+            selector.unregister(key.fileobj)
+print(count * each - sum(left.values()), flush=True)
+time.sleep(1.0)  # the server's CPU is measured over this second
+print("done", flush=True)
+sys.stdin.readline()
+"""
+SLOW_READERS = 200
+SLOW_READER_BYTES = 8 << 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("server_kind", ["serve_tcp", "EchoProtocol"])
+async def test_r5_slow_readers_are_held_back_with_bounded_buffers(server_kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    process = psutil.Process()
+    gc.collect()
+    rss_before = process.memory_info().rss
+    buffered: Callable[[], list[int]]
+    servers = contextlib.AsyncExitStack()
+    if server_kind == "serve_tcp":
+        tcp_server = await servers.enter_async_context(netlib.open_tcp_server(netlib.echo_handler))
+        port = address_of(tcp_server)[1]
+
+        def buffered() -> list[int]:
+            return [p.queued + p.buffered_size() for p in tcp_server._connections.values()]
+    else:
+        protocols: list[netlib.EchoProtocol] = []
+
+        def factory() -> netlib.EchoProtocol:
+            protocols.append(netlib.EchoProtocol())
+            return protocols[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        servers.push_async_callback(server.wait_closed)
+        servers.callback(server.close)
+        port = server.sockets[0].getsockname()[1]
+
+        def buffered() -> list[int]:
+            return [p.transport.get_write_buffer_size() for p in protocols if p.transport]
+
+    clients = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _NON_READERS, str(port), str(SLOW_READERS),
+        str(SLOW_READER_BYTES), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert clients.stdin is not None
+    assert clients.stdout is not None
+    try:
+        sent = int(await asyncio.wait_for(clients.stdout.readline(), 60))
+        cpu_before = time.process_time()
+        assert await asyncio.wait_for(clients.stdout.readline(), 10) == b"done\n"
+        idle_cpu = time.process_time() - cpu_before
+        held = buffered()
+        rss_growth = process.memory_info().rss - rss_before
+    finally:
+        clients.stdin.write(b"\n")
+        await clients.wait()
+        await servers.aclose()
+    # Loopback socket buffers grow to several MiB each way, so the kernel absorbs most
+    # of what is offered: what matters is what the server holds in user space.
+    print(f"{server_kind}: {sent >> 20} MiB accepted of {SLOW_READERS * SLOW_READER_BYTES >> 20};"
+          f" largest buffer {max(held) >> 10} KiB; RSS +{rss_growth >> 20} MiB;"
+          f" CPU while held {idle_cpu:.3f} s")  # fmt: skip
+    assert len(held) == SLOW_READERS
+    # robustness.md: at most the hard limit (1 MiB) plus one frame per connection, 250 MiB
+    # in all; netlib holds read_limit + write_high plus a read chunk each way.
+    assert max(held) <= (1 << 20) + (64 << 10)
+    assert rss_growth < 250 << 20
+    assert idle_cpu < 0.1  # blocked, not busy-looping
 
 
 # -- R6(a): many idle connections --------------------------------------------------------------
