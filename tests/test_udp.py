@@ -428,6 +428,22 @@ async def test_r12_forged_sources_udp_server(mode: netlib.EchoMode) -> None:
     await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("burst", "byte_burst", "grant"),
+    [(200, 512 * 1024, 32), (8 * 100, 512 * 1024, 100), (1e9, 1e12, 256)],
+)
+async def test_echo_protocol_grants_grow_with_the_budget(
+    burst: float, byte_burst: float, grant: int
+) -> None:
+    budget = netlib.ReplyBudget(rate=1e9, burst=burst, byte_rate=1e12, byte_burst=byte_burst)
+    budget.exempt(("192.0.2.1", 7), 0.0)  # no amplification cap: only the grant size counts
+    protocol = DatagramEchoProtocol(budget=budget)
+    protocol.connection_made(RecordingTransport())
+    protocol.datagram_received(b"x", ("192.0.2.1", 7))
+    assert budget.statistics().replies_allowed == grant  # one grant, charged up front
+    assert protocol.statistics().replied == 1
+
+
 async def test_echo_protocol_lease_table_is_bounded() -> None:
     protocol = DatagramEchoProtocol()
     protocol._max_leases = 10

@@ -52,9 +52,16 @@ __all__ = [
 logger = logging.getLogger("netlib.aio.echo")
 
 LEASE_DATAGRAMS: Final = 32
-"""Replies the reply budget grants an address at a time (charged when granted)."""
+"""Replies the reply budget grants an address at a time (charged when granted); more, up to
+``MAX_LEASE_DATAGRAMS``, when an eighth of the budget's burst is larger."""
 LEASE_BYTES: Final = 64 * 1024
-"""Reply bytes the reply budget grants an address at a time, at most."""
+"""Reply bytes the reply budget grants an address at a time, at most; more, up to
+``MAX_LEASE_BYTES``, when an eighth of the budget's byte burst is larger."""
+MAX_LEASE_DATAGRAMS: Final = 256
+"""Most replies one grant holds, however generous the budget."""
+MAX_LEASE_BYTES: Final = 256 * 1024
+"""Most reply bytes one grant holds, however generous the budget."""
+_LEASE_SHARE: Final = 8  # a grant takes at most 1/8 of the budget's burst beyond the defaults
 
 EchoMode = Literal["echo", "upper", "timestamp"]
 ECHO_MODES: tuple[EchoMode, ...] = ("echo", "upper", "timestamp")
@@ -185,8 +192,14 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         max_size: int = DEFAULT_MAX_DATAGRAM,
     ) -> None:
         self.mode = mode
-        self._budget = budget if budget is not None else ReplyBudget()
+        self._budget = budget = budget if budget is not None else ReplyBudget()
         self._max_size = max_size
+        # Grants as large as an eighth of the budget's bursts: a generous budget is asked
+        # less often; the default one gets the defaults.
+        share = budget.burst // _LEASE_SHARE
+        self._lease_datagrams = int(max(LEASE_DATAGRAMS, min(MAX_LEASE_DATAGRAMS, share)))
+        share = budget.byte_burst // _LEASE_SHARE
+        self._lease_bytes = int(max(LEASE_BYTES, min(MAX_LEASE_BYTES, share)))
         self._loop = asyncio.get_running_loop()
         self._log = ThrottledLog(logger, self._loop)
         self._transport: asyncio.DatagramTransport | None = None
@@ -250,8 +263,8 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
             earned,
             reply_size,
             self._loop.time(),
-            datagrams=LEASE_DATAGRAMS,
-            nbytes=LEASE_BYTES,
+            datagrams=self._lease_datagrams,
+            nbytes=self._lease_bytes,
         )
         if not count:
             self._refused += 1

@@ -303,6 +303,16 @@ class ReplyBudget:
         """
         self._touch(addr, now).verified = True
 
+    @property
+    def burst(self) -> float:
+        """Reply datagrams one address may receive back to back."""
+        return self._burst
+
+    @property
+    def byte_burst(self) -> float:
+        """Reply bytes one address may receive back to back."""
+        return self._byte_burst
+
     def statistics(self) -> ReplyBudgetStatistics:
         """Return a snapshot of the counters."""
         return ReplyBudgetStatistics(
