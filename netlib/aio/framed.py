@@ -113,9 +113,9 @@ class FramedProtocol(WriteFlowControl, asyncio.Protocol):
         on_lost: called with this protocol when the connection is lost (a server counts
             how its connections end).
 
-    The public ``MessageStream`` is the intended consumer: it pops ``frames``, calls
-    ``readable_waiter()`` when the queue is empty, ``write()`` / ``drain()`` to send, and
-    ``close()`` / ``finish()`` to end the connection.
+    The public ``MessageStream`` is the intended consumer: it takes messages from ``frames``
+    (``take()``), calls ``readable_waiter()`` when the queue is empty, ``write()`` /
+    ``drain()`` to send, and ``close()`` / ``finish()`` to end the connection.
     """
 
     __slots__ = (

@@ -81,9 +81,5 @@ class DeadlineWheel(Generic[T]):
             items.extend(self._slots.pop(t))
         return items
 
-    def pop_due(self, now: float) -> list[T]:
-        """Remove and return the items of every slot due at ``now``, earliest slot first."""
-        return self.pop_through(math.floor(now / self.resolution))
-
     def __len__(self) -> int:
         return sum(len(slot) for slot in self._slots.values())

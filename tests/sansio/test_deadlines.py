@@ -18,10 +18,10 @@ def test_items_are_due_at_their_slot_and_not_before() -> None:
     wheel.add("c", 3.01)  # slot 3.5
     assert wheel.next_tick() == 3
     assert wheel.time_of(3) == 1.5
-    assert wheel.pop_due(1.49) == []
-    assert wheel.pop_due(1.5) == ["a", "b"]
+    assert wheel.pop_through(2) == []  # slot 1.0: before any deadline
+    assert wheel.pop_through(3) == ["a", "b"]
     assert wheel.next_tick() == 7
-    assert wheel.pop_due(10.0) == ["c"]
+    assert wheel.pop_through(20) == ["c"]
     assert wheel.next_tick() is None
     assert len(wheel) == 0
 
@@ -32,12 +32,12 @@ def test_discard_takes_an_item_out_and_tolerates_a_popped_slot() -> None:
     wheel.add("b", 5.0)
     wheel.discard("a", slot_a)
     assert len(wheel) == 1
-    assert wheel.pop_due(5.0) == ["b"]
+    assert wheel.pop_through(5) == ["b"]
     wheel.discard("a", slot_a)  # the slot is gone already: nothing happens
     assert wheel.next_tick() is None
 
 
-def test_emptied_slots_are_skipped_by_next_time() -> None:
+def test_emptied_slots_are_skipped_by_next_tick() -> None:
     wheel: DeadlineWheel[str] = DeadlineWheel(1.0)
     slot = wheel.add("early", 1.0)
     wheel.add("late", 9.0)
