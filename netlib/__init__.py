@@ -3,23 +3,14 @@
 Import everything from here; ``netlib.__all__`` is the public API.
 """
 
-from netlib.aio.chat import (
-    ChatLimits,
-    ChatProtocol,
-    ChatService,
-    ChatServiceStatistics,
-    DatagramChatProtocol,
-)
 from netlib.aio.datagram import DatagramStatistics
 from netlib.aio.echo import (
     DatagramEchoProtocol,
     DatagramEchoStatistics,
-    EchoMode,
     EchoProtocol,
     UpperEchoProtocol,
 )
-from netlib.aio.hub import Hub, MemoryHub, Subscriber
-from netlib.chat import ChatServer, chat_handler, open_chat_server, serve_chat
+from netlib.chat import ChatServer, open_chat_server, serve_chat
 from netlib.client import connect_tcp, open_udp_endpoint
 from netlib.errors import (
     BrokenResourceError,
@@ -34,9 +25,9 @@ from netlib.errors import (
     SlowConsumer,
     WouldBlock,
 )
-from netlib.handlers import echo_handler, upper_echo_handler
 from netlib.runner import loop_factory, run
 from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
+from netlib.sansio.echo import EchoMode
 from netlib.sansio.framing import (
     Framing,
     LengthPrefixFraming,
@@ -44,21 +35,27 @@ from netlib.sansio.framing import (
     RawFraming,
 )
 from netlib.server import (
-    Handler,
     Server,
     ServerStatistics,
     open_tcp_server,
     serve_tcp,
 )
-from netlib.streams import DatagramEndpoint, MessageStream
+from netlib.services.chat import (
+    ChatLimits,
+    ChatProtocol,
+    ChatService,
+    ChatServiceStatistics,
+    DatagramChatProtocol,
+    chat_handler,
+)
+from netlib.services.echo import echo_handler, udp_echo_handler, upper_echo_handler
+from netlib.services.hub import Hub, MemoryHub, Subscriber
+from netlib.streams import Datagram, DatagramEndpoint, DatagramHandler, Handler, MessageStream
 from netlib.udp import (
-    Datagram,
-    DatagramHandler,
     DatagramServer,
     DatagramServerStatistics,
     open_udp_server,
     serve_udp,
-    udp_echo_handler,
 )
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """open_chat_server / serve_chat: the chat service over TCP, UDP or both.
 
-The rooms live in a ``ChatService`` (``netlib.aio.chat``); TCP clients are ``ChatProtocol``
+The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are ``ChatProtocol``
 connections (line based, usable from ``nc`` and ``telnet``), UDP clients are peers of a
 ``DatagramChatProtocol``. One service can serve both at once, and they share its rooms.
 ``chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
@@ -9,22 +9,15 @@ connections (line based, usable from ``nc`` and ``telnet``), UDP clients are pee
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from netlib.aio.chat import (
-    SLOW_CONSUMER,
-    ChatProtocol,
-    ChatService,
-    DatagramChatProtocol,
-)
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
-from netlib.server import Handler
-from netlib.streams import MessageStream
+from netlib.services.chat import ChatProtocol, ChatService, DatagramChatProtocol
 
-__all__ = ["ChatServer", "chat_handler", "open_chat_server", "serve_chat"]
+__all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
 ChatProto = Literal["tcp", "udp", "both"]
 
@@ -111,63 +104,3 @@ async def serve_chat(
         host, port, proto=proto, udp_port=udp_port, service=service
     ) as server:
         await server.serve_forever()
-
-
-class _StreamSession:
-    """A chat session on a ``MessageStream`` (line framing), for ``serve_tcp``."""
-
-    def __init__(self, stream: MessageStream, service: ChatService) -> None:
-        self.stream = stream
-        self.service = service
-        self.session_id = 0
-        self.ended = False
-        self._soft_since: float | None = None
-
-    def deliver(self, line: bytes, origin: Hashable) -> None:
-        if origin == self.session_id or self.ended:
-            return
-        limits = self.service.limits
-        buffered = self.stream.buffered_size + len(line)
-        if buffered > limits.hard_limit or self._soft_expired(buffered):
-            self._slow()
-            return
-        self.stream.send_queued(line.rstrip(b"\n"))
-
-    def _soft_expired(self, buffered: int) -> bool:
-        limits = self.service.limits
-        now = asyncio.get_running_loop().time()
-        if buffered <= limits.soft_limit:
-            self._soft_since = None
-            return False
-        if self._soft_since is None:
-            self._soft_since = now
-        return now - self._soft_since >= limits.soft_time
-
-    def _slow(self) -> None:
-        self.ended = True
-        self.service.close(self.session_id, SLOW_CONSUMER)
-        self.stream.abort()
-
-    def end(self, reason: str) -> None:
-        self.ended = True
-        self.stream.end_input()  # the handler's loop ends; the goodbye is still flushed
-
-
-def chat_handler(service: ChatService) -> Handler:
-    """Return a ``serve_tcp`` handler (use ``framing="line"``) that joins ``service``.
-
-    The soft limit is checked as lines are delivered, so a consumer that stays over it
-    is disconnected at the first delivery after ``soft_time`` (``ChatProtocol`` uses a
-    timer instead).
-    """
-
-    async def handler(stream: MessageStream) -> None:
-        session = _StreamSession(stream, service)
-        session.session_id = service.open(session)
-        try:
-            async for line in stream:
-                service.receive(session.session_id, line.decode("utf-8", "replace"))
-        finally:
-            service.close(session.session_id, "connection closed")
-
-    return handler

@@ -15,20 +15,19 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 from netlib.aio.datagram import (
-    DEFAULT_MAX_DATAGRAM,
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
     DatagramEndpointProtocol,
     DatagramLimits,
 )
-from netlib.aio.framed import (
-    DEFAULT_READ_LIMIT,
-    DEFAULT_WRITE_HIGH,
-    DEFAULT_WRITE_LOW,
-    FramedProtocol,
-    StreamLimits,
+from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
+from netlib.aio.framed import DEFAULT_READ_LIMIT, FramedProtocol, StreamLimits
+from netlib.aio.sockets import (
+    DEFAULT_MAX_DATAGRAM,
+    DatagramSocketOptions,
+    open_datagram_socket,
+    remove_socket_file,
 )
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket, remove_socket_file
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import DEFAULT_CLOSE_TIMEOUT, DatagramEndpoint, MessageStream
 

@@ -34,25 +34,20 @@ import logging
 import resource
 import socket
 import ssl as _ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Final, TypeAlias, TypedDict
+from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
 
-from netlib.aio.framed import (
-    DEFAULT_READ_LIMIT,
-    DEFAULT_WRITE_HIGH,
-    DEFAULT_WRITE_LOW,
-    FramedProtocol,
-    StreamLimits,
-)
+from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
+from netlib.aio.framed import DEFAULT_READ_LIMIT, FramedProtocol, StreamLimits
 from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import remove_socket_file
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
-from netlib.streams import DEFAULT_CLOSE_TIMEOUT, MessageStream, _extra_info
+from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream, _extra_info
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -71,8 +66,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("netlib.server")
-
-Handler: TypeAlias = Callable[[MessageStream], Awaitable[object]]
 
 DEFAULT_FIRST_FRAME_TIMEOUT: Final = 10.0
 """Seconds a new connection has to complete its first message (slowloris guard)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Final, Self
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol, Self, TypeAlias
 
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
 from netlib.aio.framed import FramedProtocol
@@ -30,7 +31,10 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_REQUEST_RETRIES",
     "DEFAULT_REQUEST_TIMEOUT",
+    "Datagram",
     "DatagramEndpoint",
+    "DatagramHandler",
+    "Handler",
     "MessageStream",
 ]
 
@@ -233,6 +237,10 @@ class MessageStream:
         return f"<MessageStream {state} peer={self.remote_address!r}>"
 
 
+Handler: TypeAlias = Callable[[MessageStream], Awaitable[object]]
+"""A stream handler: ``async def handler(stream: MessageStream)``, run once per connection."""
+
+
 class DatagramEndpoint:
     """Send and receive datagrams on one UDP (or Unix datagram) socket.
 
@@ -375,6 +383,44 @@ class DatagramEndpoint:
     def remote_address(self) -> Any:
         """The connected peer's address, or None for an unconnected endpoint."""
         return _extra_info(self._protocol.transport, "peername")
+
+
+class _Replier(Protocol):
+    def send(self, data: bytes, addr: Any) -> bool: ...
+
+
+class Datagram:
+    """One received datagram, handed to a UDP handler.
+
+    Attributes:
+        data: the payload (``b""`` for an empty datagram).
+        addr: the source address.
+    """
+
+    __slots__ = ("_server", "addr", "data")
+
+    def __init__(self, data: bytes, addr: Any, server: _Replier) -> None:
+        self.data = data
+        self.addr = addr
+        self._server = server
+
+    def reply(self, data: bytes) -> bool:
+        """Send ``data`` back to the source now.
+
+        Returns:
+            True if sent; False if the reply budget or a full send buffer dropped it
+            (counted in the server's statistics).
+
+        Raises:
+            LimitExceeded: ``data`` is larger than the server's ``max_size``.
+        """
+        return self._server.send(data, self.addr)
+
+    def __repr__(self) -> str:
+        return f"<Datagram {len(self.data)} bytes from {self.addr!r}>"
+
+
+DatagramHandler: TypeAlias = Callable[[Datagram], Awaitable[object]]
 
 
 def _extra_info(transport: asyncio.BaseTransport | None, name: str, default: Any = None) -> Any:

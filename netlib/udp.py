@@ -18,76 +18,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias, TypedDict
+from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
 
 from netlib.aio.datagram import (
-    DEFAULT_MAX_DATAGRAM,
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
     DatagramEndpointProtocol,
     DatagramLimits,
     DatagramStatistics,
 )
-from netlib.aio.echo import EchoMode, EchoReplies
 from netlib.aio.logs import ThrottledLog
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket, remove_socket_file
+from netlib.aio.sockets import (
+    DEFAULT_MAX_DATAGRAM,
+    DatagramSocketOptions,
+    open_datagram_socket,
+    remove_socket_file,
+)
 from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
+from netlib.streams import Datagram, DatagramHandler
 
 __all__ = [
     "DEFAULT_UDP_WORKERS",
-    "Datagram",
-    "DatagramHandler",
     "DatagramServer",
     "DatagramServerStatistics",
     "UDPServerOptions",
     "open_udp_server",
     "serve_udp",
-    "udp_echo_handler",
 ]
 
 logger = logging.getLogger("netlib.udp")
 
 DEFAULT_UDP_WORKERS: Final = 16
 """Handlers a UDP server runs at once."""
-
-
-class Datagram:
-    """One received datagram, handed to a UDP handler.
-
-    Attributes:
-        data: the payload (``b""`` for an empty datagram).
-        addr: the source address.
-    """
-
-    __slots__ = ("_server", "addr", "data")
-
-    def __init__(self, data: bytes, addr: Any, server: DatagramServer) -> None:
-        self.data = data
-        self.addr = addr
-        self._server = server
-
-    def reply(self, data: bytes) -> bool:
-        """Send ``data`` back to the source now.
-
-        Returns:
-            True if sent; False if the reply budget or a full send buffer dropped it
-            (counted in the server's statistics).
-
-        Raises:
-            LimitExceeded: ``data`` is larger than the server's ``max_size``.
-        """
-        return self._server.send(data, self.addr)
-
-    def __repr__(self) -> str:
-        return f"<Datagram {len(self.data)} bytes from {self.addr!r}>"
-
-
-DatagramHandler: TypeAlias = Callable[[Datagram], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +231,3 @@ async def serve_udp(
     """Serve ``handler`` until cancelled. Takes the same arguments as ``open_udp_server``."""
     async with open_udp_server(handler, host, port, **options) as server:
         await server.serve_forever()
-
-
-def udp_echo_handler(mode: EchoMode = "echo") -> DatagramHandler:
-    """Return a UDP handler that answers like ``DatagramEchoProtocol(mode)``."""
-    make_reply = EchoReplies(mode).make
-
-    async def echo(datagram: Datagram) -> None:
-        datagram.reply(make_reply(datagram.data))
-
-    return echo

@@ -8,23 +8,38 @@ from pathlib import Path
 import netlib
 
 PACKAGE = Path(netlib.__file__).parent
-# Lower number = lower layer. A module may import only from its own layer or below.
+# The floors, lowest first. A module may import from lower floors, and from its own floor
+# only what that floor shares (below) or what sits in its own package: adapters do not
+# import each other, services do not import each other, and so on.
 LAYERS = {
     "netlib.errors": 0,
-    "netlib.sansio": 1,
-    "netlib.aio": 2,
-    "netlib.streams": 3,
-    "netlib.server": 3,
-    "netlib.client": 3,
-    "netlib.handlers": 3,
-    "netlib.runner": 3,
-    "netlib.udp": 3,
-    "netlib.chat": 3,
-    "netlib.chat_client": 5,
-    "netlib": 4,  # __init__ re-exports
-    "netlib.cli": 5,
-    "netlib.demo": 5,
-    "netlib.__main__": 5,
+    "netlib.sansio": 1,  # CORE: pure logic, bytes and `now` in, events and bytes out
+    "netlib.aio": 2,  # ADAPTERS: the only code that touches transports and the loop clock
+    "netlib.streams": 3,  # public objects over the adapters: MessageStream, Datagram...
+    "netlib.services": 4,  # SERVICES: what runs on a connection, over any transport
+    "netlib.server": 5,  # PUBLIC verbs: serve_*, open_*, connect_*
+    "netlib.client": 5,
+    "netlib.udp": 5,
+    "netlib.chat": 5,
+    "netlib.runner": 5,
+    "netlib": 6,  # __init__ re-exports
+    "netlib.cli": 7,
+    "netlib.chat_client": 7,
+    "netlib.demo": 7,
+    "netlib.__main__": 7,
+}
+# Modules a floor shares with its own members (helpers, not peers).
+SHARED = {
+    "netlib.sansio.framing",
+    "netlib.sansio.deadlines",
+    "netlib.sansio.ratelimit",
+    "netlib.aio.flow",
+    "netlib.aio.logs",
+    "netlib.aio.sockets",
+    "netlib.aio.deadlines",
+    "netlib.services.hub",
+    "netlib.server",
+    "netlib.runner",
 }
 SANSIO_FORBIDDEN = {"asyncio", "socket", "selectors", "time", "random", "logging"}
 
@@ -69,9 +84,45 @@ def test_imports_only_point_down() -> None:
     assert violations == []
 
 
+def package_of(name: str) -> str:
+    """The package a module belongs to on its floor (``netlib.services.chat`` for
+    ``netlib.services.chat.udp``; the module itself for a top-level module)."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if len(parts) > 2 else name
+
+
+def sideways(name: str, imported: str) -> bool:
+    """True if ``imported`` is a peer on ``name``'s floor that it may not import."""
+    if not imported.startswith("netlib.") or layer_of(imported) != layer_of(name):
+        return False
+    if layer_of(name) >= layer_of("netlib") or imported in SHARED:
+        return False  # the front ends (cli, demo) are one program
+    return package_of(imported) != package_of(name)
+
+
+def test_no_sideways_imports_between_peers() -> None:
+    violations = [
+        f"{name} imports {imported}"
+        for name, path in modules()
+        for imported in imports_of(path)
+        if sideways(name, imported)
+    ]
+    assert violations == []
+
+
 def test_layer_order_catches_an_upward_import() -> None:
     assert layer_of("netlib.aio.framed") > layer_of("netlib.sansio.framing")
-    assert layer_of("netlib.server") > layer_of("netlib.aio.echo") > layer_of("netlib.errors")
+    assert layer_of("netlib.server") > layer_of("netlib.services.echo") > layer_of("netlib.aio")
+    assert layer_of("netlib.services.chat.udp") > layer_of("netlib.streams")
+
+
+def test_sideways_rule_catches_peers_and_allows_packages() -> None:
+    assert sideways("netlib.aio.echo", "netlib.aio.datagram")
+    assert sideways("netlib.services.echo", "netlib.services.chat")
+    assert sideways("netlib.udp", "netlib.client")
+    assert not sideways("netlib.services.chat.udp", "netlib.services.chat.service")
+    assert not sideways("netlib.services.chat.service", "netlib.services.hub")
+    assert not sideways("netlib.chat", "netlib.server")
 
 
 def test_sansio_never_touches_io_or_clocks() -> None:
@@ -103,7 +154,7 @@ _SUBMODULES = {
     "client",
     "server",
     "streams",
-    "handlers",
+    "services",
     "runner",
     "cli",
     "demo",

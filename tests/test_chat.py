@@ -213,7 +213,7 @@ async def test_slow_consumer_is_disconnected_after_the_soft_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     soft_time = 0.5
-    caplog.set_level(logging.INFO, logger="netlib.aio.chat")
+    caplog.set_level(logging.INFO, logger="netlib.services.chat")
     async with chat_server(
         soft_limit=16 * 1024,
         hard_limit=1 << 30,

@@ -7,6 +7,7 @@ import functools
 import random
 import re
 import socket
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,8 +21,8 @@ from hypothesis import strategies as st
 import netlib
 from netlib import Datagram, DatagramEchoProtocol, DatagramServer
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
-from netlib.aio.echo import TIMESTAMP_PREFIX_SIZE, EchoReplies
 from netlib.sansio.datagram import AMPLIFICATION_ALLOWANCE, AMPLIFICATION_FACTOR
+from netlib.sansio.echo import TIMESTAMP_PREFIX_SIZE, EchoReplies
 from tests.helpers import wait_until
 
 SIZES = [0, 1, 1200, 1472, 65507]
@@ -105,11 +106,11 @@ async def _echo(mode: netlib.EchoMode, use_server: bool) -> AsyncIterator[tuple[
 
 
 @pytest.mark.parametrize("second", [0, 1_000_000_000, 1_785_000_000, 4_102_444_799])
-def test_timestamp_prefix_has_a_fixed_size(second: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timestamp_prefix_has_a_fixed_size(second: int) -> None:
     # DatagramEchoProtocol derives the bytes its requests earned from this constant size.
-    monkeypatch.setattr("netlib.aio.echo.time.time", lambda: float(second))
-    reply = EchoReplies("timestamp")(b"hi")
+    reply = EchoReplies("timestamp", lambda: float(second))(b"hi")
     assert len(reply) == TIMESTAMP_PREFIX_SIZE + 2
+    assert reply == f"[{time.ctime(second)}] hi".encode()
     assert re.fullmatch(rb"\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] hi", reply)
 
 

@@ -28,23 +28,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 
-from netlib.aio.datagram import (
+from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
+from netlib.aio.logs import ThrottledLog
+from netlib.aio.sockets import (
     DEFAULT_DATAGRAM_WRITE_HIGH,
     DEFAULT_MAX_DATAGRAM,
     EmptyDatagramSender,
 )
-from netlib.aio.framed import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
-from netlib.aio.logs import ThrottledLog
 from netlib.sansio.datagram import DEFAULT_MAX_SOURCES, ReplyBudget, ReplyBudgetStatistics
+from netlib.sansio.echo import TIMESTAMP_PREFIX_SIZE, EchoMode, EchoReplies
 
 __all__ = [
     "DatagramEchoProtocol",
     "DatagramEchoStatistics",
-    "EchoMode",
     "EchoProtocol",
     "UpperEchoProtocol",
 ]
@@ -62,9 +61,6 @@ MAX_LEASE_DATAGRAMS: Final = 256
 MAX_LEASE_BYTES: Final = 256 * 1024
 """Most reply bytes one grant holds, however generous the budget."""
 _LEASE_SHARE: Final = 8  # a grant takes at most 1/8 of the budget's burst beyond the defaults
-
-EchoMode = Literal["echo", "upper", "timestamp"]
-ECHO_MODES: tuple[EchoMode, ...] = ("echo", "upper", "timestamp")
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -107,48 +103,6 @@ class UpperEchoProtocol(EchoProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._lost:
             self.transport.write(data.upper())  # type: ignore[union-attr]
-
-
-class EchoReplies:
-    """Makes echo replies in one mode: ``echo``, ``upper`` or ``timestamp``.
-
-    The timestamp prefix, ``[<time.ctime()>] ``, is formatted once per second.
-    """
-
-    __slots__ = ("_prefix", "_second", "make", "mode")
-
-    def __init__(self, mode: EchoMode = "echo") -> None:
-        if mode not in ECHO_MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(ECHO_MODES)}")
-        self.mode = mode
-        self._second = -1
-        self._prefix = b""
-        makers: dict[str, Callable[[bytes], bytes]] = {
-            "echo": _unchanged,
-            "upper": bytes.upper,
-            "timestamp": self._stamp,
-        }
-        self.make = makers[mode]
-        """The reply function itself (``__call__`` without one level of call)."""
-
-    def __call__(self, data: bytes) -> bytes:
-        """Return the reply to ``data``."""
-        return self.make(data)
-
-    def _stamp(self, data: bytes) -> bytes:
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._prefix = f"[{time.ctime(second)}] ".encode()
-        return self._prefix + data
-
-
-TIMESTAMP_PREFIX_SIZE: Final = len(b"[Mon Nov 23 10:00:00 2026] ")
-"""Bytes a timestamp reply adds to its request: ``time.ctime()`` has a fixed width."""
-
-
-def _unchanged(data: bytes) -> bytes:
-    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +159,7 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._empty: EmptyDatagramSender | None = None
         self._paused = False
-        self.make_reply = EchoReplies(mode).make
+        self.make_reply = EchoReplies(mode, time.time).make
         self._unchanged = mode == "echo"
         # A reply is this many bytes longer than its request (the timestamp prefix).
         self._overhead = TIMESTAMP_PREFIX_SIZE if mode == "timestamp" else 0

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
-from netlib.aio.flow import WriteFlowControl
+from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW, WriteFlowControl
 from netlib.errors import (
     BrokenResourceError,
     EndOfStream,
@@ -58,18 +58,12 @@ from netlib.sansio.framing import Decoder
 
 __all__ = [
     "DEFAULT_READ_LIMIT",
-    "DEFAULT_WRITE_HIGH",
-    "DEFAULT_WRITE_LOW",
     "FramedProtocol",
     "StreamLimits",
 ]
 
 logger = logging.getLogger("netlib.aio.framed")
 
-DEFAULT_WRITE_HIGH: Final = 64 * 1024
-"""Transport write buffer size above which senders wait (bytes)."""
-DEFAULT_WRITE_LOW: Final = 16 * 1024
-"""Transport write buffer size below which waiting senders resume (bytes)."""
 DEFAULT_READ_LIMIT: Final = 256 * 1024
 """Received bytes not yet consumed by the handler above which reading pauses."""
 

@@ -1,4 +1,5 @@
-"""Datagram socket creation: resolve, bind or connect, and set the options netlib offers.
+"""Datagram socket creation: resolve, bind or connect, and set the options netlib offers;
+sending empty datagrams, which neither loop's transport can.
 
 netlib creates its datagram sockets itself and hands them to
 ``loop.create_datagram_endpoint(sock=...)``, so both loops get the same options: broadcast,
@@ -14,9 +15,84 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Protocol
 
-__all__ = ["DatagramSocketOptions", "open_datagram_socket", "remove_socket_file"]
+__all__ = [
+    "DEFAULT_DATAGRAM_WRITE_HIGH",
+    "DEFAULT_MAX_DATAGRAM",
+    "MAX_DATAGRAM_LIMIT",
+    "DatagramSocketOptions",
+    "EmptyDatagramSender",
+    "open_datagram_socket",
+    "remove_socket_file",
+]
+
+DEFAULT_MAX_DATAGRAM: Final = 65_507
+"""Largest datagram accepted or sent, in bytes: the largest UDP payload over IPv4."""
+MAX_DATAGRAM_LIMIT: Final = 65_535
+"""Highest ``max_size`` allowed: above it a uvloop read may have been cut short."""
+DEFAULT_DATAGRAM_WRITE_HIGH: Final = 256 * 1024
+"""Transport send-buffer size above which ``send()`` waits and server replies are dropped."""
+
+
+class _EmptySendOwner(Protocol):
+    send_dropped: int
+
+    def error_received(self, exc: Exception) -> None: ...
+
+
+class EmptyDatagramSender:
+    """Sends zero-length datagrams, which both loops' ``sendto`` silently discard.
+
+    Uses a ``socket`` object that shares the transport's descriptor; it is detached, never
+    closed, so the transport keeps sole ownership of the descriptor.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        info = transport.get_extra_info("socket")
+        self._sock: socket.socket | None = socket.socket(
+            info.family, info.type, info.proto, fileno=info.fileno()
+        )
+
+    def send(self, addr: Any) -> OSError | None:
+        """Send an empty datagram to ``addr`` (None: the connected peer).
+
+        Returns:
+            None when sent, else the kernel's error (``BlockingIOError``: buffer full).
+        """
+        if self._sock is None:
+            return BrokenPipeError("endpoint closed")
+        try:
+            if addr is None:
+                self._sock.send(b"")
+            else:
+                self._sock.sendto(b"", addr)
+        except OSError as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def sent(error: OSError | None, owner: _EmptySendOwner) -> bool:
+        """Count the outcome of ``send()`` on ``owner``; return whether it was sent.
+
+        A full buffer is a counted drop (``send_dropped``); any other error is reported to
+        ``owner.error_received`` (ICMP and friends, never fatal).
+        """
+        if error is None:
+            return True
+        if isinstance(error, BlockingIOError):
+            owner.send_dropped += 1
+        else:
+            owner.error_received(error)
+        return False
+
+    def detach(self) -> None:
+        """Forget the descriptor without closing it."""
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,18 @@
+"""The chat service: rooms and nicknames (``ChatService``), over TCP and UDP."""
+
+from netlib.services.chat.service import (
+    ChatLimits,
+    ChatService,
+    ChatServiceStatistics,
+)
+from netlib.services.chat.tcp import ChatProtocol, chat_handler
+from netlib.services.chat.udp import DatagramChatProtocol
+
+__all__ = [
+    "ChatLimits",
+    "ChatProtocol",
+    "ChatService",
+    "ChatServiceStatistics",
+    "DatagramChatProtocol",
+    "chat_handler",
+]

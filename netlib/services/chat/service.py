@@ -1,0 +1,305 @@
+"""The chat service: ChatService, its limits and its statistics.
+
+Theory of operation
+-------------------
+A ``ChatService`` owns one ``ChatCore`` (nicks, rooms, commands) and a ``Hub`` (room
+fan-out). Connections are *sessions*: they feed decoded lines to the service and receive
+lines through ``deliver()``. The core's effects are carried out by one task per service,
+in the order the core produced them, so a publisher's lines reach every room member in
+order even when the hub is asynchronous (a broker); ``MemoryHub`` completes each step
+without suspending.
+
+Fairness to the room comes from never waiting on a consumer:
+
+* TCP (``ChatProtocol``): a delivery is appended to the connection's pending list and
+  written with one ``writelines`` per loop iteration (or as soon as 64 KiB are pending).
+  The transport's buffer is the outbound queue. A connection whose buffer would pass
+  ``hard_limit`` is disconnected with reason ``slow_consumer`` at once (so it never holds
+  more than the hard limit plus one line); one whose buffer stays above ``soft_limit``
+  for ``soft_time`` seconds (the transport's pause/resume callbacks, low mark half the
+  soft limit) is disconnected too. The kernel's socket buffers come first: on loopback
+  they absorb a few MiB before netlib's limits start to count.
+
+UDP clients are sessions of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import weakref
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Final, Protocol
+
+from netlib.aio.logs import ThrottledLog
+from netlib.sansio.chat import (
+    FLOOD_BURST,
+    FLOOD_RATE,
+    Broadcast,
+    ChatCore,
+    Close,
+    Effect,
+    Joined,
+    Left,
+    Send,
+)
+from netlib.services.hub import Hub, MemoryHub
+
+__all__ = [
+    "CHAT_CLOSE_GRACE",
+    "CHAT_HARD_LIMIT",
+    "CHAT_MAX_LINE_BYTES",
+    "CHAT_SOCKET_SEND_BUFFER",
+    "CHAT_SOFT_LIMIT",
+    "CHAT_SOFT_TIME",
+    "FLUSH_THRESHOLD",
+    "SLOW_CONSUMER",
+    "ChatLimits",
+    "ChatService",
+    "ChatServiceStatistics",
+    "Session",
+    "encode_line",
+]
+
+logger = logging.getLogger("netlib.services.chat")
+
+CHAT_SOFT_LIMIT: Final = 256 * 1024
+"""Outbound bytes a chat connection may hold for ``CHAT_SOFT_TIME`` seconds at most."""
+CHAT_SOFT_TIME: Final = 10.0
+"""Seconds a connection may stay above the soft limit before it is disconnected."""
+CHAT_HARD_LIMIT: Final = 1024 * 1024
+"""Outbound bytes at which a chat connection is disconnected at once."""
+CHAT_SOCKET_SEND_BUFFER: Final = 128 * 1024
+"""SO_SNDBUF of a chat connection: bounds what the kernel holds for a slow reader (Linux
+doubles it), so the outbound limits start to count after at most this much, not after the
+several MiB loopback autotuning allows. None leaves the kernel's autotuning on."""
+CHAT_MAX_LINE_BYTES: Final = 16 * 1024
+"""Longest line read from a TCP chat client, in bytes; a longer one ends the connection."""
+FLUSH_THRESHOLD: Final = 64 * 1024
+"""Pending outbound bytes at which a chat connection writes at once, not at loop end."""
+CHAT_CLOSE_GRACE: Final = 5.0
+"""Seconds a closing chat server waits for connections to flush before aborting them."""
+SLOW_CONSUMER: Final = "slow_consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatLimits:
+    """Per-connection outbound limits and per-client flood control of a chat service."""
+
+    soft_limit: int = CHAT_SOFT_LIMIT
+    soft_time: float = CHAT_SOFT_TIME
+    hard_limit: int = CHAT_HARD_LIMIT
+    flood_rate: float = FLOOD_RATE
+    flood_burst: int = FLOOD_BURST
+    max_line_bytes: int = CHAT_MAX_LINE_BYTES
+    socket_send_buffer: int | None = CHAT_SOCKET_SEND_BUFFER
+
+    def __post_init__(self) -> None:
+        if not 0 < self.soft_limit <= self.hard_limit:
+            raise ValueError(f"need 0 < soft_limit <= hard_limit, got {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatServiceStatistics:
+    """Counters of a chat service (a snapshot).
+
+    Attributes:
+        sessions: sessions open now.
+        opened: sessions opened since start.
+        lines_received: lines handed to the chat core.
+        slow_consumers: sessions disconnected as slow consumers.
+        flood_dropped: lines dropped by flood control.
+        effect_errors: effects that failed (a hub error, say), logged and skipped.
+    """
+
+    sessions: int
+    opened: int
+    lines_received: int
+    slow_consumers: int
+    flood_dropped: int
+    effect_errors: int
+
+
+class Session(Protocol):
+    """One chat client as the service sees it."""
+
+    session_id: int
+
+    def deliver(self, line: bytes, origin: Hashable) -> None: ...
+
+    def end(self, reason: str) -> None:
+        """Close the session after flushing what is queued."""
+
+    def abort(self) -> None:
+        """Close the session now, discarding what is queued."""
+
+    async def wait_closed(self) -> None:
+        """Wait until the session's connection is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Forget:
+    """Internal effect: a closed session's Left effects are done; drop it."""
+
+    client: int
+
+
+def encode_line(text: str) -> bytes:
+    return text.encode("utf-8", "replace") + b"\n"
+
+
+class ChatService:
+    """One chat: a ``ChatCore``, a hub, and the sessions of this process.
+
+    Args:
+        hub: room fan-out (default: a new ``MemoryHub``).
+        limits: outbound limits and flood control.
+
+    Use ``ChatProtocol(service)`` with ``loop.create_server`` and
+    ``DatagramChatProtocol(service)`` with ``loop.create_datagram_endpoint``; TCP and UDP
+    clients of one service share its rooms.
+    """
+
+    _defaults: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ChatService]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, *, hub: Hub | None = None, limits: ChatLimits | None = None) -> None:
+        self.limits = limits or ChatLimits()
+        self.hub: Hub = hub if hub is not None else MemoryHub()
+        self.core = ChatCore(
+            flood_rate=self.limits.flood_rate, flood_burst=self.limits.flood_burst
+        )
+        self._loop = asyncio.get_running_loop()
+        self._sessions: dict[int, Session] = {}
+        self._gone: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._effects: deque[Effect | _Forget] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._worker = self._loop.create_task(self._run())
+        self._errors_log = ThrottledLog(logger, self._loop)
+        self.opened = self.slow_consumers = self._errors = 0
+
+    @classmethod
+    def default(cls) -> ChatService:
+        """The service shared by protocols created without one, per event loop."""
+        loop = asyncio.get_running_loop()
+        service = cls._defaults.get(loop)
+        if service is None or service._worker.done():
+            service = cls._defaults[loop] = cls()
+        return service
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def open(self, session: Session) -> int:
+        """Register ``session``; it lands in the default room. Returns its id."""
+        session_id = next(self._ids)
+        self._sessions[session_id] = session
+        self.opened += 1
+        self._schedule(self.core.connect(session_id, self._loop.time()))
+        return session_id
+
+    def receive(self, session_id: int, text: str) -> None:
+        """Hand one decoded line from ``session_id`` to the chat core."""
+        self._schedule(self.core.receive_line(session_id, text, self._loop.time()))
+
+    def close(self, session_id: int, reason: str) -> None:
+        """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        if reason == SLOW_CONSUMER:
+            self.slow_consumers += 1
+        self._gone[session_id] = session  # until its Left effects are carried out
+        self._schedule([*self.core.disconnect(session_id, reason), _Forget(session_id)])
+
+    def statistics(self) -> ChatServiceStatistics:
+        """Return a snapshot of the counters."""
+        core = self.core.statistics()
+        return ChatServiceStatistics(
+            sessions=len(self._sessions),
+            opened=self.opened,
+            lines_received=core.lines_received,
+            slow_consumers=self.slow_consumers,
+            flood_dropped=core.lines_flood_dropped,
+            effect_errors=self._errors,
+        )
+
+    async def close_sessions(self, grace: float = CHAT_CLOSE_GRACE) -> None:
+        """Tell every session the server is going, close them, abort what is left.
+
+        Waits at most ``grace`` seconds for TCP connections to flush and close.
+        """
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.end("server shutting down")
+        if sessions:
+            tasks = [asyncio.ensure_future(s.wait_closed()) for s in sessions]
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            for session in sessions:
+                session.abort()
+            await asyncio.wait(tasks)
+
+    async def aclose(self) -> None:
+        """Close every session, stop carrying out effects and close the hub."""
+        await self.close_sessions()
+        self._worker.cancel()
+        await asyncio.wait([self._worker])
+        await self.hub.aclose()
+
+    # -- effects, in order ------------------------------------------------------------------
+
+    def _schedule(self, effects: Sequence[Effect | _Forget]) -> None:
+        if not effects:
+            return
+        self._effects.extend(effects)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _run(self) -> None:
+        effects = self._effects
+        while True:
+            while effects:
+                effect = effects.popleft()
+                try:
+                    await self._carry_out(effect)
+                except Exception:  # one failed effect (a hub error) must not stop the chat
+                    self._errors += 1
+                    self._errors_log.exception("chat effect %r failed", effect)
+            self._wakeup = self._loop.create_future()
+            await self._wakeup
+            self._wakeup = None
+
+    async def _carry_out(self, effect: Effect | _Forget) -> None:
+        match effect:
+            case Broadcast(room, text, exclude):
+                await self.hub.publish(room, encode_line(text), exclude)
+            case Send(client, text):
+                session = self._sessions.get(client)
+                if session is not None:
+                    session.deliver(encode_line(text), None)
+            case Joined(client, room):
+                await self._subscription(client, room, join=True)
+            case Left(client, room):
+                await self._subscription(client, room, join=False)
+            case Close(client, reason):
+                session = self._sessions.pop(client, None)
+                if session is not None:
+                    session.end(reason)
+            case _Forget(client):
+                self._gone.pop(client, None)
+
+    async def _subscription(self, client: int, room: str, *, join: bool) -> None:
+        session = self._sessions.get(client) or self._gone.get(client)
+        if session is None:
+            return
+        if join:
+            await self.hub.join(room, session)
+        else:
+            await self.hub.leave(room, session)

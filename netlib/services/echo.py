@@ -1,0 +1,37 @@
+"""The echo service for handlers: ``echo_handler`` and ``upper_echo_handler`` for
+``serve_tcp`` (any framing), ``udp_echo_handler(mode)`` for ``serve_udp``.
+
+The same replies as the minimal Protocols in ``netlib.aio.echo``, as handlers that run on
+any transport netlib hands a ``MessageStream`` or a ``Datagram``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from netlib.sansio.echo import EchoMode, EchoReplies
+from netlib.streams import Datagram, DatagramHandler, MessageStream
+
+__all__ = ["echo_handler", "udp_echo_handler", "upper_echo_handler"]
+
+
+async def echo_handler(stream: MessageStream) -> None:
+    """Send every message back unchanged until the peer finishes."""
+    async for message in stream:
+        await stream.send(message)
+
+
+async def upper_echo_handler(stream: MessageStream) -> None:
+    """Send every message back upper-cased (ASCII letters) until the peer finishes."""
+    async for message in stream:
+        await stream.send(message.upper())
+
+
+def udp_echo_handler(mode: EchoMode = "echo") -> DatagramHandler:
+    """Return a UDP handler that answers like ``DatagramEchoProtocol(mode)``."""
+    make_reply = EchoReplies(mode, time.time).make
+
+    async def echo(datagram: Datagram) -> None:
+        datagram.reply(make_reply(datagram.data))
+
+    return echo
