@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import netlib
-from netlib.aio.framed import FramedProtocol, StreamLimits
-from netlib.sansio.framing import RawFraming
-from netlib.streams import MessageStream
+from netlib.aio.framed import (
+    FramedProtocol,
+    StreamLimits,
+)  # not exported: FramedProtocol is internal
 
 CHUNK = b"x" * 640
 Feed = Callable[[bytes], None]
@@ -101,11 +102,11 @@ async def _minimal() -> tuple[Feed, asyncio.Task[None]]:
 
 
 async def _netlib() -> tuple[Feed, asyncio.Task[None]]:
-    framing = RawFraming()
+    framing = netlib.RawFraming()
     limits = StreamLimits(first_frame_timeout=10.0, idle_timeout=60.0)
     protocol = FramedProtocol(framing.decoder(), limits, raw=True)
     protocol.connection_made(FakeTransport())
-    stream = MessageStream(protocol, framing, linger=True)
+    stream = netlib.MessageStream(protocol, framing, linger=True)
     return protocol.data_received, asyncio.create_task(netlib.echo_handler(stream))
 
 

@@ -1,6 +1,6 @@
 """Test configuration: every async test runs on asyncio (debug mode) and on uvloop.
 
-The global gate of robustness.md applies to every test: no call reaches the event loop's
+The global gate of docs/robustness.md applies to every test: no call reaches the event loop's
 exception handler, and the process has as many open file descriptors after the test as
 before it (after ``gc.collect()``). Warnings, ResourceWarning included, are errors
 (pyproject.toml).
@@ -83,7 +83,7 @@ def global_gate() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def no_pending_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail an async test that leaves tasks running (robustness.md's global gate).
+    """Fail an async test that leaves tasks running (the global gate of docs/robustness.md).
 
     Runs after the test and before pytest-asyncio closes the test's loop (which would
     cancel such tasks silently). Relies on pytest-asyncio's function-scoped runner

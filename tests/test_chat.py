@@ -363,7 +363,7 @@ class RecordingTransport(asyncio.DatagramTransport):
         return None
 
 
-async def test_r12_spoofed_sources_cannot_amplify_through_udp_chat() -> None:
+async def test_spoofed_sources_cannot_amplify_through_udp_chat() -> None:
     service = ChatService()
     protocol = DatagramChatProtocol(service)
     transport = RecordingTransport()

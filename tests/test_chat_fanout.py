@@ -1,4 +1,6 @@
-"""R11: chat fan-out stays correct and fast while 10 % of the subscribers stop reading.
+"""Chat fan-out stays correct and fast while 10 % of the subscribers stop reading.
+
+Robustness row R11 in docs/robustness.md.
 
 200 subscribers (20 of which never read), 4 publishers x 250 messages/s x 100 bytes for
 PUBLISH_SECONDS. The chat server runs in its own process on the same kind of event loop
@@ -117,7 +119,7 @@ async def publish(transport: asyncio.BaseTransport, publisher: int, count: int) 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-def test_r11_fanout_with_slow_consumers(loop_name: str) -> None:
+def test_fanout_stays_exact_while_slow_consumers_are_cut(loop_name: str) -> None:
     # A load generator, not code under test: it runs outside asyncio's debug mode, whose
     # per-callback checks would be measured as delivery latency.
     netlib.run(_fanout(loop_name), loop=loop_name)  # type: ignore[arg-type]

@@ -1,4 +1,7 @@
-"""UDP end to end on real loopback sockets, on both loops: echo, policies, R12, R14."""
+"""UDP end to end on real loopback sockets, on both loops: echo, policies, forged sources.
+
+Robustness rows R12, R13 and R14 in docs/robustness.md.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def free_udp_port() -> int:
         return port
 
 
-# -- echo services and sizes (R14) ----------------------------------------------------------
+# -- echo services and sizes (robustness row R14 in docs/robustness.md) -----------------------
 
 
 async def test_echo_protocol_every_size_intact() -> None:
@@ -233,7 +236,7 @@ async def test_empty_datagram_is_a_message() -> None:
         assert [(await receiver.receive())[0] for _ in range(2)] == [b"", b""]
 
 
-async def test_r14_icmp_errors_never_break_a_connected_endpoint() -> None:
+async def test_icmp_errors_never_break_a_connected_endpoint() -> None:
     port = free_udp_port()  # nothing listens here: each send draws an ICMP port unreachable
     async with netlib.open_udp_endpoint("127.0.0.1", port) as endpoint:
         for _ in range(100):
@@ -315,7 +318,7 @@ def _handled_all(server: netlib.DatagramServer, count: int) -> bool:
     return stats.handled + stats.endpoint.dropped_queue_full == count
 
 
-# -- R12: forged sources, injected --------------------------------------------------------
+# -- forged sources, injected (robustness row R12 in docs/robustness.md) ----------------------
 
 
 class RecordingTransport(asyncio.DatagramTransport):
@@ -372,7 +375,7 @@ def check_amplification(
 
 
 @pytest.mark.parametrize("mode", ["echo", "upper", "timestamp"])
-async def test_r12_forged_sources_echo_protocol(mode: netlib.EchoMode) -> None:
+async def test_echo_protocol_does_not_amplify_forged_sources(mode: netlib.EchoMode) -> None:
     rng = random.Random(12)
     datagrams = [(rng.randbytes(rng.randint(1, 1500)), forged_address(rng)) for _ in range(10_000)]
     loop = asyncio.get_running_loop()
@@ -394,13 +397,13 @@ async def test_r12_forged_sources_echo_protocol(mode: netlib.EchoMode) -> None:
     ),
     st.sampled_from(["echo", "upper", "timestamp"]),
 )
-def test_r12_hypothesis_contents_from_a_few_forged_sources(
+def test_forged_sources_with_any_contents_are_not_amplified(
     datagrams: list[tuple[bytes, int]], mode: netlib.EchoMode
 ) -> None:
-    asyncio.run(_r12_example(datagrams, mode))
+    asyncio.run(_forged_example(datagrams, mode))
 
 
-async def _r12_example(datagrams: list[tuple[bytes, int]], mode: netlib.EchoMode) -> None:
+async def _forged_example(datagrams: list[tuple[bytes, int]], mode: netlib.EchoMode) -> None:
     protocol = DatagramEchoProtocol(mode)
     transport = RecordingTransport()
     protocol.connection_made(transport)
@@ -411,7 +414,7 @@ async def _r12_example(datagrams: list[tuple[bytes, int]], mode: netlib.EchoMode
 
 
 @pytest.mark.parametrize("mode", ["echo", "upper", "timestamp"])
-async def test_r12_forged_sources_udp_server(mode: netlib.EchoMode) -> None:
+async def test_udp_server_does_not_amplify_forged_sources(mode: netlib.EchoMode) -> None:
     rng = random.Random(13)
     datagrams = [(rng.randbytes(rng.randint(1, 1500)), forged_address(rng)) for _ in range(10_000)]
     protocol = DatagramEndpointProtocol(DatagramLimits(queue_size=20_000, queue_bytes=1 << 25))

@@ -58,7 +58,6 @@ __all__ = [
     "print_retry_summary",
     "proc_cpu_seconds",
     "proc_cpu_times",
-    "run_main",
     "server_log_problems",
     "server_loop",
     "servers_always_killed",
@@ -457,37 +456,15 @@ def add_retry_args(p: argparse.ArgumentParser, budget: float, sample: str = "sam
 
 
 def add_server_args(
-    p: argparse.ArgumentParser,
-    servers: Iterable[str],
-    loops: Sequence[str],
-    files: Sequence[str] = (),
+    p: argparse.ArgumentParser, servers: Iterable[str], loops: Sequence[str]
 ) -> None:
-    """The hidden flags of the server subprocess mode (``files``: more ``--NAME PATH``)."""
+    """The hidden flags of the server subprocess mode."""
     p.add_argument("--serve", choices=sorted(servers), help=argparse.SUPPRESS)
     p.add_argument("--loop", choices=loops, default="uvloop", help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
-    for name in files:
-        p.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    p.add_argument("--stats-out", help=argparse.SUPPRESS)
     p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
-
-
-def run_main(
-    args: argparse.Namespace,
-    server_main: Callable[[argparse.Namespace], None],
-    bench_main: Callable[[argparse.Namespace], int],
-) -> int:
-    """Run the server subprocess mode (``--serve``) or the benchmark; Ctrl-C exits 130."""
-    if args.serve:
-        if not args.port_file:
-            raise SystemExit("--serve needs --port-file")
-        server_main(args)
-        return 0
-    try:
-        return bench_main(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        return 130
 
 
 def machine_info() -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""ReplyBudget: per-address UDP reply policy against amplification and floods (R12, R13).
+"""ReplyBudget: per-address UDP reply policy against amplification and floods.
+
+Robustness rows R12 and R13 in docs/robustness.md.
 
 No loop, no sockets, no sleeps: every call gets an explicit ``now``.
 """
@@ -299,7 +301,7 @@ def test_time_going_backwards_refunds_nothing() -> None:
     assert budget.try_send(CLIENT, 10, 101.0)
 
 
-# R12: amplification by forged sources ------------------------------------------------
+# Amplification by forged sources (robustness row R12 in docs/robustness.md) ---------
 
 
 @settings(max_examples=20, deadline=None)
@@ -309,7 +311,7 @@ def test_time_going_backwards_refunds_nothing() -> None:
     max_size=st.sampled_from([13, 40, 1500]),
     packets_per_second=st.sampled_from([10.0, 100.0, 1000.0, 100_000.0]),
 )
-def test_r12_forged_sources_are_not_amplified(
+def test_forged_sources_are_not_amplified(
     seed: int, pool: int, max_size: int, packets_per_second: float
 ) -> None:
     """10,000 forged datagrams, random sizes: per address, sent <= the documented cap."""
@@ -340,7 +342,7 @@ def test_r12_forged_sources_are_not_amplified(
             assert total <= factor * received[addr] + allowance * windows + 1e-6
 
 
-def test_r12_unanswered_forged_sources_get_at_most_the_allowance() -> None:
+def test_unanswered_forged_sources_get_at_most_the_allowance() -> None:
     """A service pushing to addresses that never sent (forged chat joins) is capped."""
     budget = ReplyBudget()
     for second in range(60):
@@ -383,7 +385,7 @@ def test_human_pace_client_is_served_during_a_forged_flood() -> None:
     assert stats.replies_dropped == 0  # each forged source sent once: its allowance covers it
 
 
-# R13: bounded table -----------------------------------------------------------------------
+# Bounded table (robustness row R13 in docs/robustness.md) ------------------------------
 
 
 def test_least_recently_seen_source_is_evicted_and_starts_afresh() -> None:

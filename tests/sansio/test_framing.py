@@ -1,4 +1,7 @@
-"""Framing codecs: round trips at every split point, limits, and fuzzed input (R1, R3)."""
+"""Framing codecs: round trips at every split point, limits, and fuzzed input.
+
+Robustness rows R1 and R3 in docs/robustness.md.
+"""
 
 from __future__ import annotations
 
