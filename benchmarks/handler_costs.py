@@ -7,11 +7,12 @@ Usage::
 Two measurements that explain the ``serve_tcp`` rows of ``tcp_echo.py``:
 
 * **Python per read.** A 640-byte chunk is fed to ``data_received`` of a protocol on a fake
-  transport (``write`` does nothing), then the loop runs one iteration
+  transport (``write`` does nothing) from a loop callback, as a transport does, then the loop
+  runs one iteration
   (``asyncio.sleep(0)``), during which the handler wakes, echoes and waits again. Three
   servers: the smallest coroutine handler possible (``minimal``: await a future that
   ``data_received`` resolves with the chunk, write it), ``netlib`` (``serve_tcp``'s
-  ``FramedProtocol`` + ``MessageStream`` + ``echo_handler``, raw framing, default deadlines)
+  ``StreamProtocol`` + ``MessageStream`` + ``echo_handler``, raw framing, default deadlines)
   and ``streams`` (``StreamReaderProtocol``, ``read(65536)``, ``write``, ``drain``). The
   driver's own cost (the same loop without feeding) is subtracted; the minimum over the
   repeats is reported, in ns per read.
@@ -36,10 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import netlib
-from netlib.aio.framed import (
-    FramedProtocol,
-    StreamLimits,
-)  # not exported: FramedProtocol is internal
+from netlib.aio.stream import StreamProtocol  # internal: serve_tcp's adapter
+from netlib.sansio.stream import StreamLimits
 
 CHUNK = b"x" * 640
 Feed = Callable[[bytes], None]
@@ -102,11 +101,10 @@ async def _minimal() -> tuple[Feed, asyncio.Task[None]]:
 
 
 async def _netlib() -> tuple[Feed, asyncio.Task[None]]:
-    framing = netlib.RawFraming()
     limits = StreamLimits(first_frame_timeout=10.0, idle_timeout=60.0)
-    protocol = FramedProtocol(framing.decoder(), limits, raw=True)
+    protocol = StreamProtocol(netlib.RawFraming(), limits)
     protocol.connection_made(FakeTransport())
-    stream = netlib.MessageStream(protocol, framing, linger=True)
+    stream = netlib.MessageStream(protocol, linger=True)
     return protocol.data_received, asyncio.create_task(netlib.echo_handler(stream))
 
 
@@ -126,11 +124,17 @@ async def _streams() -> tuple[Feed, asyncio.Task[None]]:
     return protocol.data_received, asyncio.create_task(echo())
 
 
+def _nothing(data: bytes) -> None:
+    pass
+
+
 async def _drive(feed: Feed | None, reads: int) -> float:
+    # The chunk is fed from a loop callback, as a transport does (never from inside a task).
+    call_soon = asyncio.get_running_loop().call_soon
+    feed = feed or _nothing
     started = time.perf_counter_ns()
     for _ in range(reads):
-        if feed is not None:
-            feed(CHUNK)
+        call_soon(feed, CHUNK)
         await asyncio.sleep(0)
     return (time.perf_counter_ns() - started) / reads
 

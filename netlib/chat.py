@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
-from netlib.services.chat import ChatProtocol, ChatService, DatagramChatProtocol
+from netlib.server import Server, open_tcp_server
+from netlib.services.chat import ChatService, DatagramChatProtocol, chat_handler
+from netlib.services.chat.service import CHAT_CLOSE_GRACE
+from netlib.services.chat.tcp import chat_framing
 
 __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
@@ -28,11 +31,13 @@ class ChatServer:
 
     Attributes:
         service: the chat (rooms, sessions, statistics).
+        tcp: the TCP server (connection statistics), when serving TCP.
         tcp_addresses: bound TCP addresses (empty when not serving TCP).
         udp_addresses: bound UDP addresses (empty when not serving UDP).
     """
 
     service: ChatService
+    tcp: Server | None = None
     tcp_addresses: list[Any] = field(default_factory=list)
     udp_addresses: list[Any] = field(default_factory=list)
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -69,11 +74,27 @@ async def open_chat_server(
     chat = service if service is not None else ChatService()
     server = ChatServer(chat)
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(chat.aclose if own_service else chat.close_sessions)
         if proto in ("tcp", "both"):
-            tcp = await loop.create_server(lambda: ChatProtocol(chat), host, port)
-            stack.push_async_callback(_close_tcp, tcp)
-            server.tcp_addresses = [s.getsockname() for s in tcp.sockets]
+            limits = chat.limits
+            tcp = await stack.enter_async_context(
+                open_tcp_server(
+                    chat_handler(chat),
+                    host,
+                    port,
+                    framing=chat_framing(limits),
+                    first_frame_timeout=None,  # a member may only read
+                    idle_timeout=None,
+                    message_timeout=limits.line_timeout,
+                    send_timeout=limits.soft_time,
+                    write_high=limits.soft_limit,
+                    write_low=limits.soft_limit // 2,
+                    shutdown_grace=CHAT_CLOSE_GRACE,
+                )
+            )
+            server.tcp = tcp
+            server.tcp_addresses = list(tcp.addresses)
+        # The chat closes first: members hear the server is going, then the servers stop.
+        stack.push_async_callback(chat.aclose if own_service else chat.close_sessions)
         if proto in ("udp", "both"):
             if udp_port is None:
                 udp_port = server.tcp_addresses[0][1] if server.tcp_addresses else port
@@ -84,11 +105,6 @@ async def open_chat_server(
             stack.callback(transport.close)
             server.udp_addresses = [transport.get_extra_info("sockname")]
         yield server
-
-
-async def _close_tcp(server: asyncio.Server) -> None:
-    server.close()
-    await server.wait_closed()
 
 
 async def serve_chat(

@@ -20,15 +20,20 @@ from netlib.aio.datagram import (
     DatagramEndpointProtocol,
     DatagramLimits,
 )
-from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
-from netlib.aio.framed import DEFAULT_READ_LIMIT, FramedProtocol, StreamLimits
 from netlib.aio.sockets import (
     DEFAULT_MAX_DATAGRAM,
     DatagramSocketOptions,
     open_datagram_socket,
     remove_socket_file,
 )
-from netlib.sansio.framing import Framing, RawFraming, framing_from_name
+from netlib.aio.stream import StreamProtocol
+from netlib.sansio.framing import Framing, framing_from_name
+from netlib.sansio.stream import (
+    DEFAULT_READ_LIMIT,
+    DEFAULT_WRITE_HIGH,
+    DEFAULT_WRITE_LOW,
+    StreamLimits,
+)
 from netlib.streams import DEFAULT_CLOSE_TIMEOUT, DatagramEndpoint, MessageStream
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_tcp", "open_udp_endpoint"]
@@ -78,7 +83,7 @@ async def connect_tcp(
         write_low=write_low,
         read_limit=read_limit,
     )
-    protocol = FramedProtocol(chosen.decoder(), limits, raw=isinstance(chosen, RawFraming))
+    protocol = StreamProtocol(chosen, limits)
     try:
         async with asyncio.timeout(connect_timeout):
             if path is not None:
@@ -92,7 +97,7 @@ async def connect_tcp(
     except BaseException:
         protocol.abort()
         raise
-    stream = MessageStream(protocol, chosen, close_timeout=close_timeout)
+    stream = MessageStream(protocol, close_timeout=close_timeout)
     try:
         yield stream
     finally:

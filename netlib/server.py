@@ -41,13 +41,18 @@ from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
 
-from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
-from netlib.aio.framed import DEFAULT_READ_LIMIT, FramedProtocol, StreamLimits
 from netlib.aio.logs import ThrottledLog
-from netlib.aio.sockets import remove_socket_file
+from netlib.aio.sockets import extra_info, remove_socket_file
+from netlib.aio.stream import StreamProtocol, deadline_timer_for
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
-from netlib.sansio.framing import Framing, RawFraming, framing_from_name
-from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream, _extra_info
+from netlib.sansio.framing import Framing, framing_from_name
+from netlib.sansio.stream import (
+    DEFAULT_READ_LIMIT,
+    DEFAULT_WRITE_HIGH,
+    DEFAULT_WRITE_LOW,
+    StreamLimits,
+)
+from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -210,9 +215,9 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._counters = _Counters()
         self._accept_log = ThrottledLog(logger, self._loop)
-        self._connections: dict[asyncio.Future[Any], FramedProtocol] = {}
+        self._connections: dict[asyncio.Future[Any], StreamProtocol] = {}
         limits = config.limits
-        self._deadlines = limits.deadline_timer() if limits.has_deadlines else None
+        self._deadlines = deadline_timer_for(limits) if limits.has_deadlines else None
         # A connection goes through three tasks: _start (accept, TLS), the handler, and
         # protocol.finish (graceful close); each one's done callback starts the next.
         self._context = contextvars.copy_context()
@@ -236,11 +241,9 @@ class Server:
             return
         conn.setblocking(False)
         self._counters.add("accepted")
-        framing = self._config.framing
-        protocol = FramedProtocol(
-            framing.decoder(),
+        protocol = StreamProtocol(
+            self._config.framing,
             self._config.limits,
-            raw=isinstance(framing, RawFraming),
             deadlines=self._deadlines,
             on_lost=self._lost_cb,
         )
@@ -251,7 +254,7 @@ class Server:
     def _track(
         self,
         task: asyncio.Future[Any],
-        protocol: FramedProtocol,
+        protocol: StreamProtocol,
         then: Callable[[asyncio.Future[Any]], None],
     ) -> None:
         self._connections[task] = protocol
@@ -259,7 +262,7 @@ class Server:
         # nothing is allocated per connection to hold them.
         task.add_done_callback(then, context=self._context)
 
-    async def _start(self, conn: socket.socket, protocol: FramedProtocol) -> bool:
+    async def _start(self, conn: socket.socket, protocol: StreamProtocol) -> bool:
         config = self._config
         try:
             await self._loop.connect_accepted_socket(
@@ -290,7 +293,7 @@ class Server:
         if self._aborted:  # close() ran after this connection was set up: no handler
             protocol.abort()
             return
-        stream = MessageStream(protocol, self._config.framing, linger=True)
+        stream = MessageStream(protocol, linger=True)
         # The handler is called in a copy of the server's context, as a task's first step
         # would be: what its synchronous part sets stays with this connection.
         handling = self._context.copy().run(_start_handler, self._config.handler, stream)
@@ -299,7 +302,7 @@ class Server:
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
         protocol = self._connections.pop(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            peer = _extra_info(protocol.transport, "peername")
+            peer = extra_info(protocol.transport, "peername")
             if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
                 logger.debug("connection %s ended: %r", peer, exc)
             else:
@@ -315,15 +318,15 @@ class Server:
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("closing the connection failed", exc_info=exc)
 
-    def _on_lost(self, protocol: FramedProtocol) -> None:
+    def _on_lost(self, protocol: StreamProtocol) -> None:
         """A connection's transport is gone: count why, and retry accept if fds ran out."""
         self._count_end(protocol)
         if not self._closing:
             for listener in self._listeners:
                 listener.descriptor_freed()
 
-    def _count_end(self, protocol: FramedProtocol) -> None:
-        match protocol.error:
+    def _count_end(self, protocol: StreamProtocol) -> None:
+        match protocol.conn.error:
             case PeerTimedOut():
                 self._counters.add("timeouts")
             case ProtocolError():
@@ -377,7 +380,7 @@ class Server:
         grace = self._config.shutdown_grace if grace is None else grace
         self._stop_accepting()
         for protocol in self._connections.values():
-            protocol.stop_reading()
+            protocol.end_input()
         if self._connections:
             try:
                 async with asyncio.timeout(grace):
@@ -461,6 +464,8 @@ async def open_tcp_server(
     max_connections: int | None = None,
     first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    message_timeout: float | None = None,
+    send_timeout: float | None = None,
     tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
     write_high: int = DEFAULT_WRITE_HIGH,
     write_low: int = DEFAULT_WRITE_LOW,
@@ -482,6 +487,12 @@ async def open_tcp_server(
         max_connections: cap on open connections (default ``default_max_connections()``).
         first_frame_timeout: seconds to receive the first complete message (None: no limit).
         idle_timeout: seconds without traffic before closing (None: no limit).
+        message_timeout: seconds a message may take from its first byte to its last, so
+            trickling cannot hold a partial message open (None: no limit; the first
+            message is bounded by ``first_frame_timeout``).
+        send_timeout: seconds the write buffer may stay above ``write_high`` while the peer
+            does not read, before the connection is cut off as ``SlowConsumer`` (None: the
+            handler just waits in ``send()``).
         tls_handshake_timeout: seconds for the TLS handshake.
         write_high, write_low: transport write-buffer marks for backpressure.
         read_limit: unconsumed received bytes above which reading pauses.
@@ -498,6 +509,8 @@ async def open_tcp_server(
         limits=StreamLimits(
             first_frame_timeout=first_frame_timeout,
             idle_timeout=idle_timeout,
+            message_timeout=message_timeout,
+            send_timeout=send_timeout,
             write_high=write_high,
             write_low=write_low,
             read_limit=read_limit,
@@ -524,6 +537,8 @@ class TCPServerOptions(TypedDict, total=False):
     max_connections: int | None
     first_frame_timeout: float | None
     idle_timeout: float | None
+    message_timeout: float | None
+    send_timeout: float | None
     tls_handshake_timeout: float
     write_high: int
     write_low: int

@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, Self, TypeAlias
 
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
-from netlib.aio.framed import FramedProtocol
+from netlib.aio.sockets import extra_info
+from netlib.aio.stream import StreamProtocol
 from netlib.errors import ClosedResourceError, EndOfStream, PeerTimedOut, WouldBlock
-from netlib.sansio.framing import Framing, RawFraming
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
+    "DEFAULT_FANOUT_FLUSH",
     "DEFAULT_REQUEST_RETRIES",
     "DEFAULT_REQUEST_TIMEOUT",
     "Datagram",
@@ -42,6 +43,8 @@ DEFAULT_CLOSE_TIMEOUT: Final = 10.0
 """Seconds ``aclose()`` waits for buffered data to reach the peer before aborting."""
 DEFAULT_REQUEST_TIMEOUT: Final = 1.0
 """Seconds ``DatagramEndpoint.request()`` waits for a reply before retransmitting."""
+DEFAULT_FANOUT_FLUSH: Final = 64 * 1024
+"""Pending bytes at which ``send_framed`` writes at once rather than at the iteration's end."""
 DEFAULT_REQUEST_RETRIES: Final = 3
 """Retransmissions ``DatagramEndpoint.request()`` makes before giving up."""
 
@@ -55,25 +58,23 @@ class MessageStream:
     __slots__ = (
         "_close_timeout",
         "_closed",
-        "_frames",
-        "_framing",
+        "_conn",
+        "_encode",
         "_linger",
         "_protocol",
-        "_raw",
     )
 
     def __init__(
         self,
-        protocol: FramedProtocol,
-        framing: Framing,
+        protocol: StreamProtocol,
         *,
         linger: bool = False,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self._protocol = protocol
-        self._frames = protocol.frames
-        self._framing = framing
-        self._raw = isinstance(framing, RawFraming)
+        self._conn = protocol.conn
+        framing = protocol.framing
+        self._encode: Callable[[bytes], bytes] | None = None if framing.raw else framing.encode
         self._linger = linger
         self._close_timeout = close_timeout
         self._closed = False
@@ -87,48 +88,44 @@ class MessageStream:
             EndOfStream: the peer finished sending.
             ProtocolError: the peer sent a malformed or oversized frame (connection closed).
             PeerTimedOut: the first-message or idle deadline passed (connection closed).
+            SlowConsumer: the server's memory budget evicted this connection.
             BrokenResourceError: the connection is gone.
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
-        frames = self._frames
-        protocol = self._protocol
-        while not frames:
+        conn = self._conn
+        while not conn.frames:
             if self._closed:
                 raise ClosedResourceError("stream closed")
-            waiter = protocol.readable_waiter()
+            waiter = self._protocol.readable_waiter()
             if waiter is None:
-                raise protocol.end_error()
+                raise conn.end_error()
             await waiter
-        return protocol.take()
+        frame = conn.take()
+        if not conn.read_paused and self._protocol.reading_paused:
+            self._protocol.resume()
+        return frame
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> bytes:
-        # receive() and protocol.take() inlined: one coroutine frame per message and no
-        # call (hot path).
-        frames = self._frames
-        protocol = self._protocol
-        while not frames:
+        """The next message; iteration ends at ``EndOfStream`` and raises every other error
+        ``receive()`` raises."""
+        # receive() inlined (the hot path: one coroutine frame per message, no call).
+        conn = self._conn
+        while not conn.frames:
             if self._closed:
                 raise ClosedResourceError("stream closed")
-            waiter = protocol.readable_waiter()
+            waiter = self._protocol.readable_waiter()
             if waiter is None:
-                error = protocol.end_error()
+                error = conn.end_error()
                 if isinstance(error, EndOfStream):
                     raise StopAsyncIteration
                 raise error
             await waiter
-        head = protocol.head
-        frame = frames[head]
-        head += 1
-        if head < len(frames):
-            protocol.head = head
-        else:  # all read: clear, and let the protocol read again if it paused
-            frames.clear()
-            protocol.head = protocol.queued = 0
-            if protocol.reading_paused:
-                protocol.consumed()
+        frame = conn.take()
+        if not conn.read_paused and self._protocol.reading_paused:
+            self._protocol.resume()
         return frame
 
     # -- sending ----------------------------------------------------------------------------
@@ -137,8 +134,8 @@ class MessageStream:
         """Send one message, waiting while the peer is slow to read.
 
         Raises:
-            ValueError: the framing cannot carry ``message`` (too large, or a line end in a
-                line message).
+            LimitExceeded: the message is larger than the framing's ``max_size``.
+            ValueError: a line message contains a line end.
             BrokenResourceError: the connection is gone.
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
@@ -146,16 +143,17 @@ class MessageStream:
         if protocol.write_paused or protocol.lost or self._closed:
             self._check_open()
             await protocol.drain()
-        protocol.write(message if self._raw else self._framing.encode(message))
+        encode = self._encode
+        protocol.write(message if encode is None else encode(message))
 
     def send_nowait(self, message: bytes) -> None:
         """Send one message now, or raise ``WouldBlock`` if the peer is slow to read."""
         self._check_open()
         if self._protocol.lost:
-            raise self._protocol.end_error()
+            raise self._protocol.lost_error()
         if self._protocol.write_paused:
             raise WouldBlock("the peer is not reading fast enough")
-        self._protocol.write(self._framing.encode(message))
+        self.send_queued(message)
 
     def send_queued(self, message: bytes) -> None:
         """Queue one message without waiting, whatever the peer's pace.
@@ -168,7 +166,22 @@ class MessageStream:
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
         self._check_open()
-        self._protocol.write(self._framing.encode(message))
+        encode = self._encode
+        self._protocol.write(message if encode is None else encode(message))
+
+    def send_framed(self, wire: bytes, *, limit: int = DEFAULT_FANOUT_FLUSH) -> None:
+        """Queue bytes already in this connection's framing, written at the end of this loop
+        iteration together with whatever else is queued by then, or at once past ``limit``
+        pending bytes.
+
+        For fan-out services that frame a message once for many streams, and bound each
+        consumer themselves with ``buffered_size``. A no-op once the connection is lost.
+
+        Raises:
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        self._protocol.write_soon(wire, limit)
 
     def end_input(self) -> None:
         """Stop receiving: messages already received stay readable, then iteration ends.
@@ -176,7 +189,7 @@ class MessageStream:
         Later input is read and discarded; replies can still be sent. Graceful shutdown
         does this to every connection.
         """
-        self._protocol.stop_reading()
+        self._protocol.end_input()
 
     @property
     def buffered_size(self) -> int:
@@ -204,6 +217,10 @@ class MessageStream:
         self._closed = True
         self._protocol.abort()
 
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed (by either side)."""
+        await self._protocol.wait_closed()
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -224,7 +241,7 @@ class MessageStream:
 
     def extra(self, name: str, default: Any = None) -> Any:
         """Return transport information: ``peername``, ``sockname``, ``ssl_object``, ..."""
-        return _extra_info(self._protocol.transport, name, default)
+        return extra_info(self._protocol.transport, name, default)
 
     @property
     def socket(self) -> socket.socket | None:
@@ -377,12 +394,12 @@ class DatagramEndpoint:
     @property
     def local_address(self) -> Any:
         """This side's socket address."""
-        return _extra_info(self._protocol.transport, "sockname")
+        return extra_info(self._protocol.transport, "sockname")
 
     @property
     def remote_address(self) -> Any:
         """The connected peer's address, or None for an unconnected endpoint."""
-        return _extra_info(self._protocol.transport, "peername")
+        return extra_info(self._protocol.transport, "peername")
 
 
 class _Replier(Protocol):
@@ -421,13 +438,3 @@ class Datagram:
 
 
 DatagramHandler: TypeAlias = Callable[[Datagram], Awaitable[object]]
-
-
-def _extra_info(transport: asyncio.BaseTransport | None, name: str, default: Any = None) -> Any:
-    """``transport.get_extra_info(name)``, or ``default`` once there is no socket."""
-    if transport is None:
-        return default
-    try:
-        return transport.get_extra_info(name, default)
-    except (AttributeError, OSError):  # uvloop, once the socket is closed
-        return default

@@ -217,7 +217,7 @@ async def test_read_backpressure_bounds_what_a_slow_handler_buffers() -> None:
         await wait_until(lambda: bool(server._connections))
         protocol = next(iter(server._connections.values()))
         await wait_until(lambda: protocol.reading_paused, timeout=5.0)
-        assert protocol.queued <= read_limit + 256 * 1024
+        assert protocol.conn.queued <= read_limit + 256 * 1024
         assert not offering.done()  # the client is held back by TCP flow control
         offering.cancel()
         release.set()
@@ -360,7 +360,7 @@ async def test_slow_readers_are_held_back_with_bounded_buffers(server_kind: str)
         port = address_of(tcp_server)[1]
 
         def buffered() -> list[int]:
-            return [p.queued + p.buffered_size() for p in tcp_server._connections.values()]
+            return [p.conn.queued + p.buffered_size() for p in tcp_server._connections.values()]
     else:
         protocols: list[netlib.EchoProtocol] = []
 

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import (
     DEFAULT_DATAGRAM_WRITE_HIGH,
@@ -40,6 +39,7 @@ from netlib.aio.sockets import (
 )
 from netlib.sansio.datagram import DEFAULT_MAX_SOURCES, ReplyBudget, ReplyBudgetStatistics
 from netlib.sansio.echo import TIMESTAMP_PREFIX_SIZE, EchoMode, EchoReplies
+from netlib.sansio.stream import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 
 __all__ = [
     "DatagramEchoProtocol",

@@ -8,14 +8,8 @@ and ``_drain_waiters`` (None: the first waiter makes the list), provides ``lost`
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
-__all__ = ["DEFAULT_WRITE_HIGH", "DEFAULT_WRITE_LOW", "WriteFlowControl"]
-
-DEFAULT_WRITE_HIGH: Final = 64 * 1024
-"""Transport write buffer size above which senders wait (bytes)."""
-DEFAULT_WRITE_LOW: Final = 16 * 1024
-"""Transport write buffer size below which waiting senders resume (bytes)."""
+__all__ = ["WriteFlowControl"]
 
 
 class WriteFlowControl:

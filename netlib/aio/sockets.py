@@ -23,6 +23,7 @@ __all__ = [
     "MAX_DATAGRAM_LIMIT",
     "DatagramSocketOptions",
     "EmptyDatagramSender",
+    "extra_info",
     "open_datagram_socket",
     "remove_socket_file",
 ]
@@ -241,3 +242,13 @@ def _join_ipv6(sock: socket.socket, options: DatagramSocketOptions) -> None:
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, options.multicast_ttl)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+
+
+def extra_info(transport: asyncio.BaseTransport | None, name: str, default: Any = None) -> Any:
+    """``transport.get_extra_info(name)``, or ``default`` once there is no socket."""
+    if transport is None:
+        return default
+    try:
+        return transport.get_extra_info(name, default)
+    except (AttributeError, OSError):  # uvloop, once the socket is closed
+        return default

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
-from netlib.errors import FrameTooLarge, IncompleteFrame
+from netlib.errors import FrameTooLarge, IncompleteFrame, LimitExceeded
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -81,6 +81,11 @@ class Framing(Protocol):
     """A message framing: an encoder and a factory of per-connection decoders."""
 
     @property
+    def raw(self) -> bool:
+        """True if messages are sent as they are and each chunk read is one (no framing)."""
+        ...
+
+    @property
     def max_size(self) -> int | None:
         """Largest message in bytes, or None for no limit (raw chunks)."""
         ...
@@ -93,7 +98,8 @@ class Framing(Protocol):
         """Return the wire bytes for ``message``.
 
         Raises:
-            ValueError: the message cannot be framed (too large, or a line with a line end).
+            LimitExceeded: the message is larger than ``max_size``.
+            ValueError: the message cannot be framed (a line with a line end).
         """
         ...
 
@@ -120,6 +126,7 @@ class RawFraming:
 
     __slots__ = ()
     max_size = None
+    raw = True
 
     def decoder(self) -> Decoder:
         return _RAW_DECODER  # stateless: one for all connections
@@ -207,6 +214,8 @@ class LineFraming:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         self._max_size = max_size
 
+    raw = False
+
     @property
     def max_size(self) -> int:
         return self._max_size
@@ -218,7 +227,7 @@ class LineFraming:
         if b"\n" in message or message.endswith(b"\r"):
             raise ValueError("a line message cannot contain b'\\n' nor end with b'\\r'")
         if len(message) > self._max_size:
-            raise ValueError(f"line of {len(message)} bytes exceeds max_size {self._max_size}")
+            raise LimitExceeded(f"line of {len(message)} bytes exceeds max_size {self._max_size}")
         return message + b"\n"
 
     def __repr__(self) -> str:
@@ -294,6 +303,8 @@ class LengthPrefixFraming:
             raise ValueError(f"max_size must be in [0, {_MAX_HEADER_VALUE}], got {max_size}")
         self._max_size = max_size
 
+    raw = False
+
     @property
     def max_size(self) -> int:
         return self._max_size
@@ -304,7 +315,7 @@ class LengthPrefixFraming:
     def encode(self, message: bytes) -> bytes:
         size = len(message)
         if size > self._max_size:
-            raise ValueError(f"frame of {size} bytes exceeds max_size {self._max_size}")
+            raise LimitExceeded(f"frame of {size} bytes exceeds max_size {self._max_size}")
         return size.to_bytes(_HEADER, "big") + message
 
     def __repr__(self) -> str:

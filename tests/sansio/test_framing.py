@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netlib.errors import FrameTooLarge, IncompleteFrame, ProtocolError
+from netlib.errors import FrameTooLarge, IncompleteFrame, LimitExceeded, ProtocolError
 from netlib.sansio.framing import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_LINE,
@@ -199,18 +199,27 @@ def test_eof_inside_a_frame(framing: Framing, wire: bytes, buffered: int) -> Non
     assert info.value.buffered == buffered
 
 
+@pytest.mark.parametrize("message", [b"a\nb", b"ends with cr\r"])
+def test_encode_rejects_a_line_end_inside_a_line(message: bytes) -> None:
+    with pytest.raises(ValueError, match="line"):
+        LineFraming().encode(message)
+
+
 @pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (LineFraming, b"a\nb"),
-        (LineFraming, b"ends with cr\r"),
-        (lambda: LineFraming(max_size=3), b"four"),
-        (lambda: LengthPrefixFraming(max_size=3), b"four"),
-    ],
+    "make", [lambda: LineFraming(max_size=3), lambda: LengthPrefixFraming(max_size=3)]
 )
-def test_encode_rejects_unframeable(make: Callable[[], Framing], message: bytes) -> None:
-    with pytest.raises(ValueError, match=r"line|frame"):
-        make().encode(message)
+def test_encode_of_a_message_above_max_size_raises_limit_exceeded(
+    make: Callable[[], Framing],
+) -> None:
+    with pytest.raises(LimitExceeded, match=r"4 bytes exceeds max_size 3"):
+        make().encode(b"four")
+    assert make().decoder().feed(make().encode(b"thr")) == [b"thr"]  # max_size exactly
+
+
+def test_only_raw_framing_is_raw() -> None:
+    assert RawFraming().raw
+    assert not LineFraming().raw
+    assert not LengthPrefixFraming().raw
 
 
 def test_large_frame_in_small_pieces() -> None:

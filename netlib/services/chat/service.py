@@ -9,18 +9,16 @@ in the order the core produced them, so a publisher's lines reach every room mem
 order even when the hub is asynchronous (a broker); ``MemoryHub`` completes each step
 without suspending.
 
-Fairness to the room comes from never waiting on a consumer:
+Fairness to the room comes from never waiting on a consumer: ``deliver()`` queues a line
+or cuts the member off as a slow consumer, it never blocks. TCP members are sessions of
+``netlib.services.chat.tcp`` (one session class under ``ChatProtocol`` and
+``chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
 
-* TCP (``ChatProtocol``): a delivery is appended to the connection's pending list and
-  written with one ``writelines`` per loop iteration (or as soon as 64 KiB are pending).
-  The transport's buffer is the outbound queue. A connection whose buffer would pass
-  ``hard_limit`` is disconnected with reason ``slow_consumer`` at once (so it never holds
-  more than the hard limit plus one line); one whose buffer stays above ``soft_limit``
-  for ``soft_time`` seconds (the transport's pause/resume callbacks, low mark half the
-  soft limit) is disconnected too. The kernel's socket buffers come first: on loopback
-  they absorb a few MiB before netlib's limits start to count.
-
-UDP clients are sessions of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
+The three line limits, from the wire inwards: a TCP line is at most
+``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire, which is what ``MAX_LINE_LENGTH`` (4,096
+characters, the chat core's limit on a message's text) takes in UTF-8 at 4 bytes per
+character; the stream framing's own default (``DEFAULT_MAX_LINE``, 64 KiB) is for
+``serve_tcp`` handlers and does not apply to chat.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from netlib.aio.logs import ThrottledLog
 from netlib.sansio.chat import (
     FLOOD_BURST,
     FLOOD_RATE,
+    MAX_LINE_LENGTH,
     Broadcast,
     ChatCore,
     Close,
@@ -51,11 +50,13 @@ from netlib.services.hub import Hub, MemoryHub
 __all__ = [
     "CHAT_CLOSE_GRACE",
     "CHAT_HARD_LIMIT",
+    "CHAT_LINE_TIMEOUT",
     "CHAT_MAX_LINE_BYTES",
     "CHAT_SOCKET_SEND_BUFFER",
     "CHAT_SOFT_LIMIT",
     "CHAT_SOFT_TIME",
     "FLUSH_THRESHOLD",
+    "SHUTDOWN_REASON",
     "SLOW_CONSUMER",
     "ChatLimits",
     "ChatService",
@@ -76,13 +77,20 @@ CHAT_SOCKET_SEND_BUFFER: Final = 128 * 1024
 """SO_SNDBUF of a chat connection: bounds what the kernel holds for a slow reader (Linux
 doubles it), so the outbound limits start to count after at most this much, not after the
 several MiB loopback autotuning allows. None leaves the kernel's autotuning on."""
-CHAT_MAX_LINE_BYTES: Final = 16 * 1024
-"""Longest line read from a TCP chat client, in bytes; a longer one ends the connection."""
+CHAT_MAX_LINE_BYTES: Final = 4 * MAX_LINE_LENGTH
+"""Longest line read from a TCP chat client, in bytes (16 KiB: the core's 4,096-character
+limit at 4 UTF-8 bytes per character); a longer one ends the connection."""
 FLUSH_THRESHOLD: Final = 64 * 1024
 """Pending outbound bytes at which a chat connection writes at once, not at loop end."""
 CHAT_CLOSE_GRACE: Final = 5.0
 """Seconds a closing chat server waits for connections to flush before aborting them."""
+CHAT_LINE_TIMEOUT: Final = 10.0
+"""Seconds a TCP chat line may take from its first byte to its end (a member who only reads
+is never timed out; one who trickles a line is)."""
 SLOW_CONSUMER: Final = "slow_consumer"
+"""The reason a member cut off for reading too slowly is given (``quit (slow_consumer)``)."""
+SHUTDOWN_REASON: Final = "server shutting down"
+"""The reason members hear when the server closes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,7 @@ class ChatLimits:
     flood_burst: int = FLOOD_BURST
     max_line_bytes: int = CHAT_MAX_LINE_BYTES
     socket_send_buffer: int | None = CHAT_SOCKET_SEND_BUFFER
+    line_timeout: float | None = CHAT_LINE_TIMEOUT
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_limit <= self.hard_limit:
@@ -235,7 +244,7 @@ class ChatService:
         """
         sessions = list(self._sessions.values())
         for session in sessions:
-            session.end("server shutting down")
+            session.end(SHUTDOWN_REASON)
         if sessions:
             tasks = [asyncio.ensure_future(s.wait_closed()) for s in sessions]
             _done, pending = await asyncio.wait(tasks, timeout=grace)

@@ -1,11 +1,20 @@
 """The chat service over TCP: ChatProtocol (for ``loop.create_server``) and chat_handler
-(for ``serve_tcp``).
+(for ``serve_tcp``), one session class for both.
 
-A delivery is appended to the connection's pending list and written with one
-``writelines`` per loop iteration (or as soon as 64 KiB are pending): the transport's
-buffer is the outbound queue. A connection whose buffer would pass ``hard_limit`` is
-disconnected with reason ``slow_consumer`` at once; one that stays above ``soft_limit`` for
-``soft_time`` seconds is disconnected too.
+Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing, and both use
+``StreamChatSession``, so their limits are the same:
+
+* A delivery is queued with ``write_soon``: one ``writelines`` per loop iteration (or at once
+  past ``FLUSH_THRESHOLD``), so a room's burst costs one system call per member, and the
+  transport's buffer is the outbound queue.
+* **Hard limit**: a delivery that would take the member's unsent bytes past ``hard_limit``
+  disconnects it as a slow consumer at once (it never holds more than the hard limit plus one
+  line).
+* **Soft limit**: the transport's high mark is ``soft_limit`` (low mark half of it); a member
+  whose buffer stays above it for ``soft_time`` seconds is cut off by the connection's send
+  deadline (``StreamLimits.send_timeout``), as a slow consumer.
+* A line must arrive whole within ``CHAT_LINE_TIMEOUT`` of its first byte (a peer trickling a
+  line is cut off); a member who only reads is never timed out for that.
 """
 
 from __future__ import annotations
@@ -13,228 +22,177 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Hashable
-from typing import cast
+from collections.abc import Callable, Hashable
 
-from netlib.errors import ProtocolError
+from netlib.aio.stream import StreamProtocol
+from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
 from netlib.sansio.framing import LineFraming
-from netlib.services.chat.service import FLUSH_THRESHOLD, SLOW_CONSUMER, ChatService
+from netlib.sansio.stream import StreamLimits
+from netlib.services.chat.service import (
+    FLUSH_THRESHOLD,
+    SHUTDOWN_REASON,
+    SLOW_CONSUMER,
+    ChatLimits,
+    ChatService,
+)
 from netlib.streams import Handler, MessageStream
 
-__all__ = ["ChatProtocol", "chat_handler"]
+__all__ = [
+    "ChatProtocol",
+    "StreamChatSession",
+    "chat_framing",
+    "chat_handler",
+    "chat_stream_limits",
+]
 
 logger = logging.getLogger("netlib.services.chat")
 
 
-class ChatProtocol(asyncio.Protocol):
-    """A TCP chat client: UTF-8 lines (CRLF tolerated), bounded outbound buffer.
+def chat_framing(limits: ChatLimits) -> LineFraming:
+    """The framing of a TCP chat connection: lines of at most ``max_line_bytes``."""
+    return LineFraming(max_size=limits.max_line_bytes)
+
+
+def chat_stream_limits(limits: ChatLimits) -> StreamLimits:
+    """The stream limits of a TCP chat connection (soft limit as the write high mark)."""
+    return StreamLimits(
+        message_timeout=limits.line_timeout,
+        send_timeout=limits.soft_time,
+        write_high=limits.soft_limit,
+        write_low=limits.soft_limit // 2,
+    )
+
+
+class StreamChatSession:
+    """One chat member on a ``MessageStream``: delivers room lines within the limits.
+
+    Args:
+        stream: the member's connection.
+        service: the chat.
+        on_end: closes the connection gracefully when the chat ends the session (``/quit``,
+            server shutdown).
+    """
+
+    __slots__ = ("_on_end", "_service", "_stream", "ended", "session_id")
+
+    def __init__(
+        self, stream: MessageStream, service: ChatService, on_end: Callable[[], None]
+    ) -> None:
+        self._stream = stream
+        self._service = service
+        self._on_end = on_end
+        self.session_id = 0
+        self.ended = False
+        sock = stream.socket
+        size = service.limits.socket_send_buffer
+        if size is not None and sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    def deliver(self, line: bytes, origin: Hashable) -> None:
+        """Queue ``line`` unless it came from this member; never blocks."""
+        if origin == self.session_id or self.ended:
+            return
+        size = self._stream.buffered_size + len(line)
+        if size > self._service.limits.hard_limit:
+            self._stream.abort()
+            self.closed(SlowConsumer(f"hard limit: outbound buffer would reach {size} bytes"))
+            return
+        self._stream.send_framed(line, limit=FLUSH_THRESHOLD)
+
+    def end(self, reason: str) -> None:
+        """Close this member's connection after flushing what is queued."""
+        if reason == SHUTDOWN_REASON and not self.ended:
+            self._stream.send_framed(b"*** server shutting down\n", limit=0)
+        self.ended = True
+        self._on_end()
+
+    def abort(self) -> None:
+        """Close now, discarding what is queued."""
+        self.ended = True
+        self._stream.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
+        await self._stream.wait_closed()
+
+    def closed(self, error: NetlibError | None) -> None:
+        """The connection ended (with ``error``, if it failed): leave the chat, once."""
+        if self.session_id == 0:
+            return
+        session_id, self.session_id = self.session_id, 0
+        self.ended = True
+        if isinstance(error, SlowConsumer):
+            logger.info("slow consumer, session %d disconnected: %s", session_id, error)
+            self._service.close(session_id, SLOW_CONSUMER)
+        elif isinstance(error, BrokenResourceError):
+            self._service.close(session_id, "connection lost")
+        elif error is not None:
+            self._service.close(session_id, f"protocol error: {error}")
+        else:
+            self._service.close(session_id, "connection closed")
+
+
+class ChatProtocol(StreamProtocol):
+    """A TCP chat member for ``loop.create_server``: UTF-8 lines (CRLF tolerated), bounded
+    outbound buffer; lines are handled as callbacks, with no task per member.
 
     Args:
         service: the chat to join (default: ``ChatService.default()``, one per loop).
 
-    Works on its own: ``loop.create_server(ChatProtocol, host, port)``.
+    Works on its own: ``loop.create_server(ChatProtocol, host, port)``; ``open_chat_server``
+    serves the same chat with netlib's server (connection caps, EMFILE back-off, shutdown).
     """
+
+    __slots__ = ("_service", "session")
 
     def __init__(self, service: ChatService | None = None) -> None:
         self._service = service if service is not None else ChatService.default()
-        self._limits = self._service.limits
-        self._loop = self._service._loop
-        self._decoder = LineFraming(max_size=self._limits.max_line_bytes).decoder()
-        self.transport: asyncio.Transport | None = None
-        self.session_id = 0
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._buffered = 0
-        self._flush_handle: asyncio.Handle | None = None
-        self._soft_timer: asyncio.TimerHandle | None = None
-        self._soft_since = 0.0
-        self._ended = False
-        self._closed = self._loop.create_future()
-
-    # -- asyncio callbacks ------------------------------------------------------------------
+        limits = self._service.limits
+        super().__init__(chat_framing(limits), chat_stream_limits(limits))
+        self.session: StreamChatSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        soft = self._limits.soft_limit
-        self.transport.set_write_buffer_limits(high=soft, low=soft // 2)
-        sock = transport.get_extra_info("socket")
-        if self._limits.socket_send_buffer is not None and sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._limits.socket_send_buffer)
-        self.session_id = self._service.open(self)
+        super().connection_made(transport)
+        self.session = StreamChatSession(MessageStream(self), self._service, self.close)
+        self.session.session_id = self._service.open(self.session)
 
-    def data_received(self, data: bytes) -> None:
-        if self._ended:
-            return
-        try:
-            lines = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._finish(f"protocol error: {exc}", abort=True)
+    def messages_received(self) -> None:
+        session, conn = self.session, self.conn
+        if session is None:
             return
         receive = self._service.receive
-        for line in lines:
-            receive(self.session_id, line.decode("utf-8", "replace"))
-
-    def eof_received(self) -> bool:
-        self._finish("connection closed", abort=False)
-        self._flush()
-        return False  # the transport closes once its buffer is flushed
+        while conn.frames:
+            receive(session.session_id, conn.take().decode("utf-8", "replace"))
+        self.resume()
+        if conn.input_ended and session.session_id:
+            error = conn.error
+            session.closed(error)
+            if error is None:
+                self.close()  # the peer finished: flush the goodbye, then close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._ended = True
-        if not self._closed.done():
-            self._closed.set_result(None)
-        self._cancel_timers()
-        self._pending.clear()
-        self._service.close(self.session_id, "connection lost" if exc else "connection closed")
-
-    def pause_writing(self) -> None:  # the buffer passed the soft limit
-        if self._soft_timer is None and not self._ended:
-            self._soft_since = self._loop.time()
-            self._soft_timer = self._loop.call_later(self._limits.soft_time, self._soft_expired)
-
-    def resume_writing(self) -> None:  # back under half the soft limit
-        if self._soft_timer is not None:
-            self._soft_timer.cancel()
-            self._soft_timer = None
-
-    # -- session ----------------------------------------------------------------------------
-
-    def deliver(self, line: bytes, origin: Hashable) -> None:
-        """Queue ``line`` unless it came from this session; never blocks."""
-        if origin == self.session_id or self._ended:
-            return
-        size = self._buffered + self._pending_size + len(line)
-        if size > self._limits.hard_limit:
-            self._slow(f"hard limit: outbound buffer would reach {size} bytes")
-            return
-        self._pending.append(line)
-        self._pending_size += len(line)
-        if self._pending_size >= FLUSH_THRESHOLD:
-            self._flush()  # let the kernel take it now: a batch is not a slow consumer
-        elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush_handle = None
-        transport = self.transport
-        if not self._pending or transport is None or transport.is_closing():
-            return
-        pending, self._pending, self._pending_size = self._pending, [], 0
-        transport.writelines(pending)
-        self._buffered = transport.get_write_buffer_size()
-
-    def end(self, reason: str) -> None:
-        """Close this session after flushing what is queued (``/quit``, server shutdown)."""
-        if reason == "server shutting down" and not self._ended:
-            self.deliver(b"*** server shutting down\n", None)
-        self._ended = True
-        self._flush()
-        self._cancel_timers()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    async def wait_closed(self) -> None:
-        """Wait until the connection is closed."""
-        await asyncio.shield(self._closed)
-
-    def abort(self) -> None:
-        """Close the connection now, discarding what is buffered."""
-        self._ended = True
-        if self.transport is not None and not self._closed.done():
-            self.transport.abort()
-
-    def _finish(self, reason: str, *, abort: bool) -> None:
-        self._service.close(self.session_id, reason)
-        if abort and self.transport is not None:
-            self._ended = True
-            self.transport.abort()
-
-    def _soft_expired(self) -> None:
-        self._soft_timer = None
-        held = self._loop.time() - self._soft_since
-        self._slow(f"held above the soft limit ({self._limits.soft_limit} bytes) for {held:.2f} s")
-
-    def _slow(self, why: str) -> None:
-        logger.info("slow consumer, session %d disconnected: %s", self.session_id, why)
-        self._ended = True
-        self._pending.clear()
-        self._service.close(self.session_id, SLOW_CONSUMER)
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _cancel_timers(self) -> None:
-        if self._soft_timer is not None:
-            self._soft_timer.cancel()
-            self._soft_timer = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-
-
-class _StreamSession:
-    """A chat session on a ``MessageStream`` (line framing), for ``serve_tcp``."""
-
-    def __init__(self, stream: MessageStream, service: ChatService) -> None:
-        self.stream = stream
-        self.service = service
-        self.session_id = 0
-        self.ended = False
-        self._soft_since: float | None = None
-
-    def deliver(self, line: bytes, origin: Hashable) -> None:
-        if origin == self.session_id or self.ended:
-            return
-        limits = self.service.limits
-        buffered = self.stream.buffered_size + len(line)
-        if buffered > limits.hard_limit or self._soft_expired(buffered):
-            self._slow()
-            return
-        self.stream.send_queued(line.rstrip(b"\n"))
-
-    def _soft_expired(self, buffered: int) -> bool:
-        limits = self.service.limits
-        now = asyncio.get_running_loop().time()
-        if buffered <= limits.soft_limit:
-            self._soft_since = None
-            return False
-        if self._soft_since is None:
-            self._soft_since = now
-        return now - self._soft_since >= limits.soft_time
-
-    def _slow(self) -> None:
-        self.ended = True
-        self.service.close(self.session_id, SLOW_CONSUMER)
-        self.stream.abort()
-
-    def end(self, reason: str) -> None:
-        self.ended = True
-        self.stream.end_input()  # the handler's loop ends; the goodbye is still flushed
-
-    def abort(self) -> None:
-        self.ended = True
-        self.stream.abort()
-
-    async def wait_closed(self) -> None:
-        return  # the server that runs the handler closes the connection
+        super().connection_lost(exc)
+        if self.session is not None:
+            self.session.closed(self.conn.error)
 
 
 def chat_handler(service: ChatService) -> Handler:
-    """Return a ``serve_tcp`` handler (use ``framing="line"``) that joins ``service``.
+    """Return a ``serve_tcp`` handler that joins ``service``.
 
-    The soft limit is checked as lines are delivered, so a consumer that stays over it
-    is disconnected at the first delivery after ``soft_time`` (``ChatProtocol`` uses a
-    timer instead).
+    Serve it with ``framing=chat_framing(service.limits)`` and the stream limits of
+    ``chat_stream_limits`` (``open_chat_server`` does both).
     """
 
     async def handler(stream: MessageStream) -> None:
-        session = _StreamSession(stream, service)
+        session = StreamChatSession(stream, service, stream.end_input)
         session.session_id = service.open(session)
+        error: NetlibError | None = None
         try:
             async for line in stream:
                 service.receive(session.session_id, line.decode("utf-8", "replace"))
+        except NetlibError as exc:
+            error = exc
         finally:
-            service.close(session.session_id, "connection closed")
+            session.closed(error)
 
     return handler

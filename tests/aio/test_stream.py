@@ -1,4 +1,4 @@
-"""FramedProtocol against a fake transport: flow control and writes after loss, no sockets."""
+"""StreamProtocol against a fake transport: flow control and writes after loss, no sockets."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from netlib.aio.framed import FramedProtocol, StreamLimits
+from netlib.aio.stream import StreamProtocol
 from netlib.errors import BrokenResourceError, EndOfStream, FrameTooLarge
 from netlib.sansio.framing import LineFraming
+from netlib.sansio.stream import StreamLimits
 
 
 class FakeTransport(asyncio.Transport):
@@ -50,11 +51,19 @@ class FakeTransport(asyncio.Transport):
         self.aborted = self.closing = True
 
 
-def make(**limits: Any) -> tuple[FramedProtocol, FakeTransport]:
-    protocol = FramedProtocol(LineFraming(max_size=100).decoder(), StreamLimits(**limits))
+def make(**limits: Any) -> tuple[StreamProtocol, FakeTransport]:
+    protocol = StreamProtocol(LineFraming(max_size=100), StreamLimits(**limits))
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport
+
+
+def take(protocol: StreamProtocol) -> bytes:
+    """Take a message as MessageStream does: from the connection, then resume reading."""
+    message = protocol.conn.take()
+    if not protocol.conn.read_paused:
+        protocol.resume()
+    return message
 
 
 async def test_limits_are_set_explicitly() -> None:
@@ -68,12 +77,12 @@ async def test_reading_pauses_above_the_limit_and_resumes_when_consumed() -> Non
     assert transport.reading
     protocol.data_received(b"y" * 30 + b"\n")
     assert not transport.reading
-    assert protocol.queued == 62
-    assert protocol.take() == b"x" * 30
+    assert protocol.conn.queued == 62
+    assert take(protocol) == b"x" * 30
     assert not transport.reading
-    assert protocol.take() == b"y" * 30  # the last one: reading resumes
+    assert take(protocol) == b"y" * 30  # the last one: reading resumes
     assert transport.reading
-    assert protocol.queued == 0
+    assert protocol.conn.queued == 0
 
 
 async def test_partial_frame_does_not_pause_reading() -> None:
@@ -85,8 +94,8 @@ async def test_partial_frame_does_not_pause_reading() -> None:
 async def test_replies_to_queued_messages_are_coalesced() -> None:
     protocol, transport = make()
     protocol.data_received(b"".join(b"%d\n" % i for i in range(100)))
-    while protocol.frames:
-        protocol.write(protocol.take() + b"!")
+    while protocol.conn.frames:
+        protocol.write(take(protocol) + b"!")
     assert transport.writes == 1  # the reply to the last queued message flushed them all
     assert transport.written == [b"%d!" % i for i in range(100)]
 
@@ -100,7 +109,7 @@ async def test_write_with_nothing_queued_goes_out_at_once() -> None:
 async def test_held_replies_are_flushed_by_the_end_of_the_iteration() -> None:
     protocol, transport = make()
     protocol.data_received(b"one\ntwo\n")
-    protocol.write(protocol.take())  # "two" is still queued: held
+    protocol.write(take(protocol))  # "two" is still queued: held
     assert transport.writes == 0
     await asyncio.sleep(0)  # one loop iteration runs the backstop flush
     assert transport.written == [b"one"]
@@ -147,8 +156,8 @@ async def test_drain_waits_while_paused() -> None:
 async def test_oversized_frame_keeps_earlier_frames_and_aborts() -> None:
     protocol, transport = make()
     protocol.data_received(b"ok\n" + b"x" * 200)
-    assert list(protocol.frames) == [b"ok"]
-    assert isinstance(protocol.error, FrameTooLarge)
+    assert list(protocol.conn.frames) == [b"ok"]
+    assert isinstance(protocol.conn.error, FrameTooLarge)
     assert transport.aborted
 
 
@@ -156,5 +165,5 @@ async def test_eof_ends_input_after_queued_frames() -> None:
     protocol, _transport = make()
     protocol.data_received(b"last\n")
     assert protocol.eof_received() is True  # stay open for replies (half-close)
-    assert list(protocol.frames) == [b"last"]
-    assert isinstance(protocol.end_error(), EndOfStream)
+    assert list(protocol.conn.frames) == [b"last"]
+    assert isinstance(protocol.conn.end_error(), EndOfStream)

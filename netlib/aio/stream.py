@@ -1,0 +1,425 @@
+"""StreamProtocol: the one asyncio Protocol that carries netlib's message streams over TCP.
+
+Theory of operation
+-------------------
+The protocol state (framing, read accounting, the state machine, deadlines) lives in a
+sans-I/O ``StreamConnection``; this adapter is the pump around it and the only code that
+touches a stream transport:
+
+* **Reading.** ``data_received`` feeds the chunk to the connection (one decoder call per
+  chunk, nothing per message) and then tells the consumer: ``messages_received()``, which a
+  subclass may override to consume messages as callbacks (``ChatProtocol``), or by default
+  resolves the future a waiting handler awaits (``readable_waiter()``). Past ``read_limit``
+  the transport stops reading until the consumer empties the queue.
+* **Writing.** While received messages are still queued, ``write()`` appends to ``pending``
+  (with one ``call_soon`` flush as a backstop); the reply to the last queued message flushes
+  them all with one ``writelines``. A request/response handler writes at once. The
+  transport's buffer has explicit limits on both loops (uvloop's default low-water mark is
+  16 bytes); above the high mark ``write_paused`` is set and senders wait in ``drain()``.
+  After the connection is lost, writes are silent no-ops on both loops.
+* **Deadlines** live in a ``DeadlineTimer`` (one event-loop timer per server): it calls
+  ``check_deadlines(now)``, which asks the connection and re-schedules at its next deadline.
+* **Memory budget.** A server may share one ``MemoryBudget`` between its connections: a
+  connection reports what it holds in user space when it stalls (reading paused, writing
+  paused, or a large partial frame) and the budget evicts the largest holders first when the
+  server's total passes its cap, as ``SlowConsumer``.
+
+Objects only some connections need (the pending-write list, drain waiters, the closed future)
+are made on first use: an idle connection holds as little as possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final, cast
+
+from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
+from netlib.aio.flow import WriteFlowControl
+from netlib.errors import (
+    BrokenResourceError,
+    NetlibError,
+    SlowConsumer,
+)
+from netlib.sansio.budget import MemoryBudget
+from netlib.sansio.framing import Framing
+from netlib.sansio.stream import StreamConnection, StreamLimits, StreamState
+
+__all__ = ["PARTIAL_REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
+
+_OPEN: Final = StreamState.OPEN  # enum lookups are slow on the per-read path
+_FAILED: Final = StreamState.FAILED
+
+PARTIAL_REPORT_STEP: Final = 64 * 1024
+"""A partial frame is reported to the memory budget each time it grows by this much."""
+
+
+def deadline_timer_for(limits: StreamLimits) -> DeadlineTimer:
+    """A ``DeadlineTimer`` fine enough for these limits (a server shares one)."""
+    resolution = resolution_for(*limits.timeouts)
+    return DeadlineTimer(asyncio.get_running_loop(), resolution)
+
+
+class StreamProtocol(WriteFlowControl, asyncio.Protocol):
+    """The asyncio Protocol of a message stream: pumps a ``StreamConnection``.
+
+    Args:
+        framing: the connection's framing.
+        limits: read limit, write-buffer marks and deadlines.
+        deadlines: the timer that checks this connection's deadlines (a server shares one
+            between its connections); by default the connection gets its own if it has
+            deadlines.
+        budget: the server's memory budget, if any.
+        on_lost: called with this protocol when the connection is lost (a server counts
+            how its connections end).
+
+    A ``MessageStream`` is the usual consumer; a subclass may consume messages as
+    callbacks by overriding ``messages_received()``.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_closed",
+        "_deadline_slot",
+        "_deadlines",
+        "_flush_handle",
+        "_limits",
+        "_loop",
+        "_on_lost",
+        "_own_deadlines",
+        "_partial_reported",
+        "_peer_done",
+        "_pending",
+        "_pending_size",
+        "_waiter",
+        "conn",
+        "framing",
+        "lost",
+        "reading_paused",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        framing: Framing,
+        limits: StreamLimits,
+        *,
+        deadlines: DeadlineTimer | None = None,
+        budget: MemoryBudget[StreamProtocol] | None = None,
+        on_lost: Callable[[StreamProtocol], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.framing = framing
+        self._limits = limits
+        self.conn = StreamConnection(framing, limits, self._loop.time())
+        self._waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.reading_paused = False
+        self.lost = False
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
+        self._pending: list[bytes] | None = None
+        self._pending_size = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._peer_done: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._own_deadlines = deadlines is None and limits.has_deadlines
+        if self._own_deadlines:
+            deadlines = deadline_timer_for(limits)
+        self._deadlines = deadlines
+        self._deadline_slot: dict[HasDeadlines, None] | None = None
+        self._budget = budget
+        self._partial_reported = 0
+        self._on_lost = on_lost
+
+    # -- asyncio.Protocol callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
+        self.conn.last_activity = self._loop.time()
+        self._schedule_deadlines()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.receive_data(data, self._loop.time()):
+            if conn.state is _FAILED:
+                self.messages_received()
+                self._abort_transport()
+                return
+            if conn.read_paused and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+                self._report()
+            self.messages_received()
+        elif self._budget is not None and conn.partial_size >= self._partial_reported + (
+            PARTIAL_REPORT_STEP
+        ):
+            self._report()
+        if conn.rearm:
+            self._schedule_deadlines()
+
+    def messages_received(self) -> None:
+        """Messages were queued, or the input ended: wake the consumer."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.conn.receive_eof()
+        self.messages_received()
+        self._resolve(self._peer_done)
+        return True  # keep the transport open: replies may still be sent (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.conn.lost(exc)
+        self._pending = None
+        self._pending_size = 0
+        self._cancel_deadlines()
+        if self._budget is not None:
+            self._budget.forget(self)
+        self.input_changed()
+        self._wake_drainers()
+        self._resolve(self._peer_done)
+        self._resolve(self._closed)
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.conn.writing_paused(self._loop.time())
+        if self.conn.rearm:
+            self._schedule_deadlines()
+        self._report()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.conn.writing_resumed()
+        self._report()
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[None] | None) -> None:
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def input_changed(self) -> None:
+        """The input ended or failed: wake the consumer."""
+        self.messages_received()
+
+    def resume(self) -> None:
+        """The consumer emptied the queue: resume reading if it was paused."""
+        if self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+            self._report()
+
+    def readable_waiter(self) -> asyncio.Future[None] | None:
+        """Flush what the consumer wrote, then return a future resolved when input arrives,
+        or None if no more will come (``conn.end_error()`` says why)."""
+        if self._pending:
+            self.flush()
+        if self.conn.state is not _OPEN:
+            return None
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
+
+    def end_input(self) -> None:
+        """End the input here: queued messages stay readable, later bytes are discarded."""
+        self.conn.end_input()
+        self.resume()
+        self.input_changed()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write ``data``, coalesced with the other replies to the queued messages.
+
+        While received messages are still queued, replies are held and written together
+        (when the queue empties, at the high-water mark, or at the end of this loop
+        iteration); otherwise at once. A no-op once the connection is lost.
+        """
+        pending = self._pending
+        frames = self.conn.frames
+        if not pending and not frames:  # nothing to coalesce with: write at once
+            transport = self.transport
+            if self.lost or transport is None or transport.is_closing():
+                return
+            transport.write(data)
+            self.conn.last_activity = self._loop.time()
+            return
+        if self.lost:
+            return
+        if pending is None:
+            pending = self._pending = []
+        pending.append(data)
+        self._pending_size += len(data)
+        if not frames or self._pending_size >= self._limits.write_high:
+            self.flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def write_soon(self, data: bytes, limit: int) -> None:
+        """Write ``data`` at the end of this loop iteration, with whatever else is written
+        by then (fan-out: one system call for many deliveries), or at once when ``limit``
+        bytes are pending. A no-op once the connection is lost."""
+        if self.lost:
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= limit:
+            self.flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand the pending writes to the transport in one call."""
+        self._flush_handle = None
+        pending = self._pending
+        if not pending:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if len(pending) == 1:
+                transport.write(pending[0])
+            else:
+                transport.writelines(pending)
+            self.conn.last_activity = self._loop.time()
+        pending.clear()  # the transports keep the buffers, not the list
+        self._pending_size = 0
+
+    def buffered_size(self) -> int:
+        """Bytes written but not yet handed to the kernel: pending plus transport buffer."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return self._pending_size
+        return self._pending_size + transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark.
+
+        Raises:
+            BrokenResourceError: the connection is lost (or ``PeerTimedOut``).
+        """
+        await super().drain()
+        if self.lost:
+            raise self.lost_error()
+
+    def lost_error(self) -> BrokenResourceError:
+        """The error a send after the loss raises."""
+        if isinstance(self.conn.error, BrokenResourceError):
+            return self.conn.error
+        return BrokenResourceError("connection lost")
+
+    # -- memory budget ----------------------------------------------------------------------
+
+    def held(self) -> int:
+        """Bytes this connection holds in user space: queued input, a partial frame, and
+        writes not yet handed to the kernel."""
+        conn = self.conn
+        return conn.queued + conn.partial_size + self.buffered_size()
+
+    def _report(self) -> None:
+        budget = self._budget
+        if budget is None or self.lost:
+            return
+        self._partial_reported = self.conn.partial_size
+        stalled = self.reading_paused or self.write_paused or self._partial_reported
+        for victim in budget.update(self, self.held() if stalled else 0):
+            victim.fail(SlowConsumer("evicted: the server's memory budget is used up"))
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def fail(self, error: NetlibError) -> None:
+        """Record ``error`` for the consumer and abort the connection at once."""
+        self.conn.fail(error)
+        self.input_changed()
+        self._abort_transport()
+
+    def _abort_transport(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Flush pending writes and close the transport (the transport drains its buffer)."""
+        self.flush()
+        self._cancel_deadlines()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, discarding whatever is buffered."""
+        self._abort_transport()
+
+    async def finish(self, grace: float, *, linger: bool) -> None:
+        """Close gracefully within ``grace`` seconds, then abort.
+
+        With ``linger``, send EOF first and keep reading (and discarding) until the peer
+        closes too, so unread input never turns the close into a reset.
+        """
+        try:
+            async with asyncio.timeout(grace):
+                if linger and not self.conn.peer_eof and self._can_write_eof():
+                    self.conn.start_linger()
+                    self.resume()
+                    self.flush()
+                    self._peer_done = self._loop.create_future()
+                    self.transport.write_eof()  # type: ignore[union-attr]
+                    await self._peer_done  # the peer's EOF, or the connection's end
+                self.close()
+                await self.wait_closed()
+        except TimeoutError:
+            self.abort()
+            await self.wait_closed()
+
+    def _can_write_eof(self) -> bool:
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return False
+        return transport.can_write_eof()
+
+    async def wait_closed(self) -> None:
+        """Wait until ``connection_lost`` has run."""
+        if self.lost or self.transport is None:
+            return
+        if self._closed is None:
+            self._closed = self._loop.create_future()
+        await asyncio.shield(self._closed)
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _schedule_deadlines(self) -> None:
+        deadlines = self._deadlines
+        if deadlines is None:
+            return
+        if self._deadline_slot is not None:
+            deadlines.cancel(self, self._deadline_slot)
+            self._deadline_slot = None
+        deadline = self.conn.next_deadline()
+        if deadline is not None:
+            self._deadline_slot = deadlines.schedule(self, deadline)
+
+    def _cancel_deadlines(self) -> None:
+        if self._deadline_slot is not None and self._deadlines is not None:
+            self._deadlines.cancel(self, self._deadline_slot)
+        self._deadline_slot = None
+        if self._own_deadlines and self._deadlines is not None:
+            self._deadlines.close()  # no timer left armed for a closed connection
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the ``DeadlineTimer`` when a deadline may have passed."""
+        self._deadline_slot = None
+        if self.lost:
+            return
+        if self.conn.handle_timer(now):
+            self.fail(self.conn.error)  # type: ignore[arg-type]
+        else:
+            self._schedule_deadlines()
