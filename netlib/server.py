@@ -21,8 +21,10 @@ Each connection runs the user's handler with a ``MessageStream`` in a task of it
 nothing else held per connection: accepting (and the TLS handshake) and the graceful close
 are separate short tasks, each started by the previous one's done callback. Errors the
 peer causes (malformed frames, resets, timeouts) end that connection and are counted; an
-unexpected exception in a handler is logged with its traceback and counted. Neither
-disturbs other connections.
+unexpected exception in a handler is counted and logged with its traceback, at most once a
+second (``LOG_INTERVAL``; the lines in between are counted in the next one and at close),
+so a handler that fails on every connection cannot flood the log. Neither disturbs other
+connections.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._counters = _Counters()
         self._accept_log = ThrottledLog(logger, self._loop)
+        self._handler_log = ThrottledLog(logger, self._loop)
         self._connections: dict[asyncio.Future[Any], FramedProtocol] = {}
         limits = config.limits
         self._deadlines = limits.deadline_timer() if limits.has_deadlines else None
@@ -304,7 +307,7 @@ class Server:
                 logger.debug("connection %s ended: %r", peer, exc)
             else:
                 self._counters.add("handler_errors")
-                logger.error("handler failed for %s", peer, exc_info=exc)
+                self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
         if protocol.lost:  # nothing left to close gracefully
             return
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
@@ -366,6 +369,7 @@ class Server:
             await asyncio.wait(list(self._connections))
         if self._deadlines is not None:
             self._deadlines.close()
+        self._handler_log.flush(logging.ERROR, "handlers failed")
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let handlers finish within ``grace`` seconds, then abort.

@@ -1,0 +1,65 @@
+"""Hardening of the TCP server against attacks found by independent clients.
+
+Each test names the attack it guards against: log flooding by failing handlers, handlers
+that refuse to be cancelled at shutdown, deadline lateness, and one host taking every
+connection slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+
+import netlib
+from netlib import MessageStream
+from tests.helpers import address_of, open_raw
+
+
+async def _connect_and_wait_for_close(host: str, port: int) -> None:
+    reader, writer = await open_raw(host, port)
+    try:
+        await reader.read()
+    except ConnectionResetError:
+        pass
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except ConnectionError:
+        pass
+
+
+# -- log flooding -----------------------------------------------------------------------------
+
+
+async def test_failing_handlers_log_at_most_about_one_traceback_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    connections = 400
+
+    async def handler(stream: MessageStream) -> None:
+        raise RuntimeError("handler bug")
+
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.ERROR, logger="netlib.server")
+    async with netlib.open_tcp_server(handler, framing="line") as server:
+        host, port = address_of(server)
+        window = asyncio.Semaphore(20)
+
+        async def one() -> None:
+            async with window:
+                await _connect_and_wait_for_close(host, port)
+
+        start = loop.time()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(one() for _ in range(connections)))
+        elapsed = loop.time() - start
+        assert server.statistics().handler_errors == connections  # every one counted
+    lines = [r for r in caplog.records if r.name == "netlib.server"]
+    tracebacks = [r for r in lines if r.exc_info]
+    assert 1 <= len(tracebacks) <= 1 + elapsed  # at most one a second, plus the first
+    assert len(lines) <= len(tracebacks) + 1  # and one summary line at close
+    suppressed = [re.search(r"\((\d+) similar suppressed\)", r.getMessage()) for r in lines]
+    assert sum(int(m[1]) for m in suppressed if m) + len(tracebacks) == connections
