@@ -54,6 +54,7 @@ from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream, _extra
 __all__ = [
     "ACCEPT_BATCH",
     "ACCEPT_RETRY_DELAY",
+    "CANCEL_TIMEOUT",
     "DEFAULT_BACKLOG",
     "DEFAULT_FIRST_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
@@ -81,6 +82,10 @@ ACCEPT_BATCH: Final = 64
 """Most connections accepted per readiness event, so accepting cannot starve other work."""
 ACCEPT_RETRY_DELAY: Final = 0.1
 """Seconds the accept loop pauses after running out of file descriptors."""
+CANCEL_TIMEOUT: Final = 0.5
+"""Seconds a cancelled connection task (a handler) may take to end once its connection is
+aborted; a task still running then (one that swallows ``CancelledError``) is counted,
+logged and no longer waited for, so ``shutdown()`` returns within ``grace`` plus this."""
 _RESERVED_FDS: Final = 32
 _EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -108,6 +113,8 @@ class ServerStatistics:
         resets: connections lost abruptly (reset, broken pipe).
         handler_errors: handlers that raised an unexpected exception.
         aborted_at_shutdown: connections still open when the shutdown grace ended.
+        abandoned_tasks: connection tasks still running ``CANCEL_TIMEOUT`` seconds after
+            ``close()`` cancelled them (their connections are closed): no longer waited for.
     """
 
     accepted: int = 0
@@ -120,6 +127,7 @@ class ServerStatistics:
     resets: int = 0
     handler_errors: int = 0
     aborted_at_shutdown: int = 0
+    abandoned_tasks: int = 0
 
 
 class _Counters:
@@ -225,6 +233,7 @@ class Server:
         self._lost_cb = self._on_lost
         self._closing = False
         self._aborted = False
+        self._settled: asyncio.Future[None] | None = None  # see _wait_settled
         self._stopped = self._loop.create_future()
         self.addresses: list[Any] = [sock.getsockname() for sock in socks]
         """The bound addresses (with the real ports when bound to port 0)."""
@@ -281,9 +290,20 @@ class Server:
             raise
         return True
 
+    def _untrack(self, task: asyncio.Future[Any]) -> FramedProtocol | None:
+        """Forget ``task``; None if it was abandoned (its connection is closed already)."""
+        protocol = self._connections.pop(task, None)
+        if protocol is None and not task.cancelled() and task.exception() is not None:
+            logger.debug("abandoned connection task ended: %r", task.exception())
+        return protocol
+
     def _on_started(self, task: asyncio.Future[Any]) -> None:
-        protocol = self._connections.pop(task)
-        if task.cancelled():
+        self._started(task)
+        self._settle()
+
+    def _started(self, task: asyncio.Future[Any]) -> None:
+        protocol = self._untrack(task)
+        if protocol is None or task.cancelled():
             return
         if (exc := task.exception()) is not None:
             logger.error("connection setup failed", exc_info=exc)
@@ -300,7 +320,13 @@ class Server:
         self._track(handling, protocol, self._handled_cb)
 
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
-        protocol = self._connections.pop(task)
+        self._handled(task)
+        self._settle()
+
+    def _handled(self, task: asyncio.Future[Any]) -> None:
+        protocol = self._untrack(task)
+        if protocol is None:
+            return
         if not task.cancelled() and (exc := task.exception()) is not None:
             peer = _extra_info(protocol.transport, "peername")
             if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
@@ -308,15 +334,23 @@ class Server:
             else:
                 self._counters.add("handler_errors")
                 self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
-        if protocol.lost:  # nothing left to close gracefully
+        if protocol.lost or self._aborted:  # nothing left to close gracefully
             return
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
         self._track(closing, protocol, self._closed_cb)
 
     def _on_closed(self, task: asyncio.Future[Any]) -> None:
-        self._connections.pop(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        protocol = self._untrack(task)
+        if protocol is not None and not task.cancelled() and (exc := task.exception()):
             logger.error("closing the connection failed", exc_info=exc)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Wake ``_wait_settled()`` once no connection task is left or ``close()`` ran."""
+        settled = self._settled
+        if settled is not None and (self._aborted or not self._connections):
+            self._settled = None
+            settled.set_result(None)
 
     def _on_lost(self, protocol: FramedProtocol) -> None:
         """A connection's transport is gone: count why, and retry accept if fds ran out."""
@@ -361,12 +395,47 @@ class Server:
         for task, protocol in list(self._connections.items()):
             protocol.abort()
             task.cancel()
+        self._settle()
+
+    async def _wait_settled(self) -> None:
+        """Wait until no connection task is left, or until ``close()`` runs."""
+        while self._connections and not self._aborted:
+            if self._settled is None:
+                self._settled = self._loop.create_future()
+            await asyncio.shield(self._settled)  # shared by every waiter: never cancel it
+
+    async def _reap(self) -> None:
+        """After ``close()``: wait ``CANCEL_TIMEOUT`` for the cancelled tasks, then give up
+        on those still running (they swallowed the cancellation): count, log, forget."""
+        deadline = self._loop.time() + CANCEL_TIMEOUT
+        while self._connections and (remaining := deadline - self._loop.time()) > 0:
+            await asyncio.wait(list(self._connections), timeout=remaining)
+        stubborn = list(self._connections)
+        if not stubborn:
+            return
+        self._counters.add("abandoned_tasks", len(stubborn))
+        logger.error(
+            "%d connection task(s) did not end within %ss of being cancelled (does the "
+            "handler catch CancelledError?); their connections are closed and they are no "
+            "longer waited for: %r",
+            len(stubborn),
+            CANCEL_TIMEOUT,
+            stubborn[:3],
+        )
+        for task in stubborn:
+            self._connections.pop(task, None)
 
     async def wait_closed(self) -> None:
-        """Wait until the listeners are closed and every connection task has ended."""
+        """Wait until the listeners are closed and every connection task has ended.
+
+        Once ``close()`` has run, waits at most ``CANCEL_TIMEOUT`` for the cancelled tasks:
+        a handler that swallows ``CancelledError`` is abandoned (counted in
+        ``abandoned_tasks`` and logged), not waited for.
+        """
         await asyncio.shield(self._stopped)
-        while self._connections:
-            await asyncio.wait(list(self._connections))
+        await self._wait_settled()
+        if self._connections:
+            await self._reap()
         if self._deadlines is not None:
             self._deadlines.close()
         self._handler_log.flush(logging.ERROR, "handlers failed")
@@ -376,7 +445,8 @@ class Server:
 
         Each connection's input ends after the messages already received (its handler sees
         ``EndOfStream`` next); replies still flow; the connection then closes with EOF.
-        Returns within about ``grace`` seconds even when a peer never reads.
+        Returns within ``grace`` plus ``CANCEL_TIMEOUT`` seconds whatever peers and handlers
+        do: when a peer never reads, or a handler ignores cancellation (see ``wait_closed``).
         """
         grace = self._config.shutdown_grace if grace is None else grace
         self._stop_accepting()
@@ -385,8 +455,7 @@ class Server:
         if self._connections:
             try:
                 async with asyncio.timeout(grace):
-                    while self._connections:  # each phase's callback adds the next task
-                        await asyncio.wait(list(self._connections))
+                    await self._wait_settled()  # each phase's callback adds the next task
             except TimeoutError:
                 self._counters.add("aborted_at_shutdown", len(self._connections))
             self.close()

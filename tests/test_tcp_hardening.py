@@ -63,3 +63,55 @@ async def test_failing_handlers_log_at_most_about_one_traceback_a_second(
     assert len(lines) <= len(tracebacks) + 1  # and one summary line at close
     suppressed = [re.search(r"\((\d+) similar suppressed\)", r.getMessage()) for r in lines]
     assert sum(int(m[1]) for m in suppressed if m) + len(tracebacks) == connections
+
+
+# -- shutdown with a handler that swallows cancellation ---------------------------------------
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "close"])
+async def test_shutdown_returns_in_time_when_a_handler_swallows_cancellation(
+    stop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    grace = 0.5
+    release = asyncio.Event()  # lets the stubborn handler end once the test is done
+    started = asyncio.Event()
+    handlers: list[asyncio.Task[object]] = []
+
+    async def stubborn(stream: MessageStream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        started.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                pass  # the bug under test: cancellation swallowed, the loop goes on
+
+    loop = asyncio.get_running_loop()
+    async with netlib.open_tcp_server(stubborn, framing="line") as server:
+        reader, writer = await open_raw(*address_of(server))
+        try:
+            await started.wait()
+            start = loop.time()
+            async with asyncio.timeout(grace + 3):  # so that the old code fails, not hangs
+                if stop == "shutdown":
+                    await server.shutdown(grace=grace)
+                else:
+                    server.close()
+                    await server.wait_closed()
+            elapsed = loop.time() - start
+            assert elapsed < (grace if stop == "shutdown" else 0) + 1
+            async with asyncio.timeout(1):  # wait_closed() does not hang afterwards either
+                await server.wait_closed()
+                assert await reader.read() == b""  # the connection was aborted
+            stats = server.statistics()
+            assert stats.abandoned_tasks == 1
+            assert stats.active == 0
+            assert stats.aborted_at_shutdown == (1 if stop == "shutdown" else 0)
+            assert not handlers[0].done()  # still running: only no longer waited for
+            assert any("did not end" in r.getMessage() for r in caplog.records)
+        finally:
+            writer.close()
+            release.set()
+            await asyncio.wait(handlers)
