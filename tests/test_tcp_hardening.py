@@ -115,3 +115,45 @@ async def test_shutdown_returns_in_time_when_a_handler_swallows_cancellation(
             writer.close()
             release.set()
             await asyncio.wait(handlers)
+
+
+# -- deadline accuracy ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_first_frame_deadline_closes_within_a_slot_of_the_deadline() -> None:
+    """21 silent connections opened 20 ms apart over 0.4 s: whatever the slot boundaries,
+    each is closed no earlier than its deadline and at most 0.1 s (one slot) plus loop
+    latency after it. (With the old 0.3 s slots for a 6 s timeout, one was 0.28 s late.)"""
+    timeout = 6.0
+    loop = asyncio.get_running_loop()
+
+    async def silent_client(host: str, port: int) -> float:
+        reader, writer = await open_raw(host, port)
+        start = loop.time()
+        try:
+            await reader.read()
+        except ConnectionResetError:
+            pass
+        waited = loop.time() - start
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass
+        return waited
+
+    async with netlib.open_tcp_server(
+        netlib.echo_handler, framing="line", first_frame_timeout=timeout, idle_timeout=None
+    ) as server:
+        host, port = address_of(server)
+        clients = []
+        for _ in range(21):
+            clients.append(asyncio.create_task(silent_client(host, port)))
+            await asyncio.sleep(0.02)  # pacing the connections, not waiting for an event
+        async with asyncio.timeout(timeout + 3):
+            waits = await asyncio.gather(*clients)
+        assert server.statistics().timeouts == 21
+    lateness = [wait - timeout for wait in waits]
+    assert min(lateness) > -0.01  # never early (the client starts counting first)
+    assert max(lateness) < 0.1 + 0.001 + 0.1, max(lateness)  # slot + timer + loop margin
