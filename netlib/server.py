@@ -12,6 +12,11 @@ three policies in netlib's hands:
   connections closes and frees a descriptor, instead of spinning or waiting a whole second;
   the condition is logged at most once a second.
 * **max_connections**: a connection above the cap is closed at once and counted.
+* **max_connections_per_host**: so that one address cannot take every slot of the cap, a
+  connection from a peer IP address that already has that many open is closed at once and
+  counted (``rejected_per_host``). The key is the whole address, IPv4 or IPv6 (a host
+  with many IPv6 addresses is not caught: a /64 key would be the next step); loopback is
+  not exempt; Unix-socket peers are not limited (they have no address).
 * **Graceful shutdown**: ``shutdown(grace)`` closes the listeners (new connections are
   refused), ends each connection's input after the messages already received, lets the
   handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
@@ -58,6 +63,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_FIRST_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS_PER_HOST",
     "DEFAULT_SHUTDOWN_GRACE",
     "Handler",
     "Server",
@@ -74,6 +80,11 @@ DEFAULT_FIRST_FRAME_TIMEOUT: Final = 10.0
 """Seconds a new connection has to complete its first message (slowloris guard)."""
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
 """Seconds without traffic either way after which a connection is closed."""
+DEFAULT_MAX_CONNECTIONS_PER_HOST: Final = 256
+"""Connections one peer IP address may hold open at once; more are closed at once. 256 is
+far above what one client needs (browsers open 6 per host, connection pools tens) and
+leaves room for a NAT gateway of a small office, while one address can take at most 2.6%
+of the default 10,000-connection cap. None disables the limit."""
 DEFAULT_SHUTDOWN_GRACE: Final = 10.0
 """Seconds ``shutdown()`` lets handlers finish before aborting their connections."""
 DEFAULT_BACKLOG: Final = 1024
@@ -106,6 +117,8 @@ class ServerStatistics:
         accepted: connections accepted and served.
         active: connections open now.
         rejected: connections closed at once because ``max_connections`` was reached.
+        rejected_per_host: connections closed at once because their peer address already
+            had ``max_connections_per_host`` open.
         accept_errors: accept() failures (EMFILE and similar), each followed by a pause.
         tls_failures: connections whose TLS handshake failed or timed out.
         protocol_errors: connections closed for a malformed or oversized message.
@@ -120,6 +133,7 @@ class ServerStatistics:
     accepted: int = 0
     active: int = 0
     rejected: int = 0
+    rejected_per_host: int = 0
     accept_errors: int = 0
     tls_failures: int = 0
     protocol_errors: int = 0
@@ -159,13 +173,13 @@ class _Listener:
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._on_error(exc)
                 return
-            self._server._on_accepted(conn)
+            self._server._on_accepted(conn, addr)
 
     def _on_error(self, exc: OSError) -> None:
         self._server._counters.add("accept_errors")
@@ -205,6 +219,7 @@ class _Config:
     ssl: _ssl.SSLContext | None
     tls_handshake_timeout: float
     max_connections: int
+    max_connections_per_host: int | None
     shutdown_grace: float
 
 
@@ -222,6 +237,10 @@ class Server:
         self._accept_log = ThrottledLog(logger, self._loop)
         self._handler_log = ThrottledLog(logger, self._loop)
         self._connections: dict[asyncio.Future[Any], FramedProtocol] = {}
+        # Open connections per peer address, and each connection's address (only while
+        # max_connections_per_host is set, and only for IP peers).
+        self._per_host: dict[str, int] = {}
+        self._host_of: dict[FramedProtocol, str] = {}
         limits = config.limits
         self._deadlines = limits.deadline_timer() if limits.has_deadlines else None
         # A connection goes through three tasks: _start (accept, TLS), the handler, and
@@ -241,11 +260,19 @@ class Server:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _on_accepted(self, conn: socket.socket) -> None:
+    def _on_accepted(self, conn: socket.socket, addr: Any) -> None:
         if len(self._connections) >= self._config.max_connections:
             self._counters.add("rejected")
             conn.close()
             return
+        host = None
+        per_host = self._config.max_connections_per_host
+        if per_host is not None and conn.family != socket.AF_UNIX:
+            host = str(addr[0])  # the peer's IP address, IPv4 or IPv6 alike
+            if self._per_host.get(host, 0) >= per_host:
+                self._counters.add("rejected_per_host")
+                conn.close()
+                return
         conn.setblocking(False)
         self._counters.add("accepted")
         framing = self._config.framing
@@ -256,9 +283,23 @@ class Server:
             deadlines=self._deadlines,
             on_lost=self._lost_cb,
         )
+        if host is not None:
+            self._per_host[host] = self._per_host.get(host, 0) + 1
+            self._host_of[protocol] = host
         self._track(
             self._loop.create_task(self._start(conn, protocol)), protocol, self._started_cb
         )
+
+    def _release(self, protocol: FramedProtocol | None) -> None:
+        """``protocol``'s connection has no task left: free its per-host slot."""
+        if protocol is None:
+            return
+        host = self._host_of.pop(protocol, None)
+        if host is not None:
+            if (count := self._per_host[host] - 1) > 0:
+                self._per_host[host] = count
+            else:
+                del self._per_host[host]
 
     def _track(
         self,
@@ -297,36 +338,40 @@ class Server:
             logger.debug("abandoned connection task ended: %r", task.exception())
         return protocol
 
+    # Each phase's done callback returns the protocol when the connection has no next task
+    # (its chain ended: free its per-host slot), else None.
+
     def _on_started(self, task: asyncio.Future[Any]) -> None:
-        self._started(task)
+        self._release(self._started(task))
         self._settle()
 
-    def _started(self, task: asyncio.Future[Any]) -> None:
+    def _started(self, task: asyncio.Future[Any]) -> FramedProtocol | None:
         protocol = self._untrack(task)
         if protocol is None or task.cancelled():
-            return
+            return protocol
         if (exc := task.exception()) is not None:
             logger.error("connection setup failed", exc_info=exc)
-            return
+            return protocol
         if not task.result():
-            return
+            return protocol
         if self._aborted:  # close() ran after this connection was set up: no handler
             protocol.abort()
-            return
+            return protocol
         stream = MessageStream(protocol, self._config.framing, linger=True)
         # The handler is called in a copy of the server's context, as a task's first step
         # would be: what its synchronous part sets stays with this connection.
         handling = self._context.copy().run(_start_handler, self._config.handler, stream)
         self._track(handling, protocol, self._handled_cb)
+        return None
 
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
-        self._handled(task)
+        self._release(self._handled(task))
         self._settle()
 
-    def _handled(self, task: asyncio.Future[Any]) -> None:
+    def _handled(self, task: asyncio.Future[Any]) -> FramedProtocol | None:
         protocol = self._untrack(task)
         if protocol is None:
-            return
+            return None
         if not task.cancelled() and (exc := task.exception()) is not None:
             peer = _extra_info(protocol.transport, "peername")
             if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
@@ -335,14 +380,16 @@ class Server:
                 self._counters.add("handler_errors")
                 self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
         if protocol.lost or self._aborted:  # nothing left to close gracefully
-            return
+            return protocol
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
         self._track(closing, protocol, self._closed_cb)
+        return None
 
     def _on_closed(self, task: asyncio.Future[Any]) -> None:
         protocol = self._untrack(task)
         if protocol is not None and not task.cancelled() and (exc := task.exception()):
             logger.error("closing the connection failed", exc_info=exc)
+        self._release(protocol)
         self._settle()
 
     def _settle(self) -> None:
@@ -423,7 +470,7 @@ class Server:
             stubborn[:3],
         )
         for task in stubborn:
-            self._connections.pop(task, None)
+            self._release(self._connections.pop(task, None))
 
     async def wait_closed(self) -> None:
         """Wait until the listeners are closed and every connection task has ended.
@@ -532,6 +579,7 @@ async def open_tcp_server(
     framing: Framing | str = "raw",
     ssl: _ssl.SSLContext | None = None,
     max_connections: int | None = None,
+    max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
@@ -553,6 +601,8 @@ async def open_tcp_server(
         framing: ``"raw"``, ``"line"``, ``"length"`` or a ``Framing`` object.
         ssl: a server ``SSLContext`` to serve TLS.
         max_connections: cap on open connections (default ``default_max_connections()``).
+        max_connections_per_host: cap on open connections from one peer IP address
+            (default 256; None: no per-host cap). Excess connections are closed at once.
         first_frame_timeout: seconds to receive the first complete message (None: no limit).
         idle_timeout: seconds without traffic before closing (None: no limit).
         tls_handshake_timeout: seconds for the TLS handshake.
@@ -578,6 +628,9 @@ async def open_tcp_server(
         ssl=ssl,
         tls_handshake_timeout=tls_handshake_timeout,
         max_connections=max_connections or default_max_connections(),
+        max_connections_per_host=_positive_or_none(
+            "max_connections_per_host", max_connections_per_host
+        ),
         shutdown_grace=shutdown_grace,
     )
     socks = await _bind(host, port, path, backlog=backlog, reuse_port=reuse_port)
@@ -588,6 +641,12 @@ async def open_tcp_server(
         await server.shutdown()
 
 
+def _positive_or_none(name: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    return value
+
+
 class TCPServerOptions(TypedDict, total=False):
     """The keyword options of ``open_tcp_server``, accepted by ``serve_tcp`` too."""
 
@@ -595,6 +654,7 @@ class TCPServerOptions(TypedDict, total=False):
     framing: Framing | str
     ssl: _ssl.SSLContext | None
     max_connections: int | None
+    max_connections_per_host: int | None
     first_frame_timeout: float | None
     idle_timeout: float | None
     tls_handshake_timeout: float

@@ -15,7 +15,7 @@ import pytest
 
 import netlib
 from netlib import MessageStream
-from tests.helpers import address_of, open_raw
+from tests.helpers import address_of, open_raw, wait_until
 
 
 async def _connect_and_wait_for_close(host: str, port: int) -> None:
@@ -157,3 +157,52 @@ async def test_first_frame_deadline_closes_within_a_slot_of_the_deadline() -> No
     lateness = [wait - timeout for wait in waits]
     assert min(lateness) > -0.01  # never early (the client starts counting first)
     assert max(lateness) < 0.1 + 0.001 + 0.1, max(lateness)  # slot + timer + loop margin
+
+
+# -- one host cannot take every connection ----------------------------------------------------
+
+
+async def test_one_host_is_capped_and_another_address_is_still_served() -> None:
+    """127.0.0.2 is another loopback address on Linux: bind the client to it."""
+    cap = 4
+    async with netlib.open_tcp_server(
+        netlib.echo_handler, framing="line", max_connections=10, max_connections_per_host=cap
+    ) as server:
+        host, port = address_of(server)
+        kept = [await open_raw(host, port) for _ in range(cap)]
+        for reader, writer in kept:
+            writer.write(b"in\n")
+            assert await reader.readline() == b"in\n"
+        loop = asyncio.get_running_loop()
+        excess = [await open_raw(host, port) for _ in range(3)]
+        for reader, writer in excess:
+            start = loop.time()
+            assert await reader.read() == b""  # closed at once
+            assert loop.time() - start < 0.1
+            writer.close()
+        other_reader, other_writer = await asyncio.open_connection(
+            host, port, local_addr=("127.0.0.2", 0)
+        )
+        other_writer.write(b"other host\n")
+        assert await other_reader.readline() == b"other host\n"
+        stats = server.statistics()
+        assert (stats.rejected_per_host, stats.rejected, stats.active) == (3, 0, cap + 1)
+        _, kept_writer = kept.pop()
+        kept_writer.close()  # a slot of the first host is freed when its connection ends
+        await wait_until(lambda: server.statistics().active == cap)
+        again_reader, again_writer = await open_raw(host, port)
+        again_writer.write(b"again\n")
+        assert await again_reader.readline() == b"again\n"
+        for _, writer in [*kept, (other_reader, other_writer), (again_reader, again_writer)]:
+            writer.close()
+
+
+def test_the_per_host_cap_has_a_named_default_and_must_be_positive() -> None:
+    assert netlib.server.DEFAULT_MAX_CONNECTIONS_PER_HOST == 256
+    with pytest.raises(ValueError, match="max_connections_per_host"):
+        asyncio.run(_open_with_per_host_cap(0))
+
+
+async def _open_with_per_host_cap(cap: int) -> None:
+    async with netlib.open_tcp_server(netlib.echo_handler, max_connections_per_host=cap):
+        pass
