@@ -194,12 +194,18 @@ class ChatService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open(self, session: Session) -> int:
-        """Register ``session``; it lands in the default room. Returns its id."""
+    def open(self, session: Session, source: Hashable = None) -> int:
+        """Register ``session``; it lands in the default room. Returns its id.
+
+        Args:
+            session: the new client.
+            source: the client's host, e.g. its peer IP address, for the chat core's
+                per-host limits (``MAX_ROOMS_PER_HOST``); None makes it a host of its own.
+        """
         session_id = next(self._ids)
         self._sessions[session_id] = session
         self.opened += 1
-        self._schedule(self.core.connect(session_id, self._loop.time()))
+        self._schedule(self.core.connect(session_id, self._loop.time(), source))
         return session_id
 
     def receive(self, session_id: int, text: str) -> None:
