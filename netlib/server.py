@@ -12,6 +12,10 @@ three policies in netlib's hands:
   connections closes and frees a descriptor, instead of spinning or waiting a whole second;
   the condition is logged at most once a second.
 * **max_connections**: a connection above the cap is closed at once and counted.
+* **TCP keepalive** on every accepted TCP socket (not Unix sockets): silent for
+  ``keepalive_idle`` (30 s), then ``keepalive_count`` (4) probes ``keepalive_interval`` (5 s)
+  apart, so a peer whose network vanished is noticed within about 50 s even on a connection
+  with no deadline (a chat member that only listens).
 * **max_connections_per_host**: so that one address cannot take every slot of the cap, a
   connection from a peer IP address that already has that many open is closed at once and
   counted (``rejected_per_host``). The key is the whole address, IPv4 or IPv6 (a host
@@ -51,7 +55,13 @@ from typing_extensions import Unpack
 from netlib.aio.flow import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 from netlib.aio.framed import DEFAULT_READ_LIMIT, FramedProtocol, StreamLimits
 from netlib.aio.logs import ThrottledLog
-from netlib.aio.sockets import remove_socket_file
+from netlib.aio.sockets import (
+    DEFAULT_KEEPALIVE_COUNT,
+    DEFAULT_KEEPALIVE_IDLE,
+    DEFAULT_KEEPALIVE_INTERVAL,
+    remove_socket_file,
+    set_tcp_keepalive,
+)
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, RawFraming, framing_from_name
 from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream, _extra_info
@@ -63,6 +73,9 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_FIRST_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_KEEPALIVE_COUNT",
+    "DEFAULT_KEEPALIVE_IDLE",
+    "DEFAULT_KEEPALIVE_INTERVAL",
     "DEFAULT_MAX_CONNECTIONS_PER_HOST",
     "DEFAULT_SHUTDOWN_GRACE",
     "Handler",
@@ -220,6 +233,7 @@ class _Config:
     tls_handshake_timeout: float
     max_connections: int
     max_connections_per_host: int | None
+    keepalive: tuple[float, float, int] | None  # idle, interval, count
     shutdown_grace: float
 
 
@@ -274,6 +288,12 @@ class Server:
                 conn.close()
                 return
         conn.setblocking(False)
+        if (keepalive := self._config.keepalive) is not None and conn.family != socket.AF_UNIX:
+            idle, interval, count = keepalive
+            try:
+                set_tcp_keepalive(conn, idle=idle, interval=interval, count=count)
+            except OSError as exc:  # e.g. the peer is already gone: setup will find out
+                logger.debug("setting keepalive failed: %r", exc)
         self._counters.add("accepted")
         framing = self._config.framing
         protocol = FramedProtocol(
@@ -582,6 +602,9 @@ async def open_tcp_server(
     max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    keepalive_idle: float | None = DEFAULT_KEEPALIVE_IDLE,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    keepalive_count: int = DEFAULT_KEEPALIVE_COUNT,
     tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
     write_high: int = DEFAULT_WRITE_HIGH,
     write_low: int = DEFAULT_WRITE_LOW,
@@ -605,6 +628,12 @@ async def open_tcp_server(
             (default 256; None: no per-host cap). Excess connections are closed at once.
         first_frame_timeout: seconds to receive the first complete message (None: no limit).
         idle_timeout: seconds without traffic before closing (None: no limit).
+        keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
+            the kernel probes the peer (default 30; None: no keepalive).
+        keepalive_interval: seconds between keepalive probes (default 5).
+        keepalive_count: unanswered probes that end the connection (default 4): a vanished
+            peer is noticed after idle + count x interval seconds (50 s by default).
+            Timings are whole seconds (rounded up).
         tls_handshake_timeout: seconds for the TLS handshake.
         write_high, write_low: transport write-buffer marks for backpressure.
         read_limit: unconsumed received bytes above which reading pauses.
@@ -631,6 +660,9 @@ async def open_tcp_server(
         max_connections_per_host=_positive_or_none(
             "max_connections_per_host", max_connections_per_host
         ),
+        keepalive=None
+        if keepalive_idle is None
+        else (keepalive_idle, keepalive_interval, keepalive_count),
         shutdown_grace=shutdown_grace,
     )
     socks = await _bind(host, port, path, backlog=backlog, reuse_port=reuse_port)
@@ -657,6 +689,9 @@ class TCPServerOptions(TypedDict, total=False):
     max_connections_per_host: int | None
     first_frame_timeout: float | None
     idle_timeout: float | None
+    keepalive_idle: float | None
+    keepalive_interval: float
+    keepalive_count: int
     tls_handshake_timeout: float
     write_high: int
     write_low: int

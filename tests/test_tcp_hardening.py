@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +208,65 @@ def test_the_per_host_cap_has_a_named_default_and_must_be_positive() -> None:
 async def _open_with_per_host_cap(cap: int) -> None:
     async with netlib.open_tcp_server(netlib.echo_handler, max_connections_per_host=cap):
         pass
+
+
+# -- TCP keepalive on accepted sockets ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, (1, 30, 5, 4)),  # DEFAULT_KEEPALIVE_IDLE / _INTERVAL / _COUNT
+        ({"keepalive_idle": 1.5, "keepalive_interval": 1, "keepalive_count": 2}, (1, 2, 1, 2)),
+    ],
+)
+async def test_accepted_sockets_get_tcp_keepalive(
+    options: dict[str, float], expected: tuple[int, int, int, int]
+) -> None:
+    seen: list[tuple[int, int, int, int]] = []
+
+    async def handler(stream: MessageStream) -> None:
+        sock = stream.socket
+        assert sock is not None
+        seen.append(
+            (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            )
+        )
+        await stream.send(b"checked")
+
+    async with (
+        netlib.open_tcp_server(handler, framing="line", **options) as server,  # type: ignore[arg-type]
+        netlib.connect_tcp(*address_of(server), framing="line") as stream,
+    ):
+        assert await stream.receive() == b"checked"
+    assert seen == [expected]
+
+
+async def test_keepalive_can_be_turned_off_and_unix_sockets_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    seen: list[int] = []
+
+    async def handler(stream: MessageStream) -> None:
+        sock = stream.socket
+        assert sock is not None
+        if sock.family != socket.AF_UNIX:
+            seen.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        await stream.send(b"ok")
+
+    async with (
+        netlib.open_tcp_server(handler, framing="line", keepalive_idle=None) as server,
+        netlib.connect_tcp(*address_of(server), framing="line") as stream,
+    ):
+        assert await stream.receive() == b"ok"
+    assert seen == [0]
+    path = str(tmp_path / "s")
+    async with (
+        netlib.open_tcp_server(handler, path=path, framing="line") as server,
+        netlib.connect_tcp(path=path, framing="line") as stream,
+    ):
+        assert await stream.receive() == b"ok"
