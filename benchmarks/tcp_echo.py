@@ -130,7 +130,13 @@ async def _serve(name: str, port_file: Path, profile_out: str | None) -> None:
         port = _free_port()
         framing = "raw" if name == "serve_raw" else "line"
         serving = asyncio.create_task(
-            netlib.serve_tcp(netlib.echo_handler, HOST, port, framing=framing)
+            netlib.serve_tcp(
+                netlib.echo_handler,
+                HOST,
+                port,
+                framing=framing,
+                max_connections_per_host=None,  # every load client is on loopback
+            )
         )
     else:
         raise SystemExit(f"unknown server {name!r}")

@@ -36,8 +36,10 @@ from typing import ClassVar, Final, Protocol
 
 from netlib.aio.logs import ThrottledLog
 from netlib.sansio.chat import (
+    ANNOUNCE_MAX_MEMBERS,
     FLOOD_BURST,
     FLOOD_RATE,
+    MAX_ROOMS_PER_HOST,
     Broadcast,
     ChatCore,
     Close,
@@ -87,7 +89,8 @@ SLOW_CONSUMER: Final = "slow_consumer"
 
 @dataclass(frozen=True, slots=True)
 class ChatLimits:
-    """Per-connection outbound limits and per-client flood control of a chat service."""
+    """Per-connection outbound limits, per-client flood control and chat-core limits of a
+    chat service (``max_rooms_per_host`` and ``announce_max_members``: see ``ChatCore``)."""
 
     soft_limit: int = CHAT_SOFT_LIMIT
     soft_time: float = CHAT_SOFT_TIME
@@ -96,6 +99,8 @@ class ChatLimits:
     flood_burst: int = FLOOD_BURST
     max_line_bytes: int = CHAT_MAX_LINE_BYTES
     socket_send_buffer: int | None = CHAT_SOCKET_SEND_BUFFER
+    max_rooms_per_host: int = MAX_ROOMS_PER_HOST
+    announce_max_members: int = ANNOUNCE_MAX_MEMBERS
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_limit <= self.hard_limit:
@@ -171,7 +176,10 @@ class ChatService:
         self.limits = limits or ChatLimits()
         self.hub: Hub = hub if hub is not None else MemoryHub()
         self.core = ChatCore(
-            flood_rate=self.limits.flood_rate, flood_burst=self.limits.flood_burst
+            flood_rate=self.limits.flood_rate,
+            flood_burst=self.limits.flood_burst,
+            max_rooms_per_host=self.limits.max_rooms_per_host,
+            announce_max_members=self.limits.announce_max_members,
         )
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, Session] = {}
