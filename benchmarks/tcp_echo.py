@@ -119,7 +119,13 @@ def _serve_tcp(framing: str) -> bench.ServerStart:
 
         port = _free_port()  # serve_tcp runs until cancelled: it is given a free port
         serving = asyncio.create_task(
-            netlib.serve_tcp(netlib.echo_handler, HOST, port, framing=framing)
+            netlib.serve_tcp(
+                netlib.echo_handler,
+                HOST,
+                port,
+                framing=framing,
+                max_connections_per_host=None,  # every load client is on loopback
+            )
         )
         stack.callback(serving.cancel)
         return port, None  # the parent probes until a connect succeeds

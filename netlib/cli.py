@@ -119,6 +119,14 @@ def _add_echo(commands: Any) -> None:
         help="reply unchanged, upper-cased, or timestamped (timestamp: udp only)",
     )
     serve.add_argument("--upper", action="store_true", help="same as --mode upper")
+    serve.add_argument(
+        "--max-connections-per-host",
+        type=per_host_type,
+        default=netlib.server.DEFAULT_MAX_CONNECTIONS_PER_HOST,
+        metavar="N",
+        help="tcp: connections one peer address may hold open; 0 for no limit "
+        f"(default {netlib.server.DEFAULT_MAX_CONNECTIONS_PER_HOST})",
+    )
     send = actions.add_parser("send", help="send messages and print each reply")
     _add_network_options(send, DEFAULT_ECHO_PORT)
     send.add_argument(
@@ -144,6 +152,16 @@ def _add_chat(commands: Any) -> None:
     join = actions.add_parser("join", help="join a chat (interactive, or lines from a pipe)")
     _add_network_options(join, DEFAULT_CHAT_PORT)
     join.add_argument("--nick", help="nickname to take after joining")
+
+
+def per_host_type(value: str) -> int | None:
+    try:
+        count = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}: not a number") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"invalid count {count}: must be >= 0")
+    return count or None
 
 
 def retries_type(value: str) -> int:
@@ -174,7 +192,9 @@ async def echo_serve(args: argparse.Namespace) -> None:
     if mode == "timestamp":
         raise UsageError("--mode timestamp is a UDP service: use --proto udp")
     handler = netlib.upper_echo_handler if mode == "upper" else netlib.echo_handler
-    async with netlib.open_tcp_server(handler, args.host, args.port) as server:
+    async with netlib.open_tcp_server(
+        handler, args.host, args.port, max_connections_per_host=args.max_connections_per_host
+    ) as server:
         _announce(args, mode, server.addresses)
         await server.serve_forever()
 

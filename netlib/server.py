@@ -12,6 +12,15 @@ three policies in netlib's hands:
   connections closes and frees a descriptor, instead of spinning or waiting a whole second;
   the condition is logged at most once a second.
 * **max_connections**: a connection above the cap is closed at once and counted.
+* **TCP keepalive** on every accepted TCP socket (not Unix sockets): silent for
+  ``keepalive_idle`` (30 s), then ``keepalive_count`` (4) probes ``keepalive_interval`` (5 s)
+  apart, so a peer whose network vanished is noticed within about 50 s even on a connection
+  with no deadline (a chat member that only listens).
+* **max_connections_per_host**: so that one address cannot take every slot of the cap, a
+  connection from a peer IP address that already has that many open is closed at once and
+  counted (``rejected_per_host``). The key is the whole address, IPv4 or IPv6 (a host
+  with many IPv6 addresses is not caught: a /64 key would be the next step); loopback is
+  not exempt; Unix-socket peers are not limited (they have no address).
 * **Graceful shutdown**: ``shutdown(grace)`` closes the listeners (new connections are
   refused), ends each connection's input after the messages already received, lets the
   handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
@@ -21,8 +30,10 @@ Each connection runs the user's handler with a ``MessageStream`` in a task of it
 nothing else held per connection: accepting (and the TLS handshake) and the graceful close
 are separate short tasks, each started by the previous one's done callback. Errors the
 peer causes (malformed frames, resets, timeouts) end that connection and are counted; an
-unexpected exception in a handler is logged with its traceback and counted. Neither
-disturbs other connections.
+unexpected exception in a handler is counted and logged with its traceback, at most once a
+second (``LOG_INTERVAL``; the lines in between are counted in the next one and at close),
+so a handler that fails on every connection cannot flood the log. Neither disturbs other
+connections.
 """
 
 from __future__ import annotations
@@ -42,7 +53,14 @@ from typing import Any, Final, TypedDict
 from typing_extensions import Unpack
 
 from netlib.aio.logs import ThrottledLog
-from netlib.aio.sockets import extra_info, remove_socket_file
+from netlib.aio.sockets import (
+    DEFAULT_KEEPALIVE_COUNT,
+    DEFAULT_KEEPALIVE_IDLE,
+    DEFAULT_KEEPALIVE_INTERVAL,
+    extra_info,
+    remove_socket_file,
+    set_tcp_keepalive,
+)
 from netlib.aio.stream import StreamProtocol, deadline_timer_for
 from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
 from netlib.sansio.framing import Framing, framing_from_name
@@ -57,9 +75,14 @@ from netlib.streams import DEFAULT_CLOSE_TIMEOUT, Handler, MessageStream
 __all__ = [
     "ACCEPT_BATCH",
     "ACCEPT_RETRY_DELAY",
+    "CANCEL_TIMEOUT",
     "DEFAULT_BACKLOG",
     "DEFAULT_FIRST_FRAME_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_KEEPALIVE_COUNT",
+    "DEFAULT_KEEPALIVE_IDLE",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_MAX_CONNECTIONS_PER_HOST",
     "DEFAULT_SHUTDOWN_GRACE",
     "Handler",
     "Server",
@@ -76,6 +99,11 @@ DEFAULT_FIRST_FRAME_TIMEOUT: Final = 10.0
 """Seconds a new connection has to complete its first message (slowloris guard)."""
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
 """Seconds without traffic either way after which a connection is closed."""
+DEFAULT_MAX_CONNECTIONS_PER_HOST: Final = 256
+"""Connections one peer IP address may hold open at once; more are closed at once. 256 is
+far above what one client needs (browsers open 6 per host, connection pools tens) and
+leaves room for a NAT gateway of a small office, while one address can take at most 2.6%
+of the default 10,000-connection cap. None disables the limit."""
 DEFAULT_SHUTDOWN_GRACE: Final = 10.0
 """Seconds ``shutdown()`` lets handlers finish before aborting their connections."""
 DEFAULT_BACKLOG: Final = 1024
@@ -84,6 +112,10 @@ ACCEPT_BATCH: Final = 64
 """Most connections accepted per readiness event, so accepting cannot starve other work."""
 ACCEPT_RETRY_DELAY: Final = 0.1
 """Seconds the accept loop pauses after running out of file descriptors."""
+CANCEL_TIMEOUT: Final = 0.5
+"""Seconds a cancelled connection task (a handler) may take to end once its connection is
+aborted; a task still running then (one that swallows ``CancelledError``) is counted,
+logged and no longer waited for, so ``shutdown()`` returns within ``grace`` plus this."""
 _RESERVED_FDS: Final = 32
 _EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -104,6 +136,8 @@ class ServerStatistics:
         accepted: connections accepted and served.
         active: connections open now.
         rejected: connections closed at once because ``max_connections`` was reached.
+        rejected_per_host: connections closed at once because their peer address already
+            had ``max_connections_per_host`` open.
         accept_errors: accept() failures (EMFILE and similar), each followed by a pause.
         tls_failures: connections whose TLS handshake failed or timed out.
         protocol_errors: connections closed for a malformed or oversized message.
@@ -111,11 +145,14 @@ class ServerStatistics:
         resets: connections lost abruptly (reset, broken pipe).
         handler_errors: handlers that raised an unexpected exception.
         aborted_at_shutdown: connections still open when the shutdown grace ended.
+        abandoned_tasks: connection tasks still running ``CANCEL_TIMEOUT`` seconds after
+            ``close()`` cancelled them (their connections are closed): no longer waited for.
     """
 
     accepted: int = 0
     active: int = 0
     rejected: int = 0
+    rejected_per_host: int = 0
     accept_errors: int = 0
     tls_failures: int = 0
     protocol_errors: int = 0
@@ -123,6 +160,7 @@ class ServerStatistics:
     resets: int = 0
     handler_errors: int = 0
     aborted_at_shutdown: int = 0
+    abandoned_tasks: int = 0
 
 
 class _Counters:
@@ -154,13 +192,13 @@ class _Listener:
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._on_error(exc)
                 return
-            self._server._on_accepted(conn)
+            self._server._on_accepted(conn, addr)
 
     def _on_error(self, exc: OSError) -> None:
         self._server._counters.add("accept_errors")
@@ -200,6 +238,8 @@ class _Config:
     ssl: _ssl.SSLContext | None
     tls_handshake_timeout: float
     max_connections: int
+    max_connections_per_host: int | None
+    keepalive: tuple[float, float, int] | None  # idle, interval, count
     shutdown_grace: float
 
 
@@ -215,7 +255,12 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._counters = _Counters()
         self._accept_log = ThrottledLog(logger, self._loop)
+        self._handler_log = ThrottledLog(logger, self._loop)
         self._connections: dict[asyncio.Future[Any], StreamProtocol] = {}
+        # Open connections per peer address, and each connection's address (only while
+        # max_connections_per_host is set, and only for IP peers).
+        self._per_host: dict[str, int] = {}
+        self._host_of: dict[StreamProtocol, str] = {}
         limits = config.limits
         self._deadlines = deadline_timer_for(limits) if limits.has_deadlines else None
         # A connection goes through three tasks: _start (accept, TLS), the handler, and
@@ -227,6 +272,7 @@ class Server:
         self._lost_cb = self._on_lost
         self._closing = False
         self._aborted = False
+        self._settled: asyncio.Future[None] | None = None  # see _wait_settled
         self._stopped = self._loop.create_future()
         self.addresses: list[Any] = [sock.getsockname() for sock in socks]
         """The bound addresses (with the real ports when bound to port 0)."""
@@ -234,12 +280,26 @@ class Server:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _on_accepted(self, conn: socket.socket) -> None:
+    def _on_accepted(self, conn: socket.socket, addr: Any) -> None:
         if len(self._connections) >= self._config.max_connections:
             self._counters.add("rejected")
             conn.close()
             return
+        host = None
+        per_host = self._config.max_connections_per_host
+        if per_host is not None and conn.family != socket.AF_UNIX:
+            host = str(addr[0])  # the peer's IP address, IPv4 or IPv6 alike
+            if self._per_host.get(host, 0) >= per_host:
+                self._counters.add("rejected_per_host")
+                conn.close()
+                return
         conn.setblocking(False)
+        if (keepalive := self._config.keepalive) is not None and conn.family != socket.AF_UNIX:
+            idle, interval, count = keepalive
+            try:
+                set_tcp_keepalive(conn, idle=idle, interval=interval, count=count)
+            except OSError as exc:  # e.g. the peer is already gone: setup will find out
+                logger.debug("setting keepalive failed: %r", exc)
         self._counters.add("accepted")
         protocol = StreamProtocol(
             self._config.framing,
@@ -247,9 +307,23 @@ class Server:
             deadlines=self._deadlines,
             on_lost=self._lost_cb,
         )
+        if host is not None:
+            self._per_host[host] = self._per_host.get(host, 0) + 1
+            self._host_of[protocol] = host
         self._track(
             self._loop.create_task(self._start(conn, protocol)), protocol, self._started_cb
         )
+
+    def _release(self, protocol: StreamProtocol | None) -> None:
+        """``protocol``'s connection has no task left: free its per-host slot."""
+        if protocol is None:
+            return
+        host = self._host_of.pop(protocol, None)
+        if host is not None:
+            if (count := self._per_host[host] - 1) > 0:
+                self._per_host[host] = count
+            else:
+                del self._per_host[host]
 
     def _track(
         self,
@@ -281,42 +355,73 @@ class Server:
             raise
         return True
 
+    def _untrack(self, task: asyncio.Future[Any]) -> StreamProtocol | None:
+        """Forget ``task``; None if it was abandoned (its connection is closed already)."""
+        protocol = self._connections.pop(task, None)
+        if protocol is None and not task.cancelled() and task.exception() is not None:
+            logger.debug("abandoned connection task ended: %r", task.exception())
+        return protocol
+
+    # Each phase's done callback returns the protocol when the connection has no next task
+    # (its chain ended: free its per-host slot), else None.
+
     def _on_started(self, task: asyncio.Future[Any]) -> None:
-        protocol = self._connections.pop(task)
-        if task.cancelled():
-            return
+        self._release(self._started(task))
+        self._settle()
+
+    def _started(self, task: asyncio.Future[Any]) -> StreamProtocol | None:
+        protocol = self._untrack(task)
+        if protocol is None or task.cancelled():
+            return protocol
         if (exc := task.exception()) is not None:
             logger.error("connection setup failed", exc_info=exc)
-            return
+            return protocol
         if not task.result():
-            return
+            return protocol
         if self._aborted:  # close() ran after this connection was set up: no handler
             protocol.abort()
-            return
+            return protocol
         stream = MessageStream(protocol, linger=True)
         # The handler is called in a copy of the server's context, as a task's first step
         # would be: what its synchronous part sets stays with this connection.
         handling = self._context.copy().run(_start_handler, self._config.handler, stream)
         self._track(handling, protocol, self._handled_cb)
+        return None
 
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
-        protocol = self._connections.pop(task)
+        self._release(self._handled(task))
+        self._settle()
+
+    def _handled(self, task: asyncio.Future[Any]) -> StreamProtocol | None:
+        protocol = self._untrack(task)
+        if protocol is None:
+            return None
         if not task.cancelled() and (exc := task.exception()) is not None:
             peer = extra_info(protocol.transport, "peername")
             if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
                 logger.debug("connection %s ended: %r", peer, exc)
             else:
                 self._counters.add("handler_errors")
-                logger.error("handler failed for %s", peer, exc_info=exc)
-        if protocol.lost:  # nothing left to close gracefully
-            return
+                self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
+        if protocol.lost or self._aborted:  # nothing left to close gracefully
+            return protocol
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
         self._track(closing, protocol, self._closed_cb)
+        return None
 
     def _on_closed(self, task: asyncio.Future[Any]) -> None:
-        self._connections.pop(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        protocol = self._untrack(task)
+        if protocol is not None and not task.cancelled() and (exc := task.exception()):
             logger.error("closing the connection failed", exc_info=exc)
+        self._release(protocol)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Wake ``_wait_settled()`` once no connection task is left or ``close()`` ran."""
+        settled = self._settled
+        if settled is not None and (self._aborted or not self._connections):
+            self._settled = None
+            settled.set_result(None)
 
     def _on_lost(self, protocol: StreamProtocol) -> None:
         """A connection's transport is gone: count why, and retry accept if fds ran out."""
@@ -361,21 +466,58 @@ class Server:
         for task, protocol in list(self._connections.items()):
             protocol.abort()
             task.cancel()
+        self._settle()
+
+    async def _wait_settled(self) -> None:
+        """Wait until no connection task is left, or until ``close()`` runs."""
+        while self._connections and not self._aborted:
+            if self._settled is None:
+                self._settled = self._loop.create_future()
+            await asyncio.shield(self._settled)  # shared by every waiter: never cancel it
+
+    async def _reap(self) -> None:
+        """After ``close()``: wait ``CANCEL_TIMEOUT`` for the cancelled tasks, then give up
+        on those still running (they swallowed the cancellation): count, log, forget."""
+        deadline = self._loop.time() + CANCEL_TIMEOUT
+        while self._connections and (remaining := deadline - self._loop.time()) > 0:
+            await asyncio.wait(list(self._connections), timeout=remaining)
+        stubborn = list(self._connections)
+        if not stubborn:
+            return
+        self._counters.add("abandoned_tasks", len(stubborn))
+        logger.error(
+            "%d connection task(s) did not end within %ss of being cancelled (does the "
+            "handler catch CancelledError?); their connections are closed and they are no "
+            "longer waited for: %r",
+            len(stubborn),
+            CANCEL_TIMEOUT,
+            stubborn[:3],
+        )
+        for task in stubborn:
+            self._release(self._connections.pop(task, None))
 
     async def wait_closed(self) -> None:
-        """Wait until the listeners are closed and every connection task has ended."""
+        """Wait until the listeners are closed and every connection task has ended.
+
+        Once ``close()`` has run, waits at most ``CANCEL_TIMEOUT`` for the cancelled tasks:
+        a handler that swallows ``CancelledError`` is abandoned (counted in
+        ``abandoned_tasks`` and logged), not waited for.
+        """
         await asyncio.shield(self._stopped)
-        while self._connections:
-            await asyncio.wait(list(self._connections))
+        await self._wait_settled()
+        if self._connections:
+            await self._reap()
         if self._deadlines is not None:
             self._deadlines.close()
+        self._handler_log.flush(logging.ERROR, "handlers failed")
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let handlers finish within ``grace`` seconds, then abort.
 
         Each connection's input ends after the messages already received (its handler sees
         ``EndOfStream`` next); replies still flow; the connection then closes with EOF.
-        Returns within about ``grace`` seconds even when a peer never reads.
+        Returns within ``grace`` plus ``CANCEL_TIMEOUT`` seconds whatever peers and handlers
+        do: when a peer never reads, or a handler ignores cancellation (see ``wait_closed``).
         """
         grace = self._config.shutdown_grace if grace is None else grace
         self._stop_accepting()
@@ -384,8 +526,7 @@ class Server:
         if self._connections:
             try:
                 async with asyncio.timeout(grace):
-                    while self._connections:  # each phase's callback adds the next task
-                        await asyncio.wait(list(self._connections))
+                    await self._wait_settled()  # each phase's callback adds the next task
             except TimeoutError:
                 self._counters.add("aborted_at_shutdown", len(self._connections))
             self.close()
@@ -462,10 +603,14 @@ async def open_tcp_server(
     framing: Framing | str = "raw",
     ssl: _ssl.SSLContext | None = None,
     max_connections: int | None = None,
+    max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     message_timeout: float | None = None,
     send_timeout: float | None = None,
+    keepalive_idle: float | None = DEFAULT_KEEPALIVE_IDLE,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    keepalive_count: int = DEFAULT_KEEPALIVE_COUNT,
     tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
     write_high: int = DEFAULT_WRITE_HIGH,
     write_low: int = DEFAULT_WRITE_LOW,
@@ -485,6 +630,8 @@ async def open_tcp_server(
         framing: ``"raw"``, ``"line"``, ``"length"`` or a ``Framing`` object.
         ssl: a server ``SSLContext`` to serve TLS.
         max_connections: cap on open connections (default ``default_max_connections()``).
+        max_connections_per_host: cap on open connections from one peer IP address
+            (default 256; None: no per-host cap). Excess connections are closed at once.
         first_frame_timeout: seconds to receive the first complete message (None: no limit).
         idle_timeout: seconds without traffic before closing (None: no limit).
         message_timeout: seconds a message may take from its first byte to its last, so
@@ -493,6 +640,12 @@ async def open_tcp_server(
         send_timeout: seconds the write buffer may stay above ``write_high`` while the peer
             does not read, before the connection is cut off as ``SlowConsumer`` (None: the
             handler just waits in ``send()``).
+        keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
+            the kernel probes the peer (default 30; None: no keepalive).
+        keepalive_interval: seconds between keepalive probes (default 5).
+        keepalive_count: unanswered probes that end the connection (default 4): a vanished
+            peer is noticed after idle + count x interval seconds (50 s by default).
+            Timings are whole seconds (rounded up).
         tls_handshake_timeout: seconds for the TLS handshake.
         write_high, write_low: transport write-buffer marks for backpressure.
         read_limit: unconsumed received bytes above which reading pauses.
@@ -518,6 +671,12 @@ async def open_tcp_server(
         ssl=ssl,
         tls_handshake_timeout=tls_handshake_timeout,
         max_connections=max_connections or default_max_connections(),
+        max_connections_per_host=_positive_or_none(
+            "max_connections_per_host", max_connections_per_host
+        ),
+        keepalive=None
+        if keepalive_idle is None
+        else (keepalive_idle, keepalive_interval, keepalive_count),
         shutdown_grace=shutdown_grace,
     )
     socks = await _bind(host, port, path, backlog=backlog, reuse_port=reuse_port)
@@ -528,6 +687,12 @@ async def open_tcp_server(
         await server.shutdown()
 
 
+def _positive_or_none(name: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    return value
+
+
 class TCPServerOptions(TypedDict, total=False):
     """The keyword options of ``open_tcp_server``, accepted by ``serve_tcp`` too."""
 
@@ -535,10 +700,14 @@ class TCPServerOptions(TypedDict, total=False):
     framing: Framing | str
     ssl: _ssl.SSLContext | None
     max_connections: int | None
+    max_connections_per_host: int | None
     first_frame_timeout: float | None
     idle_timeout: float | None
     message_timeout: float | None
     send_timeout: float | None
+    keepalive_idle: float | None
+    keepalive_interval: float
+    keepalive_count: int
     tls_handshake_timeout: float
     write_high: int
     write_low: int

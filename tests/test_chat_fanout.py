@@ -38,7 +38,9 @@ import netlib
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 async def main() -> None:
-    limits = netlib.ChatLimits(flood_rate=1000.0, flood_burst=1000)  # publishers send 250/s
+    limits = netlib.ChatLimits(  # publishers send 250/s; the test counts the join and
+        flood_rate=1000.0, flood_burst=1000, announce_max_members=1000  # quit notices of
+    )  # its 204 clients, which a lobby of more than 64 members does not announce
     async with netlib.open_chat_server(service=netlib.ChatService(limits=limits)) as server:
         print(server.tcp_addresses[0][1], flush=True)
         await server.serve_forever()

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from netlib.cli import main
+from netlib.cli import build_parser, main
 
 NETLIB = [sys.executable, "-m", "netlib"]
 
@@ -28,6 +28,7 @@ NETLIB = [sys.executable, "-m", "netlib"]
         (["echo", "send", "--proto", "sctp", "hi"], "invalid choice: 'sctp'"),
         (["--loop", "trio", "demo"], "invalid choice: 'trio'"),
         (["echo", "send", "--proto", "udp", "--retries", "x", "hi"], "invalid retries 'x'"),
+        (["echo", "serve", "--max-connections-per-host", "-1"], "invalid count -1"),
         (["echo", "serve", "--mode", "timestamp"], "timestamp is a UDP service"),
     ],
 )
@@ -235,3 +236,10 @@ def test_bad_loop_from_the_environment_is_a_usage_error(
         main(["echo", "send", "hi"])
     assert info.value.code == 2
     assert "netlib: error: unknown loop 'trio'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("given", "expected"), [([], 256), (["0"], None), (["3"], 3)])
+def test_echo_serve_max_connections_per_host(given: list[str], expected: int | None) -> None:
+    option = ["--max-connections-per-host", *given] if given else []
+    args = build_parser().parse_args(["echo", "serve", *option])
+    assert args.max_connections_per_host == expected

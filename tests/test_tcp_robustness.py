@@ -450,7 +450,9 @@ async def test_idle_connections_cost_little_memory_and_no_latency() -> None:
     count = _idle_connection_count()
     assert count >= 1000, "needs at least 1,200 file descriptors"
     process = psutil.Process()
-    async with netlib.open_tcp_server(netlib.echo_handler, framing="line") as server:
+    async with netlib.open_tcp_server(  # thousands of clients from one address
+        netlib.echo_handler, framing="line", max_connections_per_host=None
+    ) as server:
         clients = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _IDLE_CLIENTS, str(address_of(server)[1]), str(count),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -525,7 +527,9 @@ async def _run_script(script: str, *args: object) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_connection_churn_does_not_stall_an_established_client() -> None:
-    async with netlib.open_tcp_server(netlib.echo_handler, framing="line") as server:
+    async with netlib.open_tcp_server(  # the flood comes from one address
+        netlib.echo_handler, framing="line", max_connections_per_host=None
+    ) as server:
         port = address_of(server)[1]
         probe = asyncio.ensure_future(_run_script(_PROBE, port, FLOOD_SECONDS))
         flood = asyncio.ensure_future(_run_script(_FLOOD, port, FLOOD_SECONDS))
@@ -711,7 +715,10 @@ async def test_slowloris_connections_are_closed_at_the_deadline() -> None:
     deadline = 1.0
     count = 500
     async with netlib.open_tcp_server(
-        netlib.echo_handler, framing="line", first_frame_timeout=deadline
+        netlib.echo_handler,
+        framing="line",
+        first_frame_timeout=deadline,
+        max_connections_per_host=None,  # 500 slow clients from one address
     ) as server:
         loop = asyncio.get_running_loop()
         opened = [await open_raw(*address_of(server)) for _ in range(count)]

@@ -6,6 +6,10 @@ single timer for its earliest slot. When the slot is due, each of its connection
 ``check_deadlines(now)``, which either closes the connection or calls ``schedule()`` again
 with its current deadline (the idle deadline moves with traffic, which never touches the
 wheel).
+
+Lateness: a deadline fires at most one slot (``MAX_RESOLUTION``, 0.1 s) plus the loop's
+timer granularity (``TIMER_GRANULARITY``, 1 ms on uvloop) late, i.e. ``MAX_LATENESS``, plus
+whatever callbacks run before the timer on a busy loop.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ import asyncio
 import math
 from typing import Final, Protocol
 
-from netlib.sansio.deadlines import DeadlineWheel
+from netlib.sansio.deadlines import MAX_RESOLUTION, DeadlineWheel, resolution_for
 
-__all__ = ["MAX_RESOLUTION", "DeadlineTimer", "HasDeadlines", "resolution_for"]
+__all__ = [
+    "MAX_LATENESS",
+    "MAX_RESOLUTION",
+    "TIMER_GRANULARITY",
+    "DeadlineTimer",
+    "HasDeadlines",
+    "resolution_for",
+]
 
-MAX_RESOLUTION: Final = 0.5
-"""Coarsest slot width (seconds): a deadline fires at most this late."""
-_SLOTS_PER_TIMEOUT: Final = 20
-_MIN_RESOLUTION: Final = 0.001
-
-
-def resolution_for(*timeouts: float | None) -> float:
-    """The slot width for these timeouts: 1/20 of the shortest, within 1 ms .. 0.5 s."""
-    shortest = min((t for t in timeouts if t is not None), default=MAX_RESOLUTION)
-    return min(MAX_RESOLUTION, max(_MIN_RESOLUTION, shortest / _SLOTS_PER_TIMEOUT))
+TIMER_GRANULARITY: Final = 0.001
+"""Seconds by which the loop may run a timer off its time (uvloop rounds to milliseconds)."""
+MAX_LATENESS: Final = MAX_RESOLUTION + TIMER_GRANULARITY
+"""Worst-case lateness of a deadline (seconds), loop latency aside: one slot plus the timer
+granularity, well inside the +-0.5 s deadline tolerance."""
 
 
 class HasDeadlines(Protocol):

@@ -34,10 +34,28 @@ class ThrottledLog:
         """Log ``message`` at warning level unless one was logged within the interval."""
         self.log(logging.WARNING, message, *args)
 
-    def log(self, level: int, message: str, *args: object) -> None:
-        """Log ``message`` at ``level`` unless one was logged within the interval."""
+    def log(
+        self,
+        level: int,
+        message: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """Log ``message`` at ``level`` unless one was logged within the interval.
+
+        Args:
+            exc_info: an exception whose traceback goes with the line.
+        """
         suppressed = self._due()
         if suppressed is not None:
+            self._logger.log(
+                level, message + " (%d similar suppressed)", *args, suppressed, exc_info=exc_info
+            )
+
+    def flush(self, level: int, message: str, *args: object) -> None:
+        """Log how many lines were suppressed since the last one, if any (at the end)."""
+        suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
             self._logger.log(level, message + " (%d similar suppressed)", *args, suppressed)
 
     def exception(self, message: str, *args: object) -> None:

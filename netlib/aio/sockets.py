@@ -1,5 +1,5 @@
 """Datagram socket creation: resolve, bind or connect, and set the options netlib offers;
-sending empty datagrams, which neither loop's transport can.
+sending empty datagrams, which neither loop's transport can; TCP keepalive.
 
 netlib creates its datagram sockets itself and hands them to
 ``loop.create_datagram_endpoint(sock=...)``, so both loops get the same options: broadcast,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import socket
 import stat
@@ -19,6 +20,9 @@ from typing import Any, Final, Protocol
 
 __all__ = [
     "DEFAULT_DATAGRAM_WRITE_HIGH",
+    "DEFAULT_KEEPALIVE_COUNT",
+    "DEFAULT_KEEPALIVE_IDLE",
+    "DEFAULT_KEEPALIVE_INTERVAL",
     "DEFAULT_MAX_DATAGRAM",
     "MAX_DATAGRAM_LIMIT",
     "DatagramSocketOptions",
@@ -26,6 +30,7 @@ __all__ = [
     "extra_info",
     "open_datagram_socket",
     "remove_socket_file",
+    "set_tcp_keepalive",
 ]
 
 DEFAULT_MAX_DATAGRAM: Final = 65_507
@@ -34,6 +39,37 @@ MAX_DATAGRAM_LIMIT: Final = 65_535
 """Highest ``max_size`` allowed: above it a uvloop read may have been cut short."""
 DEFAULT_DATAGRAM_WRITE_HIGH: Final = 256 * 1024
 """Transport send-buffer size above which ``send()`` waits and server replies are dropped."""
+DEFAULT_KEEPALIVE_IDLE: Final = 30.0
+"""Seconds a TCP connection is silent before the kernel probes the peer (Linux: 2 hours)."""
+DEFAULT_KEEPALIVE_INTERVAL: Final = 5.0
+"""Seconds between two keepalive probes (Linux: 75 s)."""
+DEFAULT_KEEPALIVE_COUNT: Final = 4
+"""Unanswered probes after which the connection is dropped: a vanished peer is detected
+after idle + count x interval = 30 + 4 x 5 = 50 s of silence (Linux defaults: 2 h 11 min)."""
+
+
+def set_tcp_keepalive(sock: Any, *, idle: float, interval: float, count: int) -> None:
+    """Turn on TCP keepalive with these timings (seconds, rounded up to whole seconds).
+
+    The kernel then probes a silent peer and, after ``count`` unanswered probes, fails the
+    connection with ``ETIMEDOUT``: the adapter sees a lost connection. The timings are set
+    where the platform has ``TCP_KEEPIDLE``/``TCP_KEEPINTVL``/``TCP_KEEPCNT`` (Linux, macOS
+    13+, Windows 10+); elsewhere only ``SO_KEEPALIVE`` is, with the system's timings.
+    ``sock`` is a socket, or a transport's ``get_extra_info("socket")``.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", _whole_seconds(idle)),
+        ("TCP_KEEPINTVL", _whole_seconds(interval)),
+        ("TCP_KEEPCNT", max(1, count)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
 
 
 class _EmptySendOwner(Protocol):

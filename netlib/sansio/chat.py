@@ -4,10 +4,12 @@ Rules of this module:
 
 * No I/O, no clock, no randomness, no logging. Time arrives as ``now`` (float seconds, any
   monotonic origin) and is only used for flood control.
-* The adapter (TCP, UDP, ...) drives a ``ChatCore`` with three calls: ``connect(client, now)``
-  when a session starts, ``receive_line(client, text, now)`` for each decoded text line, and
-  ``disconnect(client, reason)`` when the session is gone (idempotent). Each call returns the
-  effects to carry out, *in order*: ``Send`` (one line to one client), ``Broadcast`` (one
+* The adapter (TCP, UDP, ...) drives a ``ChatCore`` with three calls:
+  ``connect(client, now, source=...)`` when a session starts (``source`` names the client's
+  host, e.g. its IP address, for the per-host limits; by default each client is its own),
+  ``receive_line(client, text, now)`` for each decoded text line, and
+  ``disconnect(client, reason)`` when the session is gone (idempotent). Each call returns
+  the effects to carry out, *in order*: ``Send`` (one line to one client), ``Broadcast`` (one
   line to every member of a room but ``exclude``), ``Joined`` / ``Left`` (mirror the
   membership into the hub's subscriptions), ``Close`` (end the session once every earlier
   effect is delivered; the core has already forgotten the client and emits nothing more
@@ -20,6 +22,9 @@ Rules of this module:
   default room (which never counts toward ``MAX_ROOMS``, so a connect cannot fail for want
   of a room); ``/part`` of its only room is refused. Plain text goes to its *current* room:
   the one it joined or switched to (``/join`` of a room it is in) last.
+* Membership notices (join, part, quit, nick change) are broadcast only in rooms of at most
+  ``ANNOUNCE_MAX_MEMBERS`` members: filling a room of N members then costs O(N) deliveries,
+  not O(N^2). ``/who`` and ``/list`` still show who is there.
 * Every limit is a named constant below; exceeding one gives an ``!!!`` reply, never a
   silent drop. Calls that misuse the API (connecting a connected id, bad settings) raise
   ``ValueError``; lines from an unknown client are ignored (``[]``), since an adapter may
@@ -47,10 +52,10 @@ Line protocol (server to client), the reference for clients and tests::
 
     [#room] <alice> hello                 text in a room (not echoed to alice)
     [#room] * alice waves                 /me (not echoed to alice)
-    [#room] *** bob joined                bob joined the room
-    [#room] *** bob left                  bob used /part
+    [#room] *** bob joined                bob joined the room        (these four: only in
+    [#room] *** bob left                  bob used /part              rooms of at most
     [#room] *** bob quit (reason)         bob quit or was disconnected; "(reason)" if any
-    [#room] *** alice is now known as al  nick change, in every room of the client
+    [#room] *** alice is now known as al  nick change, in every room   ANNOUNCE_MAX_MEMBERS)
     -alice- text                          private message from alice
     -> bob: text                          echo of your /msg to bob
     *** text                              information for you only (welcome, /list, /who,
@@ -62,13 +67,14 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 from netlib.sansio.ratelimit import TokenBucket
 
 __all__ = [
+    "ANNOUNCE_MAX_MEMBERS",
     "DEFAULT_ROOM",
     "FLOOD_BURST",
     "FLOOD_RATE",
@@ -79,6 +85,7 @@ __all__ = [
     "MAX_REASON_LENGTH",
     "MAX_ROOMS",
     "MAX_ROOMS_PER_CLIENT",
+    "MAX_ROOMS_PER_HOST",
     "MAX_ROOM_NAME_LENGTH",
     "MAX_WHO_NICKS",
     "Broadcast",
@@ -108,6 +115,17 @@ MAX_ROOMS: Final = 1000
 
 MAX_ROOMS_PER_CLIENT: Final = 10
 """Rooms one client may be in at once."""
+
+MAX_ROOMS_PER_HOST: Final = 50
+"""Rooms the clients of one host (``connect``'s ``source``) may have created and that still
+exist: one host can hold at most 5% of ``MAX_ROOMS`` (without it, about 100 connections from
+one address, 10 rooms each, used up all 1,000), and 50 is still five clients' worth of
+``MAX_ROOMS_PER_CLIENT`` behind one NAT address."""
+
+ANNOUNCE_MAX_MEMBERS: Final = 64
+"""Largest room (members, the subject included) in which joins, parts, quits and nick
+changes are announced. Above it they are not, so N joins cost O(N) deliveries instead of
+O(N^2): 64 members is a conversation where arrivals matter, a bigger room an audience."""
 
 MAX_CLIENTS: Final = 10_000
 """Clients connected at once; one more is told the server is full and closed."""
@@ -224,6 +242,7 @@ class _Client:
     id: int
     nick: str
     bucket: TokenBucket
+    source: Hashable  # the host, for MAX_ROOMS_PER_HOST
     rooms: dict[str, None] = field(default_factory=dict)
     throttled_drops: int = 0  # lines dropped in the current throttled burst
 
@@ -245,6 +264,8 @@ class ChatCore:
         flood_burst: lines a client may send at once.
         max_rooms: rooms that may exist at once, the default room not counted.
         max_rooms_per_client: rooms one client may be in at once.
+        max_rooms_per_host: rooms the clients of one ``source`` may have created (existing).
+        announce_max_members: largest room in which membership changes are announced.
         max_clients: clients connected at once.
         max_line_length: longest line accepted, in characters.
 
@@ -263,6 +284,8 @@ class ChatCore:
         flood_burst: float = FLOOD_BURST,
         max_rooms: int = MAX_ROOMS,
         max_rooms_per_client: int = MAX_ROOMS_PER_CLIENT,
+        max_rooms_per_host: int = MAX_ROOMS_PER_HOST,
+        announce_max_members: int = ANNOUNCE_MAX_MEMBERS,
         max_clients: int = MAX_CLIENTS,
         max_line_length: int = MAX_LINE_LENGTH,
     ) -> None:
@@ -272,6 +295,8 @@ class ChatCore:
         _require_positive(
             max_rooms=max_rooms,
             max_rooms_per_client=max_rooms_per_client,
+            max_rooms_per_host=max_rooms_per_host,
+            announce_max_members=announce_max_members,
             max_clients=max_clients,
             max_line_length=max_line_length,
         )
@@ -281,18 +306,26 @@ class ChatCore:
         self.flood_burst = flood_burst
         self.max_rooms = max_rooms
         self.max_rooms_per_client = max_rooms_per_client
+        self.max_rooms_per_host = max_rooms_per_host
+        self.announce_max_members = announce_max_members
         self.max_clients = max_clients
         self.max_line_length = max_line_length
         self._clients: dict[int, _Client] = {}
         self._nicks: dict[str, int] = {}  # casefolded nick -> client id
         self._rooms: dict[str, set[int]] = {}  # canonical room -> member ids
+        self._creator: dict[str, Hashable] = {}  # created room -> source of its creator
+        self._created: dict[Hashable, int] = {}  # source -> rooms it created that exist
         self._guests = 0
         self._lines = self._flood_dropped = self._too_long = 0
 
     # -- the three inputs ---------------------------------------------------------------
 
-    def connect(self, client_id: int, now: float) -> list[Effect]:
+    def connect(self, client_id: int, now: float, source: Hashable = None) -> list[Effect]:
         """Start a session: a guest nick, the default room, a welcome line.
+
+        Args:
+            source: the client's host (an IP address, say) for the per-host limits; None
+                (the default) makes the client a host of its own.
 
         Raises:
             ValueError: ``client_id`` is already connected.
@@ -302,7 +335,7 @@ class ChatCore:
         if len(self._clients) >= self.max_clients:
             full = f"!!! server full ({self.max_clients} clients): try again later"
             return [Send(client_id, full), Close(client_id, "server full")]
-        client = self._register(client_id, now)
+        client = self._register(client_id, now, source)
         effects = self._enter(client, self.default_room)
         effects.append(Send(client_id, self._welcome(client)))
         return effects
@@ -366,10 +399,12 @@ class ChatCore:
 
     # -- sessions and membership --------------------------------------------------------
 
-    def _register(self, client_id: int, now: float) -> _Client:
+    def _register(self, client_id: int, now: float, source: Hashable) -> _Client:
         self._guests += 1
         nick = f"guest{self._guests}"
-        client = _Client(client_id, nick, TokenBucket(self.flood_rate, self.flood_burst, now))
+        bucket = TokenBucket(self.flood_rate, self.flood_burst, now)
+        key = ("client", client_id) if source is None else source
+        client = _Client(client_id, nick, bucket, key)
         self._clients[client_id] = client
         self._nicks[nick] = client_id
         return client
@@ -381,19 +416,42 @@ class ChatCore:
         )
 
     def _enter(self, client: _Client, room: str) -> list[Effect]:
-        self._rooms.setdefault(room, set()).add(client.id)
+        members = self._rooms.get(room)
+        if members is None:
+            members = self._rooms[room] = set()
+            if room != self.default_room:
+                self._creator[room] = client.source
+                self._created[client.source] = self._created.get(client.source, 0) + 1
+        members.add(client.id)
         client.rooms[room] = None
-        notice = f"[{room}] *** {client.nick} joined"
-        return [Joined(client.id, room), Broadcast(room, notice, exclude=client.id)]
+        effects: list[Effect] = [Joined(client.id, room)]
+        if len(members) <= self.announce_max_members:
+            notice = f"[{room}] *** {client.nick} joined"
+            effects.append(Broadcast(room, notice, exclude=client.id))
+        return effects
 
     def _exit(self, client: _Client, room: str, notice: str) -> list[Effect]:
-        text = f"[{room}] *** {client.nick} {notice}"
-        del client.rooms[room]
+        effects: list[Effect] = []
         members = self._rooms[room]
+        if len(members) <= self.announce_max_members:
+            text = f"[{room}] *** {client.nick} {notice}"
+            effects.append(Broadcast(room, text, exclude=client.id))
+        del client.rooms[room]
         members.discard(client.id)
         if not members:
             del self._rooms[room]
-        return [Broadcast(room, text, exclude=client.id), Left(client.id, room)]
+            self._forget_creator(room)
+        effects.append(Left(client.id, room))
+        return effects
+
+    def _forget_creator(self, room: str) -> None:
+        source = self._creator.pop(room, None)
+        if source is None:
+            return
+        if (count := self._created[source] - 1) > 0:
+            self._created[source] = count
+        else:
+            del self._created[source]
 
     def _drop(self, client: _Client, reason: str) -> list[Effect]:
         notice = f"quit ({reason})" if reason else "quit"
@@ -481,6 +539,7 @@ class ChatCore:
         effects: list[Effect] = [
             Broadcast(room, f"[{room}] *** {old} is now known as {nick}", exclude=client.id)
             for room in client.rooms
+            if len(self._rooms[room]) <= self.announce_max_members
         ]
         effects.append(Send(client.id, f"*** you are now known as {nick}"))
         return effects
@@ -508,6 +567,10 @@ class ChatCore:
         if created >= self.max_rooms:
             rooms, limit = _count(created, "room"), self.max_rooms
             raise _Refused(f"cannot create {room}: the server has {rooms} (limit {limit})")
+        by_host = self._created.get(client.source, 0)
+        if by_host >= self.max_rooms_per_host:
+            rooms, limit = _count(by_host, "room"), self.max_rooms_per_host
+            raise _Refused(f"cannot create {room}: your host has created {rooms} (limit {limit})")
 
     def _cmd_part(self, client: _Client, rest: str) -> list[Effect]:
         room = self._room_arg(client, rest, "/part [room]")

@@ -4,7 +4,13 @@ Rules
 -----
 * Time is a float the caller passes in; the wheel never reads a clock.
 * A deadline is rounded *up* to a multiple of ``resolution``, so an item is never due early
-  and at most ``resolution`` late.
+  and at most ``resolution`` late. ``resolution_for(timeouts)`` picks the width: 1/20 of the
+  shortest timeout, at most ``MAX_RESOLUTION`` (0.1 s), so a deadline is due at most 0.1 s
+  late whatever the timeout: well inside the 0.5 s tolerance of robustness.md, with room
+  left for the event loop's timer granularity and latency. (The first version capped the
+  width at 0.5 s, a whole tolerance: a 10 s deadline then overshot by up to 0.5 s plus
+  the loop's latency.) Finer slots cost more timer wake-ups, at most 1/``MAX_RESOLUTION`` =
+  10 per second for a server whatever its number of connections.
 * ``add()`` returns the slot the item went into; ``discard(item, slot)`` takes it out. An item
   should be in one slot at a time: the owner keeps the slot and discards before adding again.
 * Slots are numbered by integer ticks (slot time = tick * resolution, never less than the
@@ -21,11 +27,30 @@ instead of ten thousand, and a connection's deadlines cost one dictionary entry.
 from __future__ import annotations
 
 import math
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
-__all__ = ["DeadlineWheel"]
+__all__ = [
+    "MAX_RESOLUTION",
+    "MIN_RESOLUTION",
+    "SLOTS_PER_TIMEOUT",
+    "DeadlineWheel",
+    "resolution_for",
+]
 
 T = TypeVar("T")
+
+MAX_RESOLUTION: Final = 0.1
+"""Coarsest slot width (seconds): a deadline is due at most this late."""
+MIN_RESOLUTION: Final = 0.001
+"""Finest slot width (seconds): the event loops' timers are no finer (uvloop: 1 ms)."""
+SLOTS_PER_TIMEOUT: Final = 20
+"""Slots per shortest timeout: a deadline is due at most 5% of its timeout late."""
+
+
+def resolution_for(*timeouts: float | None) -> float:
+    """The slot width for these timeouts: 1/20 of the shortest, within 1 ms .. 0.1 s."""
+    shortest = min((t for t in timeouts if t is not None), default=MAX_RESOLUTION)
+    return min(MAX_RESOLUTION, max(MIN_RESOLUTION, shortest / SLOTS_PER_TIMEOUT))
 
 
 class DeadlineWheel(Generic[T]):

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netlib.sansio.deadlines import DeadlineWheel
+from netlib.sansio.deadlines import DeadlineWheel, resolution_for
+
+TOLERANCE = 0.5
+"""robustness.md: a deadline fires at deadline +-0.5 s."""
+SLOT_BOUND = 0.1
+"""What the wheel may add of that tolerance: the rest is the loop's timer and latency."""
 
 
 def test_items_are_due_at_their_slot_and_not_before() -> None:
@@ -80,3 +85,36 @@ def test_a_slot_is_due_at_its_own_time_at_large_clock_values() -> None:
     assert tick is not None
     assert wheel.pop_through(tick) == ["a"]
     assert wheel.time_of(tick) >= 32768.005
+
+
+@pytest.mark.parametrize(
+    "timeouts",
+    [(10.0, 60.0), (10.0, None), (None, 60.0), (3600.0, None), (None, None), (2.5, 60.0)],
+)
+def test_slots_are_at_most_a_tenth_of_a_second_for_every_timeout(
+    timeouts: tuple[float | None, float | None],
+) -> None:
+    resolution = resolution_for(*timeouts)
+    assert resolution <= SLOT_BOUND
+    assert resolution + 0.001 < TOLERANCE / 4  # one slot plus uvloop's 1 ms timer rounding
+
+
+@given(
+    timeout=st.one_of(st.floats(min_value=0.001, max_value=86_400), st.sampled_from([10.0])),
+    starts=st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=30),
+)
+def test_fake_clock_deadlines_fire_never_early_and_within_the_slot_bound(
+    timeout: float, starts: list[float]
+) -> None:
+    """A fake clock jumps to each armed slot, as the timer would: lateness <= 0.1 s."""
+    resolution = resolution_for(timeout, 60.0)
+    assert resolution <= SLOT_BOUND
+    wheel: DeadlineWheel[int] = DeadlineWheel(resolution)
+    deadlines = {item: start + timeout for item, start in enumerate(starts)}
+    for item, deadline in deadlines.items():
+        wheel.add(item, deadline)
+    while (tick := wheel.next_tick()) is not None:
+        now = wheel.time_of(tick)  # the fake clock: the time the timer was armed for
+        for item in wheel.pop_through(tick):
+            lateness = now - deadlines[item]
+            assert 0 <= lateness <= resolution * (1 + 1e-6)

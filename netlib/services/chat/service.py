@@ -34,9 +34,11 @@ from typing import ClassVar, Final, Protocol
 
 from netlib.aio.logs import ThrottledLog
 from netlib.sansio.chat import (
+    ANNOUNCE_MAX_MEMBERS,
     FLOOD_BURST,
     FLOOD_RATE,
     MAX_LINE_LENGTH,
+    MAX_ROOMS_PER_HOST,
     Broadcast,
     ChatCore,
     Close,
@@ -95,7 +97,8 @@ SHUTDOWN_REASON: Final = "server shutting down"
 
 @dataclass(frozen=True, slots=True)
 class ChatLimits:
-    """Per-connection outbound limits and per-client flood control of a chat service."""
+    """Per-connection outbound limits, per-client flood control and chat-core limits of a
+    chat service (``max_rooms_per_host`` and ``announce_max_members``: see ``ChatCore``)."""
 
     soft_limit: int = CHAT_SOFT_LIMIT
     soft_time: float = CHAT_SOFT_TIME
@@ -105,6 +108,8 @@ class ChatLimits:
     max_line_bytes: int = CHAT_MAX_LINE_BYTES
     socket_send_buffer: int | None = CHAT_SOCKET_SEND_BUFFER
     line_timeout: float | None = CHAT_LINE_TIMEOUT
+    max_rooms_per_host: int = MAX_ROOMS_PER_HOST
+    announce_max_members: int = ANNOUNCE_MAX_MEMBERS
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_limit <= self.hard_limit:
@@ -180,7 +185,10 @@ class ChatService:
         self.limits = limits or ChatLimits()
         self.hub: Hub = hub if hub is not None else MemoryHub()
         self.core = ChatCore(
-            flood_rate=self.limits.flood_rate, flood_burst=self.limits.flood_burst
+            flood_rate=self.limits.flood_rate,
+            flood_burst=self.limits.flood_burst,
+            max_rooms_per_host=self.limits.max_rooms_per_host,
+            announce_max_members=self.limits.announce_max_members,
         )
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, Session] = {}
@@ -203,12 +211,18 @@ class ChatService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open(self, session: Session) -> int:
-        """Register ``session``; it lands in the default room. Returns its id."""
+    def open(self, session: Session, source: Hashable = None) -> int:
+        """Register ``session``; it lands in the default room. Returns its id.
+
+        Args:
+            session: the new client.
+            source: the client's host, e.g. its peer IP address, for the chat core's
+                per-host limits (``MAX_ROOMS_PER_HOST``); None makes it a host of its own.
+        """
         session_id = next(self._ids)
         self._sessions[session_id] = session
         self.opened += 1
-        self._schedule(self.core.connect(session_id, self._loop.time()))
+        self._schedule(self.core.connect(session_id, self._loop.time(), source))
         return session_id
 
     def receive(self, session_id: int, text: str) -> None:

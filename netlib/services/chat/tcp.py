@@ -43,9 +43,16 @@ __all__ = [
     "chat_framing",
     "chat_handler",
     "chat_stream_limits",
+    "peer_host",
 ]
 
 logger = logging.getLogger("netlib.services.chat")
+
+
+def peer_host(stream: MessageStream) -> str | None:
+    """The peer's IP address (the chat's per-host limits key), or None (Unix sockets)."""
+    address = stream.remote_address
+    return str(address[0]) if isinstance(address, tuple) else None
 
 
 def chat_framing(limits: ChatLimits) -> LineFraming:
@@ -153,8 +160,9 @@ class ChatProtocol(StreamProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.session = StreamChatSession(MessageStream(self), self._service, self.close)
-        self.session.session_id = self._service.open(self.session)
+        stream = MessageStream(self)
+        self.session = StreamChatSession(stream, self._service, self.close)
+        self.session.session_id = self._service.open(self.session, source=peer_host(stream))
 
     def messages_received(self) -> None:
         session, conn = self.session, self.conn
@@ -185,7 +193,7 @@ def chat_handler(service: ChatService) -> Handler:
 
     async def handler(stream: MessageStream) -> None:
         session = StreamChatSession(stream, service, stream.end_input)
-        session.session_id = service.open(session)
+        session.session_id = service.open(session, source=peer_host(stream))
         error: NetlibError | None = None
         try:
             async for line in stream:
