@@ -61,7 +61,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "AMPLIFICATION_ALLOWANCE",
@@ -79,6 +79,7 @@ __all__ = [
     "ReplyBudget",
     "ReplyBudgetStatistics",
     "ReplyGrants",
+    "SourceGrants",
 ]
 
 DEFAULT_SOURCE_RATE: Final = 100.0
@@ -316,7 +317,8 @@ class ReplyBudget:
         """
         source = self._sources.get(addr)
         if source is None:
-            source = self._admit(addr, now)  # nothing to refund: its grant went with it
+            self._uncount(*unused)  # nothing to refund: its grant went with its entry
+            source = self._admit(addr, now)
         else:
             self._sources.move_to_end(addr)
             self._refund(source, unused, extra)
@@ -333,14 +335,49 @@ class ReplyBudget:
         self._charge(source, count, granted)
         return count, granted
 
+    def open_grant(
+        self, addr: Hashable, now: float, *, datagrams: int, nbytes: int
+    ) -> tuple[int, int, float, bool]:
+        """Move up to ``datagrams`` replies, ``nbytes`` bytes and all the credit of ``addr``
+        into a grant that its holder spends on its own (``SourceGrants``).
+
+        Nothing is refused or counted as dropped here: the holder asks ``try_send`` when its
+        grant does not cover a reply.
+
+        Returns:
+            ``(replies, nbytes, credit, verified)``: what the grant holds, and whether the
+            address is exempt from the amplification cap.
+        """
+        source = self._touch(addr, now)
+        self._refill(source, now)
+        count = max(0, min(datagrams, int(source.datagram_tokens)))
+        granted = max(0, min(nbytes, int(source.byte_tokens)))
+        self._charge(source, count, granted)
+        credit, source.credit = source.credit, 0.0
+        return count, granted, credit, source.verified
+
+    def return_grant(self, addr: Hashable, replies: int, nbytes: int, credit: float) -> None:
+        """Give back what a grant of ``open_grant`` did not spend. If the address's entry
+        was evicted meanwhile, it is lost: eviction never hands anything out."""
+        source = self._sources.get(addr)
+        if source is None:
+            self._uncount(replies, nbytes)
+        else:
+            self._refund(source, (replies, nbytes), 0)
+            source.credit = min(self._byte_burst, source.credit + credit)
+
+    def _uncount(self, replies: int, nbytes: int) -> None:
+        """Take granted but unspent replies out of the allowed counts."""
+        self._replies_allowed -= replies
+        self._bytes_allowed -= nbytes
+
     def _refund(self, source: _Source, unused: tuple[int, int], extra: int) -> None:
         """Give back what a grant charged and did not spend, each up to its cap."""
         replies, nbytes = unused
         if replies or nbytes:
             source.datagram_tokens = min(self._burst, source.datagram_tokens + replies)
             source.byte_tokens = min(self._byte_burst, source.byte_tokens + nbytes)
-            self._replies_allowed -= replies
-            self._bytes_allowed -= nbytes
+            self._uncount(replies, nbytes)
             if extra and not source.verified:
                 source.credit = min(self._byte_burst, source.credit + replies * extra)
 
@@ -456,7 +493,7 @@ class ReplyGrants:
         extra: the most bytes a reply is larger than its request (0 for an echo, 27 for a
             timestamp echo).
         max_grants: addresses holding a grant at once; when full, all grants are settled
-            and dropped (what they left unspent is lost, which only sends less). A grant
+            and dropped (what they left unspent goes back to the budget). A grant
             renewed while still in the table gives back what it did not spend.
 
     Calling protocol, per datagram (the service's fast path)::
@@ -547,15 +584,88 @@ class ReplyGrants:
         return grant
 
     def settle_all(self) -> None:
-        """Count what every grant spent and drop them all."""
-        for grant in self.table.values():
+        """Count what every grant spent, give back the rest, and drop them all."""
+        for addr, grant in self.table.items():
             self._settled += grant[2] - grant[0]
+            self._budget.return_grant(addr, grant[0], grant[1], grant[0] * self._extra)
         self.table.clear()
 
     @property
     def used(self) -> int:
         """Replies granted and spent so far (sent, or counted in ``unsent``)."""
         return self._settled + sum(grant[2] - grant[0] for grant in self.table.values())
+
+
+class SourceGrants:
+    """Per-address grants for a service whose replies are not tied to its requests (any
+    handler of ``serve_udp``): the budget's checks, paid mostly without calling it.
+
+    Args:
+        budget: the budget the grants come from.
+        max_grants: addresses holding a grant at once; when full, all grants are settled.
+
+    A grant is a list ``[replies, bytes, credit, verified]`` moved out of the budget
+    (``ReplyBudget.open_grant``): the datagram and byte tokens charged up front, and the
+    address's amplification credit, which ``on_received`` then grows by 1x each request's
+    size. ``try_send`` spends a grant when it covers the reply (credit too, unless the
+    address is verified) and otherwise gives the grant back to the budget, asks
+    ``ReplyBudget.try_send`` (the shared allowance, refusals and their counts live there)
+    and opens a new grant if that reply may go. Every bound of the budget therefore holds
+    exactly; ``settle_all()`` gives every grant back (call it before reading the budget's
+    counters, which count the replies a grant holds as allowed until then).
+    """
+
+    __slots__ = ("_budget", "_datagrams", "_max_grants", "_nbytes", "table")
+
+    def __init__(self, budget: ReplyBudget, *, max_grants: int = DEFAULT_MAX_SOURCES) -> None:
+        self._budget = budget
+        self._max_grants = max_grants
+        share = budget.burst // _GRANT_SHARE
+        self._datagrams = int(max(GRANT_DATAGRAMS, min(MAX_GRANT_DATAGRAMS, share)))
+        share = budget.byte_burst // _GRANT_SHARE
+        self._nbytes = int(max(GRANT_BYTES, min(MAX_GRANT_BYTES, share)))
+        self.table: dict[Hashable, list[Any]] = {}
+
+    def on_received(self, addr: Hashable, size: int, now: float) -> None:
+        """Record a request of ``size`` bytes from ``addr``: 1x credit for its replies."""
+        grant = self.table.get(addr)
+        if grant is None:
+            self._budget.on_received(addr, size, now)
+        else:
+            grant[2] += size
+
+    def try_send(self, addr: Hashable, size: int, now: float) -> bool:
+        """Ask whether a reply of ``size`` bytes may go to ``addr``; charged if True."""
+        grant = self.table.get(addr)
+        if grant is not None and grant[0] and grant[1] >= size and (grant[3] or grant[2] >= size):
+            grant[0] -= 1
+            grant[1] -= size
+            if not grant[3]:
+                grant[2] -= size
+            return True
+        return self._renew(addr, grant, size, now)
+
+    def _renew(self, addr: Hashable, grant: list[Any] | None, size: int, now: float) -> bool:
+        """Give ``addr``'s grant back, decide this reply by the budget, and open a new grant
+        if it may go."""
+        budget = self._budget
+        if grant is not None:
+            del self.table[addr]
+            budget.return_grant(addr, grant[0], grant[1], grant[2])
+        if not budget.try_send(addr, size, now):
+            return False
+        if len(self.table) >= self._max_grants:
+            self.settle_all()
+        self.table[addr] = list(
+            budget.open_grant(addr, now, datagrams=self._datagrams, nbytes=self._nbytes)
+        )
+        return True
+
+    def settle_all(self) -> None:
+        """Give every grant back to the budget (what is unspent returns to it)."""
+        table, self.table = self.table, {}
+        for addr, grant in table.items():
+            self._budget.return_grant(addr, grant[0], grant[1], grant[2])
 
 
 def _require(name: str, value: float, ok: bool) -> None:

@@ -30,6 +30,7 @@ from netlib.sansio.datagram import (
     ReplyBudget,
     ReplyBudgetStatistics,
     ReplyGrants,
+    SourceGrants,
 )
 
 Addr = tuple[str, int]
@@ -536,3 +537,51 @@ def test_renewed_grant_gives_back_what_it_did_not_spend() -> None:
     assert stats.replies_dropped == 0  # 64 KiB charged per grant would have hit the byte rate
     assert stats.replies_allowed == grants.used + grants.table[CLIENT][0]
     assert grants.used == 20 * 50 * 3
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1500),  # request
+            st.integers(0, 1600),  # reply
+            st.integers(0, 12),  # address
+            st.floats(0, 0.05),  # time step
+            st.booleans(),  # exempt the address first
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+    st.sampled_from([2, 10_000]),
+)
+def test_source_grants_keep_every_bound_and_count_exactly(
+    steps: list[tuple[int, int, int, float, bool]], max_grants: int
+) -> None:
+    """serve_udp's handlers reply anything: grants spent without the budget still give 1x
+    per unverified address plus the shared allowance, the rate, and exact counts."""
+    budget = ReplyBudget(max_sources=8)  # fewer than the addresses: evictions too
+    grants = SourceGrants(budget, max_grants=max_grants)
+    received: defaultdict[Addr, int] = defaultdict(int)
+    sent: defaultdict[Addr, int] = defaultdict(int)
+    verified: set[Addr] = set()
+    replies = sent_bytes = 0
+    now = 0.0
+    for request, reply, n, dt, exempt in steps:
+        now += dt
+        addr = forged(n)
+        if exempt and n % 3 == 0:
+            budget.exempt(addr, now)
+            verified.add(addr)
+        received[addr] += request
+        grants.on_received(addr, request, now)
+        if grants.try_send(addr, reply, now):
+            sent[addr] += reply
+            replies += 1
+            sent_bytes += reply
+        assert len(grants.table) <= max_grants
+    unverified = {a: total for a, total in sent.items() if a not in verified}
+    check_shared_bound(unverified, received, now, unverified_extra=True)
+    grants.settle_all()
+    stats = budget.statistics()
+    assert (stats.replies_allowed, stats.bytes_allowed) == (replies, sent_bytes)
+    assert stats.replies_allowed + stats.replies_dropped == len(steps)
