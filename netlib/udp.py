@@ -23,7 +23,10 @@ During that first step ``asyncio.current_task()`` is a stand-in (``_StandIn``) w
 ``cancel()``, ``uncancel()`` and ``cancelling()`` reach the Task that later runs the rest,
 so ``asyncio.timeout()`` and ``asyncio.TaskGroup`` work from a handler's first line; other
 Task methods (``get_name()``, ``add_done_callback()``...) are there only after the first
-suspension. Each handler runs in its own copy of the server's context, as in ``serve_tcp``.
+suspension. Each handler runs in a fresh copy of the context (its Task too), so what it sets
+stays with it, as in ``serve_tcp``. A reply is paid from the source's ``SourceGrants``
+grant with a few list operations, inlined here; what the grant does not cover goes to the
+``ReplyBudget``.
 
 A handler that raises is logged (at most once a second) and counted; the server goes on.
 """
@@ -108,9 +111,10 @@ class DatagramServer:
         self._protocol = protocol
         self._budget = budget
         self._grants = SourceGrants(budget)
+        self._grant_table = self._grants.table
+        self._max_size = protocol.max_size
         self._workers = workers
         self._loop = asyncio.get_running_loop()
-        self._context = contextvars.copy_context()
         self._errors_log = ThrottledLog(logger, self._loop)
         self.handled = self.handler_errors = 0
         self._waiting: dict[asyncio.Task[Any], Any] = {}  # suspended handler -> source
@@ -126,17 +130,22 @@ class DatagramServer:
     # -- running handlers -------------------------------------------------------------------
 
     def _consume(self, data: bytes, addr: Any) -> bool:
-        """Start the handler for a datagram now; False (queue it) while ``workers`` wait."""
+        """Start the handler for a datagram now: run its first step, and hand it to a Task
+        if it waits. False (queue the datagram) while ``workers`` handlers wait."""
         if len(self._waiting) >= self._workers or self._closed:
             return False
-        self._context.run(self._start, data, addr)
+        context = contextvars.copy_context()  # what a handler sets stays with it
+        context.run(self._start, data, addr, context)
         return True
 
-    def _start(self, data: bytes, addr: Any) -> None:
-        """Run the handler's first step; hand a suspended one to a Task."""
+    def _start(self, data: bytes, addr: Any, context: contextvars.Context) -> None:
         self.handled += 1
         loop = self._loop
-        self._grants.on_received(addr, len(data), loop.time())
+        grant = self._grant_table.get(addr)  # SourceGrants.on_received, its fast path inline
+        if grant is None:
+            self._grants.on_received(addr, len(data), loop.time())
+        else:
+            grant[2] += len(data)
         try:
             coro = self._handler(Datagram(data, addr, self))
         except Exception:
@@ -162,7 +171,7 @@ class DatagramServer:
             if outer is not None:
                 _enter_task(loop, outer)
         self._stand_in = _StandIn()
-        task = loop.create_task(_Rest(coro, pending), context=contextvars.copy_context())
+        task = loop.create_task(_Rest(coro, pending), context=context)
         stand_in.bind(task)
         self._wait(task, addr)
 
@@ -180,7 +189,7 @@ class DatagramServer:
         protocol = self._protocol
         while protocol.queue and len(self._waiting) < self._workers and not self._closed:
             data, addr = protocol.pop()
-            self._context.run(self._start, data, addr)
+            self._consume(data, addr)
 
     def _failed(self, addr: Any, exc: BaseException | None = None) -> None:
         self.handler_errors += 1
@@ -196,8 +205,16 @@ class DatagramServer:
 
     def send(self, data: bytes, addr: Any) -> bool:
         """Send ``data`` to ``addr`` through the reply budget; False if dropped."""
-        self._protocol.check_size(data)
-        if not self._grants.try_send(addr, len(data), self._loop.time()):
+        size = len(data)
+        if size > self._max_size:
+            self._protocol.check_size(data)  # raises LimitExceeded
+        grant = self._grant_table.get(addr)  # SourceGrants.try_send, its fast path inline
+        if grant is not None and grant[0] and grant[1] >= size and (grant[3] or grant[2] >= size):
+            grant[0] -= 1
+            grant[1] -= size
+            if not grant[3]:
+                grant[2] -= size
+        elif not self._grants.try_send(addr, size, self._loop.time()):
             return False
         return self._protocol.sendto(data, addr)
 
@@ -371,11 +388,13 @@ async def open_udp_server(
         handler: ``async def handler(datagram: Datagram)``, called for each datagram.
         host, port: address to bind (default loopback; port 0 picks a free port).
         path: bind a Unix datagram socket at this path instead.
-        workers: handlers run at once (1: one at a time, in arrival order).
+        workers: handlers that may wait at once (1: one at a time, in arrival order);
+            handlers that do not wait finish inside the datagram callback.
         max_size: largest datagram handled or sent (bigger ones are dropped and counted).
         queue_size, queue_bytes: bound of the receive queue (drops beyond are counted).
         budget: the reply policy (default ``ReplyBudget()``: 100 replies/s per address,
-            burst 200, at most 3x the bytes received plus a small allowance).
+            burst 200, at most 1x the bytes received from an unverified address, plus one
+            shared allowance of 4 KiB/s for all of them).
         allow_broadcast: set SO_BROADCAST (bind to a broadcast address to receive them).
         multicast_group, multicast_interface: join a multicast group on an interface.
         reuse_port: set SO_REUSEPORT.

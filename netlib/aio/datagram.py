@@ -209,6 +209,11 @@ class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
 
     # -- sending ----------------------------------------------------------------------------
 
+    @property
+    def max_size(self) -> int:
+        """Largest datagram received or sent, in bytes."""
+        return self._limits.max_size
+
     def check_size(self, data: bytes) -> None:
         """Raise ``LimitExceeded`` if ``data`` is larger than ``max_size``."""
         if len(data) > self._limits.max_size:

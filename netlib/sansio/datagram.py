@@ -663,9 +663,9 @@ class SourceGrants:
 
     def settle_all(self) -> None:
         """Give every grant back to the budget (what is unspent returns to it)."""
-        table, self.table = self.table, {}
-        for addr, grant in table.items():
+        for addr, grant in self.table.items():
             self._budget.return_grant(addr, grant[0], grant[1], grant[2])
+        self.table.clear()  # the same dict: holders may keep a reference to it
 
 
 def _require(name: str, value: float, ok: bool) -> None:
