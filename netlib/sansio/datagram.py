@@ -559,10 +559,9 @@ class ReplyGrants:
             budget refused the reply (counted in ``refused`` and by the budget).
         """
         unused = (0, 0)
-        if grant is not None:
+        if grant is not None and self.table.pop(addr, None) is grant:  # else settled already
             self._settled += grant[2] - grant[0]
             unused = (grant[0], grant[1])
-            del self.table[addr]
         count, nbytes = self._budget.lease(
             addr,
             request,
@@ -649,8 +648,7 @@ class SourceGrants:
         """Give ``addr``'s grant back, decide this reply by the budget, and open a new grant
         if it may go."""
         budget = self._budget
-        if grant is not None:
-            del self.table[addr]
+        if grant is not None and self.table.pop(addr, None) is grant:  # else settled already
             budget.return_grant(addr, grant[0], grant[1], grant[2])
         if not budget.try_send(addr, size, now):
             return False
