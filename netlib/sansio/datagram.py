@@ -49,10 +49,13 @@ The previous rule gave each address 3x its bytes plus its own 1,200-byte allowan
 second. Both parts multiplied with the number of forged addresses, and eviction reset them:
 1-byte timestamp requests from ever new addresses got 28x back without bound.
 
-Grants (``ReplyGrants``) serve the per-datagram fast path of a replying service whose every
-reply answers one request and is at most ``extra`` bytes larger than it: the budget grants an
-address a batch of replies at once, charged up front, and the service spends it with two
-subtractions per datagram. See ``ReplyGrants``.
+Grants serve the per-datagram fast path. ``ReplyGrants`` is for a service whose every reply
+answers one request and is at most ``extra`` bytes larger than it (the echo Protocol): the
+budget grants an address a batch of replies at once, charged up front, and the service
+spends it with two subtractions per datagram. ``SourceGrants`` is for services whose replies
+may be anything (``serve_udp`` handlers): the grant also carries the address's credit, grown
+by 1x each request, and whatever it does not cover is decided by ``try_send``. Unspent
+grants go back to the budget, so the counters stay exact.
 """
 
 from __future__ import annotations

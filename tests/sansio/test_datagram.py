@@ -585,3 +585,23 @@ def test_source_grants_keep_every_bound_and_count_exactly(
     stats = budget.statistics()
     assert (stats.replies_allowed, stats.bytes_allowed) == (replies, sent_bytes)
     assert stats.replies_allowed + stats.replies_dropped == len(steps)
+
+
+def test_a_grant_settled_by_a_full_table_is_not_refunded_again() -> None:
+    budget = ReplyBudget()
+    grants = ReplyGrants(budget, extra=0, max_grants=1)
+    first = grants.renew(CLIENT, None, 10, 10, 0.0)
+    assert first is not None
+    grants.renew(forged(1), None, 10, 10, 0.0)  # the table is full: CLIENT's grant settles
+    assert CLIENT not in grants.table
+    grants.renew(CLIENT, first, 10, 10, 0.0)  # a caller still holding the old grant
+    grants.settle_all()
+    stats = budget.statistics()
+    assert stats.replies_allowed == grants.used == 3
+    source_grants = SourceGrants(budget, max_grants=1)
+    assert source_grants.try_send(CLIENT, 0, 1.0)
+    held = source_grants.table[CLIENT]
+    assert source_grants.try_send(forged(1), 0, 1.0)  # settles CLIENT's grant
+    assert source_grants._renew(CLIENT, held, 0, 1.0)
+    source_grants.settle_all()
+    assert budget.statistics().replies_allowed == 3 + 3  # exactly the replies allowed
