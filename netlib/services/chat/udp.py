@@ -5,8 +5,8 @@ the cookie handshake, the bounded peer table and the reply budget; this protocol
 datagrams and the loop's clock, sends what it allows, opens and closes the chat sessions of
 its peers, and runs its expiry sweep on a timer. A new address sends ``/hello`` padded to at
 least ``HELLO_REPLY_SIZE`` bytes, gets ``*** hello <cookie>`` and becomes a session after
-sending ``/hello <cookie>`` back. Peers keep alive with empty datagrams and expire after
-``peer_timeout`` seconds of silence.
+sending ``/hello <cookie>`` back. Peers keep alive with empty datagrams (or the padded hello)
+and expire after ``peer_timeout`` seconds of silence.
 """
 
 from __future__ import annotations
