@@ -80,7 +80,7 @@ def bench_budget() -> netlib.ReplyBudget:
     """A budget that never refuses at benchmark rates but still runs every check."""
     import netlib
 
-    return netlib.ReplyBudget(rate=1e9, burst=1e9, byte_rate=1e12, byte_burst=1e12)
+    return netlib.ReplyBudget(rate=1e9, burst=1e9, byte_rate=1e12, byte_burst=1e12, allowance=1e12)
 
 
 async def raw(_stack: contextlib.AsyncExitStack) -> Served:
@@ -275,7 +275,8 @@ def setup(args: argparse.Namespace) -> str:
         f"{args.sockets} client sockets x window {args.window} (32 in flight: window"
         f" {args.in32_window}) x {args.size}-byte datagrams; warm-up {args.warmup}s, window"
         f" {args.duration}s (max {args.max_dgrams:,} dgrams), drain {args.drain}s; netlib"
-        " servers: ReplyBudget(rate=1e9, burst=1e9, byte_rate=1e12, byte_burst=1e12);"
+        " servers: ReplyBudget(rate=1e9, burst=1e9, byte_rate=1e12, byte_burst=1e12,"
+        " allowance=1e12);"
         f" server malloc {malloc}"
     )
 

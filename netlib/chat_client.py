@@ -4,12 +4,16 @@ Theory of operation
 -------------------
 A *link* moves text lines to and from the server. ``_TcpLink`` is a line-framed
 ``MessageStream``. ``_UdpLink`` is a connected ``DatagramEndpoint`` carrying one UTF-8 line
-per datagram. It joins with the handshake of the UDP chat (an empty datagram, answered by
-``*** hello <cookie>``, to which it replies ``/hello <cookie>``; the empty datagram goes out
-every ``HELLO_INTERVAL`` seconds, ``HELLO_ATTEMPTS`` times at most) and keeps the session
-alive with an empty datagram whenever ``HEARTBEAT_INTERVAL`` seconds pass without one
-arriving. The heartbeat is sent from ``receive()`` itself, so one task does both, and an
-ICMP "port unreachable" (the server is gone) ends the session at the next heartbeat.
+per datagram. It joins with the handshake of the UDP chat (``/hello`` padded with spaces to
+``HELLO_REQUEST_SIZE`` bytes, answered by ``*** hello <cookie>``, to which it replies
+``/hello <cookie>``; the server answers no request smaller than its reply, so the padding is
+what gets a cookie; the request goes out every ``HELLO_INTERVAL`` seconds,
+``HELLO_ATTEMPTS`` times at most) and keeps the session
+alive with the same padded ``/hello`` whenever ``HEARTBEAT_INTERVAL`` seconds pass without a
+datagram arriving: a server that no longer knows the client answers it with a new cookie,
+which ends the session with an error. The heartbeat is sent from ``receive()`` itself, so
+one task does both, and an ICMP "port unreachable" (the server is gone) ends the session at
+the next heartbeat.
 
 A session is two tasks. The *pump* prints every incoming line; it returns when the server
 ends the session (``*** goodbye`` then EOF over TCP, ``*** goodbye`` over UDP) and raises
@@ -60,6 +64,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HELLO_ATTEMPTS",
     "HELLO_INTERVAL",
+    "HELLO_REQUEST_SIZE",
     "LINGER_LIMIT",
     "PROMPT",
     "QUIET_PERIOD",
@@ -67,9 +72,12 @@ __all__ = [
 ]
 
 HELLO_INTERVAL: Final = 1.0
-"""Seconds the UDP client waits for ``*** hello <cookie>`` before resending its empty datagram."""
+"""Seconds the UDP client waits for ``*** hello <cookie>`` before resending its request."""
 HELLO_ATTEMPTS: Final = 5
-"""Empty datagrams the UDP client sends to join before giving up."""
+"""Hello requests the UDP client sends to join before giving up."""
+HELLO_REQUEST_SIZE: Final = 32
+"""Bytes of the UDP hello request (``/hello`` and spaces): the server sends its 26-byte
+cookie reply only to a request at least that large, so that it never amplifies."""
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between UDP heartbeats (the server expires peers silent for 30 s)."""
 QUIET_PERIOD: Final = 0.5
@@ -82,6 +90,7 @@ PROMPT: Final = "> "
 """The interactive prompt."""
 
 _GOODBYE: Final = "*** goodbye"
+_HELLO_REQUEST: Final = b"/hello".ljust(HELLO_REQUEST_SIZE)
 _HELLO: Final = re.compile(r"\*\*\* hello ([0-9A-Fa-f]{1,128})")
 _QUIT: Final = re.compile(r"/quit(?:\s.*)?", re.IGNORECASE | re.DOTALL)
 _UNPRINTABLE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -207,10 +216,10 @@ class _UdpLink:
         self._ended = False
 
     async def join(self) -> None:
-        """Run the handshake: empty datagram -> ``*** hello <cookie>`` -> ``/hello <cookie>``."""
+        """Run the handshake: padded hello -> ``*** hello <cookie>`` -> ``/hello <cookie>``."""
         try:
             reply = await self._endpoint.request(
-                b"", timeout=HELLO_INTERVAL, retries=HELLO_ATTEMPTS - 1
+                _HELLO_REQUEST, timeout=HELLO_INTERVAL, retries=HELLO_ATTEMPTS - 1
             )
         except PeerTimedOut as exc:
             raise _Failure(
@@ -257,7 +266,8 @@ class _UdpLink:
         errors = self._endpoint.statistics().errors_received
         if errors > self._errors:
             raise _Failure(f"{self._where} is gone (connection refused)")
-        await self.send("")
+        await self._endpoint.send(_HELLO_REQUEST)  # padded: an expired session gets a cookie
+        self._next_beat = self._loop.time() + HEARTBEAT_INTERVAL
 
 
 # -- the session ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ SHARED = {
     "netlib.sansio.framing",
     "netlib.sansio.deadlines",
     "netlib.sansio.ratelimit",
+    "netlib.sansio.datagram",  # the reply budget every UDP service core spends
     "netlib.aio.flow",
     "netlib.aio.logs",
     "netlib.aio.sockets",

@@ -14,6 +14,8 @@ import pytest
 
 import netlib
 from netlib import ChatLimits, ChatService, DatagramChatProtocol
+from netlib.sansio.chat_udp import HELLO_REPLY_SIZE, MAX_UDP_PEERS, MAX_UDP_PEERS_PER_HOST
+from netlib.sansio.datagram import DEFAULT_MAX_SOURCES
 from tests.helpers import reset, wait_until
 
 
@@ -292,7 +294,7 @@ class UdpChatClient:
         self.endpoint = endpoint
 
     async def join(self) -> None:
-        await self.endpoint.send(b"")
+        await self.endpoint.send(b"/hello".ljust(HELLO_REPLY_SIZE))
         hello, _ = await asyncio.wait_for(self.endpoint.receive(), 2.0)
         assert hello.startswith(b"*** hello ")
         await self.endpoint.send(b"/hello " + hello.split()[-1])
@@ -378,7 +380,70 @@ async def test_spoofed_sources_cannot_amplify_through_udp_chat() -> None:
     assert protocol.peers == 0  # no forged source became a session
     assert service.statistics().opened == 0
     for addr, size in transport.sent.items():
-        assert size <= 3 * received[addr] + 1200 * 2  # the UDP reply budget's cap
+        assert size <= received[addr]  # never more than an unverified address sent
+    protocol.connection_lost(None)
+    await service.aclose()
+
+
+def forged_chat_source(i: int) -> tuple[str, int]:
+    return f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 50_000
+
+
+async def test_udp_chat_never_answers_empty_or_short_datagrams_from_unknown_sources() -> None:
+    """The chat answered every datagram from an unknown address, even an empty one, with a
+    26-byte cookie: 50,000 of 50,000 forged sources were answered."""
+    service = ChatService()
+    protocol = DatagramChatProtocol(service)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    sources = 5 * DEFAULT_MAX_SOURCES
+    short_hello = b"/hello".ljust(HELLO_REPLY_SIZE - 1)
+    for i in range(sources):
+        for data in (b"", b"x", b"/hello", short_hello):
+            protocol.datagram_received(data, forged_chat_source(i))
+    assert transport.sent == {}  # not one reply
+    stats = protocol.statistics()
+    assert stats.dropped_unverified == 4 * sources
+    assert stats.cookies_sent == 0
+    assert stats.budget.sources == 0  # and no state for any of them
+    protocol.datagram_received(b"/hello".ljust(HELLO_REPLY_SIZE), ("192.0.2.1", 5))
+    assert transport.sent == {("192.0.2.1", 5): HELLO_REPLY_SIZE}  # a padded hello: 1x
+    protocol.connection_lost(None)
+    await service.aclose()
+
+
+def handshake(protocol: DatagramChatProtocol, addr: tuple[str, int]) -> None:
+    protocol.datagram_received(b"/hello" + b" " * 26, addr)
+    protocol.datagram_received(b"/hello " + protocol.core.cookie(addr), addr)
+
+
+async def test_handshakes_from_one_host_cannot_fill_the_udp_peer_table() -> None:
+    service = ChatService()
+    protocol = DatagramChatProtocol(service)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    for port in range(1, 2_001):  # one host, many ports, each proven by its cookie
+        handshake(protocol, ("192.0.2.1", port))
+    stats = protocol.statistics()
+    assert protocol.peers == stats.joined == MAX_UDP_PEERS_PER_HOST
+    assert stats.refused_host_full == 2_000 - MAX_UDP_PEERS_PER_HOST
+    handshake(protocol, ("192.0.2.2", 1))  # other hosts still join
+    assert protocol.peers == MAX_UDP_PEERS_PER_HOST + 1
+    protocol.connection_lost(None)
+    await service.aclose()
+
+
+async def test_udp_peer_table_is_bounded() -> None:
+    service = ChatService()
+    protocol = DatagramChatProtocol(service, max_peers=500)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    for i in range(600):
+        handshake(protocol, (f"198.51.100.{i % 250}", 1000 + i))
+    stats = protocol.statistics()
+    assert protocol.peers == 500
+    assert stats.refused_full == 100
+    assert MAX_UDP_PEERS >= 10_000 > 0
     protocol.connection_lost(None)
     await service.aclose()
 

@@ -105,9 +105,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-def test_r8a_keepalive_notices_a_vanished_peer(
-    namespaces: tuple[str, str], loop_name: str
-) -> None:
+def test_keepalive_notices_a_vanished_peer(namespaces: tuple[str, str], loop_name: str) -> None:
     server_ns, client_ns = namespaces
     in_ns = ("ip", "netns", "exec")
     with subprocess.Popen(

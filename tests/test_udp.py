@@ -24,7 +24,12 @@ from hypothesis import strategies as st
 import netlib
 from netlib import Datagram, DatagramEchoProtocol, DatagramServer
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
-from netlib.sansio.datagram import AMPLIFICATION_ALLOWANCE, AMPLIFICATION_FACTOR
+from netlib.aio.sockets import EmptyDatagramSender
+from netlib.sansio.datagram import (
+    AMPLIFICATION_ALLOWANCE,
+    AMPLIFICATION_WINDOW,
+    DEFAULT_MAX_SOURCES,
+)
 from netlib.sansio.echo import TIMESTAMP_PREFIX_SIZE, EchoReplies
 from tests.helpers import wait_until
 
@@ -322,11 +327,12 @@ def _handled_all(server: netlib.DatagramServer, count: int) -> bool:
 
 
 class RecordingTransport(asyncio.DatagramTransport):
-    """Records every sendto per address instead of sending."""
+    """Records every sendto per address instead of sending: bytes and datagrams."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sent: dict[Any, int] = defaultdict(int)
+        self.datagrams: dict[Any, int] = defaultdict(int)
         self.protocol: asyncio.DatagramProtocol | None = None
         self.closing = False
 
@@ -337,6 +343,7 @@ class RecordingTransport(asyncio.DatagramTransport):
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         self.sent[addr] += len(data)
+        self.datagrams[addr] += 1
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         return None
@@ -365,13 +372,30 @@ def inject(
 def check_amplification(
     sent: dict[Any, int], received: dict[Any, int], mode: str, elapsed: float
 ) -> None:
+    """Echo and upper: never more than 1x per address. Timestamp: 1x per address plus what
+    it drew from the one shared allowance, which all addresses together cannot exceed."""
+    beyond = 0
     for addr, size in sent.items():
-        if mode == "timestamp":
-            assert size <= AMPLIFICATION_FACTOR * received[addr] + AMPLIFICATION_ALLOWANCE * (
-                1 + elapsed
-            )
-        else:
-            assert size <= received[addr]  # echo and upper: never more than 1x
+        assert addr in received  # nothing is ever sent to an address that sent nothing
+        beyond += max(0, size - received[addr])
+    limit = AMPLIFICATION_ALLOWANCE * (1 + elapsed / AMPLIFICATION_WINDOW)
+    assert beyond <= (limit if mode == "timestamp" else 0)
+
+
+class RecordingEmptySender:
+    """Stands in for ``EmptyDatagramSender``: records empty replies instead of sending."""
+
+    def __init__(self, transport: RecordingTransport) -> None:
+        self.transport = transport
+
+    def send(self, addr: Any) -> OSError | None:
+        self.transport.sendto(b"", addr)
+        return None
+
+    sent = staticmethod(EmptyDatagramSender.sent)
+
+    def detach(self) -> None:
+        return None
 
 
 @pytest.mark.parametrize("mode", ["echo", "upper", "timestamp"])
@@ -413,6 +437,56 @@ async def _forged_example(datagrams: list[tuple[bytes, int]], mode: netlib.EchoM
     check_amplification(transport.sent, received, mode, elapsed)
 
 
+def tiny_forged_datagrams(count: int) -> list[tuple[bytes, Any]]:
+    """Empty and 1-byte datagrams from three times more forged sources than the reply
+    budget's table holds, so that it evicts all the time."""
+    sources = 3 * DEFAULT_MAX_SOURCES
+    return [
+        (b"x" * (i & 1), (f"198.51.{100 + (i % sources) // 65_000}.1", 1 + (i % sources) % 65_000))
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["echo", "upper", "timestamp"])
+async def test_tiny_datagrams_from_more_sources_than_the_table_echo_protocol(
+    mode: netlib.EchoMode,
+) -> None:
+    """Timestamp replies to 1-byte requests were 28x per address, and eviction handed each
+    new forged address a fresh allowance: the total was unbounded."""
+    loop = asyncio.get_running_loop()
+    protocol = DatagramEchoProtocol(mode)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol._empty = RecordingEmptySender(transport)  # type: ignore[assignment]
+    start = loop.time()
+    received = inject(protocol, tiny_forged_datagrams(6 * DEFAULT_MAX_SOURCES))
+    check_amplification(transport.sent, received, mode, loop.time() - start)
+    assert protocol.statistics().budget.evictions >= 3 * DEFAULT_MAX_SOURCES
+    if mode != "timestamp":  # every request got its (empty or 1-byte) echo
+        assert protocol.statistics().replied == 6 * DEFAULT_MAX_SOURCES
+
+
+@pytest.mark.parametrize("mode", ["echo", "timestamp"])
+async def test_tiny_datagrams_from_more_sources_than_the_table_udp_server(
+    mode: netlib.EchoMode,
+) -> None:
+    datagrams = tiny_forged_datagrams(4 * DEFAULT_MAX_SOURCES)
+    limits = DatagramLimits(queue_size=len(datagrams), queue_bytes=1 << 25)
+    protocol = DatagramEndpointProtocol(limits)
+    transport = RecordingTransport()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    protocol._empty = RecordingEmptySender(transport)  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    server = DatagramServer(netlib.udp_echo_handler(mode), protocol, netlib.ReplyBudget(), 4)
+    received = inject(protocol, datagrams)
+    await wait_until(lambda: server.statistics().handled == len(datagrams), timeout=20.0)
+    check_amplification(transport.sent, received, mode, loop.time() - start)
+    server.close()
+    await server.wait_closed()
+
+
 @pytest.mark.parametrize("mode", ["echo", "upper", "timestamp"])
 async def test_udp_server_does_not_amplify_forged_sources(mode: netlib.EchoMode) -> None:
     rng = random.Random(13)
@@ -450,12 +524,12 @@ async def test_echo_protocol_grants_grow_with_the_budget(
 
 async def test_echo_protocol_lease_table_is_bounded() -> None:
     protocol = DatagramEchoProtocol()
-    protocol._max_leases = 10
+    protocol._grants._max_grants = 10
     transport = RecordingTransport()
     protocol.connection_made(transport)
     for port in range(1, 26):
         protocol.datagram_received(b"x", ("192.0.2.1", port))
-    assert len(protocol._leases) <= 10
+    assert len(protocol._grants.table) <= 10
     assert protocol.statistics().replied == 25  # every address still got its reply
 
 
@@ -496,7 +570,7 @@ async def _statistics_example(
 ) -> None:
     budget = netlib.ReplyBudget(rate=rate, burst=max(1.0, rate))
     protocol = DatagramEchoProtocol(mode, budget=budget, max_size=1500)
-    protocol._max_leases = 4  # evictions settle grants early
+    protocol._grants._max_grants = 4  # evictions settle grants early
     transport = CountingTransport()
     protocol.connection_made(transport)
     for size, address, paused in events:

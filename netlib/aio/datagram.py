@@ -128,6 +128,9 @@ class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
         self.lost = False
         self.write_paused = False
         self.expected: dict[Any, asyncio.Future[bytes]] = {}
+        self.consumer: Callable[[bytes, Any], bool] | None = None
+        """Called with each accepted datagram before it is queued; True means it was taken
+        (a server starts its handler), False queues it as usual."""
         self._empty: EmptyDatagramSender | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] | None = None
@@ -151,6 +154,9 @@ class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
                 self.received += 1
                 waiter.set_result(data)
                 return
+        if self.consumer is not None and self.consumer(data, addr):
+            self.received += 1
+            return
         if len(self.queue) >= self._limits.queue_size or (
             self.queued_bytes + len(data) > self._limits.queue_bytes
         ):
@@ -202,6 +208,11 @@ class DatagramEndpointProtocol(WriteFlowControl, asyncio.DatagramProtocol):
                 waiter.set_result(None)
 
     # -- sending ----------------------------------------------------------------------------
+
+    @property
+    def max_size(self) -> int:
+        """Largest datagram received or sent, in bytes."""
+        return self._limits.max_size
 
     def check_size(self, data: bytes) -> None:
         """Raise ``LimitExceeded`` if ``data`` is larger than ``max_size``."""

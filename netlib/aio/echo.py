@@ -14,13 +14,13 @@ fast path:
 ``DatagramEchoProtocol`` answers each datagram in one of three modes: ``echo`` (unchanged),
 ``upper`` (upper-cased) or ``timestamp`` (``[<time.ctime()>] <message>``). Every reply
 passes a ``ReplyBudget`` first, so a forged source address cannot turn the server into an
-amplifier: echo replies are never larger than the request, timestamp replies add only their
-fixed 27-byte prefix within the amplification allowance, and a per-address token bucket caps
-what any one address is sent. The budget grants each address a small batch of replies at a
-time (``LEASE_DATAGRAMS``, ``LEASE_BYTES``), charged when granted, so the per-datagram cost
-is two subtractions and nothing is ever sent uncharged. Datagrams above ``max_size`` are
-dropped, not cut; empty ones are answered with empty (or prefix-only) replies. Every drop is
-counted in ``statistics()``.
+amplifier: echo replies are never larger than the request, the 27-byte prefix of a timestamp
+reply to an unverified address is paid from its own credit or from the budget's one shared
+allowance, and a per-address token bucket caps what any one address is sent. The sans-I/O
+``ReplyGrants`` hands each address a batch of replies at a time, charged when granted, so the
+per-datagram cost is two subtractions and nothing is ever sent uncharged. Datagrams above
+``max_size`` are dropped, not cut; empty ones are answered with empty (or prefix-only)
+replies. Every drop is counted in ``statistics()``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, cast
 
 from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import (
@@ -37,7 +37,7 @@ from netlib.aio.sockets import (
     DEFAULT_MAX_DATAGRAM,
     EmptyDatagramSender,
 )
-from netlib.sansio.datagram import DEFAULT_MAX_SOURCES, ReplyBudget, ReplyBudgetStatistics
+from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics, ReplyGrants
 from netlib.sansio.echo import TIMESTAMP_PREFIX_SIZE, EchoMode, EchoReplies
 from netlib.sansio.stream import DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 
@@ -49,18 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("netlib.aio.echo")
-
-LEASE_DATAGRAMS: Final = 32
-"""Replies the reply budget grants an address at a time (charged when granted); more, up to
-``MAX_LEASE_DATAGRAMS``, when an eighth of the budget's burst is larger."""
-LEASE_BYTES: Final = 64 * 1024
-"""Reply bytes the reply budget grants an address at a time, at most; more, up to
-``MAX_LEASE_BYTES``, when an eighth of the budget's byte burst is larger."""
-MAX_LEASE_DATAGRAMS: Final = 256
-"""Most replies one grant holds, however generous the budget."""
-MAX_LEASE_BYTES: Final = 256 * 1024
-"""Most reply bytes one grant holds, however generous the budget."""
-_LEASE_SHARE: Final = 8  # a grant takes at most 1/8 of the budget's burst beyond the defaults
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -148,12 +136,6 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self.mode = mode
         self._budget = budget = budget if budget is not None else ReplyBudget()
         self._max_size = max_size
-        # Grants as large as an eighth of the budget's bursts: a generous budget is asked
-        # less often; the default one gets the defaults.
-        share = budget.burst // _LEASE_SHARE
-        self._lease_datagrams = int(max(LEASE_DATAGRAMS, min(MAX_LEASE_DATAGRAMS, share)))
-        share = budget.byte_burst // _LEASE_SHARE
-        self._lease_bytes = int(max(LEASE_BYTES, min(MAX_LEASE_BYTES, share)))
         self._loop = asyncio.get_running_loop()
         self._log = ThrottledLog(logger, self._loop)
         self._transport: asyncio.DatagramTransport | None = None
@@ -162,17 +144,11 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         self.make_reply = EchoReplies(mode, time.time).make
         self._unchanged = mode == "echo"
         # A reply is this many bytes longer than its request (the timestamp prefix).
-        self._overhead = TIMESTAMP_PREFIX_SIZE if mode == "timestamp" else 0
-        # addr -> [datagrams left, bytes left, datagrams and bytes left after the grant's
-        # first reply]: what a grant spent, and so what its requests earned, is the
-        # difference, settled when the grant is renewed or dropped.
-        self._leases: dict[Any, list[int]] = {}
+        extra = TIMESTAMP_PREFIX_SIZE if mode == "timestamp" else 0
+        self._grants = ReplyGrants(budget, extra=extra)
+        self._table = self._grants.table  # addr -> [replies left, bytes left, granted]
         self._last_addr: Any = None
-        self._last_lease: list[int] | None = None
-        self._max_leases = DEFAULT_MAX_SOURCES
-        self._spent = 0  # replies granted and settled (sent, or counted in _unsent)
-        self._unsent = 0  # granted but not sent: paused writing, or a failed empty send
-        self._refused = 0
+        self._last_grant: list[int] | None = None
         self.dropped_too_large = self.send_dropped = self.errors_received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -183,70 +159,41 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
         reply = data if self._unchanged else self.make_reply(data)
         size = len(reply)  # never less than the request's
         # bursts come from one peer: comparing with the last one avoids hashing the address
-        lease = self._last_lease if addr == self._last_addr else self._leases.get(addr)
-        if lease is not None and lease[0] and lease[1] >= size and size <= self._max_size:
-            lease[0] -= 1  # the fast path: spend the grant; nothing else is counted here
-            lease[1] -= size
+        grant = self._last_grant if addr == self._last_addr else self._table.get(addr)
+        if grant is not None and grant[0] and grant[1] >= size and size <= self._max_size:
+            grant[0] -= 1  # the fast path: spend the grant; nothing else is counted here
+            grant[1] -= size
         else:
-            lease = self._renew(addr, lease, len(data), size)
-            if lease is None:
+            grant = self._renew(addr, grant, len(data), size)
+            if grant is None:
                 return
-        self._last_addr, self._last_lease = addr, lease
+        self._last_addr, self._last_grant = addr, grant
         if self._paused:
             self.send_dropped += 1
-            self._unsent += 1
+            self._grants.unsent += 1
         elif reply:
             self._transport.sendto(reply, addr)  # type: ignore[union-attr]
         else:
             self._send_empty(addr)
 
     def _renew(
-        self, addr: Any, lease: list[int] | None, size: int, reply_size: int
+        self, addr: Any, grant: list[int] | None, size: int, reply_size: int
     ) -> list[int] | None:
-        """Settle ``addr``'s grant and ask the budget for a new one, spending one reply now.
-
-        Returns the new grant, or None if the datagram is dropped (too large, or refused
-        by the budget; both counted).
-        """
+        """Renew ``addr``'s grant, spending one reply now; None if the datagram is dropped
+        (too large, or refused by the budget; both counted)."""
         if reply_size > self._max_size:
             self.dropped_too_large += 1  # a timestamp prefix can push a reply over
             return None
-        earned = size + (self._settle(lease) if lease is not None else 0)
-        count, nbytes = self._budget.lease(
-            addr,
-            earned,
-            reply_size,
-            self._loop.time(),
-            datagrams=self._lease_datagrams,
-            nbytes=self._lease_bytes,
-        )
-        if not count:
-            self._refused += 1
-            self._leases.pop(addr, None)
-            self._last_addr = self._last_lease = None
-            return None
-        if lease is None and len(self._leases) >= self._max_leases:
-            for old in self._leases.values():  # unspent grants are lost: that only sends less
-                self._settle(old)
-            self._leases.clear()
-            self._last_addr = self._last_lease = None
-        self._spent += 1  # this datagram's reply; the grant's own count starts after it
-        left = [count - 1, nbytes - reply_size]
-        lease = self._leases[addr] = [*left, *left]
-        return lease
-
-    def _settle(self, lease: list[int]) -> int:
-        """Count what ``lease`` spent, as it is replaced or dropped; return the request
-        bytes that earned it."""
-        replies = lease[2] - lease[0]
-        self._spent += replies
-        return max(0, lease[3] - lease[1] - replies * self._overhead)
+        grant = self._grants.renew(addr, grant, size, reply_size, self._loop.time())
+        if grant is None:
+            self._last_addr = self._last_grant = None
+        return grant
 
     def _send_empty(self, addr: Any) -> None:
         if self._empty is None:
             self._empty = EmptyDatagramSender(self._transport)  # type: ignore[arg-type]
         if not self._empty.sent(self._empty.send(addr), self):
-            self._unsent += 1
+            self._grants.unsent += 1
 
     def error_received(self, exc: Exception) -> None:
         self.errors_received += 1
@@ -265,15 +212,12 @@ class DatagramEchoProtocol(asyncio.DatagramProtocol):
     @property
     def received(self) -> int:
         """Datagrams received (any size)."""
-        return self._granted() + self.dropped_too_large + self._refused
+        return self._grants.used + self.dropped_too_large + self._grants.refused
 
     @property
     def replied(self) -> int:
         """Replies handed to the kernel."""
-        return self._granted() - self._unsent
-
-    def _granted(self) -> int:
-        return self._spent + sum(lease[2] - lease[0] for lease in self._leases.values())
+        return self._grants.used - self._grants.unsent
 
     def statistics(self) -> DatagramEchoStatistics:
         """Return a snapshot of the counters."""
