@@ -62,7 +62,14 @@ from netlib.aio.sockets import (
     set_tcp_keepalive,
 )
 from netlib.aio.stream import StreamProtocol, deadline_timer_for
-from netlib.errors import BrokenResourceError, EndOfStream, PeerTimedOut, ProtocolError
+from netlib.errors import (
+    BrokenResourceError,
+    EndOfStream,
+    PeerTimedOut,
+    ProtocolError,
+    SlowConsumer,
+)
+from netlib.sansio.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget
 from netlib.sansio.framing import Framing, framing_from_name
 from netlib.sansio.stream import (
     DEFAULT_READ_LIMIT,
@@ -144,6 +151,10 @@ class ServerStatistics:
         timeouts: connections closed by the first-message or idle deadline.
         resets: connections lost abruptly (reset, broken pipe).
         handler_errors: handlers that raised an unexpected exception.
+        slow_consumers: connections cut off as ``SlowConsumer``: evicted by the memory
+            budget, or held above ``write_high`` for ``send_timeout``.
+        memory_held: bytes the stalled connections hold in user space now (what the
+            ``max_memory`` budget counts).
         aborted_at_shutdown: connections still open when the shutdown grace ended.
         abandoned_tasks: connection tasks still running ``CANCEL_TIMEOUT`` seconds after
             ``close()`` cancelled them (their connections are closed): no longer waited for.
@@ -159,6 +170,8 @@ class ServerStatistics:
     timeouts: int = 0
     resets: int = 0
     handler_errors: int = 0
+    slow_consumers: int = 0
+    memory_held: int = 0
     aborted_at_shutdown: int = 0
     abandoned_tasks: int = 0
 
@@ -170,9 +183,10 @@ class _Counters:
         for field in fields(ServerStatistics):
             setattr(self, field.name, 0)
 
-    def snapshot(self, active: int) -> ServerStatistics:
+    def snapshot(self, active: int, memory_held: int) -> ServerStatistics:
         values = {f.name: getattr(self, f.name) for f in fields(ServerStatistics)}
         values["active"] = active
+        values["memory_held"] = memory_held
         return ServerStatistics(**values)
 
     def add(self, name: str, count: int = 1) -> None:
@@ -240,6 +254,7 @@ class _Config:
     max_connections: int
     max_connections_per_host: int | None
     keepalive: tuple[float, float, int] | None  # idle, interval, count
+    max_memory: int | None
     shutdown_grace: float
 
 
@@ -263,6 +278,9 @@ class Server:
         self._host_of: dict[StreamProtocol, str] = {}
         limits = config.limits
         self._deadlines = deadline_timer_for(limits) if limits.has_deadlines else None
+        self._budget: MemoryBudget[StreamProtocol] | None = (
+            None if config.max_memory is None else MemoryBudget(config.max_memory)
+        )
         # A connection goes through three tasks: _start (accept, TLS), the handler, and
         # protocol.finish (graceful close); each one's done callback starts the next.
         self._context = contextvars.copy_context()
@@ -305,6 +323,7 @@ class Server:
             self._config.framing,
             self._config.limits,
             deadlines=self._deadlines,
+            budget=self._budget,
             on_lost=self._lost_cb,
         )
         if host is not None:
@@ -381,10 +400,11 @@ class Server:
         if self._aborted:  # close() ran after this connection was set up: no handler
             protocol.abort()
             return protocol
+        handler = self._config.handler
         stream = MessageStream(protocol, linger=True)
         # The handler is called in a copy of the server's context, as a task's first step
         # would be: what its synchronous part sets stays with this connection.
-        handling = self._context.copy().run(_start_handler, self._config.handler, stream)
+        handling = self._context.copy().run(_start_handler, handler, stream)
         self._track(handling, protocol, self._handled_cb)
         return None
 
@@ -426,6 +446,7 @@ class Server:
     def _on_lost(self, protocol: StreamProtocol) -> None:
         """A connection's transport is gone: count why, and retry accept if fds ran out."""
         self._count_end(protocol)
+
         if not self._closing:
             for listener in self._listeners:
                 listener.descriptor_freed()
@@ -436,6 +457,8 @@ class Server:
                 self._counters.add("timeouts")
             case ProtocolError():
                 self._counters.add("protocol_errors")
+            case SlowConsumer():
+                self._counters.add("slow_consumers")
             case BrokenResourceError():
                 self._counters.add("resets")
 
@@ -443,7 +466,8 @@ class Server:
 
     def statistics(self) -> ServerStatistics:
         """Return a snapshot of the server's counters."""
-        return self._counters.snapshot(active=len(self._connections))
+        held = 0 if self._budget is None else self._budget.total
+        return self._counters.snapshot(active=len(self._connections), memory_held=held)
 
     @property
     def is_serving(self) -> bool:
@@ -608,6 +632,7 @@ async def open_tcp_server(
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     message_timeout: float | None = None,
     send_timeout: float | None = None,
+    max_memory: int | None = DEFAULT_MEMORY_BUDGET,
     keepalive_idle: float | None = DEFAULT_KEEPALIVE_IDLE,
     keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
     keepalive_count: int = DEFAULT_KEEPALIVE_COUNT,
@@ -640,6 +665,9 @@ async def open_tcp_server(
         send_timeout: seconds the write buffer may stay above ``write_high`` while the peer
             does not read, before the connection is cut off as ``SlowConsumer`` (None: the
             handler just waits in ``send()``).
+        max_memory: bytes all stalled connections together may hold in user space (queued
+            input, partial frames, unsent output; default 256 MiB, None: no bound); past
+            it the largest holders are cut off as ``SlowConsumer``.
         keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
             the kernel probes the peer (default 30; None: no keepalive).
         keepalive_interval: seconds between keepalive probes (default 5).
@@ -674,6 +702,7 @@ async def open_tcp_server(
         max_connections_per_host=_positive_or_none(
             "max_connections_per_host", max_connections_per_host
         ),
+        max_memory=_positive_or_none("max_memory", max_memory),
         keepalive=None
         if keepalive_idle is None
         else (keepalive_idle, keepalive_interval, keepalive_count),
@@ -705,6 +734,7 @@ class TCPServerOptions(TypedDict, total=False):
     idle_timeout: float | None
     message_timeout: float | None
     send_timeout: float | None
+    max_memory: int | None
     keepalive_idle: float | None
     keepalive_interval: float
     keepalive_count: int

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
@@ -147,15 +148,17 @@ class ChatProtocol(StreamProtocol):
         service: the chat to join (default: ``ChatService.default()``, one per loop).
 
     Works on its own: ``loop.create_server(ChatProtocol, host, port)``; ``open_chat_server``
-    serves the same chat with netlib's server (connection caps, EMFILE back-off, shutdown).
+    serves it with netlib's server (connection caps, EMFILE back-off, keepalive, memory
+    budget, shutdown), which passes ``adapter`` options (``deadlines``, ``budget``,
+    ``on_lost``) through to ``StreamProtocol``.
     """
 
     __slots__ = ("_service", "session")
 
-    def __init__(self, service: ChatService | None = None) -> None:
+    def __init__(self, service: ChatService | None = None, **adapter: Any) -> None:
         self._service = service if service is not None else ChatService.default()
         limits = self._service.limits
-        super().__init__(chat_framing(limits), chat_stream_limits(limits))
+        super().__init__(chat_framing(limits), chat_stream_limits(limits), **adapter)
         self.session: StreamChatSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
