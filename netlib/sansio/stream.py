@@ -155,7 +155,8 @@ class StreamConnection:
 
     The adapter feeds it (``receive_data``, ``receive_eof``, ``lost``, ``handle_timer``), the
     consumer takes messages (``frames`` non-empty, then ``take()``), and both read
-    ``state``, ``error`` and ``read_paused``.
+    ``state``, ``error`` and ``read_paused``. The adapter also sets ``last_activity`` when it
+    hands a write batch to the transport (the idle deadline counts traffic both ways).
     """
 
     __slots__ = (
@@ -343,10 +344,6 @@ class StreamConnection:
             self.read_paused = False
 
     # -- output -----------------------------------------------------------------------------
-
-    def sent(self, now: float) -> None:
-        """Record that bytes were handed to the transport (the idle deadline moves)."""
-        self.last_activity = now
 
     def writing_paused(self, now: float) -> None:
         """The write buffer passed its high mark: the send deadline starts."""

@@ -155,7 +155,7 @@ def test_the_first_message_lifts_the_first_deadline_and_idle_takes_over() -> Non
     conn = line(now=0.0, first_frame_timeout=10.0, idle_timeout=60.0)
     conn.receive_data(b"hi\n", 5.0)
     assert conn.next_deadline() == 65.0
-    conn.sent(30.0)
+    conn.last_activity = 30.0  # the adapter wrote a batch
     assert conn.next_deadline() == 90.0
     assert not conn.handle_timer(89.9)
     assert conn.handle_timer(90.0)

@@ -57,7 +57,6 @@ __all__ = [
     "CHAT_SOCKET_SEND_BUFFER",
     "CHAT_SOFT_LIMIT",
     "CHAT_SOFT_TIME",
-    "FLUSH_THRESHOLD",
     "SHUTDOWN_REASON",
     "SLOW_CONSUMER",
     "ChatLimits",
@@ -82,8 +81,6 @@ several MiB loopback autotuning allows. None leaves the kernel's autotuning on."
 CHAT_MAX_LINE_BYTES: Final = 4 * MAX_LINE_LENGTH
 """Longest line read from a TCP chat client, in bytes (16 KiB: the core's 4,096-character
 limit at 4 UTF-8 bytes per character); a longer one ends the connection."""
-FLUSH_THRESHOLD: Final = 64 * 1024
-"""Pending outbound bytes at which a chat connection writes at once, not at loop end."""
 CHAT_CLOSE_GRACE: Final = 5.0
 """Seconds a closing chat server waits for connections to flush before aborting them."""
 CHAT_LINE_TIMEOUT: Final = 10.0

@@ -5,7 +5,7 @@ Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing,
 ``StreamChatSession``, so their limits are the same:
 
 * A delivery is queued with ``write_soon``: one ``writelines`` per loop iteration (or at once
-  past ``FLUSH_THRESHOLD``), so a room's burst costs one system call per member, and the
+  past ``DEFAULT_FANOUT_FLUSH``), so a room's burst costs one system call per member, and the
   transport's buffer is the outbound queue.
 * **Hard limit**: a delivery that would take the member's unsent bytes past ``hard_limit``
   disconnects it as a slow consumer at once (it never holds more than the hard limit plus one
@@ -23,14 +23,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Hashable
-from typing import Any
 
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
 from netlib.sansio.framing import LineFraming
 from netlib.sansio.stream import StreamLimits
 from netlib.services.chat.service import (
-    FLUSH_THRESHOLD,
     SHUTDOWN_REASON,
     SLOW_CONSUMER,
     ChatLimits,
@@ -105,7 +103,7 @@ class StreamChatSession:
             self._stream.abort()
             self.closed(SlowConsumer(f"hard limit: outbound buffer would reach {size} bytes"))
             return
-        self._stream.send_framed(line, limit=FLUSH_THRESHOLD)
+        self._stream.send_framed(line)
 
     def end(self, reason: str) -> None:
         """Close this member's connection after flushing what is queued."""
@@ -147,18 +145,16 @@ class ChatProtocol(StreamProtocol):
     Args:
         service: the chat to join (default: ``ChatService.default()``, one per loop).
 
-    Works on its own: ``loop.create_server(ChatProtocol, host, port)``; ``open_chat_server``
-    serves it with netlib's server (connection caps, EMFILE back-off, keepalive, memory
-    budget, shutdown), which passes ``adapter`` options (``deadlines``, ``budget``,
-    ``on_lost``) through to ``StreamProtocol``.
+    Works on its own: ``loop.create_server(ChatProtocol, host, port)``, which is how
+    ``open_chat_server`` serves it.
     """
 
     __slots__ = ("_service", "session")
 
-    def __init__(self, service: ChatService | None = None, **adapter: Any) -> None:
+    def __init__(self, service: ChatService | None = None) -> None:
         self._service = service if service is not None else ChatService.default()
         limits = self._service.limits
-        super().__init__(chat_framing(limits), chat_stream_limits(limits), **adapter)
+        super().__init__(chat_framing(limits), chat_stream_limits(limits))
         self.session: StreamChatSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
