@@ -1,8 +1,9 @@
 """open_chat_server / serve_chat: the chat service over TCP, UDP or both.
 
-The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are ``ChatProtocol``
-connections (line based, usable from ``nc`` and ``telnet``), UDP clients are peers of a
-``DatagramChatProtocol``. One service can serve both at once, and they share its rooms.
+The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are
+``ChatProtocol`` connections (line based, usable from ``nc`` and ``telnet``) on netlib's
+``Server``, UDP clients are peers of a ``DatagramChatProtocol``. One service can serve
+both at once, and they share its rooms.
 ``chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
 """
 
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
-from netlib.services.chat import ChatProtocol, ChatService, DatagramChatProtocol
+from netlib.server import Server, open_tcp_server
+from netlib.services.chat import ChatService, DatagramChatProtocol
+from netlib.services.chat.service import CHAT_CLOSE_GRACE
+from netlib.services.chat.tcp import chat_framing, chat_protocol_factory
 
 __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
@@ -28,11 +32,13 @@ class ChatServer:
 
     Attributes:
         service: the chat (rooms, sessions, statistics).
+        tcp: the TCP ``Server`` (connection statistics), when serving TCP.
         tcp_addresses: bound TCP addresses (empty when not serving TCP).
         udp_addresses: bound UDP addresses (empty when not serving UDP).
     """
 
     service: ChatService
+    tcp: Server | None = None
     tcp_addresses: list[Any] = field(default_factory=list)
     udp_addresses: list[Any] = field(default_factory=list)
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,13 +76,28 @@ async def open_chat_server(
     server = ChatServer(chat)
     async with AsyncExitStack() as stack:
         if proto in ("tcp", "both"):
-            # ChatProtocol on loop.create_server: lines are handled as callbacks. On
-            # netlib's Server (a task or a future per member) the R11 fan-out p99 rose from
-            # about 25 ms to 50-80 ms on asyncio, and the cause is not found yet.
-            tcp = await loop.create_server(lambda: ChatProtocol(chat), host, port)
-            stack.push_async_callback(tcp.wait_closed)
-            stack.callback(tcp.close)
-            server.tcp_addresses = [s.getsockname() for s in tcp.sockets]
+            # Members are ChatProtocol connections on netlib's Server: lines are handled
+            # as callbacks (no task per member), with the accept loop, caps, memory
+            # budget and shutdown of every netlib server.
+            limits = chat.limits
+            tcp = await stack.enter_async_context(
+                open_tcp_server(
+                    None,
+                    host,
+                    port,
+                    protocol=chat_protocol_factory(chat),
+                    framing=chat_framing(limits),
+                    first_frame_timeout=None,  # a member may only listen: keepalive
+                    idle_timeout=None,  # notices a vanished one
+                    message_timeout=limits.line_timeout,
+                    send_timeout=limits.soft_time,
+                    write_high=limits.soft_limit,
+                    write_low=limits.soft_limit // 2,
+                    shutdown_grace=CHAT_CLOSE_GRACE,
+                )
+            )
+            server.tcp = tcp
+            server.tcp_addresses = list(tcp.addresses)
         # The chat closes first: members hear the server is going, then the servers stop.
         stack.push_async_callback(chat.aclose if own_service else chat.close_sessions)
         if proto in ("udp", "both"):

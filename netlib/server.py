@@ -26,14 +26,15 @@ three policies in netlib's hands:
   handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
   left when the grace period ends.
 
-Each connection runs the user's handler with a ``MessageStream`` in a task of its own, with
-nothing else held per connection: accepting (and the TLS handshake) and the graceful close
-are separate short tasks, each started by the previous one's done callback. Errors the
-peer causes (malformed frames, resets, timeouts) end that connection and are counted; an
-unexpected exception in a handler is counted and logged with its traceback, at most once a
-second (``LOG_INTERVAL``; the lines in between are counted in the next one and at close),
-so a handler that fails on every connection cannot flood the log. Neither disturbs other
-connections.
+Each connection runs the user's handler with a ``MessageStream`` in a task of its own (or,
+for a ``protocol`` factory such as the chat's, consumes messages as callbacks with no task
+at all), with nothing else held per connection: accepting (and the TLS handshake) and the
+graceful close are separate short tasks, each started by the previous one's done
+callback. Errors the peer causes (malformed frames, resets, timeouts) end that connection
+and are counted; an unexpected exception in a handler is counted and logged with its
+traceback, at most once a second (``LOG_INTERVAL``; the lines in between are counted in
+the next one and at close), so a handler that fails on every connection cannot flood the
+log. Neither disturbs other connections.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ import socket
 import ssl as _ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
-from typing import Any, Final, TypedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Protocol, TypedDict
 
 from typing_extensions import Unpack
 
+from netlib.aio.deadlines import DeadlineTimer
 from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import (
     DEFAULT_KEEPALIVE_COUNT,
@@ -92,6 +94,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS_PER_HOST",
     "DEFAULT_SHUTDOWN_GRACE",
     "Handler",
+    "ProtocolFactory",
     "Server",
     "ServerStatistics",
     "TCPServerOptions",
@@ -176,21 +179,25 @@ class ServerStatistics:
     abandoned_tasks: int = 0
 
 
+@dataclass(slots=True)
 class _Counters:
-    """Mutable twin of ``ServerStatistics``."""
+    """What a server counts as it happens (``ServerStatistics`` without the gauges)."""
 
-    def __init__(self) -> None:
-        for field in fields(ServerStatistics):
-            setattr(self, field.name, 0)
+    accepted: int = 0
+    rejected: int = 0
+    rejected_per_host: int = 0
+    accept_errors: int = 0
+    tls_failures: int = 0
+    protocol_errors: int = 0
+    timeouts: int = 0
+    resets: int = 0
+    handler_errors: int = 0
+    slow_consumers: int = 0
+    aborted_at_shutdown: int = 0
+    abandoned_tasks: int = 0
 
     def snapshot(self, active: int, memory_held: int) -> ServerStatistics:
-        values = {f.name: getattr(self, f.name) for f in fields(ServerStatistics)}
-        values["active"] = active
-        values["memory_held"] = memory_held
-        return ServerStatistics(**values)
-
-    def add(self, name: str, count: int = 1) -> None:
-        setattr(self, name, getattr(self, name) + count)
+        return ServerStatistics(active=active, memory_held=memory_held, **asdict(self))
 
 
 class _Listener:
@@ -215,7 +222,7 @@ class _Listener:
             self._server._on_accepted(conn, addr)
 
     def _on_error(self, exc: OSError) -> None:
-        self._server._counters.add("accept_errors")
+        self._server._counters.accept_errors += 1
         if exc.errno in _EXHAUSTED:
             self._server._accept_log.warning("accept() failed: %s; retrying in 100 ms", exc)
             self._loop.remove_reader(self.sock.fileno())
@@ -244,9 +251,25 @@ class _Listener:
         self.sock.close()
 
 
+class ProtocolFactory(Protocol):
+    """Makes the ``StreamProtocol`` of an accepted connection: called as
+    ``StreamProtocol`` itself is, with the server's framing, limits and wiring."""
+
+    def __call__(
+        self,
+        framing: Framing,
+        limits: StreamLimits,
+        *,
+        deadlines: DeadlineTimer | None,
+        budget: MemoryBudget[StreamProtocol] | None,
+        on_lost: Callable[[StreamProtocol], None],
+    ) -> StreamProtocol: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Config:
-    handler: Handler
+    handler: Handler | None
+    protocol: ProtocolFactory
     framing: Framing
     limits: StreamLimits
     ssl: _ssl.SSLContext | None
@@ -300,7 +323,7 @@ class Server:
 
     def _on_accepted(self, conn: socket.socket, addr: Any) -> None:
         if len(self._connections) >= self._config.max_connections:
-            self._counters.add("rejected")
+            self._counters.rejected += 1
             conn.close()
             return
         host = None
@@ -308,7 +331,7 @@ class Server:
         if per_host is not None and conn.family != socket.AF_UNIX:
             host = str(addr[0])  # the peer's IP address, IPv4 or IPv6 alike
             if self._per_host.get(host, 0) >= per_host:
-                self._counters.add("rejected_per_host")
+                self._counters.rejected_per_host += 1
                 conn.close()
                 return
         conn.setblocking(False)
@@ -318,8 +341,8 @@ class Server:
                 set_tcp_keepalive(conn, idle=idle, interval=interval, count=count)
             except OSError as exc:  # e.g. the peer is already gone: setup will find out
                 logger.debug("setting keepalive failed: %r", exc)
-        self._counters.add("accepted")
-        protocol = StreamProtocol(
+        self._counters.accepted += 1
+        protocol = self._config.protocol(
             self._config.framing,
             self._config.limits,
             deadlines=self._deadlines,
@@ -366,7 +389,10 @@ class Server:
             )
         except (OSError, _ssl.SSLError, TimeoutError) as exc:
             conn.close()
-            self._counters.add("tls_failures" if config.ssl else "resets")
+            if config.ssl:
+                self._counters.tls_failures += 1
+            else:
+                self._counters.resets += 1
             logger.debug("connection setup failed: %r", exc)
             return False
         except BaseException:
@@ -401,6 +427,9 @@ class Server:
             protocol.abort()
             return protocol
         handler = self._config.handler
+        if handler is None:  # the protocol serves itself: wait for the connection's end
+            self._track(protocol.closed_future(), protocol, self._closed_cb)
+            return None
         stream = MessageStream(protocol, linger=True)
         # The handler is called in a copy of the server's context, as a task's first step
         # would be: what its synchronous part sets stays with this connection.
@@ -421,7 +450,7 @@ class Server:
             if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
                 logger.debug("connection %s ended: %r", peer, exc)
             else:
-                self._counters.add("handler_errors")
+                self._counters.handler_errors += 1
                 self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
         if protocol.lost or self._aborted:  # nothing left to close gracefully
             return protocol
@@ -454,13 +483,13 @@ class Server:
     def _count_end(self, protocol: StreamProtocol) -> None:
         match protocol.conn.error:
             case PeerTimedOut():
-                self._counters.add("timeouts")
+                self._counters.timeouts += 1
             case ProtocolError():
-                self._counters.add("protocol_errors")
+                self._counters.protocol_errors += 1
             case SlowConsumer():
-                self._counters.add("slow_consumers")
+                self._counters.slow_consumers += 1
             case BrokenResourceError():
-                self._counters.add("resets")
+                self._counters.resets += 1
 
     # -- public API -------------------------------------------------------------------------
 
@@ -489,7 +518,8 @@ class Server:
         self._stop_accepting()
         for task, protocol in list(self._connections.items()):
             protocol.abort()
-            task.cancel()
+            if isinstance(task, asyncio.Task):  # not a protocol's own closed future
+                task.cancel()
         self._settle()
 
     async def _wait_settled(self) -> None:
@@ -508,7 +538,7 @@ class Server:
         stubborn = list(self._connections)
         if not stubborn:
             return
-        self._counters.add("abandoned_tasks", len(stubborn))
+        self._counters.abandoned_tasks += len(stubborn)
         logger.error(
             "%d connection task(s) did not end within %ss of being cancelled (does the "
             "handler catch CancelledError?); their connections are closed and they are no "
@@ -552,7 +582,7 @@ class Server:
                 async with asyncio.timeout(grace):
                     await self._wait_settled()  # each phase's callback adds the next task
             except TimeoutError:
-                self._counters.add("aborted_at_shutdown", len(self._connections))
+                self._counters.aborted_at_shutdown += len(self._connections)
             self.close()
         await self.wait_closed()
 
@@ -579,7 +609,11 @@ def _start_handler(handler: Handler, stream: MessageStream) -> asyncio.Future[An
 
 
 def _listen(family: int, address: Any, *, backlog: int, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: accepted sockets inherit it, and asyncio sets
+    # TCP_NODELAY only on sockets whose proto says TCP (with proto 0, Nagle's algorithm
+    # held small replies back: chat fan-out latency tripled on asyncio).
+    proto = 0 if family == socket.AF_UNIX else socket.IPPROTO_TCP
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -619,10 +653,11 @@ async def _bind(
 
 @asynccontextmanager
 async def open_tcp_server(
-    handler: Handler,
+    handler: Handler | None,
     host: str | None = "127.0.0.1",
     port: int = 0,
     *,
+    protocol: ProtocolFactory | None = None,
     path: str | None = None,
     framing: Framing | str = "raw",
     ssl: _ssl.SSLContext | None = None,
@@ -651,6 +686,9 @@ async def open_tcp_server(
             connection closes when it returns.
         host: address or name to bind (default loopback; None binds every interface).
         port: TCP port (0 picks a free one: see ``Server.addresses``).
+        protocol: with ``handler=None``, serve each connection with the ``StreamProtocol``
+            subclass this makes, which consumes messages as callbacks (no task per
+            connection; ``ChatProtocol`` is one); the connection is served until it closes.
         path: bind a Unix domain socket at this path instead of ``host``/``port``.
         framing: ``"raw"``, ``"line"``, ``"length"`` or a ``Framing`` object.
         ssl: a server ``SSLContext`` to serve TLS.
@@ -684,8 +722,11 @@ async def open_tcp_server(
     Yields:
         The running ``Server``. Leaving the block shuts it down gracefully.
     """
+    if (handler is None) == (protocol is None):
+        raise TypeError("open_tcp_server needs a handler or a protocol factory, not both")
     config = _Config(
         handler=handler,
+        protocol=StreamProtocol if protocol is None else protocol,
         framing=framing_from_name(framing),
         limits=StreamLimits(
             first_frame_timeout=first_frame_timeout,
@@ -725,6 +766,7 @@ def _positive_or_none(name: str, value: int | None) -> int | None:
 class TCPServerOptions(TypedDict, total=False):
     """The keyword options of ``open_tcp_server``, accepted by ``serve_tcp`` too."""
 
+    protocol: ProtocolFactory | None
     path: str | None
     framing: Framing | str
     ssl: _ssl.SSLContext | None
@@ -748,7 +790,7 @@ class TCPServerOptions(TypedDict, total=False):
 
 
 async def serve_tcp(
-    handler: Handler,
+    handler: Handler | None,
     host: str | None = "127.0.0.1",
     port: int = 0,
     **options: Unpack[TCPServerOptions],

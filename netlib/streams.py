@@ -312,10 +312,11 @@ class DatagramEndpoint:
         return self
 
     async def __anext__(self) -> tuple[bytes, Any]:
-        try:
-            return await self.receive()
-        except ClosedResourceError:
-            raise StopAsyncIteration from None
+        """The next datagram. netlib's one iteration rule: ``async for`` ends where
+        ``receive()`` raises ``EndOfStream`` and raises every other error. Datagrams have no
+        end of stream, so iterating a closed endpoint raises ``ClosedResourceError``, as
+        iterating a closed ``MessageStream`` does."""
+        return await self.receive()
 
     async def request(
         self,

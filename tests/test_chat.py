@@ -254,6 +254,28 @@ async def _non_reading_client(port: int) -> socket.socket:
     return sock
 
 
+async def test_chat_runs_on_netlibs_server_and_cuts_a_trickled_line_at_its_deadline() -> None:
+    # open_chat_server serves members on netlib's Server (its accept loop, caps, budget,
+    # keepalive and statistics), with the chat's line deadline as the message deadline.
+    async with chat_server(line_timeout=0.5) as server:
+        assert server.tcp is not None
+        port = tcp_port(server)
+        trickler = await LineClient.connect(port)
+        listener = await LineClient.connect(port)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        trickler.send("a line that never ends", end=b"")
+        await trickler.closed(timeout=2.0)
+        assert 0.5 <= loop.time() - start < 1.5
+        await listener.expect("quit")
+        stats = server.tcp.statistics()
+        assert stats.timeouts == 1
+        assert stats.accepted == 2
+        assert stats.active == 1
+        await trickler.aclose()
+        await listener.aclose()
+
+
 async def test_protocol_on_its_own_with_create_server() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(netlib.ChatProtocol, "127.0.0.1", 0)

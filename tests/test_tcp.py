@@ -18,6 +18,7 @@ import trustme
 
 import netlib
 from netlib import MessageStream, Server
+from netlib.aio.stream import StreamProtocol
 from tests.helpers import address_of, open_raw, reset, wait_for_eof, wait_until
 
 FRAMINGS = ["raw", "line", "length"]
@@ -56,6 +57,30 @@ async def test_length_prefixed_binary_messages_keep_boundaries() -> None:
         for message in messages:
             await stream.send(message)
         assert [await stream.receive() for _ in messages] == messages
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_accepted_connections_send_small_replies_without_nagle_delay(host: str) -> None:
+    # Nagle's algorithm holds a small write back while earlier data is unacknowledged: on a
+    # chat fan-out that tripled delivery latency. Both loops set TCP_NODELAY, asyncio only
+    # on sockets whose protocol number says TCP.
+    async def report_nodelay(stream: MessageStream) -> None:
+        sock = stream.socket
+        assert sock is not None
+        await stream.send(b"%d" % sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    async with (
+        netlib.open_tcp_server(report_nodelay, host, framing="line") as server,
+        netlib.connect_tcp(host, server.addresses[0][1], framing="line") as stream,
+    ):
+        assert int(await stream.receive()) != 0
+
+
+async def test_a_server_takes_a_handler_or_a_protocol_factory_not_both() -> None:
+    for handler, protocol in [(None, None), (netlib.echo_handler, StreamProtocol)]:
+        with pytest.raises(TypeError, match="handler or a protocol factory"):
+            async with netlib.open_tcp_server(handler, protocol=protocol):
+                pass
 
 
 async def test_ipv6_loopback() -> None:
@@ -256,6 +281,8 @@ async def test_client_iteration_ends_at_eof_and_errors_after_close() -> None:
             await stream.send(b"late")
         with pytest.raises(netlib.ClosedResourceError):
             await stream.receive()
+        with pytest.raises(netlib.ClosedResourceError):
+            await anext(aiter(stream))
 
 
 async def test_client_idle_timeout_ends_a_silent_connection() -> None:

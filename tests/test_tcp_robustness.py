@@ -623,30 +623,40 @@ EMFILE_SERVER = """
 import logging, resource, sys
 import netlib
 logging.basicConfig(level=logging.WARNING, format="%(created)f %(message)s")
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, limit[1]))
 
-async def main() -> None:
+async def echo() -> None:
     async with netlib.open_tcp_server(netlib.echo_handler, framing="line",
                                       max_connections=1000) as server:
         print(server.addresses[0][1], flush=True)
         await server.serve_forever()
 
-netlib.run(main(), loop=sys.argv[1])
+async def chat() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, limit)  # cap computed from the higher one
+    async with netlib.open_chat_server() as server:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, limit[1]))
+        print(server.tcp_addresses[0][1], flush=True)
+        await server.serve_forever()
+
+netlib.run({"echo": echo, "chat": chat}[sys.argv[2]](), loop=sys.argv[1])
 """
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("service", ["echo", "chat"])
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-def test_emfile_pauses_accepting_and_recovers(loop_name: str) -> None:
-    asyncio.run(_emfile_scenario(loop_name))
+def test_emfile_pauses_accepting_and_recovers(loop_name: str, service: str) -> None:
+    asyncio.run(_emfile_scenario(loop_name, service))
 
 
-async def _emfile_scenario(loop_name: str) -> None:
+async def _emfile_scenario(loop_name: str, service: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         EMFILE_SERVER,
         loop_name,
+        service,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -665,8 +675,11 @@ async def _emfile_scenario(loop_name: str) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         async with netlib.connect_tcp("127.0.0.1", port, framing="line") as stream:
-            await stream.send(b"back")
-            assert await stream.receive() == b"back"
+            if service == "echo":
+                await stream.send(b"back")
+                assert await stream.receive() == b"back"
+            else:
+                assert (await stream.receive()).startswith(b"*** welcome")
         recovery = loop.time() - start
     finally:
         proc.terminate()

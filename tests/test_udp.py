@@ -241,6 +241,29 @@ async def test_empty_datagram_is_a_message() -> None:
         assert [(await receiver.receive())[0] for _ in range(2)] == [b"", b""]
 
 
+async def test_iterating_an_endpoint_closed_meanwhile_raises_like_a_stream() -> None:
+    # netlib's one iteration rule: ``async for`` ends at EndOfStream and raises every other
+    # error; datagrams have no end of stream, so a close raises ClosedResourceError.
+    async with (
+        netlib.open_udp_server(netlib.udp_echo_handler()) as server,
+        netlib.open_udp_endpoint(*server.addresses[0]) as endpoint,
+    ):
+        await endpoint.send(b"one")
+        seen: list[bytes] = []
+
+        async def iterate() -> None:
+            async for data, _addr in endpoint:
+                seen.append(data)
+
+        iterating = asyncio.ensure_future(iterate())
+        await wait_until(lambda: seen == [b"one"])
+        await endpoint.aclose()
+        with pytest.raises(netlib.ClosedResourceError):
+            await iterating
+        with pytest.raises(netlib.ClosedResourceError):
+            await anext(aiter(endpoint))
+
+
 async def test_icmp_errors_never_break_a_connected_endpoint() -> None:
     port = free_udp_port()  # nothing listens here: each send draws an ICMP port unreachable
     async with netlib.open_udp_endpoint("127.0.0.1", port) as endpoint:

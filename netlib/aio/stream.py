@@ -386,13 +386,20 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             return False
         return transport.can_write_eof()
 
+    def closed_future(self) -> asyncio.Future[None]:
+        """A future resolved once ``connection_lost`` has run (never cancel it)."""
+        closed = self._closed
+        if closed is None:
+            closed = self._closed = self._loop.create_future()
+            if self.lost:
+                closed.set_result(None)
+        return closed
+
     async def wait_closed(self) -> None:
         """Wait until ``connection_lost`` has run."""
         if self.lost or self.transport is None:
             return
-        if self._closed is None:
-            self._closed = self._loop.create_future()
-        await asyncio.shield(self._closed)
+        await asyncio.shield(self.closed_future())
 
     # -- deadlines --------------------------------------------------------------------------
 

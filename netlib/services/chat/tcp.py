@@ -23,6 +23,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
@@ -41,6 +42,7 @@ __all__ = [
     "StreamChatSession",
     "chat_framing",
     "chat_handler",
+    "chat_protocol_factory",
     "chat_stream_limits",
     "peer_host",
 ]
@@ -144,17 +146,19 @@ class ChatProtocol(StreamProtocol):
 
     Args:
         service: the chat to join (default: ``ChatService.default()``, one per loop).
+        wiring: a server's deadline timer, memory budget and ``on_lost`` callback (see
+            ``StreamProtocol``); ``chat_protocol_factory`` passes them.
 
-    Works on its own: ``loop.create_server(ChatProtocol, host, port)``, which is how
-    ``open_chat_server`` serves it.
+    Works on its own: ``loop.create_server(ChatProtocol, host, port)``. ``open_chat_server``
+    serves it on netlib's own ``Server`` (accept loop, caps, memory budget, shutdown).
     """
 
     __slots__ = ("_service", "session")
 
-    def __init__(self, service: ChatService | None = None) -> None:
+    def __init__(self, service: ChatService | None = None, **wiring: Any) -> None:
         self._service = service if service is not None else ChatService.default()
         limits = self._service.limits
-        super().__init__(chat_framing(limits), chat_stream_limits(limits))
+        super().__init__(chat_framing(limits), chat_stream_limits(limits), **wiring)
         self.session: StreamChatSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,6 +185,16 @@ class ChatProtocol(StreamProtocol):
         super().connection_lost(exc)
         if self.session is not None:
             self.session.closed(self.conn.error)
+
+
+def chat_protocol_factory(service: ChatService) -> Callable[..., ChatProtocol]:
+    """Return a ``protocol`` factory for ``open_tcp_server`` that serves ``service``
+    (with ``framing=chat_framing(...)`` and the limits of ``chat_stream_limits``)."""
+
+    def protocol(_framing: object, _limits: object, **wiring: Any) -> ChatProtocol:
+        return ChatProtocol(service, **wiring)
+
+    return protocol
 
 
 def chat_handler(service: ChatService) -> Handler:
