@@ -10,9 +10,9 @@ Servers (each a subprocess of this script pinned to CPU 0, bound to 127.0.0.1 on
                          ``transport.sendto(data, addr)`` (the baseline)
 * ``echo_protocol``      ``netlib.DatagramEchoProtocol()`` via ``create_datagram_endpoint``
 * ``timestamp_protocol`` ``netlib.DatagramEchoProtocol("timestamp")`` (informational)
-* ``udp_server``         ``netlib.open_udp_server(netlib.udp_echo_handler(), ...)``
+* ``udp_server``         ``netlib.open_udp_server(netlib.udp_echo_handler, ...)``
                          (informational)
-* ``serve_udp``          ``netlib.serve_udp(netlib.udp_echo_handler("echo"), ...)``
+* ``serve_udp``          ``netlib.serve_udp(netlib.udp_echo_handler, ...)``
 
 The netlib servers get an explicit, effectively unlimited ``ReplyBudget`` (the default
 allows 100 replies/s per source address): the budget checks still run for every datagram,
@@ -106,7 +106,7 @@ async def udp_server(stack: contextlib.AsyncExitStack) -> Served:
     import netlib
 
     server = await stack.enter_async_context(
-        netlib.open_udp_server(netlib.udp_echo_handler(), HOST, 0, budget=bench_budget())
+        netlib.open_udp_server(netlib.udp_echo_handler, HOST, 0, budget=bench_budget())
     )
     return server.addresses[0][1], server.statistics
 
@@ -118,7 +118,7 @@ async def serve_udp(stack: contextlib.AsyncExitStack) -> Served:
         sock.bind((HOST, 0))  # serve_udp runs until cancelled: it is given a free port
         port: int = sock.getsockname()[1]
     serving = asyncio.create_task(
-        netlib.serve_udp(netlib.udp_echo_handler("echo"), HOST, port, budget=bench_budget())
+        netlib.serve_udp(netlib.udp_echo_handler, HOST, port, budget=bench_budget())
     )
     stack.callback(serving.cancel)
     return port, None  # the parent probes until an echo comes back

@@ -46,9 +46,14 @@ from netlib.services.chat import (
     ChatService,
     ChatServiceStatistics,
     DatagramChatProtocol,
-    chat_handler,
+    make_chat_handler,
 )
-from netlib.services.echo import echo_handler, udp_echo_handler, upper_echo_handler
+from netlib.services.echo import (
+    echo_handler,
+    make_udp_echo_handler,
+    udp_echo_handler,
+    upper_echo_handler,
+)
 from netlib.services.hub import Hub, MemoryHub, Subscriber
 from netlib.streams import Datagram, DatagramEndpoint, DatagramHandler, Handler, MessageStream
 from netlib.udp import (
@@ -103,10 +108,11 @@ __all__ = [
     "UpperEchoProtocol",
     "WouldBlock",
     "__version__",
-    "chat_handler",
     "connect_tcp",
     "echo_handler",
     "loop_factory",
+    "make_chat_handler",
+    "make_udp_echo_handler",
     "open_chat_server",
     "open_tcp_server",
     "open_udp_endpoint",

@@ -4,7 +4,7 @@ The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are
 ``ChatProtocol`` connections (line based, usable from ``nc`` and ``telnet``) on netlib's
 ``Server``, UDP clients are peers of a ``DatagramChatProtocol``. One service can serve
 both at once, and they share its rooms.
-``chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
+``make_chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
 """
 
 from __future__ import annotations

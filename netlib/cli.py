@@ -184,7 +184,7 @@ async def echo_serve(args: argparse.Namespace) -> None:
     mode: netlib.EchoMode = "upper" if args.upper else args.mode
     if args.proto == "udp":
         async with netlib.open_udp_server(
-            netlib.udp_echo_handler(mode), args.host, args.port
+            netlib.make_udp_echo_handler(mode), args.host, args.port
         ) as udp_server:
             _announce(args, mode, udp_server.addresses)
             await udp_server.serve_forever()

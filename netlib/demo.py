@@ -57,7 +57,7 @@ def _show(name: str, stats: netlib.ServerStatistics) -> None:
 
 
 async def _udp_demo() -> None:
-    async with netlib.open_udp_server(netlib.udp_echo_handler("timestamp")) as server:
+    async with netlib.open_udp_server(netlib.make_udp_echo_handler("timestamp")) as server:
         host, port = server.addresses[0][:2]
         print(f"\nUDP timestamp echo server on {host}:{port}")
         async with netlib.open_udp_endpoint(host, port) as endpoint:

@@ -293,7 +293,7 @@ async def test_protocol_on_its_own_with_create_server() -> None:
 
 async def test_chat_handler_through_serve_tcp() -> None:
     service = ChatService()
-    async with netlib.open_tcp_server(netlib.chat_handler(service), framing="line") as server:
+    async with netlib.open_tcp_server(netlib.make_chat_handler(service), framing="line") as server:
         port = server.addresses[0][1]
         alice = await LineClient.connect(port)
         bob = await LineClient.connect(port)

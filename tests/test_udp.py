@@ -76,7 +76,7 @@ async def test_echo_protocol_every_size_intact() -> None:
 
 async def test_serve_udp_echo_handler_every_size_intact() -> None:
     async with (
-        netlib.open_udp_server(netlib.udp_echo_handler()) as server,
+        netlib.open_udp_server(netlib.udp_echo_handler) as server,
         netlib.open_udp_endpoint(*server.addresses[0]) as endpoint,
     ):
         for size in SIZES:
@@ -106,7 +106,7 @@ async def test_upper_and_timestamp_modes(use_server: bool) -> None:
 @asynccontextmanager
 async def _echo(mode: netlib.EchoMode, use_server: bool) -> AsyncIterator[tuple[str, int]]:
     if use_server:
-        async with netlib.open_udp_server(netlib.udp_echo_handler(mode)) as server:
+        async with netlib.open_udp_server(netlib.make_udp_echo_handler(mode)) as server:
             yield server.addresses[0]
     else:
         async with echo_protocol_server(mode) as (address, _protocol):
@@ -155,7 +155,7 @@ async def test_ipv6_echo() -> None:
 
 async def test_unix_datagram_sockets(tmp_path: Path) -> None:
     path = str(tmp_path / "echo.sock")
-    async with netlib.open_udp_server(netlib.udp_echo_handler("upper"), path=path) as server:
+    async with netlib.open_udp_server(netlib.make_udp_echo_handler("upper"), path=path) as server:
         assert server.addresses == [path]
         async with netlib.open_udp_endpoint(remote_path=path) as endpoint:
             assert await endpoint.request(b"local", timeout=1.0) == b"LOCAL"
@@ -245,7 +245,7 @@ async def test_iterating_an_endpoint_closed_meanwhile_raises_like_a_stream() -> 
     # netlib's one iteration rule: ``async for`` ends at EndOfStream and raises every other
     # error; datagrams have no end of stream, so a close raises ClosedResourceError.
     async with (
-        netlib.open_udp_server(netlib.udp_echo_handler()) as server,
+        netlib.open_udp_server(netlib.udp_echo_handler) as server,
         netlib.open_udp_endpoint(*server.addresses[0]) as endpoint,
     ):
         await endpoint.send(b"one")
@@ -273,7 +273,7 @@ async def test_icmp_errors_never_break_a_connected_endpoint() -> None:
         with pytest.raises(ConnectionRefusedError):
             await endpoint.request(b"anyone?", timeout=1.0)
         assert endpoint.statistics().errors_received >= 1
-        async with netlib.open_udp_server(netlib.udp_echo_handler(), "127.0.0.1", port):
+        async with netlib.open_udp_server(netlib.udp_echo_handler, "127.0.0.1", port):
             assert await endpoint.request(b"now?", timeout=1.0) == b"now?"
         assert endpoint.statistics().sent >= 102
 
@@ -313,7 +313,7 @@ async def test_handler_errors_are_counted_and_serving_goes_on() -> None:
 
 async def test_serve_udp_runs_until_cancelled() -> None:
     port = free_udp_port()
-    task = asyncio.create_task(netlib.serve_udp(netlib.udp_echo_handler(), "127.0.0.1", port))
+    task = asyncio.create_task(netlib.serve_udp(netlib.udp_echo_handler, "127.0.0.1", port))
     async with netlib.open_udp_endpoint("127.0.0.1", port) as endpoint:
         for _ in range(200):
             try:
@@ -328,7 +328,7 @@ async def test_serve_udp_runs_until_cancelled() -> None:
 
 async def test_flood_from_one_source_is_cut_to_its_budget() -> None:
     async with (
-        netlib.open_udp_server(netlib.udp_echo_handler(), workers=1) as server,
+        netlib.open_udp_server(netlib.udp_echo_handler, workers=1) as server,
         netlib.open_udp_endpoint(*server.addresses[0]) as endpoint,
     ):
         for batch in range(1, 11):  # batches stay within the kernel's receive buffer
@@ -502,7 +502,7 @@ async def test_tiny_datagrams_from_more_sources_than_the_table_udp_server(
     protocol._empty = RecordingEmptySender(transport)  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
     start = loop.time()
-    server = DatagramServer(netlib.udp_echo_handler(mode), protocol, netlib.ReplyBudget(), 4)
+    server = DatagramServer(netlib.make_udp_echo_handler(mode), protocol, netlib.ReplyBudget(), 4)
     received = inject(protocol, datagrams)
     await wait_until(lambda: server.statistics().handled == len(datagrams), timeout=20.0)
     check_amplification(transport.sent, received, mode, loop.time() - start)
@@ -520,7 +520,7 @@ async def test_udp_server_does_not_amplify_forged_sources(mode: netlib.EchoMode)
     protocol.connection_made(transport)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    server = DatagramServer(netlib.udp_echo_handler(mode), protocol, netlib.ReplyBudget(), 4)
+    server = DatagramServer(netlib.make_udp_echo_handler(mode), protocol, netlib.ReplyBudget(), 4)
     received = inject(protocol, datagrams)
     await wait_until(lambda: server.statistics().handled == 10_000, timeout=10.0)
     check_amplification(transport.sent, received, mode, loop.time() - start)
@@ -625,7 +625,7 @@ async def test_unix_datagram_server_replaces_a_stale_socket_file(tmp_path: Path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as crashed:
         crashed.bind(path)  # left behind, as by a process that died
     async with (
-        netlib.open_udp_server(netlib.udp_echo_handler(), path=path),
+        netlib.open_udp_server(netlib.udp_echo_handler, path=path),
         netlib.open_udp_endpoint(remote_path=path) as endpoint,
     ):
         assert await endpoint.request(b"fresh", timeout=1.0) == b"fresh"

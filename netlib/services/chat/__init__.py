@@ -5,7 +5,7 @@ from netlib.services.chat.service import (
     ChatService,
     ChatServiceStatistics,
 )
-from netlib.services.chat.tcp import ChatProtocol, chat_handler
+from netlib.services.chat.tcp import ChatProtocol, make_chat_handler
 from netlib.services.chat.udp import DatagramChatProtocol
 
 __all__ = [
@@ -14,5 +14,5 @@ __all__ = [
     "ChatService",
     "ChatServiceStatistics",
     "DatagramChatProtocol",
-    "chat_handler",
+    "make_chat_handler",
 ]

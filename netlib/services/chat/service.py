@@ -12,7 +12,7 @@ without suspending.
 Fairness to the room comes from never waiting on a consumer: ``deliver()`` queues a line
 or cuts the member off as a slow consumer, it never blocks. TCP members are sessions of
 ``netlib.services.chat.tcp`` (one session class under ``ChatProtocol`` and
-``chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
+``make_chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
 
 The three line limits, from the wire inwards: a TCP line is at most
 ``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire, which is what ``MAX_LINE_LENGTH`` (4,096

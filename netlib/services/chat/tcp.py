@@ -1,5 +1,5 @@
-"""The chat service over TCP: ChatProtocol (for ``loop.create_server``) and chat_handler
-(for ``serve_tcp``), one session class for both.
+"""The chat service over TCP: ChatProtocol (served by ``open_chat_server``, or with
+``loop.create_server``) and make_chat_handler (for ``serve_tcp``), one session class for both.
 
 Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing, and both use
 ``StreamChatSession``, so their limits are the same:
@@ -41,9 +41,9 @@ __all__ = [
     "ChatProtocol",
     "StreamChatSession",
     "chat_framing",
-    "chat_handler",
     "chat_protocol_factory",
     "chat_stream_limits",
+    "make_chat_handler",
     "peer_host",
 ]
 
@@ -197,7 +197,7 @@ def chat_protocol_factory(service: ChatService) -> Callable[..., ChatProtocol]:
     return protocol
 
 
-def chat_handler(service: ChatService) -> Handler:
+def make_chat_handler(service: ChatService) -> Handler:
     """Return a ``serve_tcp`` handler that joins ``service``.
 
     Serve it with ``framing=chat_framing(service.limits)`` and the stream limits of
