@@ -383,6 +383,9 @@ class RecordingTransport(asyncio.DatagramTransport):
     def is_closing(self) -> bool:
         return False
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        return None
+
     def close(self) -> None:
         return None
 
@@ -424,7 +427,7 @@ async def test_udp_chat_never_answers_empty_or_short_datagrams_from_unknown_sour
         for data in (b"", b"x", b"/hello", short_hello):
             protocol.datagram_received(data, forged_chat_source(i))
     assert transport.sent == {}  # not one reply
-    stats = protocol.statistics()
+    stats = protocol.chat_statistics()
     assert stats.dropped_unverified == 4 * sources
     assert stats.cookies_sent == 0
     assert stats.budget.sources == 0  # and no state for any of them
@@ -446,11 +449,32 @@ async def test_handshakes_from_one_host_cannot_fill_the_udp_peer_table() -> None
     protocol.connection_made(transport)
     for port in range(1, 2_001):  # one host, many ports, each proven by its cookie
         handshake(protocol, ("192.0.2.1", port))
-    stats = protocol.statistics()
+    stats = protocol.chat_statistics()
     assert protocol.peers == stats.joined == MAX_UDP_PEERS_PER_HOST
     assert stats.refused_host_full == 2_000 - MAX_UDP_PEERS_PER_HOST
     handshake(protocol, ("192.0.2.2", 1))  # other hosts still join
     assert protocol.peers == MAX_UDP_PEERS_PER_HOST + 1
+    protocol.connection_lost(None)
+    await service.aclose()
+
+
+async def test_udp_deliveries_are_dropped_and_counted_while_the_send_buffer_is_full() -> None:
+    service = ChatService()
+    protocol = DatagramChatProtocol(service)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    talker, listener = ("192.0.2.1", 1), ("192.0.2.2", 2)
+    handshake(protocol, talker)
+    handshake(protocol, listener)
+    await wait_until(lambda: transport.sent.get(listener, 0) > HELLO_REPLY_SIZE)  # welcome
+    protocol.pause_writing()  # the socket's buffer is above its high mark
+    before = dict(transport.sent)
+    protocol.datagram_received(b"nobody hears this now", talker)
+    await wait_until(lambda: protocol.statistics().send_dropped >= 1)
+    assert transport.sent == before  # dropped at once, not buffered in user space
+    protocol.resume_writing()
+    protocol.datagram_received(b"heard again", talker)
+    await wait_until(lambda: transport.sent[listener] > before[listener])
     protocol.connection_lost(None)
     await service.aclose()
 
@@ -462,7 +486,7 @@ async def test_udp_peer_table_is_bounded() -> None:
     protocol.connection_made(transport)
     for i in range(600):
         handshake(protocol, (f"198.51.100.{i % 250}", 1000 + i))
-    stats = protocol.statistics()
+    stats = protocol.chat_statistics()
     assert protocol.peers == 500
     assert stats.refused_full == 100
     assert MAX_UDP_PEERS >= 10_000 > 0

@@ -15,9 +15,9 @@ import asyncio
 import logging
 import os
 from collections.abc import Hashable
-from typing import Any, cast
+from typing import Any
 
-from netlib.aio.logs import ThrottledLog
+from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
 from netlib.sansio.chat_udp import (
     CHAT_PEER_TIMEOUT,
     MAX_UDP_PEERS,
@@ -67,8 +67,12 @@ class _UdpPeer:
         return
 
 
-class DatagramChatProtocol(asyncio.DatagramProtocol):
+class DatagramChatProtocol(DatagramEndpointProtocol):
     """A UDP chat endpoint: one line per datagram, cookie handshake, heartbeats.
+
+    It consumes datagrams on netlib's one datagram adapter (``DatagramEndpointProtocol``),
+    so the size policy, the ICMP policy and the counted send drops (a full socket buffer
+    drops a delivery rather than buffering it) are those of every netlib UDP endpoint.
 
     Args:
         service: the chat to join (default: ``ChatService.default()``).
@@ -77,6 +81,7 @@ class DatagramChatProtocol(asyncio.DatagramProtocol):
         max_peers_per_host: sessions from one host (IP address) at once.
         budget: the reply policy for every datagram sent (default: ``UDP_CHAT_RATE`` per
             peer; an unverified address is never sent more than it sent).
+        limits: datagram size and send-buffer limits.
     """
 
     def __init__(
@@ -87,9 +92,10 @@ class DatagramChatProtocol(asyncio.DatagramProtocol):
         max_peers: int = MAX_UDP_PEERS,
         max_peers_per_host: int = MAX_UDP_PEERS_PER_HOST,
         budget: ReplyBudget | None = None,
+        limits: DatagramLimits | None = None,
     ) -> None:
+        super().__init__(limits or DatagramLimits())
         self._service = service if service is not None else ChatService.default()
-        self._loop = self._service._loop
         self.core = UdpChatCore(
             os.urandom(16),
             peer_timeout=peer_timeout,
@@ -98,36 +104,31 @@ class DatagramChatProtocol(asyncio.DatagramProtocol):
             budget=budget,
         )
         self._sessions: dict[Any, _UdpPeer] = {}
-        self._log = ThrottledLog(logger, self._loop)
-        self.transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.consumer = self._consume
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+        super().connection_made(transport)
         self._sweeper = self._loop.call_later(self.core.sweep_interval, self._sweep)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def _consume(self, data: bytes, addr: Any) -> bool:
         match self.core.datagram_received(data, addr, self._loop.time()):
             case PeerLine(text=text):
                 peer = self._sessions.get(addr)
                 if peer is not None:
                     self._service.receive(peer.session_id, text)
             case SendDatagram(data=reply):
-                self._sendto(reply, addr)
+                self.sendto(reply, addr)
             case PeerJoined():
                 peer = self._sessions[addr] = _UdpPeer(self, addr)
                 peer.session_id = self._service.open(peer)
+        return True  # every datagram is the chat's: nothing is queued
 
     def send_line(self, line: bytes, addr: Any) -> None:
         """Send one line as one datagram (without its line end), within the budget."""
         payload = line.rstrip(b"\n")
         if self.core.send(payload, addr, self._loop.time()):
-            self._sendto(payload, addr)
-
-    def _sendto(self, payload: bytes, addr: Any) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.sendto(payload, addr)
+            self.sendto(payload, addr)
 
     def forget(self, addr: Any) -> None:
         """End the session of ``addr`` (after /quit, or when it expired)."""
@@ -141,10 +142,8 @@ class DatagramChatProtocol(asyncio.DatagramProtocol):
                 self._service.close(peer.session_id, "timed out")
         self._sweeper = self._loop.call_later(self.core.sweep_interval, self._sweep)
 
-    def error_received(self, exc: Exception) -> None:
-        self._log.log(logging.INFO, "UDP chat: %r", exc)
-
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if self._sweeper is not None:
             self._sweeper.cancel()
         sessions, self._sessions = self._sessions, {}
@@ -162,6 +161,7 @@ class DatagramChatProtocol(asyncio.DatagramProtocol):
         """Datagrams the reply budget refused."""
         return self.core.replies_dropped
 
-    def statistics(self) -> UdpChatStatistics:
-        """Return a snapshot of the counters (handshakes, drops, peers, budget)."""
+    def chat_statistics(self) -> UdpChatStatistics:
+        """Return a snapshot of the chat's counters (handshakes, drops, peers, budget);
+        ``statistics()`` gives the endpoint's (sent, received, send drops)."""
         return self.core.statistics()
