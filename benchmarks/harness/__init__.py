@@ -201,10 +201,14 @@ class CpuWatch:
         self.ticks = cpu_ticks(cpus)
         self.own = proc_cpu_seconds(proc) + time.process_time()
 
-    def stop(self) -> dict[str, Any]:
-        """``{"foreign_cores": float, "core_busy": {cpu: share}}`` since construction."""
+    def stop(self, extra_own: float = 0.0) -> dict[str, Any]:
+        """``{"foreign_cores": float, "core_busy": {cpu: share}}`` since construction.
+
+        ``extra_own``: CPU seconds that another process of the benchmark (a load-client
+        subprocess) used in the interval; they are not foreign load.
+        """
         elapsed = time.perf_counter() - self.start
-        own = proc_cpu_seconds(self.proc) + time.process_time() - self.own
+        own = proc_cpu_seconds(self.proc) + time.process_time() - self.own + extra_own
         busy: dict[int, float] = {}
         others = 0.0
         for cpu, now in cpu_ticks(self.cpus).items():

@@ -153,6 +153,8 @@ class Spec:
     raise_nofile: bool = False
     setup: Callable[[argparse.Namespace], str] | None = None  # returns the settings line
     server_env: Callable[[argparse.Namespace], dict[str, str] | None] | None = None
+    # before the rounds: the selected configs that can run here (it says why others cannot)
+    prepare: Callable[[list[Config], argparse.Namespace], list[Config]] | None = None
 
 
 # =============================================================================================
@@ -454,6 +456,8 @@ def bench_main(spec: Spec, args: argparse.Namespace) -> int:
     pin_client(args, SERVER_CPU, CLIENT_CPU)
     info = machine_info()
     configs = selected(spec, args)
+    if spec.prepare is not None:
+        configs = spec.prepare(configs, args)
     print(
         f"{spec.name}: {len(configs)} configurations x {runs} rounds; {info['cpus']} CPUs"
         f" ({info['cpu_model']}), Python {info['python']}, uvloop {info['uvloop']}"
