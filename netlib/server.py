@@ -156,8 +156,9 @@ class ServerStatistics:
         handler_errors: handlers that raised an unexpected exception.
         slow_consumers: connections cut off as ``SlowConsumer``: evicted by the memory
             budget, or held above ``write_high`` for ``send_timeout``.
-        memory_held: bytes the stalled connections hold in user space now (what the
-            ``max_memory`` budget counts).
+        memory_held: bytes the connections hold in user space now, as they last reported
+            it (what the ``max_memory`` budget counts; cut-off connections count until
+            they are gone).
         aborted_at_shutdown: connections still open when the shutdown grace ended.
         abandoned_tasks: connection tasks still running ``CANCEL_TIMEOUT`` seconds after
             ``close()`` cancelled them (their connections are closed): no longer waited for.
@@ -360,6 +361,7 @@ class Server:
         """``protocol``'s connection has no task left: free its per-host slot."""
         if protocol is None:
             return
+        protocol.consumer_done()  # for a connection that never got its handler
         host = self._host_of.pop(protocol, None)
         if host is not None:
             if (count := self._per_host[host] - 1) > 0:
@@ -452,6 +454,7 @@ class Server:
             else:
                 self._counters.handler_errors += 1
                 self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
+        protocol.consumer_done()
         if protocol.lost or self._aborted:  # nothing left to close gracefully
             return protocol
         closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
@@ -703,9 +706,11 @@ async def open_tcp_server(
         send_timeout: seconds the write buffer may stay above ``write_high`` while the peer
             does not read, before the connection is cut off as ``SlowConsumer`` (None: the
             handler just waits in ``send()``).
-        max_memory: bytes all stalled connections together may hold in user space (queued
-            input, partial frames, unsent output; default 256 MiB, None: no bound); past
-            it the largest holders are cut off as ``SlowConsumer``.
+        max_memory: bytes all connections together may hold in user space (queued input,
+            partial frames, unsent output, a message a handler waits to send; default
+            256 MiB, None: no bound); past it the largest holders are cut off as
+            ``SlowConsumer``. RSS runs above it by the server's own overhead (R5b: +250 to
+            +280 MiB of RSS with 1,000 stalled connections at the default).
         keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
             the kernel probes the peer (default 30; None: no keepalive).
         keepalive_interval: seconds between keepalive probes (default 5).

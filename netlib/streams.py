@@ -142,7 +142,7 @@ class MessageStream:
         protocol = self._protocol
         if protocol.write_paused or protocol.lost or self._closed:
             self._check_open()
-            await protocol.drain()
+            await protocol.drain(len(message))
         encode = self._encode
         protocol.write(message if encode is None else encode(message))
 

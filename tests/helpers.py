@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from netlib import Server
 
-__all__ = ["address_of", "open_raw", "reset", "wait_for_eof", "wait_until"]
+__all__ = [
+    "NonReader",
+    "address_of",
+    "non_readers",
+    "open_raw",
+    "poll_until",
+    "reset",
+    "wait_for_eof",
+    "wait_until",
+]
 
 
 def address_of(server: Server) -> tuple[str, int]:
@@ -41,3 +52,71 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 1.0) -> Non
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.001)
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.01
+) -> None:
+    """Await ``check`` (a query, such as a round trip to a server process) every
+    ``interval`` seconds until it returns true; TimeoutError after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(interval)
+
+
+_CHUNK = b"x" * 65536
+
+
+@dataclass(frozen=True)
+class NonReader:
+    """A client that sends and never reads: its socket, local port and sending task."""
+
+    sock: socket.socket
+    port: int
+    pump: asyncio.Task[None]
+
+
+async def _open_non_reader(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _pump(sock: socket.socket, chunks: int) -> None:
+    """Send ``chunks`` x 64 KiB without reading a byte; ends early when the connection
+    fails (the server cut it off), blocks while the server does not read."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        for _ in range(chunks):
+            await loop.sock_sendall(sock, _CHUNK)
+
+
+@contextlib.asynccontextmanager
+async def non_readers(
+    address: tuple[str, int], count: int, *, send: int = 4 << 20
+) -> AsyncIterator[list[NonReader]]:
+    """``count`` clients with a 4 KiB receive buffer that each send up to ``send`` bytes
+    (64 KiB at a time, all starting once every one is connected) and never read, for the
+    block; their sockets are closed when it ends."""
+    socks: list[socket.socket] = []
+    clients: list[NonReader] = []
+    try:
+        for _ in range(count):
+            socks.append(await _open_non_reader(address))  # noqa: PERF401 (closed if the next fails)
+        for sock in socks:
+            pump = asyncio.create_task(_pump(sock, send // len(_CHUNK)))
+            clients.append(NonReader(sock, sock.getsockname()[1], pump))
+        yield clients
+    finally:
+        for client in clients:
+            client.pump.cancel()
+        if clients:
+            await asyncio.wait([client.pump for client in clients])
+        for sock in socks:
+            sock.close()

@@ -6,11 +6,13 @@ The protocol state (framing, read accounting, the state machine, deadlines) live
 sans-I/O ``StreamConnection``; this adapter is the pump around it and the only code that
 touches a stream transport:
 
-* **Reading.** ``data_received`` feeds the chunk to the connection (one decoder call per
-  chunk, nothing per message) and then tells the consumer: ``messages_received()``, which a
-  subclass may override to consume messages as callbacks (``ChatProtocol``), or by default
-  resolves the future a waiting handler awaits (``readable_waiter()``). Past ``read_limit``
-  the transport stops reading until the consumer empties the queue.
+* **Reading.** The transport reads at most ``READ_SIZE`` bytes at a time into one buffer per
+  thread (``get_buffer``); ``buffer_updated`` copies them out into a ``bytes`` and
+  ``data_received`` feeds it to the connection (one decoder call per chunk, nothing per
+  message) and then tells the consumer: ``messages_received()``, which a subclass may
+  override to consume messages as callbacks (``ChatProtocol``), or by default resolves the
+  future a waiting handler awaits (``readable_waiter()``). Past ``read_limit`` the transport
+  stops reading until the consumer empties the queue.
 * **Writing.** While received messages are still queued, ``write()`` appends to ``pending``
   (with one ``call_soon`` flush as a backstop); the reply to the last queued message flushes
   them all with one ``writelines``. A request/response handler writes at once. The
@@ -19,10 +21,15 @@ touches a stream transport:
   After the connection is lost, writes are silent no-ops on both loops.
 * **Deadlines** live in a ``DeadlineTimer`` (one event-loop timer per server): it calls
   ``check_deadlines(now)``, which asks the connection and re-schedules at its next deadline.
-* **Memory budget.** A server may share one ``MemoryBudget`` between its connections: a
-  connection reports what it holds in user space when it stalls (reading paused, writing
-  paused, or a large partial frame) and the budget evicts the largest holders first when the
-  server's total passes its cap, as ``SlowConsumer``.
+* **Memory budget.** A server may share one ``MemoryBudget`` between its connections. A
+  connection reports what it holds in user space (``held()``) each time its input has grown
+  by ``REPORT_STEP`` since its last report, when writing pauses or resumes, when reading
+  resumes, when its consumer has emptied a queue it reported, and while ``send()`` waits
+  with a message in hand; so a thousand connections each a read or two behind their
+  handlers count too, not only those that stalled. Past the cap the budget evicts the
+  largest holders, as ``SlowConsumer``: an evicted connection drops its queued input at once
+  and counts what it still holds (its transport's buffer, the message its handler holds)
+  until it is lost and its consumer is done (``consumer_done()``).
 
 Objects only some connections need (the pending-write list, drain waiters, the closed future)
 are made on first use: an idle connection holds as little as possible.
@@ -31,6 +38,7 @@ are made on first use: an idle connection holds as little as possible.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -45,13 +53,46 @@ from netlib.sansio.budget import MemoryBudget
 from netlib.sansio.framing import Framing
 from netlib.sansio.stream import StreamConnection, StreamLimits, StreamState
 
-__all__ = ["PARTIAL_REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
+__all__ = ["REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
 
 _OPEN: Final = StreamState.OPEN  # enum lookups are slow on the per-read path
 _FAILED: Final = StreamState.FAILED
 
-PARTIAL_REPORT_STEP: Final = 64 * 1024
-"""A partial frame is reported to the memory budget each time it grows by this much."""
+READ_SIZE: Final = 64 * 1024
+"""Bytes read at most at a time (each read becomes one ``bytes``, one raw message). Left to
+themselves the loops read 256 KiB at a time, asyncio allocating 256 KiB for every read and
+then shrinking it. With a thousand busy connections one event-loop iteration could then
+bring in a quarter of a GiB, and every stalled connection hold a message of up to 256 KiB
+besides its limits (in its handler's hands, in its transport); 64 KiB makes both four times
+smaller (docs/robustness.md, R5b)."""
+
+_thread_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The buffer transports read into, one per thread: a read is copied out of it at once
+    (``buffer_updated``), before the thread's event loop can read anything else."""
+    try:
+        view: memoryview = _thread_buffers.view
+    except AttributeError:
+        view = _thread_buffers.view = memoryview(bytearray(READ_SIZE))
+    return view
+
+
+REPORT_STEP: Final = 64 * 1024
+"""A connection's input (queued messages and a partial frame) is reported to the memory
+budget each time it has grown by about this much (at most a read more) since the last
+report."""
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    """Clear the tracebacks of ``error`` and of the errors chained to it (16 at most: the
+    bound also ends a chain that loops)."""
+    for _ in range(16):
+        if error is None:
+            return
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def deadline_timer_for(limits: StreamLimits) -> DeadlineTimer:
@@ -60,7 +101,7 @@ def deadline_timer_for(limits: StreamLimits) -> DeadlineTimer:
     return DeadlineTimer(asyncio.get_running_loop(), resolution)
 
 
-class StreamProtocol(WriteFlowControl, asyncio.Protocol):
+class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     """The asyncio Protocol of a message stream: pumps a ``StreamConnection``.
 
     Args:
@@ -80,17 +121,21 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
     __slots__ = (
         "_budget",
         "_closed",
+        "_consumer_done",
         "_deadline_slot",
         "_deadlines",
         "_flush_handle",
+        "_holding",
+        "_input_reported",
+        "_last_write",
         "_limits",
         "_loop",
         "_on_lost",
         "_own_deadlines",
-        "_partial_reported",
         "_peer_done",
         "_pending",
         "_pending_size",
+        "_read_view",
         "_waiter",
         "conn",
         "framing",
@@ -129,7 +174,11 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
         self._deadlines = deadlines
         self._deadline_slot: dict[HasDeadlines, None] | None = None
         self._budget = budget
-        self._partial_reported = 0
+        self._input_reported = 0  # queued + partial input at the last report
+        self._holding = 0  # see drain()
+        self._last_write = 0  # bytes of the last transport write, see held()
+        self._consumer_done = False
+        self._read_view = _read_buffer()
         self._on_lost = on_lost
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
@@ -141,7 +190,14 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
         self.conn.last_activity = self._loop.time()
         self._schedule_deadlines()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes].tobytes())
+
     def data_received(self, data: bytes) -> None:
+        """Feed ``data`` read from the peer (``buffer_updated`` calls this for each read)."""
         conn = self.conn
         if conn.receive_data(data, self._loop.time()):
             if conn.state is _FAILED:
@@ -151,10 +207,11 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             if conn.read_paused and not self.reading_paused:
                 self.reading_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
-                self._report()
             self.messages_received()
-        elif self._budget is not None and conn.partial_size >= self._partial_reported + (
-            PARTIAL_REPORT_STEP
+            if self._budget is not None and conn.queued >= self._input_reported + REPORT_STEP:
+                self._report()
+        elif self._budget is not None and conn.partial_size >= self._input_reported + (
+            REPORT_STEP
         ):
             self._report()
         if conn.rearm:
@@ -181,7 +238,10 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
         self._pending_size = 0
         self._cancel_deadlines()
         if self._budget is not None:
-            self._budget.forget(self)
+            if self._consumer_done or not self.held():
+                self._budget.forget(self)
+            else:  # the consumer may still hold messages: counted until consumer_done()
+                self._report()
         self.input_changed()
         self._wake_drainers()
         self._resolve(self._peer_done)
@@ -224,6 +284,8 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
         or None if no more will come (``conn.end_error()`` says why)."""
         if self._pending:
             self.flush()
+        if self._input_reported:  # the consumer emptied a queue the budget counts
+            self._report()
         if self.conn.state is not _OPEN:
             return None
         waiter = self._waiter = self._loop.create_future()
@@ -250,6 +312,7 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             transport = self.transport
             if self.lost or transport is None or transport.is_closing():
                 return
+            self._last_write = len(data)
             transport.write(data)
             self.conn.last_activity = self._loop.time()
             return
@@ -288,6 +351,7 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             return
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self._last_write = self._pending_size
             if len(pending) == 1:
                 transport.write(pending[0])
             else:
@@ -303,13 +367,25 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             return self._pending_size
         return self._pending_size + transport.get_write_buffer_size()
 
-    async def drain(self) -> None:
+    async def drain(self, holding: int = 0) -> None:
         """Wait while the transport's write buffer is above its high-water mark.
+
+        Args:
+            holding: bytes the caller holds, to write once this returns (a message that
+                ``send()`` waits to write); the memory budget counts them meanwhile.
 
         Raises:
             BrokenResourceError: the connection is lost (or ``PeerTimedOut``).
         """
-        await super().drain()
+        if holding and self.write_paused and self._budget is not None and not self.lost:
+            self._holding = holding
+            self._report()
+            try:
+                await super().drain()
+            finally:
+                self._holding = 0
+        else:
+            await super().drain()
         if self.lost:
             raise self.lost_error()
 
@@ -319,22 +395,61 @@ class StreamProtocol(WriteFlowControl, asyncio.Protocol):
             return self.conn.error
         return BrokenResourceError("connection lost")
 
+    def consumer_done(self) -> None:
+        """The consumer (a server's handler) is done with this connection: drop what it
+        left unread, unlink the connection's error from the frames it was raised through,
+        and once the connection is lost too, leave the memory budget.
+
+        A consumer that stops on ``conn.error`` (its ``send()`` or ``receive()`` raised it)
+        leaves a reference cycle: error, traceback, the consumer's frames, its stream, this
+        protocol, error (through the error's cause too: an ``OSError`` raised in the
+        transport's ``write()`` has every caller's frame). Until the cyclic garbage
+        collector next runs, in an idle server possibly never, the cycle would keep this
+        connection's queued input and whatever the consumer's frames held, such as its last
+        message.
+        """
+        if self._consumer_done:
+            return
+        self._consumer_done = True
+        self.conn.discard_queued()
+        _drop_tracebacks(self.conn.error)
+        if self._budget is not None:
+            if self.lost:
+                self._budget.forget(self)
+            else:  # a graceful close follows: count what is still being sent
+                self._report()
+
     # -- memory budget ----------------------------------------------------------------------
 
     def held(self) -> int:
-        """Bytes this connection holds in user space: queued input, a partial frame, and
-        writes not yet handed to the kernel."""
+        """Bytes this connection holds in user space: queued input, a partial frame, writes
+        not yet handed to the kernel, and a message its consumer waits to send.
+
+        While writing is paused the last write to the transport counts once more: a
+        transport may keep a partly sent write whole while counting only its unsent tail
+        (uvloop sends the tail from a memoryview of it), and the oldest write it holds is
+        about as large as the last one.
+        """
         conn = self.conn
-        return conn.queued + conn.partial_size + self.buffered_size()
+        buffered = self.buffered_size()
+        held = conn.queued + conn.partial_size + buffered + self._holding
+        return held + self._last_write if buffered and self.write_paused else held
 
     def _report(self) -> None:
         budget = self._budget
-        if budget is None or self.lost:
+        if budget is None or (self.lost and self._consumer_done):  # forgotten: gone
             return
-        self._partial_reported = self.conn.partial_size
-        stalled = self.reading_paused or self.write_paused or self._partial_reported
-        for victim in budget.update(self, self.held() if stalled else 0):
-            victim.fail(SlowConsumer("evicted: the server's memory budget is used up"))
+        conn = self.conn
+        self._input_reported = conn.queued + conn.partial_size
+        for victim in budget.update(self, self.held()):
+            victim._evict()
+            budget.update(victim, victim.held())  # what it still holds until it is gone
+
+    def _evict(self) -> None:
+        """Cut off by the memory budget: drop the queued input at once (freeing memory is
+        the point; the consumer sees ``SlowConsumer`` next) and abort the connection."""
+        self.conn.discard_queued()
+        self.fail(SlowConsumer("evicted: the server's memory budget is used up"))
 
     # -- closing ----------------------------------------------------------------------------
 

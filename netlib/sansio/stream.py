@@ -339,9 +339,13 @@ class StreamConnection:
         """This side sent EOF: discard input until the peer's EOF (``receive_eof``)."""
         if self.state in (_OPEN, _INPUT_ENDED):
             self.state = _LINGERING
-            self.frames.clear()
-            self.head = self.queued = 0
-            self.read_paused = False
+            self.discard_queued()
+
+    def discard_queued(self) -> None:
+        """Drop the queued messages nobody will read (the state does not change)."""
+        self.frames.clear()
+        self.head = self.queued = 0
+        self.read_paused = False
 
     # -- output -----------------------------------------------------------------------------
 

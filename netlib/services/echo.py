@@ -23,12 +23,14 @@ async def echo_handler(stream: MessageStream) -> None:
     """Send every message back unchanged until the peer finishes."""
     async for message in stream:
         await stream.send(message)
+        del message  # not kept while waiting for the next one (a raw read is up to 64 KiB)
 
 
 async def upper_echo_handler(stream: MessageStream) -> None:
     """Send every message back upper-cased (ASCII letters) until the peer finishes."""
     async for message in stream:
         await stream.send(message.upper())
+        del message
 
 
 async def udp_echo_handler(datagram: Datagram) -> None:
