@@ -26,15 +26,15 @@ three policies in netlib's hands:
   handlers answer them, sends EOF and waits for the peers to close, and aborts whatever is
   left when the grace period ends.
 
-Each connection runs the user's handler with a ``MessageStream`` in a task of its own (or,
-for a ``protocol`` factory such as the chat's, consumes messages as callbacks with no task
-at all), with nothing else held per connection: accepting (and the TLS handshake) and the
-graceful close are separate short tasks, each started by the previous one's done
-callback. Errors the peer causes (malformed frames, resets, timeouts) end that connection
-and are counted; an unexpected exception in a handler is counted and logged with its
-traceback, at most once a second (``LOG_INTERVAL``; the lines in between are counted in
-the next one and at close), so a handler that fails on every connection cannot flood the
-log. Neither disturbs other connections.
+Each connection has one task: it sets the connection up (with the TLS handshake) and then
+runs the user's handler with a ``MessageStream`` (a ``protocol`` factory such as the chat's
+consumes messages as callbacks instead: a short setup task, then no task at all). A
+graceful close that must wait for the peer's EOF is a second short task, started by the
+first one's done callback. Errors the peer causes (malformed frames, resets, timeouts)
+end that connection and are counted; an unexpected exception in a handler is counted and
+logged with its traceback, at most once a second (``LOG_INTERVAL``; the lines in between
+are counted in the next one and at close), so a handler that fails on every connection
+cannot flood the log. Neither disturbs other connections.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import logging
 import resource
 import socket
 import ssl as _ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -118,7 +119,7 @@ DEFAULT_SHUTDOWN_GRACE: Final = 10.0
 """Seconds ``shutdown()`` lets handlers finish before aborting their connections."""
 DEFAULT_BACKLOG: Final = 1024
 """Listen backlog."""
-ACCEPT_BATCH: Final = 64
+ACCEPT_BATCH: Final = 8
 """Most connections accepted per readiness event, so accepting cannot starve other work."""
 ACCEPT_RETRY_DELAY: Final = 0.1
 """Seconds the accept loop pauses after running out of file descriptors."""
@@ -209,18 +210,24 @@ class _Listener:
         self.sock = sock
         self._loop = server._loop
         self._retry: asyncio.TimerHandle | None = None
+        # What accepted sockets are made of, read once (socket.accept() reads each of these
+        # through an enum conversion, per connection).
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
+        self._ip = sock.family != socket.AF_UNIX
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
+        family, kind, proto = self._kind
+        on_accepted = self._server._on_accepted
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = self.sock.accept()
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._on_error(exc)
                 return
-            self._server._on_accepted(conn, addr)
+            on_accepted(socket.socket(family, kind, proto, fd), addr, self._ip)
 
     def _on_error(self, exc: OSError) -> None:
         self._server._counters.accept_errors += 1
@@ -305,8 +312,9 @@ class Server:
         self._budget: MemoryBudget[StreamProtocol] | None = (
             None if config.max_memory is None else MemoryBudget(config.max_memory)
         )
-        # A connection goes through three tasks: _start (accept, TLS), the handler, and
-        # protocol.finish (graceful close); each one's done callback starts the next.
+        # A connection has one task, _serve (setup, TLS, then the handler), and then, if the
+        # peer has not half-closed yet, a second one: protocol.finish (a graceful close).
+        # With a protocol factory: _start, then the protocol's closed future.
         self._context = contextvars.copy_context()
         self._started_cb = self._on_started
         self._handled_cb = self._on_handled
@@ -318,28 +326,31 @@ class Server:
         self._stopped = self._loop.create_future()
         self.addresses: list[Any] = [sock.getsockname() for sock in socks]
         """The bound addresses (with the real ports when bound to port 0)."""
+        if config.keepalive is not None:
+            for sock in socks:
+                if sock.family != socket.AF_UNIX:
+                    _set_keepalive(sock, config.keepalive)  # Linux: inherited when accepted
         self._listeners = [_Listener(self, sock) for sock in socks]
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _on_accepted(self, conn: socket.socket, addr: Any) -> None:
+    def _on_accepted(self, conn: socket.socket, addr: Any, ip: bool) -> None:
         if len(self._connections) >= self._config.max_connections:
             self._counters.rejected += 1
             conn.close()
             return
         host = None
         per_host = self._config.max_connections_per_host
-        if per_host is not None and conn.family != socket.AF_UNIX:
+        if per_host is not None and ip:
             host = str(addr[0])  # the peer's IP address, IPv4 or IPv6 alike
             if self._per_host.get(host, 0) >= per_host:
                 self._counters.rejected_per_host += 1
                 conn.close()
                 return
         conn.setblocking(False)
-        if (keepalive := self._config.keepalive) is not None and conn.family != socket.AF_UNIX:
-            idle, interval, count = keepalive
+        if ip and not _KEEPALIVE_INHERITED and (keepalive := self._config.keepalive):
             try:
-                set_tcp_keepalive(conn, idle=idle, interval=interval, count=count)
+                _set_keepalive(conn, keepalive)
             except OSError as exc:  # e.g. the peer is already gone: setup will find out
                 logger.debug("setting keepalive failed: %r", exc)
         self._counters.accepted += 1
@@ -353,15 +364,23 @@ class Server:
         if host is not None:
             self._per_host[host] = self._per_host.get(host, 0) + 1
             self._host_of[protocol] = host
-        self._track(
-            self._loop.create_task(self._start(conn, protocol)), protocol, self._started_cb
-        )
+        if (handler := self._config.handler) is None:  # the protocol serves itself
+            self._track(
+                self._loop.create_task(self._start(conn, protocol)), protocol, self._started_cb
+            )
+        else:
+            self._track(
+                self._loop.create_task(self._serve(conn, protocol, handler)),
+                protocol,
+                self._handled_cb,
+            )
 
     def _release(self, protocol: StreamProtocol | None) -> None:
         """``protocol``'s connection has no task left: free its per-host slot."""
         if protocol is None:
             return
-        protocol.consumer_done()  # for a connection that never got its handler
+        protocol.consumer_done()  # a no-op after a handler; else (no handler started, or
+        # a protocol that served itself) it frees the buffers and leaves the budget
         host = self._host_of.pop(protocol, None)
         if host is not None:
             if (count := self._per_host[host] - 1) > 0:
@@ -402,6 +421,18 @@ class Server:
             raise
         return True
 
+    async def _serve(
+        self, conn: socket.socket, protocol: StreamProtocol, handler: Handler
+    ) -> None:
+        """A connection's one task: set it up, then run the handler (in this task's copy of
+        the server's context)."""
+        if not await self._start(conn, protocol):
+            return
+        if self._aborted:  # close() ran while this connection was being set up
+            protocol.abort()
+            return
+        await handler(MessageStream(protocol, linger=True))
+
     def _untrack(self, task: asyncio.Future[Any]) -> StreamProtocol | None:
         """Forget ``task``; None if it was abandoned (its connection is closed already)."""
         protocol = self._connections.pop(task, None)
@@ -425,18 +456,10 @@ class Server:
             return protocol
         if not task.result():
             return protocol
-        if self._aborted:  # close() ran after this connection was set up: no handler
+        if self._aborted:  # close() ran after this connection was set up
             protocol.abort()
             return protocol
-        handler = self._config.handler
-        if handler is None:  # the protocol serves itself: wait for the connection's end
-            self._track(protocol.closed_future(), protocol, self._closed_cb)
-            return None
-        stream = MessageStream(protocol, linger=True)
-        # The handler is called in a copy of the server's context, as a task's first step
-        # would be: what its synchronous part sets stays with this connection.
-        handling = self._context.copy().run(_start_handler, handler, stream)
-        self._track(handling, protocol, self._handled_cb)
+        self._track(protocol.closed_future(), protocol, self._closed_cb)  # until it ends
         return None
 
     def _on_handled(self, task: asyncio.Future[Any]) -> None:
@@ -449,15 +472,21 @@ class Server:
             return None
         if not task.cancelled() and (exc := task.exception()) is not None:
             peer = extra_info(protocol.transport, "peername")
-            if isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
+            if protocol.transport is None:  # _start lets only unexpected errors through
+                logger.error("connection setup failed", exc_info=exc)
+            elif isinstance(exc, (EndOfStream, ProtocolError, BrokenResourceError)):
                 logger.debug("connection %s ended: %r", peer, exc)
             else:
                 self._counters.handler_errors += 1
                 self._handler_log.log(logging.ERROR, "handler failed for %s", peer, exc_info=exc)
         protocol.consumer_done()
-        if protocol.lost or self._aborted:  # nothing left to close gracefully
+        if protocol.lost or self._aborted or protocol.transport is None:  # nothing to close
             return protocol
-        closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
+        closing: asyncio.Future[None]
+        if protocol.would_linger():
+            closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
+        else:  # the peer has half-closed already: no task needed to close
+            closing = protocol.close_within(DEFAULT_CLOSE_TIMEOUT)
         self._track(closing, protocol, self._closed_cb)
         return None
 
@@ -597,15 +626,14 @@ class Server:
         return f"<Server addresses={self.addresses!r} active={len(self._connections)}>"
 
 
-def _start_handler(handler: Handler, stream: MessageStream) -> asyncio.Future[Any]:
-    """Start ``handler(stream)`` as a task; a handler that fails to start gives a failed
-    future instead of an exception in a done callback (so it is counted and closed)."""
-    try:
-        return asyncio.ensure_future(handler(stream))
-    except Exception as exc:
-        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        failed.set_exception(exc)
-        return failed
+_KEEPALIVE_INHERITED: Final = sys.platform == "linux"
+"""Whether accepted sockets inherit the listening socket's keepalive options (Linux copies
+them, as it does ``TCP_NODELAY``), so none has to be set per connection."""
+
+
+def _set_keepalive(sock: socket.socket, keepalive: tuple[float, float, int]) -> None:
+    idle, interval, count = keepalive
+    set_tcp_keepalive(sock, idle=idle, interval=interval, count=count)
 
 
 # -- binding ----------------------------------------------------------------------------------

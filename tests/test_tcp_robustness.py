@@ -538,10 +538,9 @@ async def test_connection_churn_does_not_stall_an_established_client() -> None:
               f"{float(p99) * 1e3:.1f} ms, max {float(worst) * 1e3:.1f} ms")  # fmt: skip
         assert int(opened) > 1000
         assert int(failures) == 0
-        # Row R6(b) asks p99 < 20 ms. Here the flood, the probe and the server share two
-        # cores (measured p99 6-8 ms on uvloop, 12-16 ms on asyncio, whose server spends more
-        # CPU per connection; on uvloop the server was under 20 % busy), hence 40 ms.
-        assert float(p99) < 0.040
+        # Row R6(b): p99 < 20 ms (measured 4-5 ms on asyncio in debug mode, 2-3 ms on uvloop,
+        # with the flood, the probe and the server on two cores).
+        assert float(p99) < 0.020
         assert float(worst) < 0.250
         async with netlib.connect_tcp(*address_of(server), framing="line") as stream:
             await stream.send(b"still accepting")  # the server still accepts afterwards
@@ -723,7 +722,40 @@ async def test_malformed_length_prefix_closes_fast_and_others_keep_working(
 # -- slowloris (robustness row R4 in docs/robustness.md) --------------------------------------
 
 
+_SLOWLORIS = r"""
+import selectors, socket, sys, time
+port, count, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print("open", flush=True)
+selector = selectors.DefaultSelector()
+for sock in socks:
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ)
+start = next_trickle = time.monotonic()
+closed = {}
+while len(closed) < count and time.monotonic() < start + seconds:
+    if time.monotonic() >= next_trickle:
+        for sock in socks:
+            if sock not in closed:
+                try:
+                    sock.send(b"x")  # one byte of a line that never ends
+                except OSError:
+                    pass
+        next_trickle += 0.02  # fifty times a second
+    for key, _ in selector.select(max(0.0, next_trickle - time.monotonic())):
+        try:
+            data = key.fileobj.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            closed[key.fileobj] = time.monotonic() - start
+            selector.unregister(key.fileobj)
+print(len(closed), min(closed.values(), default=0), max(closed.values(), default=0), flush=True)
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(60)
 async def test_slowloris_connections_are_closed_at_the_deadline() -> None:
     deadline = 1.0
     count = 500
@@ -733,32 +765,29 @@ async def test_slowloris_connections_are_closed_at_the_deadline() -> None:
         first_frame_timeout=deadline,
         max_connections_per_host=None,  # 500 slow clients from one address
     ) as server:
-        loop = asyncio.get_running_loop()
-        opened = [await open_raw(*address_of(server)) for _ in range(count)]
-        start = loop.time()
-        closings = [asyncio.ensure_future(time_until_closed(r)) for r, _ in opened]
-        probe_times: list[float] = []
-        try:
-            async with netlib.connect_tcp(*address_of(server), framing="line") as probe:
-                while not all(c.done() for c in closings):
-                    for _, writer in opened:
-                        if not writer.is_closing():
-                            writer.write(b"x")  # one byte of a line that never ends
-                    sent = loop.time()
-                    await probe.send(b"probe")
-                    assert await probe.receive() == b"probe"
-                    probe_times.append(loop.time() - sent)
-                    await asyncio.wait(closings, timeout=0.02)  # trickle fifty times a second
-        finally:
-            for _, writer in opened:
-                await close_raw(writer)
-        closed_at = [start + c.result() for c in closings]
-        assert all(abs(t - start - deadline) < 0.5 for t in closed_at)
-        # Row R4 asks p99 < 10 ms from a separate probe; here the probe, the 500
-        # trickling clients and the server share one loop (6-11 ms measured), hence 20 ms.
-        assert sorted(probe_times)[int(len(probe_times) * 0.99)] < 0.02
+        port = address_of(server)[1]
+        slow = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SLOWLORIS, str(port), str(count), str(deadline + 2),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert slow.stdout is not None
+        assert await asyncio.wait_for(slow.stdout.readline(), 30) == b"open\n"
+        # The probe, like the attack, is a process of its own (row R4).
+        probe = asyncio.ensure_future(_run_script(_PROBE, port, deadline + 0.5))
+        closed, first, last = (await asyncio.wait_for(slow.stdout.readline(), 30)).split()
+        count_probed, failures, p99, worst = await probe
+        await slow.wait()
+        print(f"slowloris: {int(closed)} closed after {float(first):.3f}-{float(last):.3f} s;"
+              f" probe {count_probed} round trips, p99 {float(p99) * 1e3:.1f} ms,"
+              f" max {float(worst) * 1e3:.1f} ms")  # fmt: skip
+        assert int(closed) == count
+        assert deadline - 0.5 < float(first) <= float(last) < deadline + 0.5
+        assert int(failures) == 0
+        # Row R4 asks p99 < 10 ms. Measured 5-12 ms here: the server runs in asyncio's debug
+        # mode, and it, the trickling clients and the probe share two cores; hence 20 ms.
+        assert float(p99) < 0.020
         assert server.statistics().timeouts == count
-        await wait_until(lambda: server.statistics().active == 0)  # the probe's close
+        await wait_until(lambda: server.statistics().active == 0)
 
 
 # -- half-close with a response pending (robustness row R8 in docs/robustness.md) -------------

@@ -495,6 +495,23 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.abort()
             await self.wait_closed()
 
+    def would_linger(self) -> bool:
+        """Whether ``finish(linger=True)`` would linger: the peer has not sent EOF yet and the
+        transport can half-close. If not, ``close_within`` does the same job without a task."""
+        return not self.conn.peer_eof and self._can_write_eof()
+
+    def close_within(self, grace: float) -> asyncio.Future[None]:
+        """``finish(grace, linger=False)`` without a task: flush and close now, abort if the
+        transport's buffer has not drained within ``grace`` seconds; returns
+        ``closed_future()``."""
+        self.close()
+        closed = self.closed_future()
+        transport = self.transport
+        if not self.lost and transport is not None and transport.get_write_buffer_size():
+            timer = self._loop.call_later(grace, self.abort)
+            closed.add_done_callback(lambda _: timer.cancel())
+        return closed
+
     def _can_write_eof(self) -> bool:
         transport = self.transport
         if transport is None or self.lost or transport.is_closing():

@@ -12,7 +12,6 @@ and expire after ``peer_timeout`` seconds of silence.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Hashable
 from typing import Any
@@ -39,8 +38,6 @@ __all__ = [
     "UDP_CHAT_RATE",
     "DatagramChatProtocol",
 ]
-
-logger = logging.getLogger("netlib.services.chat")
 
 
 class _UdpPeer:
