@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol, Self, TypeAlias
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
 from netlib.aio.sockets import extra_info
 from netlib.aio.stream import StreamProtocol
-from netlib.errors import ClosedResourceError, EndOfStream, PeerTimedOut, WouldBlock
+from netlib.errors import ClosedResourceError, PeerTimedOut, WouldBlock
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -108,25 +108,14 @@ class MessageStream:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> bytes:
+    def __anext__(self) -> Awaitable[bytes]:
         """The next message; iteration ends at ``EndOfStream`` and raises every other error
         ``receive()`` raises."""
-        # receive() inlined (the hot path: one coroutine frame per message, no call).
-        conn = self._conn
-        while not conn.frames:
-            if self._closed:
-                raise ClosedResourceError("stream closed")
-            waiter = self._protocol.readable_waiter()
-            if waiter is None:
-                error = conn.end_error()
-                if isinstance(error, EndOfStream):
-                    raise StopAsyncIteration
-                raise error
-            await waiter
-        frame = conn.take()
-        if not conn.read_paused and self._protocol.reading_paused:
-            self._protocol.resume()
-        return frame
+        # A future, not a coroutine: the hot path allocates no frame per message, and an
+        # idle handler holds no frame of netlib's while it waits.
+        if self._closed:
+            raise ClosedResourceError("stream closed")
+        return self._protocol.message_waiter()
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -40,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
 from netlib.aio.flow import WriteFlowControl
 from netlib.errors import (
     BrokenResourceError,
+    EndOfStream,
     NetlibError,
     SlowConsumer,
 )
@@ -137,6 +138,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_pending_size",
         "_read_view",
         "_waiter",
+        "_waiter_takes",
         "conn",
         "framing",
         "lost",
@@ -157,7 +159,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self.framing = framing
         self._limits = limits
         self.conn = StreamConnection(framing, limits, self._loop.time())
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
+        self._waiter_takes = False  # the waiter is a message_waiter()
         self.transport: asyncio.Transport | None = None
         self.reading_paused = False
         self.lost = False
@@ -222,8 +225,23 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            if not waiter.done():
+            if waiter.done():  # cancelled: its consumer takes nothing
+                return
+            if not self._waiter_takes:
                 waiter.set_result(None)
+                return
+            conn = self.conn
+            if conn.frames:
+                waiter.set_result(conn.take())
+                if not conn.read_paused and self.reading_paused:
+                    self.resume()
+            elif conn.state is _OPEN:  # nothing to hand over yet: keep waiting
+                self._waiter = waiter
+            else:
+                error = conn.end_error()
+                waiter.set_exception(
+                    StopAsyncIteration() if isinstance(error, EndOfStream) else error
+                )
 
     def eof_received(self) -> bool:
         self.conn.receive_eof()
@@ -288,7 +306,30 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self._report()
         if self.conn.state is not _OPEN:
             return None
+        self._waiter_takes = False
         waiter = self._waiter = self._loop.create_future()
+        return waiter
+
+    def message_waiter(self) -> asyncio.Future[bytes]:
+        """``async for``'s next message as a future, with no coroutine per message: resolved
+        with the next message (taken from the queue as it is resolved, so a cancelled
+        waiter takes none), or failed with ``StopAsyncIteration`` at ``EndOfStream`` and
+        with any other error that ends the input."""
+        waiter: asyncio.Future[bytes] = self._loop.create_future()
+        conn = self.conn
+        if conn.frames:
+            waiter.set_result(conn.take())
+            if not conn.read_paused and self.reading_paused:
+                self.resume()
+            return waiter
+        if self._pending:
+            self.flush()
+        if self._input_reported:  # the consumer emptied a queue the budget counts
+            self._report()
+        self._waiter_takes = True
+        self._waiter = waiter
+        if conn.state is not _OPEN:
+            self.messages_received()  # fails it at once
         return waiter
 
     def end_input(self) -> None:
