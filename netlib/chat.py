@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
-from netlib.server import Server, open_tcp_server
+from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_server
 from netlib.services.chat import ChatService, DatagramChatProtocol
 from netlib.services.chat.service import CHAT_CLOSE_GRACE
 from netlib.services.chat.tcp import chat_framing, chat_protocol_factory
@@ -60,6 +60,7 @@ async def open_chat_server(
     proto: ChatProto = "tcp",
     udp_port: int | None = None,
     service: ChatService | None = None,
+    max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
 ) -> AsyncIterator[ChatServer]:
     """Serve a chat on ``host``:``port`` (TCP and/or UDP) for the ``async with`` block.
 
@@ -69,6 +70,8 @@ async def open_chat_server(
         proto: ``"tcp"``, ``"udp"`` or ``"both"`` (sharing one set of rooms).
         udp_port: UDP port when it must differ from ``port``.
         service: the chat to serve (default: a new ``ChatService`` with a ``MemoryHub``).
+        max_connections_per_host: cap on TCP members from one IP address (default 256;
+            None: no cap, for members behind one proxy or NAT).
     """
     loop = asyncio.get_running_loop()
     own_service = service is None
@@ -94,6 +97,7 @@ async def open_chat_server(
                     write_high=limits.soft_limit,
                     write_low=limits.soft_limit // 2,
                     shutdown_grace=CHAT_CLOSE_GRACE,
+                    max_connections_per_host=max_connections_per_host,
                 )
             )
             server.tcp = tcp

@@ -4,6 +4,7 @@ together hold at most ``max_memory``; the largest are cut off as slow consumers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import socket
@@ -269,3 +270,154 @@ async def _slow_readers_at_scale(loop_name: str) -> dict[str, int]:
 
 async def _no_connections(report: Callable[[], Awaitable[dict[str, Any]]]) -> bool:
     return bool((await report())["active"] == 0)
+
+
+# -- 1,000 chat members that never read (docs/robustness.md, R5b for the chat) ---------------
+
+CHAT_SCALE_SERVER = r"""
+import asyncio, ctypes, json, resource, sys
+import netlib
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def trim() -> None:  # the test's measurement, as in SCALE_SERVER
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+async def main() -> None:
+    async with netlib.open_chat_server(max_connections_per_host=None) as chat:
+        server = chat.tcp
+        loop = asyncio.get_running_loop()
+
+        def answer() -> None:
+            command = sys.stdin.readline().strip()
+            if not command:
+                loop.remove_reader(sys.stdin.fileno())
+                return
+            if command == "trim":
+                trim()
+            stats = server.statistics()
+            report = {"active": stats.active, "memory_held": stats.memory_held}
+            print(json.dumps(report), flush=True)
+
+        loop.add_reader(sys.stdin.fileno(), answer)
+        print(chat.tcp_addresses[0][1], flush=True)
+        await server.serve_forever()
+
+
+netlib.run(main(), loop=sys.argv[1])
+"""
+CHAT_BURST = 20  # lines each member sends at once: the chat's flood burst (FLOOD_BURST)
+CHAT_LINE = b"x" * 4000 + b"\n"  # within the chat's 4,096-character line limit
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_thousand_chat_members_that_never_read_stay_within_300_mib(loop_name: str) -> None:
+    """1,000 members of one room (a 4 KiB receive buffer each) each send the chat's flood
+    burst of 20 lines of 4 KiB and never read: 80 GB of deliveries offered, 1 GiB held if
+    each member were bounded by the chat's 1 MiB hard limit alone (the finding: +1,012 MiB).
+    The server's memory budget (256 MiB) cuts off the largest holders first, so the RSS of
+    the chat server process grows by at most 300 MiB; every silent member is cut off, a
+    member that reads is still served, and the memory returns once everyone has left."""
+    limits = _allow_descriptors(SCALE_CLIENTS + 200)
+    try:
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < SCALE_CLIENTS + 100:
+            pytest.skip("needs 1,100 file descriptors")
+        figures = netlib.run(_silent_chat_members(loop_name), loop=loop_name)  # type: ignore[arg-type]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    baseline = figures["baseline"]
+    growth = {name: figures[name] - baseline for name in ("peak", "trimmed")}
+    print(
+        f"{loop_name}: baseline {baseline >> 20} MiB; RSS peak +{growth['peak'] >> 20} MiB, "
+        f"after malloc_trim +{growth['trimmed'] >> 20} MiB; the budget counted at most "
+        f"{figures['memory_held'] >> 20} MiB"
+    )
+    assert growth["peak"] <= RSS_GROWTH_LIMIT
+    assert growth["trimmed"] <= RETURNED_LIMIT
+
+
+async def _silent_member(port: int) -> socket.socket:
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _silent_chat_members(loop_name: str) -> dict[str, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHAT_SCALE_SERVER,
+        loop_name,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    held = 0  # the most the budget counted, over every report
+
+    async def report(command: str = "stats") -> dict[str, Any]:
+        nonlocal held
+        stdin.write(command.encode() + b"\n")
+        result: dict[str, Any] = json.loads(await asyncio.wait_for(stdout.readline(), 10))
+        held = max(held, result["memory_held"])
+        return result
+
+    try:
+        port = int(await asyncio.wait_for(stdout.readline(), 30))
+        await report()
+        baseline = _memory(proc.pid)["VmRSS"]
+        members: list[socket.socket] = []
+        async with netlib.connect_tcp("127.0.0.1", port, framing="line") as reader:
+            assert (await reader.receive()).startswith(b"*** welcome")
+
+            async def discard() -> None:
+                async for _ in reader:  # a member that reads what the others say
+                    pass
+
+            reading = asyncio.ensure_future(discard())
+            try:
+                for _ in range(SCALE_CLIENTS):
+                    members.append(await _silent_member(port))  # noqa: PERF401 (closed if the next fails)
+                await poll_until(lambda: _active_is(report, SCALE_CLIENTS + 1), timeout=30)
+                loop = asyncio.get_running_loop()
+                with contextlib.suppress(OSError):  # some are cut off while they send
+                    for sock in members:
+                        await loop.sock_sendall(sock, CHAT_LINE * CHAT_BURST)
+                # Every silent member is cut off: by the budget, or at the hard limit.
+                await poll_until(lambda: _active_is(report, 1), timeout=60)
+            finally:
+                reading.cancel()
+                for sock in members:
+                    sock.close()
+            await reader.send(b"/nick still_here")
+            async with asyncio.timeout(10):
+                while b"still_here" not in await reader.receive():
+                    pass  # the room's lines still queued for the reader come first
+        await poll_until(lambda: _active_is(report, 0), timeout=30)
+        peak = _memory(proc.pid)["VmHWM"]
+        await report("trim")
+        trimmed = _memory(proc.pid)["VmRSS"]
+    finally:
+        proc.terminate()
+        await proc.communicate()
+    return {"baseline": baseline, "peak": peak, "trimmed": trimmed, "memory_held": held}
+
+
+async def _active_is(report: Callable[[], Awaitable[dict[str, Any]]], count: int) -> bool:
+    return bool((await report())["active"] == count)

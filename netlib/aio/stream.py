@@ -23,7 +23,8 @@ touches a stream transport:
   ``check_deadlines(now)``, which asks the connection and re-schedules at its next deadline.
 * **Memory budget.** A server may share one ``MemoryBudget`` between its connections. A
   connection reports what it holds in user space (``held()``) each time its input has grown
-  by ``REPORT_STEP`` since its last report, when writing pauses or resumes, when reading
+  by ``REPORT_STEP`` since its last report, and its output too while writing is paused (a
+  fan-out service queues past the high mark), when writing pauses or resumes, when reading
   resumes, when its consumer has emptied a queue it reported, and while ``send()`` waits
   with a message in hand; so a thousand connections each a read or two behind their
   handlers count too, not only those that stalled. Past the cap the budget evicts the
@@ -54,7 +55,7 @@ from netlib.sansio.budget import MemoryBudget
 from netlib.sansio.framing import Framing
 from netlib.sansio.stream import StreamConnection, StreamLimits, StreamState
 
-__all__ = ["REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
+__all__ = ["OUTPUT_REPORT_STEP", "REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
 
 _OPEN: Final = StreamState.OPEN  # enum lookups are slow on the per-read path
 _FAILED: Final = StreamState.FAILED
@@ -84,6 +85,11 @@ REPORT_STEP: Final = 64 * 1024
 """A connection's input (queued messages and a partial frame) is reported to the memory
 budget each time it has grown by about this much (at most a read more) since the last
 report."""
+OUTPUT_REPORT_STEP: Final = 16 * 1024
+"""While writing is paused, a connection's output is reported each time it has grown by this
+much: a fan-out service queues past the high mark to many connections at once (a chat room),
+and a thousand connections each a step behind their reports would hide the step a thousand
+times (64 KiB steps hid 60-90 MiB from a 256 MiB budget)."""
 
 
 def _drop_tracebacks(error: BaseException | None) -> None:
@@ -132,6 +138,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_limits",
         "_loop",
         "_on_lost",
+        "_output_reported",
         "_own_deadlines",
         "_peer_done",
         "_pending",
@@ -178,6 +185,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._deadline_slot: dict[HasDeadlines, None] | None = None
         self._budget = budget
         self._input_reported = 0  # queued + partial input at the last report
+        self._output_reported = 0  # buffered output at the last report
         self._holding = 0  # see drain()
         self._last_write = 0  # bytes of the last transport write, see held()
         self._consumer_done = False
@@ -277,6 +285,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self.conn.writing_resumed()
+        self.flush()  # what write_soon() held while paused
         self._report()
 
     @staticmethod
@@ -356,6 +365,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self._last_write = len(data)
             transport.write(data)
             self.conn.last_activity = self._loop.time()
+            if self.write_paused:
+                self._output_grew()
             return
         if self.lost:
             return
@@ -371,7 +382,13 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     def write_soon(self, data: bytes, limit: int) -> None:
         """Write ``data`` at the end of this loop iteration, with whatever else is written
         by then (fan-out: one system call for many deliveries), or at once when ``limit``
-        bytes are pending. A no-op once the connection is lost."""
+        bytes are pending. A no-op once the connection is lost.
+
+        While writing is paused the data stays here, in the pending list, until the
+        transport asks for more (``resume_writing``) or the connection closes: a fan-out
+        service hands the same ``bytes`` to many connections, and a list holds a reference
+        to it where a transport's buffer would hold a copy (asyncio's grows a bytearray
+        that keeps its largest size)."""
         if self.lost:
             return
         pending = self._pending
@@ -379,7 +396,9 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             pending = self._pending = []
         pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size >= limit:
+        if self.write_paused:
+            self._output_grew()
+        elif self._pending_size >= limit:
             self.flush()
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
@@ -400,6 +419,16 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.conn.last_activity = self._loop.time()
         pending.clear()  # the transports keep the buffers, not the list
         self._pending_size = 0
+        if self.write_paused:
+            self._output_grew()
+
+    def _output_grew(self) -> None:
+        """Writing is paused and more was queued anyway (a fan-out service bounds its
+        consumers itself, e.g. the chat's hard limit): report each ``OUTPUT_REPORT_STEP``."""
+        if self._budget is not None and (
+            self.buffered_size() >= self._output_reported + OUTPUT_REPORT_STEP
+        ):
+            self._report()
 
     def buffered_size(self) -> int:
         """Bytes written but not yet handed to the kernel: pending plus transport buffer."""
@@ -482,6 +511,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             return
         conn = self.conn
         self._input_reported = conn.queued + conn.partial_size
+        self._output_reported = self.buffered_size()
         for victim in budget.update(self, self.held()):
             victim._evict()
             budget.update(victim, victim.held())  # what it still holds until it is gone

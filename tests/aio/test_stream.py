@@ -38,6 +38,9 @@ class FakeTransport(asyncio.Transport):
         self.writes += 1
         self.written.extend(bytes(d) for d in list_of_data)
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def pause_reading(self) -> None:
         self.reading = False
 
@@ -167,3 +170,39 @@ async def test_eof_ends_input_after_queued_frames() -> None:
     assert protocol.eof_received() is True  # stay open for replies (half-close)
     assert list(protocol.conn.frames) == [b"last"]
     assert isinstance(protocol.conn.end_error(), EndOfStream)
+
+
+async def test_fan_out_writes_wait_in_the_list_while_paused_and_go_on_resume() -> None:
+    protocol, transport = make(write_high=100, write_low=10)
+    line = b"shared line\n"
+    protocol.pause_writing()  # the transport's buffer passed its high mark
+    for _ in range(50):
+        protocol.write_soon(line, limit=0)  # a limit of 0 would flush at once if not paused
+    await asyncio.sleep(0)
+    assert transport.writes == 0  # held as references to one bytes object, not copied
+    assert protocol.buffered_size() == 50 * len(line)  # still counted (hard limits, budget)
+    protocol.resume_writing()
+    assert transport.writes == 1
+    assert transport.written == [line] * 50
+
+
+async def test_a_cancelled_iteration_takes_no_message() -> None:
+    protocol, _transport = make()
+    waiter = protocol.message_waiter()
+    waiter.cancel()  # the consumer was cancelled while waiting
+    protocol.data_received(b"kept\n")
+    assert protocol.conn.frames  # the message stays queued for the next receive
+    assert await protocol.message_waiter() == b"kept"
+
+
+async def test_iteration_waiter_ends_at_eof_and_fails_on_loss() -> None:
+    protocol, _transport = make()
+    ending = protocol.message_waiter()
+    protocol.eof_received()
+    with pytest.raises(StopAsyncIteration):
+        await ending
+    protocol, _transport = make()
+    failing = protocol.message_waiter()
+    protocol.connection_lost(ConnectionResetError())
+    with pytest.raises(BrokenResourceError):
+        await failing
