@@ -658,9 +658,15 @@ def _drive(
             result.set_result(end.value)
             then(result)
             return
+        except asyncio.CancelledError:  # a future it awaited was cancelled
+            result.cancel()
+            then(result)
+            return
         except BaseException as exc:  # _start lets only unexpected errors through
             result.set_exception(exc)
             then(result)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise  # as a task would: these stop the loop
             return
         if waiting is None:  # a bare yield: resume on the next iteration
             asyncio.get_running_loop().call_soon(step)
