@@ -204,18 +204,24 @@ def test_a_thousand_slow_readers_stay_within_300_mib_and_the_memory_returns(
     assert growth["trimmed"] <= RETURNED_LIMIT
 
 
-async def _slow_readers_at_scale(loop_name: str) -> dict[str, int]:
-    proc = await asyncio.create_subprocess_exec(
+async def _server_process(script: str, loop_name: str) -> asyncio.subprocess.Process:
+    """``script`` in a process of its own: it prints its port, then answers a line of
+    JSON for each command line on its stdin."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        SCALE_SERVER,
+        script,
         loop_name,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
+
+
+async def _slow_readers_at_scale(loop_name: str) -> dict[str, int]:
+    proc = await _server_process(SCALE_SERVER, loop_name)
     stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None
+    assert stdout is not None
 
     async def report(command: str = "stats") -> dict[str, Any]:
         stdin.write(command.encode() + b"\n")
@@ -357,17 +363,10 @@ async def _silent_member(port: int) -> socket.socket:
 
 
 async def _silent_chat_members(loop_name: str) -> dict[str, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CHAT_SCALE_SERVER,
-        loop_name,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
+    proc = await _server_process(CHAT_SCALE_SERVER, loop_name)
     stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None
+    assert stdout is not None
 
     held = 0  # the most the budget counted, over every report
 
