@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
 from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_server
 from netlib.services.chat import ChatService, DatagramChatProtocol
 from netlib.services.chat.service import CHAT_CLOSE_GRACE
-from netlib.services.chat.tcp import chat_framing, chat_protocol_factory
+from netlib.services.chat.tcp import chat_framing, chat_protocol_factory, chat_stream_limits
 
 __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
@@ -82,20 +82,16 @@ async def open_chat_server(
             # Members are ChatProtocol connections on netlib's Server: lines are handled
             # as callbacks (no task per member), with the accept loop, caps, memory
             # budget and shutdown of every netlib server.
-            limits = chat.limits
+            # The server's stream limits are its members' own (no first-message or idle
+            # deadline: a member may only listen, and keepalive notices a vanished one).
             tcp = await stack.enter_async_context(
                 open_tcp_server(
                     None,
                     host,
                     port,
                     protocol=chat_protocol_factory(chat),
-                    framing=chat_framing(limits),
-                    first_frame_timeout=None,  # a member may only listen: keepalive
-                    idle_timeout=None,  # notices a vanished one
-                    message_timeout=limits.line_timeout,
-                    send_timeout=limits.soft_time,
-                    write_high=limits.soft_limit,
-                    write_low=limits.soft_limit // 2,
+                    framing=chat_framing(chat.limits),
+                    **asdict(chat_stream_limits(chat.limits)),
                     shutdown_grace=CHAT_CLOSE_GRACE,
                     max_connections_per_host=max_connections_per_host,
                 )

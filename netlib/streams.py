@@ -100,10 +100,7 @@ class MessageStream:
             if waiter is None:
                 raise conn.end_error()
             await waiter
-        frame = conn.take()
-        if not conn.read_paused and self._protocol.reading_paused:
-            self._protocol.resume()
-        return frame
+        return self._protocol.take()
 
     def __aiter__(self) -> Self:
         return self

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 from collections.abc import Coroutine
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import trustme
 import netlib
 from netlib import MessageStream, Server
 from netlib.aio.stream import StreamProtocol
+from netlib.server import _Counters
 from tests.helpers import address_of, open_raw, reset, wait_for_eof, wait_until
 
 FRAMINGS = ["raw", "line", "length"]
@@ -375,3 +377,11 @@ async def test_echo_protocols_work_with_loop_create_server() -> None:
         await writer.wait_closed()
         server.close()
         await server.wait_closed()
+
+
+def test_every_statistic_but_the_gauges_is_counted() -> None:
+    # A statistic the server does not count would read 0 forever, silently.
+    counted = {field.name for field in fields(_Counters)}
+    reported = {field.name for field in fields(netlib.ServerStatistics)}
+    assert reported - counted == {"active", "memory_held"}
+    assert counted <= reported

@@ -240,9 +240,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 return
             conn = self.conn
             if conn.frames:
-                waiter.set_result(conn.take())
-                if not conn.read_paused and self.reading_paused:
-                    self.resume()
+                waiter.set_result(self.take())
             elif conn.state is _OPEN:  # nothing to hand over yet: keep waiting
                 self._waiter = waiter
             else:
@@ -306,13 +304,27 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
             self._report()
 
-    def readable_waiter(self) -> asyncio.Future[None] | None:
-        """Flush what the consumer wrote, then return a future resolved when input arrives,
-        or None if no more will come (``conn.end_error()`` says why)."""
+    def take(self) -> bytes:
+        """Take the next queued message (there must be one); reading resumes once the
+        queue is back under the read limit."""
+        conn = self.conn
+        frame = conn.take()
+        if not conn.read_paused and self.reading_paused:
+            self.resume()
+        return frame
+
+    def _before_wait(self) -> None:
+        """The consumer is about to wait for input: hand over what it wrote, and report
+        the queue it emptied."""
         if self._pending:
             self.flush()
         if self._input_reported:  # the consumer emptied a queue the budget counts
             self._report()
+
+    def readable_waiter(self) -> asyncio.Future[None] | None:
+        """Flush what the consumer wrote, then return a future resolved when input arrives,
+        or None if no more will come (``conn.end_error()`` says why)."""
+        self._before_wait()
         if self.conn.state is not _OPEN:
             return None
         self._waiter_takes = False
@@ -325,19 +337,13 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         waiter takes none), or failed with ``StopAsyncIteration`` at ``EndOfStream`` and
         with any other error that ends the input."""
         waiter: asyncio.Future[bytes] = self._loop.create_future()
-        conn = self.conn
-        if conn.frames:
-            waiter.set_result(conn.take())
-            if not conn.read_paused and self.reading_paused:
-                self.resume()
+        if self.conn.frames:
+            waiter.set_result(self.take())
             return waiter
-        if self._pending:
-            self.flush()
-        if self._input_reported:  # the consumer emptied a queue the budget counts
-            self._report()
+        self._before_wait()
         self._waiter_takes = True
         self._waiter = waiter
-        if conn.state is not _OPEN:
+        if self.conn.state is not _OPEN:
             self.messages_received()  # fails it at once
         return waiter
 

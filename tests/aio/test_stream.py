@@ -61,14 +61,6 @@ def make(**limits: Any) -> tuple[StreamProtocol, FakeTransport]:
     return protocol, transport
 
 
-def take(protocol: StreamProtocol) -> bytes:
-    """Take a message as MessageStream does: from the connection, then resume reading."""
-    message = protocol.conn.take()
-    if not protocol.conn.read_paused:
-        protocol.resume()
-    return message
-
-
 async def test_limits_are_set_explicitly() -> None:
     _protocol, transport = make(write_high=1000, write_low=10)
     assert transport.limits == (10, 1000)
@@ -81,9 +73,9 @@ async def test_reading_pauses_above_the_limit_and_resumes_when_consumed() -> Non
     protocol.data_received(b"y" * 30 + b"\n")
     assert not transport.reading
     assert protocol.conn.queued == 62
-    assert take(protocol) == b"x" * 30
+    assert protocol.take() == b"x" * 30
     assert not transport.reading
-    assert take(protocol) == b"y" * 30  # the last one: reading resumes
+    assert protocol.take() == b"y" * 30  # the last one: reading resumes
     assert transport.reading
     assert protocol.conn.queued == 0
 
@@ -98,7 +90,7 @@ async def test_replies_to_queued_messages_are_coalesced() -> None:
     protocol, transport = make()
     protocol.data_received(b"".join(b"%d\n" % i for i in range(100)))
     while protocol.conn.frames:
-        protocol.write(take(protocol) + b"!")
+        protocol.write(protocol.take() + b"!")
     assert transport.writes == 1  # the reply to the last queued message flushed them all
     assert transport.written == [b"%d!" % i for i in range(100)]
 
@@ -112,7 +104,7 @@ async def test_write_with_nothing_queued_goes_out_at_once() -> None:
 async def test_held_replies_are_flushed_by_the_end_of_the_iteration() -> None:
     protocol, transport = make()
     protocol.data_received(b"one\ntwo\n")
-    protocol.write(take(protocol))  # "two" is still queued: held
+    protocol.write(protocol.take())  # "two" is still queued: held
     assert transport.writes == 0
     await asyncio.sleep(0)  # one loop iteration runs the backstop flush
     assert transport.written == [b"one"]
