@@ -72,6 +72,9 @@ class IncompleteFrame(ProtocolError):
 class EndOfStream(NetlibError, EOFError):
     """The peer finished sending; no more messages will arrive."""
 
+    def __init__(self, message: str = "the peer closed its side of the connection") -> None:
+        super().__init__(message)
+
 
 class ClosedResourceError(NetlibError, RuntimeError):
     """The object was closed by this side and cannot be used any more."""

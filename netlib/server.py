@@ -60,7 +60,9 @@ from netlib.aio.sockets import (
     DEFAULT_KEEPALIVE_COUNT,
     DEFAULT_KEEPALIVE_IDLE,
     DEFAULT_KEEPALIVE_INTERVAL,
+    bind,
     extra_info,
+    format_address,
     remove_socket_file,
     set_tcp_keepalive,
 )
@@ -302,6 +304,7 @@ class Server:
         self._counters = _Counters()
         self._accept_log = ThrottledLog(logger, self._loop)
         self._handler_log = ThrottledLog(logger, self._loop)
+        self._cut_log = ThrottledLog(logger, self._loop)  # connections closed by a limit
         self._connections: dict[asyncio.Future[Any], StreamProtocol] = {}
         # Open connections per peer address, and each connection's address (only while
         # max_connections_per_host is set, and only for IP peers).
@@ -502,7 +505,8 @@ class Server:
                 listener.descriptor_freed()
 
     def _count_end(self, protocol: StreamProtocol) -> None:
-        match protocol.conn.error:
+        error = protocol.conn.error
+        match error:
             case PeerTimedOut():
                 self._counters.timeouts += 1
             case ProtocolError():
@@ -511,6 +515,13 @@ class Server:
                 self._counters.slow_consumers += 1
             case BrokenResourceError():
                 self._counters.resets += 1
+                return
+            case _:
+                return
+        # A limit closed it: say so where the operator looks (INFO, at most one line a
+        # second, counting the rest), so a deadline does not cut people off unexplained.
+        peer = extra_info(protocol.transport, "peername")
+        self._cut_log.log(logging.INFO, "closed %s: %s", format_address(peer), error)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -585,6 +596,7 @@ class Server:
         if self._deadlines is not None:
             self._deadlines.close()
         self._handler_log.flush(logging.ERROR, "handlers failed")
+        self._cut_log.flush(logging.INFO, "connections closed by a limit")
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let handlers finish within ``grace`` seconds, then abort.
@@ -693,7 +705,7 @@ def _listen(family: int, address: Any, *, backlog: int, reuse_port: bool) -> soc
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
+        bind(sock, address)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -49,6 +49,19 @@ DEFAULT_REQUEST_RETRIES: Final = 3
 """Retransmissions ``DatagramEndpoint.request()`` makes before giving up."""
 
 
+def as_bytes(data: object) -> bytes:
+    """``data`` as ``bytes`` for a send: bytes-like objects are copied (a later change to
+    the caller's buffer must not change what is sent); anything else is a ``TypeError``
+    that says what to do."""
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, bytes):  # a subclass
+        return data
+    if isinstance(data, str):
+        raise TypeError("send() takes bytes, not str: encode text first, as in text.encode()")
+    raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+
+
 class MessageStream:
     """Send and receive whole messages on one connection.
 
@@ -125,6 +138,8 @@ class MessageStream:
             BrokenResourceError: the connection is gone.
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
+        if message.__class__ is not bytes:
+            message = as_bytes(message)
         protocol = self._protocol
         if protocol.write_paused or protocol.lost or self._closed:
             self._check_open()
@@ -152,6 +167,8 @@ class MessageStream:
             ClosedResourceError: this stream was closed with ``aclose()``.
         """
         self._check_open()
+        if message.__class__ is not bytes:
+            message = as_bytes(message)
         encode = self._encode
         self._protocol.write(message if encode is None else encode(message))
 
@@ -268,6 +285,8 @@ class DatagramEndpoint:
             ClosedResourceError: the endpoint is closed.
         """
         self._check_open()
+        if data.__class__ is not bytes:
+            data = as_bytes(data)
         self._protocol.check_size(data)
         await self._protocol.drain()
         self._protocol.sendto(data, addr)
@@ -275,6 +294,8 @@ class DatagramEndpoint:
     def send_nowait(self, data: bytes, addr: Any = None) -> None:
         """Send one datagram now, or raise ``WouldBlock`` if the send buffer is full."""
         self._check_open()
+        if data.__class__ is not bytes:
+            data = as_bytes(data)
         self._protocol.check_size(data)
         if self._protocol.write_paused:
             raise WouldBlock("the send buffer is full")

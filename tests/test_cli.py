@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
+import trustme
 
+import netlib
 from netlib.cli import build_parser, main
 
 NETLIB = [sys.executable, "-m", "netlib"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main()`` run in this process sets up logging as the command line does: undo it."""
+    root, package = logging.getLogger(), logging.getLogger("netlib")
+    saved = (list(root.handlers), root.level, package.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    package.setLevel(saved[2])
 
 
 @pytest.mark.parametrize(
@@ -27,9 +46,22 @@ NETLIB = [sys.executable, "-m", "netlib"]
         (["echo", "send", "--timeout", "-1", "hi"], "must be > 0"),
         (["echo", "send", "--proto", "sctp", "hi"], "invalid choice: 'sctp'"),
         (["--loop", "trio", "demo"], "invalid choice: 'trio'"),
-        (["echo", "send", "--proto", "udp", "--retries", "x", "hi"], "invalid retries 'x'"),
+        (["echo", "send", "--proto", "udp", "--retries", "x", "hi"], "invalid count 'x'"),
         (["echo", "serve", "--max-connections-per-host", "-1"], "invalid count -1"),
         (["echo", "serve", "--mode", "timestamp"], "timestamp is a UDP service"),
+        (["echo", "serve", "--upper", "--mode", "timestamp"], "not allowed with argument"),
+        (["echo", "send", "a\nb"], "message 1 contains a line break"),
+        (["echo", "send", "ok", "ends in\r"], "message 2 contains a line break"),
+        (["echo", "send", "x" * 100_000], "over the TCP echo's line limit of 65536 bytes"),
+        (["echo", "send", "--proto", "udp", "x" * 70_000], "message 1 cannot be sent"),
+        (["echo", "send", "-", "hi"], "cannot be mixed"),
+        (["echo", "serve", "--tls-cert", "/no/such/cert.pem"], "cannot load the TLS certif"),
+        (["echo", "send", "--cacert", "/no/such/ca.pem", "hi"], "cannot load --cacert"),
+        (["echo", "serve", "--idle-timeout", "soon"], "invalid number 'soon'"),
+        (["chat", "serve", "--port", "-1"], "invalid port -1"),
+        (["chat", "join", "--proto", "both"], "invalid choice: 'both'"),
+        (["demo", "--loop", "trio"], "invalid choice: 'trio'"),
+        (["echo"], "required: ACTION"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_error(
@@ -243,3 +275,343 @@ def test_echo_serve_max_connections_per_host(given: list[str], expected: int | N
     option = ["--max-connections-per-host", *given] if given else []
     args = build_parser().parse_args(["echo", "serve", *option])
     assert args.max_connections_per_host == expected
+
+
+# -- conventions ------------------------------------------------------------------------------
+
+
+def test_version_is_printed() -> None:
+    done = subprocess.run([*NETLIB, "--version"], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, f"netlib {netlib.__version__}\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["echo", "send", "hi", "--loop", "asyncio", "-v"],
+        ["echo", "--loop", "asyncio", "send", "-v", "hi"],
+        ["--loop", "asyncio", "-v", "echo", "send", "hi"],
+    ],
+)
+def test_common_options_are_accepted_before_or_after_the_command(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.loop, args.verbose, args.messages) == ("asyncio", 1, ["hi"])
+
+
+def test_help_shows_defaults_descriptions_and_examples() -> None:
+    done = subprocess.run(
+        [*NETLIB, "echo", "serve", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0
+    assert "(default: 7007)" in done.stdout
+    assert "(default: 300.0)" in done.stdout
+    assert "examples:\n  netlib echo serve" in done.stdout
+    assert "Serve echo until Ctrl-C or SIGTERM" in done.stdout
+    top = subprocess.run([*NETLIB, "--help"], capture_output=True, text=True, timeout=30)
+    assert "exit status: 0 done, 1 failed, 2 usage error" in top.stdout
+
+
+def test_help_does_not_import_the_interactive_ui() -> None:
+    code = (
+        "import sys\nfrom netlib.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit:\n    pass\nprint('prompt_toolkit' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("chat_server", "chat_server"),
+        ("bücher.example", "bücher.example"),
+        ("*", None),
+        ("::", None),
+        ("[::1]", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+    ],
+)
+def test_hosts_that_a_resolver_may_know_are_accepted(value: str, expected: str | None) -> None:
+    args = build_parser().parse_args(["echo", "serve", "--host", value])
+    assert args.host == expected
+
+
+def test_a_temporary_resolver_failure_is_a_runtime_error_not_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unavailable(*_args: object, **_kwargs: object) -> NoReturn:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unavailable)
+    assert main(["--loop", "asyncio", "echo", "send", "--host", "example.test", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "netlib: error: cannot resolve host 'example.test' now: "
+        "Temporary failure in name resolution\n"
+    )
+
+
+def test_ipv6_addresses_are_printed_in_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    assert main(["echo", "send", "--host", "::1", "--port", str(port), "hi"]) == 1
+    assert capsys.readouterr().err == f"netlib: error: connection refused by [::1]:{port}\n"
+
+
+# -- servers: start, serve, stop --------------------------------------------------------------
+
+
+@contextmanager
+def running(*argv: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """A server subprocess started with ``--json``; yields it and its listening line."""
+    proc = subprocess.Popen(
+        [*NETLIB, *argv, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=10)
+        listening = json.loads(line)
+        assert listening["event"] == "listening"
+        yield proc, listening
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def _port(listening: dict[str, Any]) -> int:
+    address = listening["addresses"][0]
+    return int((address["address"] if isinstance(address, dict) else address).rsplit(":", 1)[1])
+
+
+def _read_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "the server ended without printing"
+    found: dict[str, Any] = json.loads(line)
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_echo_server_gracefully(loop_name: str, signum: int) -> None:
+    with running("--loop", loop_name, "echo", "serve", "--port", "0") as (proc, listening):
+        with socket.create_connection(("127.0.0.1", _port(listening)), timeout=10) as client:
+            client.sendall(b"before\n")
+            assert client.recv(100) == b"before\n"
+            proc.send_signal(signum)
+            assert proc.stderr is not None
+            assert "waiting up to 10s for 1 connection(s)" in proc.stderr.readline()
+            client.sendall(b"during the shutdown\n")  # input has ended: not echoed
+            assert client.recv(100) == b""  # the server closed after the handler ended
+        stats = _read_json(proc)
+        assert proc.wait(timeout=10) == 0
+    assert (stats["event"], stats["accepted"], stats["active"]) == ("statistics", 1, 0)
+
+
+def test_a_second_signal_closes_the_remaining_connections_at_once(loop_name: str) -> None:
+    argv = ("--loop", loop_name, "echo", "serve", "--port", "0", "--shutdown-grace", "60")
+    with (
+        running(*argv) as (proc, listening),
+        socket.create_connection(("127.0.0.1", _port(listening)), timeout=10) as client,
+    ):
+        client.sendall(b"x\n")
+        assert client.recv(100) == b"x\n"
+        # This client never closes its side: the server's close waits for it, in the grace.
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        assert "press Ctrl-C again" in proc.stderr.readline()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5  # not the 60 s grace
+        assert client.recv(100) == b""
+
+
+def test_statistics_on_request_and_on_an_interval(loop_name: str) -> None:
+    argv = ("--loop", loop_name, "echo", "serve", "--port", "0", "--stats-interval", "0.2")
+    with running(*argv) as (proc, listening):
+        with socket.create_connection(("127.0.0.1", _port(listening)), timeout=10) as client:
+            client.sendall(b"x\n")
+            assert client.recv(100) == b"x\n"
+            ticks = [_read_json(proc) for _ in range(3)]
+            assert all(t["event"] == "statistics" for t in ticks)
+            assert ticks[-1]["accepted"] == 1
+            assert ticks[-1]["active"] == 1
+        proc.send_signal(signal.SIGUSR1)
+        assert _read_json(proc)["event"] == "statistics"  # an interval tick or the report
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_the_udp_echo_server_prints_statistics_when_it_stops(loop_name: str) -> None:
+    argv = ("--loop", loop_name, "echo", "serve", "--proto", "udp", "--port", "0")
+    with running(*argv) as (proc, listening):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"ping", ("127.0.0.1", _port(listening)))
+            assert client.recv(100) == b"ping"
+        proc.send_signal(signal.SIGTERM)
+        stats = _read_json(proc)
+        assert proc.wait(timeout=10) == 0
+    assert (stats["handled"], stats["endpoint.received"]) == (1, 1)
+
+
+def test_a_connection_cut_off_by_a_deadline_is_logged_by_default(loop_name: str) -> None:
+    argv = ("--loop", loop_name, "echo", "serve", "--port", "0", "--first-message-timeout", "0.3")
+    with running(*argv) as (proc, listening):
+        with socket.create_connection(("127.0.0.1", _port(listening)), timeout=10) as client:
+            assert client.recv(100) == b""  # closed at the deadline
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "INFO closed 127.0.0.1:" in line
+        assert "no complete message within 0.3s" in line
+        proc.send_signal(signal.SIGTERM)
+        assert _read_json(proc)["timeouts"] == 1
+        assert proc.wait(timeout=10) == 0
+
+
+def test_every_interface_means_ipv4_and_ipv6(loop_name: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ("--loop", loop_name, "echo", "serve", "--host", "*", "--port", str(port))
+    with running(*argv) as (proc, listening):
+        assert sorted(listening["addresses"]) == sorted([f"0.0.0.0:{port}", f"[::]:{port}"])
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as client:
+                client.settimeout(10)
+                client.connect((host, port))
+                client.sendall(b"v\n")
+                assert client.recv(100) == b"v\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_echo_over_a_unix_socket(loop_name: str, tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    with running("--loop", loop_name, "echo", "serve", "--unix", path) as (proc, listening):
+        assert listening["addresses"] == [path]
+        done = subprocess.run(
+            [*NETLIB, "--loop", loop_name, "echo", "send", "--unix", path, "over unix"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, "over unix\n", "")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_echo_over_tls_without_warnings(loop_name: str, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    argv = ("--loop", loop_name, "echo", "serve", "--port", "0", "--tls-cert")
+    with running(*argv, str(tmp_path / "server.pem")) as (proc, listening):
+        send = [*NETLIB, "--loop", loop_name, "echo", "send", "--port", str(_port(listening))]
+        trusted = subprocess.run(
+            [*send, "--cacert", str(tmp_path / "ca.pem"), "secret"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (trusted.returncode, trusted.stdout, trusted.stderr) == (0, "secret\n", "")
+        untrusted = subprocess.run(
+            [*send, "--tls", "secret"], capture_output=True, text=True, timeout=30
+        )
+        assert untrusted.returncode == 1
+        assert "netlib: error: TLS with 127.0.0.1:" in untrusted.stderr
+        assert "certificate verify failed" in untrusted.stderr
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    assert "eof_received" not in err
+    assert "Traceback" not in err
+
+
+def test_echo_send_reads_lines_from_stdin_and_prints_json(loop_name: str) -> None:
+    with running("--loop", loop_name, "echo", "serve", "--port", "0") as (proc, listening):
+        done = subprocess.run(
+            [*NETLIB, "echo", "send", "--port", str(_port(listening)), "--json", "-"],
+            input="first\r\nsecond\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        proc.send_signal(signal.SIGTERM)
+    assert done.returncode == 0, done.stderr
+    replies = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["message"], r["reply"]) for r in replies] == [
+        ("first", "first"),
+        ("second", "second"),
+    ]
+    assert all(r["rtt_ms"] > 0 for r in replies)
+
+
+# -- clients: interrupted ----------------------------------------------------------------------
+
+
+@contextmanager
+def silent_tcp_server() -> Iterator[int]:
+    """A listening socket that accepts (in the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("command", ["echo", "chat"])
+def test_an_interrupted_client_exits_128_plus_the_signal_quietly(
+    loop_name: str, signum: int, status: int, command: str
+) -> None:
+    with silent_tcp_server() as port:
+        argv = {
+            "echo": ["echo", "send", "--port", str(port), "--timeout", "60", "waiting"],
+            "chat": ["chat", "join", "--port", str(port), "--nick", "nobody"],
+        }[command]
+        proc = subprocess.Popen(
+            [*NETLIB, "--loop", loop_name, "-v", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        # -v logs the loop's choice of selector/loop: a line means the client is running.
+        _wait_for_running(proc)
+        proc.send_signal(signum)
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == status
+    assert "Traceback" not in err
+
+
+def _wait_for_running(proc: subprocess.Popen[str]) -> None:
+    """Wait until the process has its signal handlers (it logs 'signal handlers ready')."""
+    assert proc.stderr is not None
+    for _ in range(50):
+        line = proc.stderr.readline()
+        assert line, "the client ended before it was interrupted"
+        if "signal handlers ready" in line:
+            return
+    raise AssertionError("the client never said it was ready")
+
+
+def test_the_demo_interrupted_exits_130(loop_name: str) -> None:
+    proc = subprocess.Popen(
+        [*NETLIB, "--loop", loop_name, "-v", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_running(proc)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130)  # the demo may finish before the signal lands
+    assert "Traceback" not in err

@@ -27,7 +27,9 @@ __all__ = [
     "MAX_DATAGRAM_LIMIT",
     "DatagramSocketOptions",
     "EmptyDatagramSender",
+    "bind",
     "extra_info",
+    "format_address",
     "open_datagram_socket",
     "remove_socket_file",
     "set_tcp_keepalive",
@@ -173,7 +175,7 @@ async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
     try:
         _configure(sock, family, options)
         if local is not None:
-            sock.bind(local)
+            bind(sock, local)
         if remote is not None:
             sock.connect(remote)
         sock.setblocking(False)
@@ -181,6 +183,25 @@ async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind(sock: socket.socket, address: Any) -> None:
+    """``sock.bind(address)``, with an error that names the address (``OSError``'s own
+    says only "Address already in use")."""
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        where = format_address(address)
+        raise type(exc)(exc.errno, f"cannot bind {where}: {exc.strerror}") from None
+
+
+def format_address(address: Any) -> str:
+    """``host:port``, with an IPv6 host in brackets; a Unix socket's path as it is (an
+    unnamed one, a client's, as ``unnamed``)."""
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) if address else "unnamed"
 
 
 def remove_socket_file(path: object) -> None:
@@ -199,7 +220,7 @@ def _unix_socket(options: DatagramSocketOptions) -> socket.socket:
     try:
         if options.path is not None:
             remove_socket_file(options.path)
-            sock.bind(options.path)
+            bind(sock, options.path)
         if options.remote_path is not None:
             sock.connect(options.remote_path)
         sock.setblocking(False)

@@ -253,7 +253,10 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self.conn.receive_eof()
         self.messages_received()
         self._resolve(self._peer_done)
-        return True  # keep the transport open: replies may still be sent (half-close)
+        # Keep the transport open, replies may still be sent (half-close); TLS has no
+        # half-close, and its transports log a warning when asked for one.
+        transport = self.transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

@@ -1,0 +1,131 @@
+"""``netlib chat serve`` and ``netlib chat join``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Final
+
+import netlib
+from netlib.cli._common import (
+    Formatter,
+    Signals,
+    count_or_none,
+    emit,
+    format_address,
+    host_type,
+    port_type,
+    positive_float,
+    reporting,
+    show_statistics,
+)
+
+__all__ = ["DEFAULT_CHAT_PORT", "add_chat"]
+
+DEFAULT_CHAT_PORT: Final = 7077
+DEFAULT_HOST: Final = "127.0.0.1"
+
+SERVE_EXAMPLES = """\
+examples:
+  netlib chat serve                          # TCP and UDP on 127.0.0.1:7077
+  netlib chat serve --host '*' --proto tcp   # TCP only, every interface
+  nc 127.0.0.1 7077                          # join from nc (or telnet)
+"""
+JOIN_EXAMPLES = """\
+examples:
+  netlib chat join --nick alice              # interactive, with line editing
+  printf '/join #ops\\nhello\\n' | netlib chat join --nick bot
+"""
+
+
+def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
+    chat = commands.add_parser(
+        "chat",
+        help="chat server and client",
+        description="A chat with nicknames, rooms and private messages over TCP and UDP.",
+        parents=[common],
+        formatter_class=Formatter,
+    )
+    actions = chat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = actions.add_parser(
+        "serve",
+        help="run a chat server until interrupted",
+        description="Serve chat rooms over TCP and UDP (one set of rooms) until Ctrl-C or "
+        "SIGTERM. Clients: netlib chat join, nc, telnet.",
+        epilog=SERVE_EXAMPLES,
+        parents=[common],
+        formatter_class=Formatter,
+    )
+    _add_address(serve, ("tcp", "udp", "both"), "both")
+    serve.add_argument(
+        "--max-connections-per-host",
+        type=count_or_none,
+        default=netlib.server.DEFAULT_MAX_CONNECTIONS_PER_HOST,
+        metavar="N",
+        help="tcp members one peer address may have; 0 for no limit",
+    )
+    serve.add_argument(
+        "--stats-interval",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="print a statistics line every S seconds (also on SIGUSR1, and at shutdown)",
+    )
+    serve.add_argument("--json", action="store_true", help="listening line and statistics as JSON")
+    serve.set_defaults(run=chat_serve, server=True)
+
+    join = actions.add_parser(
+        "join",
+        help="join a chat (interactive, or lines from a pipe)",
+        description="Join a chat server. On a terminal: a prompt with line editing. With a "
+        "pipe: each line of stdin is sent, then the client leaves.",
+        epilog=JOIN_EXAMPLES,
+        parents=[common],
+        formatter_class=Formatter,
+    )
+    _add_address(join, ("tcp", "udp"), "tcp")
+    join.add_argument("--nick", help="nickname to take after joining")
+    join.set_defaults(run=chat_join, server=False)
+
+
+def _add_address(parser: argparse.ArgumentParser, protos: tuple[str, ...], proto: str) -> None:
+    parser.add_argument("--proto", choices=protos, default=proto, help="transport")
+    parser.add_argument(
+        "--host",
+        type=host_type,
+        default=DEFAULT_HOST,
+        help="address or name; '*' for every interface",
+    )
+    parser.add_argument("--port", type=port_type, default=DEFAULT_CHAT_PORT, help="port")
+
+
+async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
+    async with netlib.open_chat_server(
+        args.host,
+        args.port,
+        proto=args.proto,
+        max_connections_per_host=args.max_connections_per_host,
+    ) as server:
+        addresses = [
+            (f"{format_address(a)} ({kind})", kind, format_address(a))
+            for kind, found in (("tcp", server.tcp_addresses), ("udp", server.udp_addresses))
+            for a in found
+        ]
+        emit(
+            args,
+            f"netlib chat server listening on {', '.join(a[0] for a in addresses)}; "
+            "Ctrl-C to stop",
+            event="listening",
+            addresses=[{"proto": kind, "address": address} for _, kind, address in addresses],
+        )
+        async with reporting(args, signals, "chat", server.service.statistics):
+            await signals.stopped()
+    show_statistics(args, "chat", server.service.statistics())
+    return 0
+
+
+async def chat_join(args: argparse.Namespace, _signals: Signals) -> int:
+    from netlib.chat_client import run_chat_client  # prompt_toolkit only when joining
+
+    return await run_chat_client(
+        args.host or "127.0.0.1", args.port, proto=args.proto, nick=args.nick
+    )
