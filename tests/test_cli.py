@@ -615,3 +615,20 @@ def test_the_demo_interrupted_exits_130(loop_name: str) -> None:
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130)  # the demo may finish before the signal lands
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_chat_server_and_its_members_hear_it(
+    loop_name: str, signum: int
+) -> None:
+    with running("--loop", loop_name, "chat", "serve", "--port", "0") as (proc, listening):
+        assert [a["proto"] for a in listening["addresses"]] == ["tcp", "udp"]
+        with socket.create_connection(("127.0.0.1", _port(listening)), timeout=10) as member:
+            reader = member.makefile("rb")
+            assert reader.readline().startswith(b"*** welcome")
+            proc.send_signal(signum)
+            rest = reader.read()  # everything up to the server's close
+            assert b"shutting down" in rest
+        stats = _read_json(proc)
+        assert proc.wait(timeout=10) == 0
+    assert (stats["event"], stats["opened"], stats["sessions"]) == ("statistics", 1, 0)
