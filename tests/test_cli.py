@@ -405,7 +405,9 @@ def test_a_signal_stops_the_echo_server_gracefully(loop_name: str, signum: int) 
             assert client.recv(100) == b"before\n"
             proc.send_signal(signum)
             assert proc.stderr is not None
-            assert "waiting up to 10s for 1 connection(s)" in proc.stderr.readline()
+            assert (
+                "netlib: stopping: waiting up to 10s for 1 connection(s)" in proc.stderr.readline()
+            )
             client.sendall(b"during the shutdown\n")  # input has ended: not echoed
             assert client.recv(100) == b""  # the server closed after the handler ended
         stats = _read_json(proc)

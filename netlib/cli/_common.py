@@ -324,14 +324,16 @@ async def reporting(
 
 
 def say_shutdown(active: int, grace: float) -> None:
-    """Tell the person at the terminal what the shutdown waits for, and how to cut it short."""
-    if active:
-        print(
-            f"netlib: shutting down: waiting up to {grace:g}s for {active} connection(s) to "
-            "finish; press Ctrl-C again to close them now",
-            file=sys.stderr,
-            flush=True,
-        )
+    """Tell the person at the terminal that the server stops, what the shutdown waits for,
+    and how to cut it short."""
+    waits = (
+        f": waiting up to {grace:g}s for {active} connection(s) to finish; press Ctrl-C "
+        "again to close them now"
+        if active
+        else ""
+    )
+    start = "\n" if sys.stderr.isatty() else ""  # past the ^C the terminal echoed
+    print(f"{start}netlib: stopping{waits}", file=sys.stderr, flush=True)
 
 
 # -- signals and running ---------------------------------------------------------------------

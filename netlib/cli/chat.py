@@ -16,6 +16,7 @@ from netlib.cli._common import (
     port_type,
     positive_float,
     reporting,
+    say_shutdown,
     show_statistics,
 )
 
@@ -119,6 +120,7 @@ async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
         )
         async with reporting(args, signals, "chat", server.service.statistics):
             await signals.stopped()
+        say_shutdown(0, 0)
     show_statistics(args, "chat", server.service.statistics())
     return 0
 

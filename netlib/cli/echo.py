@@ -183,6 +183,7 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
             _announce(args, mode, udp_server.addresses)
             async with reporting(args, signals, "udp echo", udp_server.statistics):
                 await signals.stopped()
+            say_shutdown(0, 0)
         show_statistics(args, "udp echo", udp_server.statistics())
         return 0
     if mode == "timestamp":
