@@ -329,6 +329,7 @@ def test_help_does_not_import_the_interactive_ui() -> None:
         ("::", None),
         ("[::1]", "::1"),
         ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "0.0.0.0"),
     ],
 )
 def test_hosts_that_a_resolver_may_know_are_accepted(value: str, expected: str | None) -> None:

@@ -59,7 +59,7 @@ logger = logging.getLogger("netlib.cli")
 
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
-ALL_INTERFACES: Final = ("*", "", "::", "0.0.0.0")
+ALL_INTERFACES: Final = ("*", "", "::")
 """``--host`` values that mean every interface, IPv4 and IPv6 (``::`` too, as Python's
 ``http.server`` does: people who type it expect IPv4 clients to reach the server)."""
 
