@@ -433,6 +433,8 @@ def test_a_second_signal_closes_the_remaining_connections_at_once(loop_name: str
         assert proc.wait(timeout=10) == 0
         assert time.monotonic() - started < 5  # not the 60 s grace
         assert client.recv(100) == b""
+        stats = _read_json(proc)
+        assert (stats["aborted_at_shutdown"], stats["active"]) == (0, 0)
 
 
 def test_statistics_on_request_and_on_an_interval(loop_name: str) -> None:

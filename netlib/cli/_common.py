@@ -381,10 +381,10 @@ class Signals:
     def _on_signal(self, signum: int) -> None:
         first = self.received is None
         self.received = signum
-        if not first:
+        if not first:  # force: close what is left (or stop waiting, if nothing can)
             for callback in self._force:
                 callback()
-            if self._task is not None:
+            if not self._force and self._task is not None:
                 self._task.cancel()
             return
         self._stop.set()
