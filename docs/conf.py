@@ -49,10 +49,6 @@ nitpick_ignore = [
     ("py:class", "netlib.runner.T"),
 ]
 
-# docs/cli.md (the command reference) is listed with a glob, so that the site builds with
-# or without it.
-suppress_warnings = ["toc.empty_glob"]
-
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_inherit_docstrings = False
