@@ -51,6 +51,7 @@ nitpick_ignore = [
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
 autodoc_inherit_docstrings = False
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
@@ -82,6 +83,29 @@ def _resolve_public_name(
     return ref
 
 
+def _protocol_signature(
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str, str | None] | None:
+    """Show no constructor for ``typing.Protocol`` classes: they describe, not construct."""
+    if what == "class" and getattr(obj, "_is_protocol", False):
+        return "", return_annotation
+    return None
+
+
+def _drop_object_base(app: Sphinx, name: str, obj: Any, options: Any, bases: list[Any]) -> None:
+    """ "Bases: object" says nothing: show bases only where there is one to see."""
+    if bases == [object]:
+        bases.clear()
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("autodoc-process-bases", _drop_object_base)
     app.connect("missing-reference", _resolve_public_name)
+    app.connect("autodoc-process-signature", _protocol_signature)
     return {"parallel_read_safe": True}
