@@ -4,11 +4,13 @@ What each kind of block must be (the info string after the opening fence):
 
 * ``python``: a complete program. It runs in a subprocess on asyncio and on uvloop
   (``NETLIB_LOOP``), must finish by itself within ``TIMEOUT`` seconds, with exit status 0
-  and nothing on stderr, and must pass ``ruff check`` and ``ruff format --check`` with the
-  project's settings. Servers and clients must use loopback and port 0 (checked in its
-  syntax tree). What it prints must be shown in an ``output`` block right after it, and
-  is compared with it; a program that prints and has no ``output`` block fails.
-* ``output``: what the ``python`` block before it prints (or the included example).
+  and nothing on stderr, and must pass ``ruff check``, ``ruff format --check`` and
+  ``mypy --strict`` with the project's settings. Servers and clients must use loopback and
+  port 0 (checked in its syntax tree). What it prints must be shown in an ``output`` block
+  right after it, and is compared with it; a program that prints and has no ``output``
+  block fails.
+* ``output``: what the ``python`` block before it prints (or the included example); only
+  blank lines or a line "It prints:" may stand between them.
 * ``console``: ``$ command`` lines, each followed by the output it prints (stdout and
   stderr). Commands run with ``bash`` in the repository, with the venv's ``bin`` first on
   the ``PATH``. A command ending in ``&`` is a server: it is started with ``--port 0``
@@ -16,7 +18,7 @@ What each kind of block must be (the info string after the opening fence):
   port, which replaces the written one in the commands after it, and it is stopped with
   SIGINT at the end of the block. A ctime timestamp such as ``[Mon Nov 23 10:00:00 2026]``
   in an output line matches any timestamp, and a line ``...`` any number of lines.
-* ``text``: an illustration that is not a program (a diagram, a transcript, wire lines).
+* ``text``: an illustration that is not a program (a diagram, lines on the wire).
 * ``{eval-rst}`` and ``{toctree}``: Sphinx directives (the API reference, the contents).
 * ``{literalinclude}``: must include a file of docs/examples/, which
   tests/test_docs_examples.py runs; an ``output`` block after it must be what that test
@@ -239,10 +241,26 @@ def test_python_block_uses_loopback_and_port_0(block: Block) -> None:
         assert port in (None, 0), f"{verb} uses the fixed port {port}; use 0 and .addresses"
 
 
-def test_python_blocks_pass_ruff(tmp_path: Path) -> None:
+def write_python_blocks(directory: Path) -> None:
     for block in blocks("python"):
-        name = block.name.replace("/", "_").replace(":", "_line")
-        (tmp_path / f"{name.replace('.', '_')}.py").write_text(block.body)
+        name = block.name.replace("/", "_").replace(":", "_line").replace(".", "_")
+        (directory / f"{name.replace('-', '_')}.py").write_text(block.body)
+
+
+def test_python_blocks_pass_mypy_strict(tmp_path: Path) -> None:
+    write_python_blocks(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", "pyproject.toml", tmp_path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_python_blocks_pass_ruff(tmp_path: Path) -> None:
+    write_python_blocks(tmp_path)
     config = ["--config", str(ROOT / "pyproject.toml")]
     for command in (["check", "--no-cache"], ["format", "--check", "--diff", "--no-cache"]):
         done = subprocess.run(
