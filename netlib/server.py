@@ -790,8 +790,9 @@ async def open_tcp_server(
         max_memory: bytes all connections together may hold in user space (queued input,
             partial frames, unsent output, a message a handler waits to send; default
             256 MiB, None: no bound); past it the largest holders are cut off as
-            ``SlowConsumer``. RSS runs above it by the server's own overhead (R5b: +250 to
-            +280 MiB of RSS with 1,000 stalled connections at the default).
+            ``SlowConsumer``. RSS runs above it by the server's own overhead (measured:
+            +250 to +280 MiB of RSS with 1,000 stalled connections at the default; row
+            R5b of docs/robustness.md).
         keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
             the kernel probes the peer (default 30; None: no keepalive).
         keepalive_interval: seconds between keepalive probes (default 5).

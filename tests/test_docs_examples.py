@@ -14,6 +14,10 @@ EXPECTED = {
     "custom_handler.py": "SET colour blue -> OK\nGET colour -> blue\nGET size -> (nil)\n"
     "DEL colour -> ERR unknown command DEL\n",
     "echo_protocol.py": "MAKE ME LOUD\n",
+    "netstring.py": "on the wire: b'5:hello,0:,6:a,b:c\\n,'\n"
+    "byte by byte: [b'hello', b'', b'a,b:c\\n']\n"
+    "b'hello' -> b'HELLO'\nb'' -> b''\nb'a,b:c\\n' -> b'A,B:C\\n'\n"
+    "the server closed the connection\nprotocol errors: 1\n",
     "udp_request.py": "b'hello' -> b'HELLO'\nb'' -> b''\n"
     "b'datagrams keep their boundaries' -> b'DATAGRAMS KEEP THEIR BOUNDARIES'\n"
     "handled: 3 replies refused: 0\n",

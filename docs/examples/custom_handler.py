@@ -1,6 +1,7 @@
 """A custom line-protocol handler: a tiny key-value store, served and used in one script.
 
-Run it: ``python docs/examples/custom_handler.py``
+Run it from a clone: ``.venv/bin/python docs/examples/custom_handler.py`` (or ``python`` wherever
+netlib is installed).
 """
 
 from __future__ import annotations

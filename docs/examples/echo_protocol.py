@@ -1,6 +1,7 @@
 """netlib's echo Protocol classes work with plain ``loop.create_server``.
 
-Run it: ``python docs/examples/echo_protocol.py``
+Run it from a clone: ``.venv/bin/python docs/examples/echo_protocol.py`` (or ``python`` wherever
+netlib is installed).
 """
 
 from __future__ import annotations

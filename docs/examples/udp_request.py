@@ -1,6 +1,7 @@
 """A UDP handler and a client using request() with timeout and retries, in one script.
 
-Run it: ``python docs/examples/udp_request.py``
+Run it from a clone: ``.venv/bin/python docs/examples/udp_request.py`` (or ``python`` wherever
+netlib is installed).
 """
 
 from __future__ import annotations

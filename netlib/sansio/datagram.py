@@ -273,7 +273,8 @@ class ReplyBudget:
         """Ask whether a reply of ``size`` payload bytes may go to ``addr`` at ``now``.
 
         Returns:
-            True: send it; it has been charged. False: drop it; the refusal is counted.
+            ``True`` to send it (it has been charged), ``False`` to drop it (the refusal
+            is counted).
 
         Raises:
             ValueError: ``size`` is negative.
