@@ -18,7 +18,15 @@ import argparse
 from collections.abc import Sequence
 
 import netlib
-from netlib.cli._common import Formatter, UsageError, run_command, setup_logging, usage_error
+from netlib.cli._common import (
+    Formatter,
+    UsageError,
+    fail,
+    logger,
+    run_command,
+    setup_logging,
+    usage_error,
+)
 from netlib.cli.chat import DEFAULT_CHAT_PORT, add_chat
 from netlib.cli.echo import DEFAULT_ECHO_PORT, add_echo
 from netlib.runner import LOOP_CHOICES
@@ -113,4 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = run_command(args.run, args, server=args.server)
     except UsageError as exc:
         usage_error(args, str(exc))
+    except Exception as exc:  # a bug: still one line, the traceback only with -v
+        logger.debug("internal error", exc_info=exc)
+        hint = "" if args.verbose else " (-v shows the traceback)"
+        return fail(f"internal error: {type(exc).__name__}: {exc}{hint}")
     return status
