@@ -143,29 +143,91 @@ async def test_invalid_utf8_is_replaced_and_control_characters_stripped() -> Non
         await bob.aclose()
 
 
-async def test_overlong_line_ends_only_that_connection() -> None:
-    async with chat_server(max_line_bytes=1024) as server:
+class PeakProtocol(netlib.ChatProtocol):
+    """A chat connection that records the most bytes its line decoder ever held."""
+
+    peak = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.peak = max(self.peak, self.conn.partial_size)
+
+
+async def test_overlong_line_is_refused_with_a_notice_and_the_sender_stays() -> None:
+    service = ChatService(limits=ChatLimits(max_line_bytes=1024))
+    protocols: list[PeakProtocol] = []
+
+    def protocol() -> PeakProtocol:
+        protocols.append(PeakProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    alice = await LineClient.connect(port)
+    bob = await LineClient.connect(port)
+    alice.writer.write(b"x" * 2000)  # a paste: refused as soon as it passes the limit
+    notice = await alice.expect("!!!")
+    assert notice == "!!! line too long (limit 1024 bytes): not sent"
+    for _ in range(64):  # 1 MiB more of the same line is read and discarded
+        alice.writer.write(b"y" * 16384)
+        await alice.writer.drain()
+    alice.send("", "after the paste")
+    assert await bob.expect("<guest1>") == "[#lobby] <guest1> after the paste"
+    assert not any("yyy" in line for line in bob.seen)
+    assert max(p.peak for p in protocols) <= 1024 + 1  # nothing above the limit was held
+    stats = service.statistics()
+    assert (stats.sessions, stats.lines_too_long) == (2, 1)
+    await alice.aclose()
+    await bob.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
+
+
+async def test_flood_control_paces_tcp_lines_instead_of_dropping_them() -> None:
+    rate, burst, lines = 20.0, 5, 30
+    async with chat_server(flood_rate=rate, flood_burst=burst) as server:
         alice = await LineClient.connect(tcp_port(server))
         bob = await LineClient.connect(tcp_port(server))
-        alice.writer.write(b"x" * 2000 + b"\n")
-        await alice.closed()
-        assert "quit (protocol error" in await bob.expect("quit")
-        bob.send("/who")
-        assert await bob.expect("*** #lobby") == "*** #lobby (1 member): guest2"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        alice.send(*(f"line {i}" for i in range(lines)))
+        for i in range(lines):  # every line, in order
+            assert await bob.expect("<guest1>", 5.0) == f"[#lobby] <guest1> line {i}"
+        elapsed = loop.time() - start
+        assert elapsed >= (lines - burst) / rate - 0.1  # paced to the rate, not dropped
+        stats = server.service.statistics()
+        assert stats.flood_dropped == 0
+        assert not any(line.startswith("!!!") for line in alice.seen)
+        alice.send("/who")
+        assert await alice.expect("*** #lobby") == "*** #lobby (2 members): guest1 guest2"
         await alice.aclose()
         await bob.aclose()
 
 
-async def test_flood_control_notices_instead_of_silent_drops() -> None:
-    async with chat_server(flood_rate=1.0, flood_burst=5) as server:
-        alice = await LineClient.connect(tcp_port(server))
+async def test_flood_paced_lines_before_eof_are_all_delivered() -> None:
+    async with chat_server(flood_rate=50.0, flood_burst=2) as server:
         bob = await LineClient.connect(tcp_port(server))
-        alice.send(*(f"line {i}" for i in range(20)))
-        assert "flood" in await alice.expect("!!!")
-        assert await bob.expect("line 4") == "[#lobby] <guest1> line 4"
-        await wait_until(lambda: server.service.statistics().flood_dropped == 15)
-        await alice.aclose()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port(server))
+        writer.write(b"".join(f"piped {i}\n".encode() for i in range(20)))
+        writer.write_eof()  # as `printf ... | nc -N` does
+        for i in range(20):
+            assert await bob.expect("piped", 5.0) == f"[#lobby] <guest2> piped {i}"
+        assert "guest2 quit (connection closed)" in await bob.expect("quit", 5.0)
+        writer.close()
         await bob.aclose()
+
+
+async def test_udp_flood_control_drops_with_a_notice_and_counts() -> None:
+    async with chat_server("udp", flood_rate=0.1, flood_burst=5) as server:
+        udp_endpoint = netlib.open_udp_endpoint(*server.udp_addresses[0][:2])
+        async with udp_endpoint as endpoint:
+            udp = UdpChatClient(endpoint)
+            await udp.join()
+            for i in range(20):
+                await endpoint.send(f"line {i}".encode())
+            assert "flood control" in await udp.expect("!!!")
+            await wait_until(lambda: server.service.statistics().flood_dropped == 15)
 
 
 async def test_reset_and_vanishing_clients_never_disturb_the_room() -> None:

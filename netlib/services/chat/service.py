@@ -15,7 +15,8 @@ or cuts the member off as a slow consumer, it never blocks. TCP members are sess
 ``make_chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
 
 The three line limits, from the wire inwards: a TCP line is at most
-``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire, which is what ``MAX_LINE_LENGTH`` (4,096
+``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire (a longer one is refused with a notice and its
+bytes skipped, the connection stays), which is what ``MAX_LINE_LENGTH`` (4,096
 characters, the chat core's limit on a message's text) takes in UTF-8 at 4 bytes per
 character; the stream framing's own default (``DEFAULT_MAX_LINE``, 64 KiB) is for
 ``serve_tcp`` handlers and does not apply to chat.
@@ -80,7 +81,8 @@ doubles it), so the outbound limits start to count after at most this much, not 
 several MiB loopback autotuning allows. None leaves the kernel's autotuning on."""
 CHAT_MAX_LINE_BYTES: Final = 4 * MAX_LINE_LENGTH
 """Longest line read from a TCP chat client, in bytes (16 KiB: the core's 4,096-character
-limit at 4 UTF-8 bytes per character); a longer one ends the connection."""
+limit at 4 UTF-8 bytes per character); a longer one is refused with a notice to its sender
+and its bytes are discarded up to its line end, without being buffered."""
 CHAT_CLOSE_GRACE: Final = 5.0
 """Seconds a closing chat server waits for connections to flush before aborting them."""
 CHAT_LINE_TIMEOUT: Final = 10.0
@@ -122,7 +124,8 @@ class ChatServiceStatistics:
         opened: sessions opened since start.
         lines_received: lines handed to the chat core.
         slow_consumers: sessions disconnected as slow consumers.
-        flood_dropped: lines dropped by flood control.
+        flood_dropped: lines dropped by flood control (UDP; TCP members are paced).
+        lines_too_long: lines refused as too long (characters, or bytes on the wire).
         effect_errors: effects that failed (a hub error, say), logged and skipped.
     """
 
@@ -131,6 +134,7 @@ class ChatServiceStatistics:
     lines_received: int
     slow_consumers: int
     flood_dropped: int
+    lines_too_long: int
     effect_errors: int
 
 
@@ -186,6 +190,7 @@ class ChatService:
             flood_burst=self.limits.flood_burst,
             max_rooms_per_host=self.limits.max_rooms_per_host,
             announce_max_members=self.limits.announce_max_members,
+            max_line_bytes=self.limits.max_line_bytes,
         )
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, Session] = {}
@@ -226,6 +231,16 @@ class ChatService:
         """Hand one decoded line from ``session_id`` to the chat core."""
         self._schedule(self.core.receive_line(session_id, text, self._loop.time()))
 
+    def receive_overlong(self, session_id: int) -> None:
+        """``session_id`` sent a line above ``limits.max_line_bytes`` (its bytes were
+        discarded): refuse it with a notice to the sender, and count it."""
+        self._schedule(self.core.receive_overlong(session_id, self._loop.time()))
+
+    def flood_wait(self, session_id: int) -> float:
+        """Seconds until ``session_id``'s next line passes flood control (0: now). A TCP
+        member is not read meanwhile, so its lines wait instead of being dropped."""
+        return self.core.flood_wait(session_id, self._loop.time())
+
     def close(self, session_id: int, reason: str) -> None:
         """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``."""
         session = self._sessions.pop(session_id, None)
@@ -245,6 +260,7 @@ class ChatService:
             lines_received=core.lines_received,
             slow_consumers=self.slow_consumers,
             flood_dropped=core.lines_flood_dropped,
+            lines_too_long=core.lines_too_long,
             effect_errors=self._errors,
         )
 

@@ -15,6 +15,12 @@ Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing,
   deadline (``StreamLimits.send_timeout``), as a slow consumer.
 * A line must arrive whole within ``CHAT_LINE_TIMEOUT`` of its first byte (a peer trickling a
   line is cut off); a member who only reads is never timed out for that.
+* A line above ``max_line_bytes`` is refused with a notice and skipped up to its line end
+  (``LineFraming(skip_overlong=True)``): nothing above the limit is buffered, the member stays.
+* **Flood control paces, it does not drop**: when a member's token bucket is empty its
+  connection stops being read (``hold_input``) and its queued lines wait until the server's
+  deadline timer says a token is there; the kernel's buffers and then the member's own
+  ``send()`` absorb the rest. Queued input stays bounded by the stream's read limit.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
-from netlib.sansio.framing import LineFraming
+from netlib.sansio.framing import OVERLONG_LINE, LineFraming
 from netlib.sansio.stream import StreamLimits
 from netlib.services.chat.service import (
     SHUTDOWN_REASON,
@@ -57,8 +63,9 @@ def peer_host(stream: MessageStream) -> str | None:
 
 
 def chat_framing(limits: ChatLimits) -> LineFraming:
-    """The framing of a TCP chat connection: lines of at most ``max_line_bytes``."""
-    return LineFraming(max_size=limits.max_line_bytes)
+    """The framing of a TCP chat connection: lines of at most ``max_line_bytes``; a longer
+    one is reported (``OVERLONG_LINE``) and skipped, never buffered."""
+    return LineFraming(max_size=limits.max_line_bytes, skip_overlong=True)
 
 
 def chat_stream_limits(limits: ChatLimits) -> StreamLimits:
@@ -171,9 +178,14 @@ class ChatProtocol(StreamProtocol):
         session, conn = self.session, self.conn
         if session is None:
             return
-        receive = self._service.receive
+        service = self._service
         while conn.frames:
-            receive(session.session_id, conn.take().decode("utf-8", "replace"))
+            if session.session_id and (wait := service.flood_wait(session.session_id)) > 0:
+                # Flood control: stop reading this member and let its lines wait, as IRC
+                # servers do; the deadline timer calls this again when a token is there.
+                self.hold_input(self._loop.time() + wait)
+                return
+            receive_line(service, session.session_id, conn.take())
         self.resume()
         if conn.input_ended and session.session_id:
             error = conn.error
@@ -185,6 +197,14 @@ class ChatProtocol(StreamProtocol):
         super().connection_lost(exc)
         if self.session is not None:
             self.session.closed(self.conn.error)
+
+
+def receive_line(service: ChatService, session_id: int, line: bytes) -> None:
+    """Hand one line read from a TCP member to the chat (``OVERLONG_LINE``: refused)."""
+    if line is OVERLONG_LINE:
+        service.receive_overlong(session_id)
+    else:
+        service.receive(session_id, line.decode("utf-8", "replace"))
 
 
 def chat_protocol_factory(service: ChatService) -> Callable[..., ChatProtocol]:
@@ -210,7 +230,9 @@ def make_chat_handler(service: ChatService) -> Handler:
         error: NetlibError | None = None
         try:
             async for line in stream:
-                service.receive(session.session_id, line.decode("utf-8", "replace"))
+                if (wait := service.flood_wait(session.session_id)) > 0:
+                    await asyncio.sleep(wait)  # flood control: the member's lines wait
+                receive_line(service, session.session_id, line)
         except NetlibError as exc:
             error = exc
         finally:
