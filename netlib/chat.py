@@ -108,6 +108,9 @@ async def open_chat_server(
                 lambda: DatagramChatProtocol(chat), sock=sock
             )
             stack.callback(transport.close)
+            # Callbacks run last in, first out: UDP peers too hear the server is going
+            # before their transport closes.
+            stack.push_async_callback(chat.close_sessions)
             server.udp_addresses = [transport.get_extra_info("sockname")]
         yield server
 

@@ -90,8 +90,10 @@ PROMPT: Final = "> "
 """The interactive prompt."""
 
 _GOODBYE: Final = "*** goodbye"
+_SHUTDOWN: Final = "*** server shutting down"
+_LAST_LINES: Final = (_GOODBYE, _SHUTDOWN)  # a UDP session ends after either
 _HELLO_REQUEST: Final = b"/hello".ljust(HELLO_REQUEST_SIZE)
-_HELLO: Final = re.compile(r"\*\*\* hello ([0-9A-Fa-f]{1,128})")
+_HELLO: Final = re.compile(r"\*\*\* hello ([0-9A-Fa-f]{1,128})(?:; .*)?")
 _QUIT: Final = re.compile(r"/quit(?:\s.*)?", re.IGNORECASE | re.DOTALL)
 _UNPRINTABLE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -259,7 +261,7 @@ class _UdpLink:
         if not line:
             return None
         self._confirmed = True
-        self._ended = line == _GOODBYE
+        self._ended = line in _LAST_LINES
         return line
 
     async def _heartbeat(self) -> None:

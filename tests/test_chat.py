@@ -7,7 +7,7 @@ import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -389,7 +389,7 @@ class UdpChatClient:
             while True:
                 data, _ = await self.endpoint.receive()
                 if fragment in data.decode():
-                    return data.decode()
+                    return data.decode().removesuffix("\n")
 
 
 async def test_udp_and_tcp_clients_share_a_room() -> None:
@@ -408,6 +408,33 @@ async def test_udp_and_tcp_clients_share_a_room() -> None:
             await udp.expect("*** goodbye")
             await tcp.expect("carol quit")
         await tcp.aclose()
+
+
+async def test_an_nc_user_joins_over_udp_gets_whole_lines_and_hears_the_shutdown() -> None:
+    async with AsyncExitStack() as stack:
+        async with chat_server("both") as server:
+            tcp = await LineClient.connect(tcp_port(server))
+            address = server.udp_addresses[0][:2]
+            nc = await stack.enter_async_context(netlib.open_udp_endpoint(*address))
+            await nc.send(b"hi\n")  # unverified: no reply could be smaller than this
+            await nc.send(b"/hello " + b"." * 59 + b"\n")  # what docs/chat.md says to type
+            guide = (await asyncio.wait_for(nc.receive(), 2.0))[0].decode()
+            assert guide.startswith("*** hello ")
+            assert guide.endswith("\n")
+            assert len(guide) <= 67
+            await nc.send(guide.split("to join, send: ")[1].encode())  # copied, with its \n
+            welcome = (await asyncio.wait_for(nc.receive(), 2.0))[0].decode()
+            assert welcome.startswith("*** welcome, guest2!")
+            assert welcome.endswith("\n")
+            await nc.send(b"hello from nc\n")
+            assert await tcp.expect("<guest2>") == "[#lobby] <guest2> hello from nc"
+            tcp.send("hi nc")
+            data, _ = await asyncio.wait_for(nc.receive(), 2.0)
+            assert data == b"[#lobby] <guest1> hi nc\n"
+            await tcp.aclose()
+        data, _ = await asyncio.wait_for(nc.receive(), 2.0)
+        assert data == b"*** server shutting down\n"
+    assert server.service.statistics().sessions == 0
 
 
 async def test_udp_peers_expire_when_silent_and_heartbeats_keep_them() -> None:

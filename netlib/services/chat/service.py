@@ -58,6 +58,7 @@ __all__ = [
     "CHAT_SOCKET_SEND_BUFFER",
     "CHAT_SOFT_LIMIT",
     "CHAT_SOFT_TIME",
+    "SHUTDOWN_NOTICE",
     "SHUTDOWN_REASON",
     "SLOW_CONSUMER",
     "ChatLimits",
@@ -92,6 +93,8 @@ SLOW_CONSUMER: Final = "slow_consumer"
 """The reason a member cut off for reading too slowly is given (``quit (slow_consumer)``)."""
 SHUTDOWN_REASON: Final = "server shutting down"
 """The reason members hear when the server closes."""
+SHUTDOWN_NOTICE: Final = f"*** {SHUTDOWN_REASON}\n".encode()
+"""The last line every member (TCP and UDP) gets when the server closes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
 from netlib.sansio.framing import OVERLONG_LINE, LineFraming
 from netlib.sansio.stream import StreamLimits
 from netlib.services.chat.service import (
+    SHUTDOWN_NOTICE,
     SHUTDOWN_REASON,
     SLOW_CONSUMER,
     ChatLimits,
@@ -117,7 +118,7 @@ class StreamChatSession:
     def end(self, reason: str) -> None:
         """Close this member's connection after flushing what is queued."""
         if reason == SHUTDOWN_REASON and not self.ended:
-            self._stream.send_framed(b"*** server shutting down\n", limit=0)
+            self._stream.send_framed(SHUTDOWN_NOTICE, limit=0)
         self.ended = True
         self._on_end()
 
