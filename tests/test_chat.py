@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 
 import netlib
-from netlib import ChatLimits, ChatService, DatagramChatProtocol
+from netlib import ChatLimits, ChatService, DatagramChatProtocol, SlowConsumer
 from netlib.sansio.chat_udp import HELLO_REPLY_SIZE, MAX_UDP_PEERS, MAX_UDP_PEERS_PER_HOST
 from netlib.sansio.datagram import DEFAULT_MAX_SOURCES
+from netlib.services.chat.service import CHAT_LOG_BURST
 from tests.helpers import reset, wait_until
 
 
@@ -277,7 +279,7 @@ async def test_slow_consumer_is_disconnected_after_the_soft_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     soft_time = 0.5
-    caplog.set_level(logging.INFO, logger="netlib.services.chat")
+    caplog.set_level(logging.INFO, logger="netlib.chat")
     async with chat_server(
         soft_limit=16 * 1024,
         hard_limit=1 << 30,
@@ -336,6 +338,111 @@ async def test_chat_runs_on_netlibs_server_and_cuts_a_trickled_line_at_its_deadl
         assert stats.active == 1
         await trickler.aclose()
         await listener.aclose()
+
+
+async def test_a_member_cut_off_by_a_deadline_is_told_why() -> None:
+    async with chat_server(line_timeout=0.3) as server:
+        trickler = await LineClient.connect(tcp_port(server))
+        trickler.send("a line that never ends", end=b"")
+        last = await trickler.expect("disconnected")
+        assert last == "*** disconnected: timed out (a message took longer than 0.3s)"
+        await trickler.closed()
+        await trickler.aclose()
+
+
+async def test_a_member_evicted_by_the_memory_budget_is_told_why() -> None:
+    service = ChatService()
+    protocols: list[netlib.ChatProtocol] = []
+
+    def protocol() -> netlib.ChatProtocol:
+        protocols.append(netlib.ChatProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    member = await LineClient.connect(server.sockets[0].getsockname()[1])
+    protocols[0].fail(SlowConsumer("evicted: the server's memory budget is used up"))
+    last = await member.expect("disconnected")
+    assert last == (
+        "*** disconnected: slow_consumer (evicted: the server's memory budget is used up)"
+    )
+    await member.closed()
+    await member.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
+
+
+async def test_connections_over_the_per_host_cap_are_told_why() -> None:
+    async with netlib.open_chat_server(max_connections_per_host=1) as server:
+        first = await LineClient.connect(tcp_port(server))
+        reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port(server))
+        async with asyncio.timeout(2.0):
+            assert await reader.read() == (
+                b"*** disconnected: too many connections from your address (limit 1)\n"
+            )
+        writer.close()
+        await first.aclose()
+
+
+async def test_the_chat_logs_joins_quits_with_reasons_and_statistics_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="netlib.chat")
+    async with chat_server(line_timeout=0.3) as server:
+        port = tcp_port(server)
+        alice = await LineClient.connect(port)
+        alice.send("/nick alice", "/quit")
+        await alice.closed()
+        trickler = await LineClient.connect(port)
+        trickler.send("never ends", end=b"")
+        await trickler.closed()
+        broken = await LineClient.connect(port)
+        broken.send("half a line", end=b"")
+        broken.writer.write_eof()
+        await broken.closed()
+        await wait_until(lambda: server.service.statistics().sessions == 0)
+        for client in (alice, trickler, broken):
+            await client.aclose()
+    logged = [r.getMessage() for r in caplog.records if r.name == "netlib.chat"]
+    joins = [line for line in logged if line.startswith("join: ")]
+    assert len(joins) == 3
+    assert re.fullmatch(r"join: guest1 from 127\.0\.0\.1:\d+ \(session 1\)", joins[0])
+    quits = [line for line in logged if line.startswith("quit: ")]
+    assert quits[0] == "quit: alice (session 1): quit"
+    assert quits[1] == ("quit: guest2 (session 2): timed out (a message took longer than 0.3s)")
+    assert quits[2].startswith("quit: guest3 (session 3): protocol error: ")
+    assert logged[-1].startswith("chat statistics: chat: 3 sessions opened, 0 open, ")
+    assert "tcp: 3 accepted, 0 open" in logged[-1]
+
+
+class NullSession:
+    session_id = 0
+
+    def deliver(self, line: bytes, origin: Hashable) -> None:
+        return None
+
+    def end(self, reason: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def test_a_flood_of_connections_cannot_flood_the_chat_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="netlib.chat")
+    service = ChatService()
+    ids = [service.open(NullSession(), address=f"192.0.2.1:{port}") for port in range(500)]
+    for session_id in ids:
+        service.close(session_id, "connection lost")
+    logged = [r.getMessage() for r in caplog.records if r.name == "netlib.chat"]
+    assert len([line for line in logged if line.startswith("join: ")]) == CHAT_LOG_BURST
+    assert len([line for line in logged if line.startswith("quit: ")]) == CHAT_LOG_BURST
+    await service.aclose()
 
 
 async def test_protocol_on_its_own_with_create_server() -> None:

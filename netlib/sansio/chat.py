@@ -201,10 +201,12 @@ class Broadcast:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """End ``client``'s session after delivering every earlier effect."""
+    """End ``client``'s session after delivering every earlier effect (``nick``: the nick
+    it had, for the adapter's log; empty if it never had one)."""
 
     client: int
     reason: str
+    nick: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,7 +502,7 @@ class ChatCore:
 
     def _quit(self, client: _Client, reason: str) -> list[Effect]:
         effects = self._drop(client, reason)
-        effects += [Send(client.id, "*** goodbye"), Close(client.id, "quit")]
+        effects += [Send(client.id, "*** goodbye"), Close(client.id, "quit", client.nick)]
         return effects
 
     # -- lines ----------------------------------------------------------------------------

@@ -500,7 +500,7 @@ def test_quit_leaves_every_room_then_says_goodbye_then_closes() -> None:
         Broadcast("#a", "[#a] *** alice quit (see you)", exclude=1),
         Left(1, "#a"),
         Send(1, "*** goodbye"),
-        Close(1, "quit"),
+        Close(1, "quit", "alice"),
     ]
     assert core.nick_of(1) is None
     assert core.members("a") == frozenset()
@@ -530,7 +530,7 @@ def test_over_ends_the_session(line: str) -> None:
     core = named(ChatCore(), alice=1)
     effects = say(core, 1, line)
     assert effects[0] == Broadcast("#lobby", "[#lobby] *** alice quit (over)", exclude=1)
-    assert effects[-1] == Close(1, "quit")
+    assert effects[-1] == Close(1, "quit", "alice")
 
 
 @pytest.mark.parametrize("line", ["over and out", "/over", "//over", "overt"])
@@ -646,7 +646,7 @@ def test_quit_and_over_pass_flood_control() -> None:
         core = connected(ChatCore(flood_burst=1), 1)
         core.receive_line(1, "a", T0)
         core.receive_line(1, "b", T0)
-        assert core.receive_line(1, line, T0)[-1] == Close(1, "quit")
+        assert core.receive_line(1, line, T0)[-1] == Close(1, "quit", "guest1")
 
 
 def test_statistics() -> None:

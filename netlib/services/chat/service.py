@@ -54,6 +54,7 @@ __all__ = [
     "CHAT_CLOSE_GRACE",
     "CHAT_HARD_LIMIT",
     "CHAT_LINE_TIMEOUT",
+    "CHAT_LOG_BURST",
     "CHAT_MAX_LINE_BYTES",
     "CHAT_SOCKET_SEND_BUFFER",
     "CHAT_SOFT_LIMIT",
@@ -65,10 +66,17 @@ __all__ = [
     "ChatService",
     "ChatServiceStatistics",
     "Session",
+    "address_text",
     "encode_line",
 ]
 
-logger = logging.getLogger("netlib.services.chat")
+logger = logging.getLogger("netlib.chat")
+"""The chat's log: joins, quits (with their reason), failed effects, and the statistics
+line at shutdown (``open_chat_server``), at info level; joins and quits are throttled."""
+
+CHAT_LOG_BURST: Final = 20
+"""Join lines, and quit lines, logged per second at most: a flood of connections cannot
+flood the log; the next line logged says how many were suppressed."""
 
 CHAT_SOFT_LIMIT: Final = 256 * 1024
 """Outbound bytes a chat connection may hold for ``CHAT_SOFT_TIME`` seconds at most."""
@@ -165,6 +173,14 @@ class _Forget:
     client: int
 
 
+def address_text(address: object) -> str:
+    """An address as the chat's log shows it: ``host:port`` (``[host]:port`` for IPv6)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
 def encode_line(text: str) -> bytes:
     return text.encode("utf-8", "replace") + b"\n"
 
@@ -203,6 +219,8 @@ class ChatService:
         self._wakeup: asyncio.Future[None] | None = None
         self._worker = self._loop.create_task(self._run())
         self._errors_log = ThrottledLog(logger, self._loop)
+        self._joins_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
+        self._quits_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
         self.opened = self.slow_consumers = self._errors = 0
 
     @classmethod
@@ -216,18 +234,22 @@ class ChatService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open(self, session: Session, source: Hashable = None) -> int:
+    def open(self, session: Session, source: Hashable = None, address: object = None) -> int:
         """Register ``session``; it lands in the default room. Returns its id.
 
         Args:
             session: the new client.
             source: the client's host, e.g. its peer IP address, for the chat core's
                 per-host limits (``MAX_ROOMS_PER_HOST``); None makes it a host of its own.
+            address: the client's address as the log shows it.
         """
         session_id = next(self._ids)
         self._sessions[session_id] = session
         self.opened += 1
         self._schedule(self.core.connect(session_id, self._loop.time(), source))
+        nick = self.core.nick_of(session_id)
+        if nick is not None:
+            self._joins_log.info("join: %s from %s (session %d)", nick, address, session_id)
         return session_id
 
     def receive(self, session_id: int, text: str) -> None:
@@ -244,15 +266,27 @@ class ChatService:
         member is not read meanwhile, so its lines wait instead of being dropped."""
         return self.core.flood_wait(session_id, self._loop.time())
 
-    def close(self, session_id: int, reason: str) -> None:
-        """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``."""
+    def close(self, session_id: int, reason: str, detail: str = "") -> None:
+        """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``, the
+        log with ``detail`` too."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
         if reason == SLOW_CONSUMER:
             self.slow_consumers += 1
+        self._log_quit(self.core.nick_of(session_id), session_id, reason, detail)
         self._gone[session_id] = session  # until its Left effects are carried out
         self._schedule([*self.core.disconnect(session_id, reason), _Forget(session_id)])
+
+    def summary(self) -> str:
+        """The counters as one line, for a log (``open_chat_server`` logs it at the end)."""
+        stats = self.statistics()
+        return (
+            f"{stats.opened} sessions opened, {stats.sessions} open, "
+            f"{stats.lines_received} lines received, {stats.lines_too_long} too long, "
+            f"{stats.flood_dropped} dropped by flood control, "
+            f"{stats.slow_consumers} slow consumers, {stats.effect_errors} failed effects"
+        )
 
     def statistics(self) -> ChatServiceStatistics:
         """Return a snapshot of the counters."""
@@ -327,12 +361,18 @@ class ChatService:
                 await self._subscription(client, room, join=True)
             case Left(client, room):
                 await self._subscription(client, room, join=False)
-            case Close(client, reason):
+            case Close(client, reason, nick):
                 session = self._sessions.pop(client, None)
                 if session is not None:
+                    self._log_quit(nick or None, client, reason)
                     session.end(reason)
             case _Forget(client):
                 self._gone.pop(client, None)
+
+    def _log_quit(self, nick: str | None, session_id: int, reason: str, detail: str = "") -> None:
+        who = nick if nick is not None else "a client"
+        because = f"{reason} ({detail})" if detail else reason
+        self._quits_log.info("quit: %s (session %d): %s", who, session_id, because)
 
     async def _subscription(self, client: int, room: str, *, join: bool) -> None:
         session = self._sessions.get(client) or self._gone.get(client)

@@ -26,13 +26,12 @@ Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing,
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from netlib.aio.stream import StreamProtocol
-from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
+from netlib.errors import BrokenResourceError, NetlibError, PeerTimedOut, SlowConsumer
 from netlib.sansio.framing import OVERLONG_LINE, LineFraming
 from netlib.sansio.stream import StreamLimits
 from netlib.services.chat.service import (
@@ -41,6 +40,8 @@ from netlib.services.chat.service import (
     SLOW_CONSUMER,
     ChatLimits,
     ChatService,
+    address_text,
+    encode_line,
 )
 from netlib.streams import Handler, MessageStream
 
@@ -50,11 +51,11 @@ __all__ = [
     "chat_framing",
     "chat_protocol_factory",
     "chat_stream_limits",
+    "farewell",
     "make_chat_handler",
     "peer_host",
+    "quit_reason",
 ]
-
-logger = logging.getLogger("netlib.services.chat")
 
 
 def peer_host(stream: MessageStream) -> str | None:
@@ -137,15 +138,26 @@ class StreamChatSession:
             return
         session_id, self.session_id = self.session_id, 0
         self.ended = True
-        if isinstance(error, SlowConsumer):
-            logger.info("slow consumer, session %d disconnected: %s", session_id, error)
-            self._service.close(session_id, SLOW_CONSUMER)
-        elif isinstance(error, BrokenResourceError):
-            self._service.close(session_id, "connection lost")
-        elif error is not None:
-            self._service.close(session_id, f"protocol error: {error}")
-        else:
-            self._service.close(session_id, "connection closed")
+        detail = "" if error is None else str(error)
+        self._service.close(session_id, quit_reason(error), detail)
+
+
+def quit_reason(error: NetlibError | None) -> str:
+    """The reason a TCP member's rooms hear when its connection ended with ``error``."""
+    if isinstance(error, SlowConsumer):
+        return SLOW_CONSUMER
+    if isinstance(error, PeerTimedOut):
+        return "timed out"
+    if isinstance(error, BrokenResourceError):
+        return "connection lost"
+    if error is not None:
+        return f"protocol error: {error}"
+    return "connection closed"
+
+
+def farewell(error: NetlibError) -> bytes:
+    """The last line a member cut off by the server gets, saying why."""
+    return encode_line(f"*** disconnected: {quit_reason(error)} ({error})")
 
 
 class ChatProtocol(StreamProtocol):
@@ -173,7 +185,9 @@ class ChatProtocol(StreamProtocol):
         super().connection_made(transport)
         stream = MessageStream(self)
         self.session = StreamChatSession(stream, self._service, self.close)
-        self.session.session_id = self._service.open(self.session, source=peer_host(stream))
+        self.session.session_id = self._service.open(
+            self.session, source=peer_host(stream), address=address_text(stream.remote_address)
+        )
 
     def messages_received(self) -> None:
         session, conn = self.session, self.conn
@@ -189,10 +203,25 @@ class ChatProtocol(StreamProtocol):
             receive_line(service, session.session_id, conn.take())
         self.resume()
         if conn.input_ended and session.session_id:
-            error = conn.error
-            session.closed(error)
-            if error is None:
-                self.close()  # the peer finished: flush the goodbye, then close
+            session.closed(conn.error)
+            # The peer finished (or broke off a line at its EOF): flush, then close. A
+            # connection cut off by a deadline or the budget is being aborted already.
+            self.close()
+
+    def fail(self, error: NetlibError) -> None:
+        """Cut off by the server (a deadline, the memory budget): tell the member why first,
+        if its transport can take the line at once. A slow consumer's buffer is not empty,
+        so it does not get the line: nothing is queued beyond the outbound limits."""
+        transport = self.transport
+        if (
+            self.conn.error in (None, error)  # a deadline has recorded it already
+            and not self.lost
+            and transport is not None
+            and not transport.is_closing()
+            and not self.buffered_size()
+        ):
+            transport.write(farewell(error))
+        super().fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -227,7 +256,9 @@ def make_chat_handler(service: ChatService) -> Handler:
 
     async def handler(stream: MessageStream) -> None:
         session = StreamChatSession(stream, service, stream.end_input)
-        session.session_id = service.open(session, source=peer_host(stream))
+        session.session_id = service.open(
+            session, source=peer_host(stream), address=address_text(stream.remote_address)
+        )
         error: NetlibError | None = None
         try:
             async for line in stream:

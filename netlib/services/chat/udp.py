@@ -31,7 +31,12 @@ from netlib.sansio.chat_udp import (
     UdpChatStatistics,
 )
 from netlib.sansio.datagram import ReplyBudget
-from netlib.services.chat.service import SHUTDOWN_NOTICE, SHUTDOWN_REASON, ChatService
+from netlib.services.chat.service import (
+    SHUTDOWN_NOTICE,
+    SHUTDOWN_REASON,
+    ChatService,
+    address_text,
+)
 
 __all__ = [
     "CHAT_PEER_TIMEOUT",
@@ -123,7 +128,7 @@ class DatagramChatProtocol(DatagramEndpointProtocol):
                 self.sendto(reply, addr)
             case PeerJoined():
                 peer = self._sessions[addr] = _UdpPeer(self, addr)
-                peer.session_id = self.service.open(peer)
+                peer.session_id = self.service.open(peer, address=f"{address_text(addr)} (udp)")
         return True  # every datagram is the chat's: nothing is queued
 
     def send_line(self, line: bytes, addr: Any) -> None:
