@@ -74,7 +74,7 @@ logger = logging.getLogger("netlib.chat")
 """The chat's log: joins, quits (with their reason), failed effects, and the statistics
 line at shutdown (``open_chat_server``), at info level; joins and quits are throttled."""
 
-CHAT_LOG_BURST: Final = 20
+CHAT_LOG_BURST: Final = 50
 """Join lines, and quit lines, logged per second at most: a flood of connections cannot
 flood the log; the next line logged says how many were suppressed."""
 
