@@ -88,7 +88,7 @@ HELLO_INTERVAL: Final = 1.0
 HELLO_ATTEMPTS: Final = 5
 """Hello requests the UDP client sends to join before giving up."""
 HELLO_REQUEST_SIZE: Final = 32
-"""Bytes of the UDP hello request (``/hello`` and spaces): the server sends its 26-byte
+"""Bytes of the UDP hello request (``/hello`` and spaces): the server sends its 27-byte
 cookie reply only to a request at least that large, so that it never amplifies."""
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between UDP heartbeats (the server expires peers silent for 30 s)."""
