@@ -307,12 +307,14 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     def hold_input(self, until: float) -> None:
         """Stop reading until ``until`` (loop time), then call ``messages_received()`` again:
         a consumer pacing its peer (the chat's flood control) leaves the queued messages
-        where they are and lets the peer wait, through the server's deadline timer."""
-        if self.lost:
+        where they are and lets the peer wait, through the server's deadline timer. Nothing
+        once the transport is closing (its input is done)."""
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
             return
         if not self.reading_paused:
             self.reading_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            transport.pause_reading()
         self.conn.hold(until)
         if self._deadlines is None:  # a connection without deadlines has no timer yet
             self._own_deadlines = True
