@@ -332,8 +332,9 @@ class _Chat:
                     await self._take(line)
                     if line.startswith(_NICK_TAKEN):
                         return
-                    if line.startswith("!!! "):
-                        raise _Failure(f"nick refused: {line[4:]}")
+                    if line.startswith("!!! "):  # the nick refused, or the server full
+                        detail = line.removeprefix("!!! ")
+                        raise _Failure(f"nick refused: {detail}" if "nick" in detail else detail)
         except TimeoutError:
             raise _Failure(f"no answer to /nick {nick} within {NICK_TIMEOUT:g} s") from None
         raise _Failure(self._closed_message())
