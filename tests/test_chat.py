@@ -15,6 +15,7 @@ import pytest
 
 import netlib
 from netlib import ChatLimits, ChatService, DatagramChatProtocol, SlowConsumer
+from netlib.aio.stream import READ_SIZE
 from netlib.sansio.chat_udp import HELLO_REPLY_SIZE, MAX_UDP_PEERS, MAX_UDP_PEERS_PER_HOST
 from netlib.sansio.datagram import DEFAULT_MAX_SOURCES
 from netlib.services.chat.service import CHAT_LOG_BURST
@@ -205,6 +206,45 @@ async def test_flood_control_paces_tcp_lines_instead_of_dropping_them() -> None:
         assert await alice.expect("*** #lobby") == "*** #lobby (2 members): guest1 guest2"
         await alice.aclose()
         await bob.aclose()
+
+
+class HeldInputProtocol(netlib.ChatProtocol):
+    """A chat connection that records the most input it ever held (queued and partial)."""
+
+    peak = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.peak = max(self.peak, self.conn.queued + self.conn.partial_size)
+
+
+async def test_a_paced_flooder_is_not_read_so_its_input_stays_bounded() -> None:
+    service = ChatService(limits=ChatLimits(flood_rate=1.0, flood_burst=1))
+    protocols: list[HeldInputProtocol] = []
+
+    def protocol() -> HeldInputProtocol:
+        protocols.append(HeldInputProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    flooder = await LineClient.connect(server.sockets[0].getsockname()[1])
+    transport = flooder.writer.transport
+    line = b"f" * 99 + b"\n"
+    async with asyncio.timeout(10.0):
+        while not transport.get_write_buffer_size():  # until the kernel's buffers are full
+            flooder.writer.write(line * 1000)
+            await asyncio.sleep(0)  # let the server run: it must stop reading the flooder
+    held = protocols[0]
+    assert held.conn.held_until is not None
+    assert held.reading_paused
+    assert held.peak <= READ_SIZE + len(line)  # one read, not the megabytes sent
+    assert service.statistics().flood_dropped == 0
+    transport.abort()
+    await flooder.closed()
+    await flooder.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
 
 
 async def test_flood_paced_lines_before_eof_are_all_delivered() -> None:
