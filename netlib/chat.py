@@ -10,6 +10,7 @@ both at once, and they share its rooms.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -18,10 +19,12 @@ from typing import Any, Literal
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
 from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_server
 from netlib.services.chat import ChatService, DatagramChatProtocol
-from netlib.services.chat.service import CHAT_CLOSE_GRACE
+from netlib.services.chat.service import CHAT_CLOSE_GRACE, encode_line
 from netlib.services.chat.tcp import chat_framing, chat_protocol_factory, chat_stream_limits
 
 __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
+
+logger = logging.getLogger("netlib.chat")
 
 ChatProto = Literal["tcp", "udp", "both"]
 
@@ -35,13 +38,38 @@ class ChatServer:
         tcp: the TCP ``Server`` (connection statistics), when serving TCP.
         tcp_addresses: bound TCP addresses (empty when not serving TCP).
         udp_addresses: bound UDP addresses (empty when not serving UDP).
+        udp: the UDP endpoint (``chat_statistics()``: handshakes, drops), when serving UDP.
+
+    ``summary()`` gives every counter as one line; ``open_chat_server`` logs it (logger
+    ``netlib.chat``, info level) when the server has closed.
     """
 
     service: ChatService
     tcp: Server | None = None
     tcp_addresses: list[Any] = field(default_factory=list)
     udp_addresses: list[Any] = field(default_factory=list)
+    udp: DatagramChatProtocol | None = None
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def summary(self) -> str:
+        """The chat's, the TCP server's and the UDP endpoint's counters, as one line."""
+        parts = [f"chat: {self.service.summary()}"]
+        if self.tcp is not None:
+            tcp = self.tcp.statistics()
+            parts.append(
+                f"tcp: {tcp.accepted} accepted, {tcp.active} open, "
+                f"{tcp.rejected + tcp.rejected_per_host} rejected at the connection caps, "
+                f"{tcp.timeouts} timed out, {tcp.protocol_errors} protocol errors, "
+                f"{tcp.resets} reset, {tcp.slow_consumers} slow consumers"
+            )
+        if self.udp is not None:
+            udp = self.udp.chat_statistics()
+            parts.append(
+                f"udp: {udp.joined} joined, {udp.peers} open, {udp.expired} timed out, "
+                f"{udp.cookies_sent} cookies sent, {udp.dropped_unverified} unverified "
+                f"datagrams dropped, {udp.replies_dropped} replies dropped"
+            )
+        return "; ".join(parts)
 
     def close(self) -> None:
         """Make ``serve_forever`` return; the ``async with`` block then closes everything."""
@@ -50,6 +78,11 @@ class ChatServer:
     async def serve_forever(self) -> None:
         """Wait until ``close()`` (or cancel this)."""
         await self._closed.wait()
+
+
+def _reject_notice(reason: str) -> bytes:
+    """The line a TCP connection closed by a connection cap gets."""
+    return encode_line(f"*** disconnected: {reason}")
 
 
 @asynccontextmanager
@@ -78,6 +111,8 @@ async def open_chat_server(
     chat = service if service is not None else ChatService()
     server = ChatServer(chat)
     async with AsyncExitStack() as stack:
+        # Runs last: the statistics of the whole run.
+        stack.callback(lambda: logger.info("chat statistics: %s", server.summary()))
         if proto in ("tcp", "both"):
             # Members are ChatProtocol connections on netlib's Server: lines are handled
             # as callbacks (no task per member), with the accept loop, caps, memory
@@ -94,6 +129,7 @@ async def open_chat_server(
                     **asdict(chat_stream_limits(chat.limits)),
                     shutdown_grace=CHAT_CLOSE_GRACE,
                     max_connections_per_host=max_connections_per_host,
+                    reject_notice=_reject_notice,
                 )
             )
             server.tcp = tcp
@@ -104,10 +140,13 @@ async def open_chat_server(
             if udp_port is None:
                 udp_port = server.tcp_addresses[0][1] if server.tcp_addresses else port
             sock = await open_datagram_socket(DatagramSocketOptions(local=(host, udp_port)))
-            transport, _ = await loop.create_datagram_endpoint(
+            transport, server.udp = await loop.create_datagram_endpoint(
                 lambda: DatagramChatProtocol(chat), sock=sock
             )
             stack.callback(transport.close)
+            # Callbacks run last in, first out: UDP peers too hear the server is going
+            # before their transport closes.
+            stack.push_async_callback(chat.close_sessions)
             server.udp_addresses = [transport.get_extra_info("sockname")]
         yield server
 

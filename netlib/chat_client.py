@@ -23,6 +23,15 @@ seconds (piped), or right after the user sent ``/quit`` or ``over``. When the in
 first the client sends ``/quit`` (unless the user just did) and gives the pump
 ``CLOSE_TIMEOUT`` seconds to see the goodbye: every wait is bounded.
 
+The server's welcome states its limits (``limits: lines up to N characters (M bytes), R
+lines/s, bursts of B``): the client paces what it sends with a token bucket a little under
+them (``PACE_MARGIN``), so a pipe of any length is delivered, not dropped by the server's
+flood control. With ``nick``, the client sends ``/nick`` first and waits for the answer: a
+refused nick stops it with an error before any line is sent. Piped mode counts what the
+server says it did not deliver (``!!!`` refusals, lines dropped by flood control) and
+returns 1 if anything was, saying how many. With ``stay``, piped mode keeps listening after
+stdin ends, until the server closes the session or the client is interrupted (a logger).
+
 Interactive mode prints each incoming line with prompt_toolkit's ``run_in_terminal``, which
 erases the prompt, lets the line be written and redraws the prompt with the text being typed,
 so a message never overwrites the user's line. (Not ``patch_stdout()``: its flush thread
@@ -36,16 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import re
 import sys
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Literal, Protocol, TextIO
-
-from prompt_toolkit import PromptSession
-from prompt_toolkit.application import create_app_session, run_in_terminal
-from prompt_toolkit.input import create_input
-from prompt_toolkit.output import create_output
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TextIO
 
 from netlib import (
     BrokenResourceError,
@@ -58,6 +63,10 @@ from netlib import (
     connect_tcp,
     open_udp_endpoint,
 )
+from netlib.sansio.ratelimit import TokenBucket
+
+if TYPE_CHECKING:  # prompt_toolkit (the cli extra) is imported only for a terminal
+    from prompt_toolkit import PromptSession
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -66,6 +75,8 @@ __all__ = [
     "HELLO_INTERVAL",
     "HELLO_REQUEST_SIZE",
     "LINGER_LIMIT",
+    "NICK_TIMEOUT",
+    "PACE_MARGIN",
     "PROMPT",
     "QUIET_PERIOD",
     "run_chat_client",
@@ -76,7 +87,7 @@ HELLO_INTERVAL: Final = 1.0
 HELLO_ATTEMPTS: Final = 5
 """Hello requests the UDP client sends to join before giving up."""
 HELLO_REQUEST_SIZE: Final = 32
-"""Bytes of the UDP hello request (``/hello`` and spaces): the server sends its 26-byte
+"""Bytes of the UDP hello request (``/hello`` and spaces): the server sends its 27-byte
 cookie reply only to a request at least that large, so that it never amplifies."""
 HEARTBEAT_INTERVAL: Final = 5.0
 """Seconds between UDP heartbeats (the server expires peers silent for 30 s)."""
@@ -86,12 +97,24 @@ LINGER_LIMIT: Final = 5.0
 """Piped mode: most seconds the client waits after stdin EOF for the room to fall quiet."""
 CLOSE_TIMEOUT: Final = 2.0
 """Seconds the client waits for the server's goodbye after sending ``/quit``."""
+NICK_TIMEOUT: Final = 5.0
+"""Seconds the client waits for the server's answer to ``/nick`` before giving up."""
+PACE_MARGIN: Final = 0.9
+"""The client sends at this fraction of the server's stated rate, and keeps one line of the
+stated burst in reserve, so that lines bunched up on the way still pass."""
 PROMPT: Final = "> "
 """The interactive prompt."""
 
 _GOODBYE: Final = "*** goodbye"
+_SHUTDOWN: Final = "*** server shutting down"
+_LAST_LINES: Final = (_GOODBYE, _SHUTDOWN)  # a UDP session ends after either
 _HELLO_REQUEST: Final = b"/hello".ljust(HELLO_REQUEST_SIZE)
-_HELLO: Final = re.compile(r"\*\*\* hello ([0-9A-Fa-f]{1,128})")
+_LIMITS: Final = re.compile(r"limits: lines up to .*?, ([0-9.]+) lines/s, bursts of ([0-9.]+)")
+_NICK_TAKEN: Final = ("*** you are now known as ", "*** you are already known as ")
+_FLOOD_NOTICE: Final = "!!! flood control:"
+_FLOOD_LIFTED: Final = re.compile(r"\*\*\* flood control lifted: (\d+) lines? dropped")
+_DISCONNECTED: Final = "*** disconnected: "
+_HELLO: Final = re.compile(r"\*\*\* hello ([0-9A-Fa-f]{1,128})(?:; .*)?")
 _QUIT: Final = re.compile(r"/quit(?:\s.*)?", re.IGNORECASE | re.DOTALL)
 _UNPRINTABLE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -117,33 +140,48 @@ async def run_chat_client(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     interactive: bool | None = None,
+    stay: bool = False,
 ) -> int:
     """Join the chat server at ``host``:``port`` and talk until one side leaves.
 
     Args:
         host, port: the chat server.
         proto: ``"tcp"`` (line-framed stream) or ``"udp"`` (one line per datagram).
-        nick: sent as ``/nick <nick>`` once the session starts.
+        nick: sent as ``/nick <nick>`` once the session starts; if the server refuses
+            it (taken, invalid), the client stops before sending anything else.
         stdin, stdout: the user's side (default ``sys.stdin`` and ``sys.stdout``).
         interactive: prompt with line editing (default: when ``stdin`` is a terminal);
-            otherwise send stdin lines as they come and leave after EOF.
+            otherwise send stdin lines as they come, paced to the server's stated
+            limits, and leave after EOF.
+        stay: piped mode: after EOF keep listening (print what arrives) until the server
+            ends the session or the client is interrupted, instead of leaving.
 
     Returns:
-        0 when the session ended normally; 1 when the connection failed or the server
-        dropped us, after one line ``netlib: error: ...`` on ``sys.stderr``.
+        0 when the session ended normally (``/quit``, end of input, or the server shutting
+        down); 1, after one line ``netlib: error: ...`` on ``sys.stderr``, when the
+        connection failed, the server dropped us, the nick was refused, or (piped) a line
+        was not delivered (refused or dropped by the server).
     """
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     if interactive is None:
         interactive = _isatty(stdin)
+    if interactive and importlib.util.find_spec("prompt_toolkit") is None:
+        print(
+            "netlib: error: the interactive chat needs prompt_toolkit: pip install "
+            "'netlib-asyncio[cli]' (piped input works without it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     try:
         async with contextlib.AsyncExitStack() as stack:
-            chat = _Chat(await _connect(stack, host, port, proto))
+            chat = _Chat(await _connect(stack, host, port, proto), stdout)
             if nick is not None:
-                await chat.say(f"/nick {nick}")
+                await chat.choose_nick(nick)
             if interactive:
-                return await chat.run_interactive(stdin, stdout)
-            return await chat.run_piped(stdin, stdout)
+                return await chat.run_interactive(stdin)
+            return await chat.run_piped(stdin, stay=stay)
     except _Failure as exc:
         print(f"netlib: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -259,7 +297,7 @@ class _UdpLink:
         if not line:
             return None
         self._confirmed = True
-        self._ended = line == _GOODBYE
+        self._ended = line in _LAST_LINES
         return line
 
     async def _heartbeat(self) -> None:
@@ -276,28 +314,64 @@ class _UdpLink:
 class _Chat:
     """One session: the pump prints incoming lines, the input sends the user's lines."""
 
-    def __init__(self, link: _Link) -> None:
+    def __init__(self, link: _Link, stdout: TextIO) -> None:
         self._link = link
+        self._loop = asyncio.get_running_loop()
         self._arrived = asyncio.Event()
+        self._welcomed = asyncio.Event()  # a first line (the welcome) arrived
         self._left = False  # we sent /quit or over
-        self._goodbye = False
-        self._stdout: TextIO = sys.stdout
-        self._above_prompt = False  # interactive: print above the prompt, then redraw it
-
-    async def run_piped(self, stdin: TextIO, stdout: TextIO) -> int:
-        """Send stdin lines, print incoming lines; leave after EOF and a quiet period."""
+        self._goodbye = False  # the server said goodbye, or that it is shutting down
         self._stdout = stdout
+        self._above_prompt = False  # interactive: print above the prompt, then redraw it
+        self._pace: TokenBucket | None = None  # from the limits the welcome states
+        self._sent = 0  # lines sent that cost the server's flood control a token
+        self._refused = 0  # "!!!" lines: a line of ours was refused
+        self._flood_dropped = 0  # lines flood control reported dropped
+        self._flood_open = 0  # 1 while a flood notice has no "lifted" count yet
+        self._disconnected = ""  # the server's reason for cutting us off, if it gave one
+
+    async def choose_nick(self, nick: str) -> None:
+        """Send ``/nick <nick>`` and wait for the answer; raise ``_Failure`` if refused."""
+        await self.say(f"/nick {nick}")
+        try:
+            async with asyncio.timeout(NICK_TIMEOUT):
+                while (line := await self._link.receive()) is not None:
+                    await self._take(line)
+                    if line.startswith(_NICK_TAKEN):
+                        return
+                    if line.startswith("!!! "):  # the nick refused, or the server full
+                        detail = line.removeprefix("!!! ")
+                        raise _Failure(f"nick refused: {detail}" if "nick" in detail else detail)
+        except TimeoutError:
+            raise _Failure(f"no answer to /nick {nick} within {NICK_TIMEOUT:g} s") from None
+        raise _Failure(self._closed_message())
+
+    async def run_piped(self, stdin: TextIO, *, stay: bool = False) -> int:
+        """Send stdin lines, print incoming lines; leave after EOF and a quiet period (or
+        with ``stay``, when the server ends the session). Returns 1 if a line was not
+        delivered."""
         lines = _StdinLines(stdin)
         try:
-            return await self._converse(self._read_piped(lines))
+            status = await self._converse(self._read_piped(lines, stay=stay))
         finally:
             lines.close()
+        undelivered = self._refused + self._flood_dropped + self._flood_open
+        if status == 0 and undelivered:
+            raise _Failure(
+                f"{undelivered} {'line was' if undelivered == 1 else 'lines were'} not "
+                "delivered (refused or dropped by the server; see the !!! lines)"
+            )
+        return status
 
-    async def run_interactive(self, stdin: TextIO, stdout: TextIO) -> int:
+    async def run_interactive(self, stdin: TextIO) -> int:
         """Prompt for lines; incoming lines are drawn above the prompt, never over it."""
-        self._stdout = stdout
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.application import create_app_session
+        from prompt_toolkit.input import create_input
+        from prompt_toolkit.output import create_output
+
         self._above_prompt = True
-        with create_app_session(input=create_input(stdin), output=create_output(stdout)):
+        with create_app_session(input=create_input(stdin), output=create_output(self._stdout)):
             session: PromptSession[str] = PromptSession(PROMPT)
             return await self._converse(self._read_prompt(session))
 
@@ -316,15 +390,57 @@ class _Chat:
 
     async def _pump(self) -> int:
         while (line := await self._link.receive()) is not None:
-            self._arrived.set()
-            self._goodbye = self._goodbye or line == _GOODBYE
-            await self._show(self._stdout, _printable(line))
+            await self._take(line)
         if self._goodbye or self._left:
             return 0
-        raise _Failure("the server closed the connection")
+        raise _Failure(self._closed_message())
+
+    async def _take(self, line: str) -> None:
+        """Show an incoming line, and note what it says about the session."""
+        self._arrived.set()
+        self._welcomed.set()
+        if line in _LAST_LINES:
+            self._goodbye = True
+        elif line.startswith(_DISCONNECTED):
+            self._disconnected = line.removeprefix(_DISCONNECTED)
+        elif line.startswith(_FLOOD_NOTICE):
+            self._flood_open = 1
+        elif line.startswith("!!! "):
+            self._refused += 1
+        elif (lifted := _FLOOD_LIFTED.match(line)) is not None:
+            self._flood_dropped += int(lifted[1])
+            self._flood_open = 0
+        elif self._pace is None and (limits := _LIMITS.search(line)) is not None:
+            self._pace_to(float(limits[1]), float(limits[2]))
+        await self._show(self._stdout, _printable(line))
+
+    def _pace_to(self, rate: float, burst: float) -> None:
+        """Pace sending a little under the server's stated limits, counting what was sent."""
+        if rate <= 0 or burst < 1:
+            return
+        now = self._loop.time()
+        self._pace = TokenBucket(rate * PACE_MARGIN, max(1.0, burst - 1), now)
+        self._pace.try_take(min(self._sent, self._pace.burst), now)
+
+    async def _wait_for_token(self) -> None:
+        pace = self._pace
+        if pace is None:
+            return
+        now = self._loop.time()
+        if (wait := pace.wait_time(1, now)) > 0:
+            await asyncio.sleep(wait)
+            now = max(self._loop.time(), now + wait)  # a loop may wake a timer early
+        pace.try_take(min(1.0, pace.tokens(now)), now)  # one token, but for float rounding
+
+    def _closed_message(self) -> str:
+        if self._disconnected:
+            return f"the server closed the connection: {self._disconnected}"
+        return "the server closed the connection"
 
     async def _show(self, stream: TextIO, text: str) -> None:
         if self._above_prompt:
+            from prompt_toolkit.application import run_in_terminal
+
             await run_in_terminal(lambda: _write(stream, text), in_executor=False)
         else:
             _write(stream, text)
@@ -341,6 +457,9 @@ class _Chat:
             return False
         leaving = _is_quit(line)
         self._left = self._left or leaving
+        if not leaving:  # the server lets /quit and over through without a token
+            await self._wait_for_token()
+            self._sent += 1
         try:
             await self._link.send(line)
         except (ValueError, OverflowError) as exc:  # too long for a line or a datagram
@@ -349,10 +468,15 @@ class _Chat:
             return True  # the pump reports why
         return leaving
 
-    async def _read_piped(self, lines: _StdinLines) -> bool:
+    async def _read_piped(self, lines: _StdinLines, *, stay: bool) -> bool:
+        with contextlib.suppress(TimeoutError):  # the welcome states the pace
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._welcomed.wait()
         while (line := await lines.next()) is not None:
             if await self.say(line):
                 return True
+        if stay:
+            await self._loop.create_future()  # until the server ends it, or interrupted
         await self._quiet()
         return False
 

@@ -289,6 +289,7 @@ class _Config:
     keepalive: tuple[float, float, int] | None  # idle, interval, count
     max_memory: int | None
     shutdown_grace: float
+    reject_notice: Callable[[str], bytes] | None = None
 
 
 class Server:
@@ -339,10 +340,22 @@ class Server:
 
     # -- accepting --------------------------------------------------------------------------
 
+    def _reject(self, conn: socket.socket, reason: str) -> None:
+        """Close a connection above a cap, after the ``reject_notice`` if any: one send
+        that never waits (a full buffer, or a peer already gone, loses it)."""
+        notice = self._config.reject_notice
+        if notice is not None:
+            try:
+                conn.setblocking(False)
+                conn.send(notice(reason))
+            except OSError:
+                pass
+        conn.close()
+
     def _on_accepted(self, conn: socket.socket, addr: Any, ip: bool) -> None:
         if len(self._connections) >= self._config.max_connections:
             self._counters.rejected += 1
-            conn.close()
+            self._reject(conn, f"server full ({self._config.max_connections} connections)")
             return
         host = None
         per_host = self._config.max_connections_per_host
@@ -350,7 +363,7 @@ class Server:
             host = str(addr[0])  # the peer's IP address, IPv4 or IPv6 alike
             if self._per_host.get(host, 0) >= per_host:
                 self._counters.rejected_per_host += 1
-                conn.close()
+                self._reject(conn, f"too many connections from your address (limit {per_host})")
                 return
         conn.setblocking(False)
         if ip and not _KEEPALIVE_INHERITED and (keepalive := self._config.keepalive):
@@ -762,6 +775,7 @@ async def open_tcp_server(
     backlog: int = DEFAULT_BACKLOG,
     reuse_port: bool = False,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+    reject_notice: Callable[[str], bytes] | None = None,
 ) -> AsyncIterator[Server]:
     """Serve ``handler`` on a TCP (or Unix) socket for the duration of the ``async with``.
 
@@ -805,6 +819,9 @@ async def open_tcp_server(
         backlog: listen backlog.
         reuse_port: set SO_REUSEPORT, so several processes can serve one port.
         shutdown_grace: grace period of the shutdown done when the block exits.
+        reject_notice: makes the bytes a connection closed by ``max_connections`` or
+            ``max_connections_per_host`` is sent first, from the reason (e.g. "server full
+            (10000 connections)"); sent only if the socket takes them at once.
 
     Yields:
         The running ``Server``. Leaving the block shuts it down gracefully.
@@ -835,6 +852,7 @@ async def open_tcp_server(
         if keepalive_idle is None
         else (keepalive_idle, keepalive_interval, keepalive_count),
         shutdown_grace=shutdown_grace,
+        reject_notice=reject_notice,
     )
     socks = await _bind(host, port, path, backlog=backlog, reuse_port=reuse_port)
     server = Server(config, socks)
@@ -874,6 +892,7 @@ class TCPServerOptions(TypedDict, total=False):
     backlog: int
     reuse_port: bool
     shutdown_grace: float
+    reject_notice: Callable[[str], bytes] | None
 
 
 async def serve_tcp(

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
 
 import netlib
-from netlib import ChatLimits, ChatService, DatagramChatProtocol
+from netlib import ChatLimits, ChatService, DatagramChatProtocol, SlowConsumer
+from netlib.aio.stream import READ_SIZE
 from netlib.sansio.chat_udp import HELLO_REPLY_SIZE, MAX_UDP_PEERS, MAX_UDP_PEERS_PER_HOST
 from netlib.sansio.datagram import DEFAULT_MAX_SOURCES
+from netlib.services.chat.service import CHAT_LOG_BURST
 from tests.helpers import reset, wait_until
 
 
@@ -143,29 +146,130 @@ async def test_invalid_utf8_is_replaced_and_control_characters_stripped() -> Non
         await bob.aclose()
 
 
-async def test_overlong_line_ends_only_that_connection() -> None:
-    async with chat_server(max_line_bytes=1024) as server:
+class PeakProtocol(netlib.ChatProtocol):
+    """A chat connection that records the most bytes its line decoder ever held."""
+
+    peak = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.peak = max(self.peak, self.conn.partial_size)
+
+
+async def test_overlong_line_is_refused_with_a_notice_and_the_sender_stays() -> None:
+    service = ChatService(limits=ChatLimits(max_line_bytes=1024))
+    protocols: list[PeakProtocol] = []
+
+    def protocol() -> PeakProtocol:
+        protocols.append(PeakProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    alice = await LineClient.connect(port)
+    bob = await LineClient.connect(port)
+    alice.writer.write(b"x" * 2000)  # a paste: refused as soon as it passes the limit
+    notice = await alice.expect("!!!")
+    assert notice == "!!! line too long (limit 1024 bytes): not sent"
+    for _ in range(64):  # 1 MiB more of the same line is read and discarded
+        alice.writer.write(b"y" * 16384)
+        await alice.writer.drain()
+    alice.send("", "after the paste")
+    assert await bob.expect("<guest1>") == "[#lobby] <guest1> after the paste"
+    assert not any("yyy" in line for line in bob.seen)
+    assert max(p.peak for p in protocols) <= 1024 + 1  # nothing above the limit was held
+    stats = service.statistics()
+    assert (stats.sessions, stats.lines_too_long) == (2, 1)
+    await alice.aclose()
+    await bob.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
+
+
+async def test_flood_control_paces_tcp_lines_instead_of_dropping_them() -> None:
+    rate, burst, lines = 20.0, 5, 30
+    async with chat_server(flood_rate=rate, flood_burst=burst) as server:
         alice = await LineClient.connect(tcp_port(server))
         bob = await LineClient.connect(tcp_port(server))
-        alice.writer.write(b"x" * 2000 + b"\n")
-        await alice.closed()
-        assert "quit (protocol error" in await bob.expect("quit")
-        bob.send("/who")
-        assert await bob.expect("*** #lobby") == "*** #lobby (1 member): guest2"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        alice.send(*(f"line {i}" for i in range(lines)))
+        for i in range(lines):  # every line, in order
+            assert await bob.expect("<guest1>", 5.0) == f"[#lobby] <guest1> line {i}"
+        elapsed = loop.time() - start
+        assert elapsed >= (lines - burst) / rate - 0.1  # paced to the rate, not dropped
+        stats = server.service.statistics()
+        assert stats.flood_dropped == 0
+        assert not any(line.startswith("!!!") for line in alice.seen)
+        alice.send("/who")
+        assert await alice.expect("*** #lobby") == "*** #lobby (2 members): guest1 guest2"
         await alice.aclose()
         await bob.aclose()
 
 
-async def test_flood_control_notices_instead_of_silent_drops() -> None:
-    async with chat_server(flood_rate=1.0, flood_burst=5) as server:
-        alice = await LineClient.connect(tcp_port(server))
+class HeldInputProtocol(netlib.ChatProtocol):
+    """A chat connection that records the most input it ever held (queued and partial)."""
+
+    peak = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.peak = max(self.peak, self.conn.queued + self.conn.partial_size)
+
+
+async def test_a_paced_flooder_is_not_read_so_its_input_stays_bounded() -> None:
+    service = ChatService(limits=ChatLimits(flood_rate=1.0, flood_burst=1))
+    protocols: list[HeldInputProtocol] = []
+
+    def protocol() -> HeldInputProtocol:
+        protocols.append(HeldInputProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    flooder = await LineClient.connect(server.sockets[0].getsockname()[1])
+    transport = flooder.writer.transport
+    line = b"f" * 99 + b"\n"
+    async with asyncio.timeout(10.0):
+        while not transport.get_write_buffer_size():  # until the kernel's buffers are full
+            flooder.writer.write(line * 1000)
+            await asyncio.sleep(0)  # let the server run: it must stop reading the flooder
+    held = protocols[0]
+    assert held.conn.held_until is not None
+    assert held.reading_paused
+    assert held.peak <= READ_SIZE + len(line)  # one read, not the megabytes sent
+    assert service.statistics().flood_dropped == 0
+    transport.abort()
+    await flooder.closed()
+    await flooder.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
+
+
+async def test_flood_paced_lines_before_eof_are_all_delivered() -> None:
+    async with chat_server(flood_rate=50.0, flood_burst=2) as server:
         bob = await LineClient.connect(tcp_port(server))
-        alice.send(*(f"line {i}" for i in range(20)))
-        assert "flood" in await alice.expect("!!!")
-        assert await bob.expect("line 4") == "[#lobby] <guest1> line 4"
-        await wait_until(lambda: server.service.statistics().flood_dropped == 15)
-        await alice.aclose()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port(server))
+        writer.write(b"".join(f"piped {i}\n".encode() for i in range(20)))
+        writer.write_eof()  # as `printf ... | nc -N` does
+        for i in range(20):
+            assert await bob.expect("piped", 5.0) == f"[#lobby] <guest2> piped {i}"
+        assert "guest2 quit (connection closed)" in await bob.expect("quit", 5.0)
+        writer.close()
         await bob.aclose()
+
+
+async def test_udp_flood_control_drops_with_a_notice_and_counts() -> None:
+    async with chat_server("udp", flood_rate=0.1, flood_burst=5) as server:
+        udp_endpoint = netlib.open_udp_endpoint(*server.udp_addresses[0][:2])
+        async with udp_endpoint as endpoint:
+            udp = UdpChatClient(endpoint)
+            await udp.join()
+            for i in range(20):
+                await endpoint.send(f"line {i}".encode())
+            assert "flood control" in await udp.expect("!!!")
+            await wait_until(lambda: server.service.statistics().flood_dropped == 15)
 
 
 async def test_reset_and_vanishing_clients_never_disturb_the_room() -> None:
@@ -215,7 +319,7 @@ async def test_slow_consumer_is_disconnected_after_the_soft_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     soft_time = 0.5
-    caplog.set_level(logging.INFO, logger="netlib.services.chat")
+    caplog.set_level(logging.INFO, logger="netlib.chat")
     async with chat_server(
         soft_limit=16 * 1024,
         hard_limit=1 << 30,
@@ -276,6 +380,111 @@ async def test_chat_runs_on_netlibs_server_and_cuts_a_trickled_line_at_its_deadl
         await listener.aclose()
 
 
+async def test_a_member_cut_off_by_a_deadline_is_told_why() -> None:
+    async with chat_server(line_timeout=0.3) as server:
+        trickler = await LineClient.connect(tcp_port(server))
+        trickler.send("a line that never ends", end=b"")
+        last = await trickler.expect("disconnected")
+        assert last == "*** disconnected: timed out (a message took longer than 0.3s)"
+        await trickler.closed()
+        await trickler.aclose()
+
+
+async def test_a_member_evicted_by_the_memory_budget_is_told_why() -> None:
+    service = ChatService()
+    protocols: list[netlib.ChatProtocol] = []
+
+    def protocol() -> netlib.ChatProtocol:
+        protocols.append(netlib.ChatProtocol(service))
+        return protocols[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    member = await LineClient.connect(server.sockets[0].getsockname()[1])
+    protocols[0].fail(SlowConsumer("evicted: the server's memory budget is used up"))
+    last = await member.expect("disconnected")
+    assert last == (
+        "*** disconnected: slow_consumer (evicted: the server's memory budget is used up)"
+    )
+    await member.closed()
+    await member.aclose()
+    server.close()
+    await server.wait_closed()
+    await service.aclose()
+
+
+async def test_connections_over_the_per_host_cap_are_told_why() -> None:
+    async with netlib.open_chat_server(max_connections_per_host=1) as server:
+        first = await LineClient.connect(tcp_port(server))
+        reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port(server))
+        async with asyncio.timeout(2.0):
+            assert await reader.read() == (
+                b"*** disconnected: too many connections from your address (limit 1)\n"
+            )
+        writer.close()
+        await first.aclose()
+
+
+async def test_the_chat_logs_joins_quits_with_reasons_and_statistics_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="netlib.chat")
+    async with chat_server(line_timeout=0.3) as server:
+        port = tcp_port(server)
+        alice = await LineClient.connect(port)
+        alice.send("/nick alice", "/quit")
+        await alice.closed()
+        trickler = await LineClient.connect(port)
+        trickler.send("never ends", end=b"")
+        await trickler.closed()
+        broken = await LineClient.connect(port)
+        broken.send("half a line", end=b"")
+        broken.writer.write_eof()
+        await broken.closed()
+        await wait_until(lambda: server.service.statistics().sessions == 0)
+        for client in (alice, trickler, broken):
+            await client.aclose()
+    logged = [r.getMessage() for r in caplog.records if r.name == "netlib.chat"]
+    joins = [line for line in logged if line.startswith("join: ")]
+    assert len(joins) == 3
+    assert re.fullmatch(r"join: guest1 from 127\.0\.0\.1:\d+ \(session 1\)", joins[0])
+    quits = [line for line in logged if line.startswith("quit: ")]
+    assert quits[0] == "quit: alice (session 1): quit"
+    assert quits[1] == ("quit: guest2 (session 2): timed out (a message took longer than 0.3s)")
+    assert quits[2].startswith("quit: guest3 (session 3): protocol error: ")
+    assert logged[-1].startswith("chat statistics: chat: 3 sessions opened, 0 open, ")
+    assert "tcp: 3 accepted, 0 open" in logged[-1]
+
+
+class NullSession:
+    session_id = 0
+
+    def deliver(self, line: bytes, origin: Hashable) -> None:
+        return None
+
+    def end(self, reason: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def test_a_flood_of_connections_cannot_flood_the_chat_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="netlib.chat")
+    service = ChatService()
+    ids = [service.open(NullSession(), address=f"192.0.2.1:{port}") for port in range(500)]
+    for session_id in ids:
+        service.close(session_id, "connection lost")
+    logged = [r.getMessage() for r in caplog.records if r.name == "netlib.chat"]
+    assert len([line for line in logged if line.startswith("join: ")]) == CHAT_LOG_BURST
+    assert len([line for line in logged if line.startswith("quit: ")]) == CHAT_LOG_BURST
+    await service.aclose()
+
+
 async def test_protocol_on_its_own_with_create_server() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(netlib.ChatProtocol, "127.0.0.1", 0)
@@ -327,7 +536,7 @@ class UdpChatClient:
             while True:
                 data, _ = await self.endpoint.receive()
                 if fragment in data.decode():
-                    return data.decode()
+                    return data.decode().removesuffix("\n")
 
 
 async def test_udp_and_tcp_clients_share_a_room() -> None:
@@ -346,6 +555,33 @@ async def test_udp_and_tcp_clients_share_a_room() -> None:
             await udp.expect("*** goodbye")
             await tcp.expect("carol quit")
         await tcp.aclose()
+
+
+async def test_an_nc_user_joins_over_udp_gets_whole_lines_and_hears_the_shutdown() -> None:
+    async with AsyncExitStack() as stack:
+        async with chat_server("both") as server:
+            tcp = await LineClient.connect(tcp_port(server))
+            address = server.udp_addresses[0][:2]
+            nc = await stack.enter_async_context(netlib.open_udp_endpoint(*address))
+            await nc.send(b"hi\n")  # unverified: no reply could be smaller than this
+            await nc.send(b"/hello " + b"." * 59 + b"\n")  # what docs/chat.md says to type
+            guide = (await asyncio.wait_for(nc.receive(), 2.0))[0].decode()
+            assert guide.startswith("*** hello ")
+            assert guide.endswith("\n")
+            assert len(guide) <= 67
+            await nc.send(guide.split("to join, send: ")[1].encode())  # copied, with its \n
+            welcome = (await asyncio.wait_for(nc.receive(), 2.0))[0].decode()
+            assert welcome.startswith("*** welcome, guest2!")
+            assert welcome.endswith("\n")
+            await nc.send(b"hello from nc\n")
+            assert await tcp.expect("<guest2>") == "[#lobby] <guest2> hello from nc"
+            tcp.send("hi nc")
+            data, _ = await asyncio.wait_for(nc.receive(), 2.0)
+            assert data == b"[#lobby] <guest1> hi nc\n"
+            await tcp.aclose()
+        data, _ = await asyncio.wait_for(nc.receive(), 2.0)
+        assert data == b"*** server shutting down\n"
+    assert server.service.statistics().sessions == 0
 
 
 async def test_udp_peers_expire_when_silent_and_heartbeats_keep_them() -> None:

@@ -11,6 +11,7 @@ heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import io
 import os
@@ -449,3 +450,130 @@ async def test_interactive_message_never_overwrites_the_typed_line() -> None:
                 await proc.wait()
             term.close()
     assert (status, fake.heard) == (0, ["partial done", "/quit"])
+
+
+# -- against the real chat server ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def real_server(**limits: Any) -> AsyncIterator[tuple[netlib.ChatServer, int]]:
+    """A real chat server on TCP and UDP (one port); yields it and its port."""
+    service = netlib.ChatService(limits=netlib.ChatLimits(**limits))
+    async with netlib.open_chat_server(proto="both", service=service) as server:
+        yield server, int(server.tcp_addresses[0][1])
+    await service.aclose()
+
+
+class Listener:
+    """A raw TCP member that records every line it reads."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.seen: list[str] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> Listener:
+        listener = cls(*await asyncio.open_connection("127.0.0.1", port))
+        await listener.expect("*** welcome")
+        return listener
+
+    async def expect(self, fragment: str, timeout: float = 5.0) -> str:
+        async with asyncio.timeout(timeout):
+            while raw := await self.reader.readline():
+                self.seen.append(line := raw.decode().rstrip("\n"))
+                if fragment in line:
+                    return line
+        raise EOFError(f"closed while waiting for {fragment!r}")
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+async def test_a_pipe_is_paced_to_the_stated_limits_and_delivered_whole(proto: Proto) -> None:
+    async with real_server(flood_rate=40.0, flood_burst=4) as (server, port):
+        listener = await Listener.connect(port)
+        lines = "".join(f"line {i}\n" for i in range(25))
+        status, out = await chat(port, proto, io.StringIO(lines), nick="piper")
+        for i in range(25):
+            assert await listener.expect("<piper>") == f"[#lobby] <piper> line {i}"
+        assert status == 0
+        assert not [line for line in out if line.startswith("!!!")]
+        assert server.service.statistics().flood_dropped == 0
+        await listener.aclose()
+
+
+@pytest.mark.parametrize(
+    ("nick", "reason"),
+    [("alice", 'nick "alice" is already taken'), ("9lives", 'invalid nick "9lives"')],
+)
+async def test_a_refused_nick_stops_the_client_before_any_line(
+    capsys: pytest.CaptureFixture[str], nick: str, reason: str
+) -> None:
+    async with real_server() as (_server, port):
+        alice = await Listener.connect(port)
+        alice.writer.write(b"/nick alice\n")
+        await alice.expect("now known as alice")
+        status, _out = await chat(port, "tcp", io.StringIO("not to be sent\n"), nick=nick)
+        err = capsys.readouterr().err
+        assert status == 1
+        assert err.startswith(f"netlib: error: nick refused: {reason}")
+        assert err.count("\n") == 1
+        assert "quit" in await alice.expect("quit")  # it left without saying anything
+        assert not any("not to be sent" in line for line in alice.seen)
+        await alice.aclose()
+
+
+async def test_lines_the_server_refused_make_the_status_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with real_server(max_line_bytes=1024) as (_server, port):
+        stdin = io.StringIO("fine\n/frobnicate\n" + "x" * 2000 + "\nalso fine\n")
+        status, out = await chat(port, "tcp", stdin)
+    assert status == 1
+    assert "!!! line too long (limit 1024 bytes): not sent" in out
+    assert capsys.readouterr().err == (
+        "netlib: error: 2 lines were not delivered "
+        "(refused or dropped by the server; see the !!! lines)\n"
+    )
+
+
+async def test_flood_drops_reported_by_a_udp_server_are_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = FakeChat()
+    flood = ["!!! flood control: lines dropped; at most 5 per second (burst 20)"]
+    lifted = ["*** flood control lifted: 3 lines dropped", "[#lobby] <guest1> x"]
+    replies = iter([flood, [], [], lifted])
+    fake.answer = lambda peer, text: next(replies)  # type: ignore[method-assign]
+    async with fake_server(fake, "udp") as port:
+        status, _out = await chat(port, "udp", io.StringIO("a\nb\nc\nd\n"))
+    assert status == 1
+    assert "netlib: error: 3 lines were not delivered" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+async def test_stay_keeps_listening_after_eof_until_the_server_shuts_down(
+    proto: Proto,
+) -> None:
+    out = io.StringIO()
+    async with real_server() as (_server, port):
+        talker = await Listener.connect(port)
+        client = asyncio.create_task(
+            run_chat_client(
+                "127.0.0.1", port, proto=proto, nick="logger", stay=True,
+                stdin=io.StringIO(""), stdout=out, interactive=False,
+            )
+        )  # fmt: skip
+        await talker.expect("now known as logger")
+        with pytest.raises(TimeoutError):  # stdin is at its end, yet the logger stays
+            await talker.expect("logger quit", timeout=3 * chat_client.QUIET_PERIOD + 0.5)
+        talker.writer.write(b"for the log\n")
+        await wait_until(lambda: "<guest1> for the log" in out.getvalue(), timeout=5.0)
+        await talker.aclose()
+    async with asyncio.timeout(5.0):
+        status = await client
+    assert status == 0
+    assert out.getvalue().splitlines()[-1] == "*** server shutting down"

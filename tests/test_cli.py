@@ -637,3 +637,55 @@ def test_a_signal_stops_the_chat_server_and_its_members_hear_it(
         stats = _read_json(proc)
         assert proc.wait(timeout=10) == 0
     assert (stats["event"], stats["opened"], stats["sessions"]) == ("statistics", 1, 0)
+
+
+def test_a_listen_only_client_stays_until_the_server_stops(loop_name: str) -> None:
+    with running("--loop", loop_name, "chat", "serve", "--port", "0") as (proc, listening):
+        port = str(_port(listening))
+        logger = subprocess.Popen(
+            [*NETLIB, "--loop", loop_name, "chat", "join", "--port", port, "--stay"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert logger.stdout is not None
+        assert logger.stdout.readline().startswith("*** welcome")
+        said = subprocess.run(
+            [*NETLIB, "chat", "join", "--port", port, "--nick", "alice"],
+            input="hello, logger\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert said.returncode == 0, said.stderr
+        lines = iter(logger.stdout.readline, "")
+        assert any(line.rstrip() == "[#lobby] <alice> hello, logger" for line in lines)
+        proc.send_signal(signal.SIGTERM)
+        out, err = logger.communicate(timeout=20)
+        assert (logger.returncode, err) == (0, "")
+        assert "*** server shutting down" in out
+
+
+WITHOUT_PROMPT_TOOLKIT = """
+import sys
+sys.modules["prompt_toolkit"] = None  # as if the cli extra were not installed
+from netlib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_the_cli_extra_a_terminal_chat_says_what_to_install(loop_name: str) -> None:
+    with running("--loop", loop_name, "chat", "serve", "--port", "0") as (proc, listening):
+        port = str(_port(listening))
+        argv = [sys.executable, "-c", WITHOUT_PROMPT_TOOLKIT, "chat", "join", "--port", port]
+        piped = subprocess.run(argv, input="hi\n", capture_output=True, text=True, timeout=30)
+        assert piped.returncode == 0, piped.stderr
+        assert "*** goodbye" in piped.stdout
+        # A terminal on stdin: the client would prompt, which needs prompt_toolkit.
+        primary, secondary = os.openpty()
+        with os.fdopen(primary, "rb", buffering=0), os.fdopen(secondary, "rb", buffering=0) as tty:
+            prompted = subprocess.run(argv, stdin=tty, capture_output=True, text=True, timeout=30)
+        assert prompted.returncode == 1
+        assert "needs prompt_toolkit: pip install 'netlib-asyncio[cli]'" in prompted.stderr
+        proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,11 @@ class NetstringDecoder:
         """Bytes held for a partial frame."""
         return len(self._buffer)
 
+    @property
+    def in_message(self) -> bool:
+        """True while a frame has begun and not ended (times the message deadline)."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the messages it completes (``[]``: need more bytes)."""
         self._buffer += data

@@ -13,9 +13,9 @@ LOG_INTERVAL: Final = 1.0
 
 
 class ThrottledLog:
-    """A warning logger that emits at most one line per ``interval`` seconds.
+    """A logger that emits at most ``burst`` lines per ``interval`` seconds.
 
-    Each emitted line says how many similar lines were suppressed since the previous one.
+    An emitted line that follows suppressed ones says how many were suppressed.
     """
 
     def __init__(
@@ -23,12 +23,21 @@ class ThrottledLog:
         logger: logging.Logger,
         loop: asyncio.AbstractEventLoop,
         interval: float = LOG_INTERVAL,
+        burst: int = 1,
     ) -> None:
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
         self._logger = logger
         self._loop = loop
         self._interval = interval
-        self._last = -interval
+        self._burst = burst
+        self._window = -interval  # when the current interval started
+        self._emitted = 0  # lines emitted in it
         self._suppressed = 0
+
+    def info(self, message: str, *args: object) -> None:
+        """Log ``message`` at info level unless the interval's lines were used up."""
+        self.log(logging.INFO, message, *args)
 
     def warning(self, message: str, *args: object) -> None:
         """Log ``message`` at warning level unless one was logged within the interval."""
@@ -47,10 +56,12 @@ class ThrottledLog:
             exc_info: an exception whose traceback goes with the line.
         """
         suppressed = self._due()
-        if suppressed is not None:
+        if suppressed:
             self._logger.log(
                 level, message + " (%d similar suppressed)", *args, suppressed, exc_info=exc_info
             )
+        elif suppressed is not None:
+            self._logger.log(level, message, *args, exc_info=exc_info)
 
     def flush(self, level: int, message: str, *args: object) -> None:
         """Log how many lines were suppressed since the last one, if any (at the end)."""
@@ -61,15 +72,20 @@ class ThrottledLog:
     def exception(self, message: str, *args: object) -> None:
         """Like ``warning``, at error level with the current exception's traceback."""
         suppressed = self._due()
-        if suppressed is not None:
+        if suppressed:
             self._logger.exception(message + " (%d similar suppressed)", *args, suppressed)
+        elif suppressed is not None:
+            self._logger.exception(message, *args)
 
     def _due(self) -> int | None:
         """Return the count suppressed since the last line if a line is due, else None."""
         now = self._loop.time()
-        if now - self._last < self._interval:
+        if now - self._window >= self._interval:
+            self._window = now
+            self._emitted = 0
+        if self._emitted >= self._burst:
             self._suppressed += 1
             return None
-        self._last = now
+        self._emitted += 1
         suppressed, self._suppressed = self._suppressed, 0
         return suppressed

@@ -307,6 +307,23 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
             self._report()
 
+    def hold_input(self, until: float) -> None:
+        """Stop reading until ``until`` (loop time), then call ``messages_received()`` again:
+        a consumer pacing its peer (the chat's flood control) leaves the queued messages
+        where they are and lets the peer wait, through the server's deadline timer. Nothing
+        once the transport is closing (its input is done)."""
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
+            return
+        if not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        self.conn.hold(until)
+        if self._deadlines is None:  # a connection without deadlines has no timer yet
+            self._own_deadlines = True
+            self._deadlines = deadline_timer_for(self._limits)
+        self._schedule_deadlines()
+
     def take(self) -> bytes:
         """Take the next queued message (there must be one); reading resumes once the
         queue is back under the read limit."""
@@ -638,7 +655,12 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._deadline_slot = None
         if self.lost:
             return
-        if self.conn.handle_timer(now):
-            self.fail(self.conn.error)  # type: ignore[arg-type]
-        else:
-            self._schedule_deadlines()
+        conn = self.conn
+        if conn.handle_timer(now):
+            self.fail(conn.error)  # type: ignore[arg-type]
+            return
+        if conn.held_until is not None and conn.release(now):
+            self.messages_received()  # the consumer takes the held input, or holds again
+            if self.lost:
+                return
+        self._schedule_deadlines()

@@ -35,6 +35,7 @@ JOIN_EXAMPLES = """\
 examples:
   netlib chat join --nick alice              # interactive, with line editing
   printf '/join #ops\\nhello\\n' | netlib chat join --nick bot
+  netlib chat join --nick logger --stay < /dev/null > chat.log   # listen only
 """
 
 
@@ -77,14 +78,23 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
     join = actions.add_parser(
         "join",
         help="join a chat (interactive, or lines from a pipe)",
-        description="Join a chat server. On a terminal: a prompt with line editing. With a "
-        "pipe: each line of stdin is sent, then the client leaves.",
+        description="Join a chat server. On a terminal: a prompt with line editing (needs "
+        "the cli extra). With a pipe: each line of stdin is sent at the pace the server "
+        "states, then the client leaves; it exits 1 if a line was not delivered.",
         epilog=JOIN_EXAMPLES,
         parents=[common],
         formatter_class=Formatter,
     )
     _add_address(join, ("tcp", "udp"), "tcp")
-    join.add_argument("--nick", help="nickname to take after joining")
+    join.add_argument(
+        "--nick", help="nickname to take after joining; a refused one ends the client (status 1)"
+    )
+    join.add_argument(
+        "--stay",
+        action="store_true",
+        help="with a pipe: keep printing what arrives after the end of input, until the "
+        "server ends the session or Ctrl-C (a listen-only logger: --stay < /dev/null)",
+    )
     join.set_defaults(run=chat_join, server=False)
 
 
@@ -129,5 +139,5 @@ async def chat_join(args: argparse.Namespace, _signals: Signals) -> int:
     from netlib.chat_client import run_chat_client  # prompt_toolkit only when joining
 
     return await run_chat_client(
-        args.host or "127.0.0.1", args.port, proto=args.proto, nick=args.nick
+        args.host or "127.0.0.1", args.port, proto=args.proto, nick=args.nick, stay=args.stay
     )

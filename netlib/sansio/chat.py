@@ -4,7 +4,8 @@ Rules of this module:
 
 * No I/O, no clock, no randomness, no logging. Time arrives as ``now`` (float seconds, any
   monotonic origin) and is only used for flood control.
-* The adapter (TCP, UDP, ...) drives a ``ChatCore`` with three calls:
+* The adapter (TCP, UDP, ...) drives a ``ChatCore`` with three calls (and
+  ``receive_overlong`` for a line its framing refused as too long on the wire):
   ``connect(client, now, source=...)`` when a session starts (``source`` names the client's
   host, e.g. its IP address, for the per-host limits; by default each client is its own),
   ``receive_line(client, text, now)`` for each decoded text line, and
@@ -36,6 +37,8 @@ drive another client's terminal. ``/quit`` and ``over`` are honoured before floo
 leaving must always work. Every other line, empty or too long included, takes one token
 from the client's ``TokenBucket``; a line without a token is dropped and counted, the first
 drop of a burst tells the sender, and the next admitted line reports how many were lost.
+An adapter that can stop reading a client (TCP) asks ``flood_wait(client, now)`` before each
+line and holds the line until then, so nothing is dropped: the client is slowed down.
 Then ``//text`` is a line of text ``/text``, ``/name args`` a command and anything else
 text for the current room. Command handlers validate everything before changing state and
 refuse with a private ``_Refused`` exception, turned into a single ``!!!`` reply.
@@ -198,10 +201,12 @@ class Broadcast:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """End ``client``'s session after delivering every earlier effect."""
+    """End ``client``'s session after delivering every earlier effect (``nick``: the nick
+    it had, for the adapter's log; empty if it never had one)."""
 
     client: int
     reason: str
+    nick: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +273,8 @@ class ChatCore:
         announce_max_members: largest room in which membership changes are announced.
         max_clients: clients connected at once.
         max_line_length: longest line accepted, in characters.
+        max_line_bytes: longest line the adapter accepts on the wire, in bytes, if it has
+            such a limit (stated in the welcome; ``receive_overlong`` reports it).
 
     Raises:
         ValueError: a setting is out of range or ``default_room`` is not a valid room name.
@@ -288,6 +295,7 @@ class ChatCore:
         announce_max_members: int = ANNOUNCE_MAX_MEMBERS,
         max_clients: int = MAX_CLIENTS,
         max_line_length: int = MAX_LINE_LENGTH,
+        max_line_bytes: int | None = None,
     ) -> None:
         room = _normalise_room(default_room)
         if room is None:
@@ -299,6 +307,7 @@ class ChatCore:
             announce_max_members=announce_max_members,
             max_clients=max_clients,
             max_line_length=max_line_length,
+            max_line_bytes=max_line_bytes or 1,
         )
         TokenBucket(flood_rate, flood_burst, 0.0)  # validates the flood settings
         self.default_room = room
@@ -310,6 +319,7 @@ class ChatCore:
         self.announce_max_members = announce_max_members
         self.max_clients = max_clients
         self.max_line_length = max_line_length
+        self.max_line_bytes = max_line_bytes
         self._clients: dict[int, _Client] = {}
         self._nicks: dict[str, int] = {}  # casefolded nick -> client id
         self._rooms: dict[str, set[int]] = {}  # canonical room -> member ids
@@ -355,6 +365,27 @@ class ChatCore:
         if line is None:
             return effects + self._too_long_reply(client, text)
         return effects + self._handle_line(client, line)
+
+    def receive_overlong(self, client_id: int, now: float) -> list[Effect]:
+        """Handle a line the adapter refused as longer than ``max_line_bytes`` on the wire
+        (its bytes were discarded): it costs a token like any line and is refused."""
+        client = self._clients.get(client_id)
+        if client is None:
+            return []
+        self._lines += 1
+        admitted, effects = self._flood_gate(client, now)
+        if not admitted:
+            return effects
+        self._too_long += 1
+        limit = f"limit {self.max_line_bytes} bytes" if self.max_line_bytes else "too many bytes"
+        return effects + _error(client, f"line too long ({limit}): not sent")
+
+    def flood_wait(self, client_id: int, now: float) -> float:
+        """Seconds from ``now`` until ``client_id``'s next line passes flood control (0: it
+        would now; also 0 for an unknown client). An adapter that can stop reading a client
+        holds its next line that long instead of letting flood control drop it."""
+        client = self._clients.get(client_id)
+        return 0.0 if client is None else client.bucket.wait_time(1, now)
 
     def disconnect(self, client_id: int, reason: str) -> list[Effect]:
         """End ``client_id``'s session (gone, timed out, ...): quit notices in its rooms.
@@ -409,10 +440,17 @@ class ChatCore:
         self._nicks[nick] = client_id
         return client
 
+    def limits(self) -> str:
+        """The limits a client must keep to, as the welcome states them."""
+        size = f"{self.max_line_length} characters"
+        if self.max_line_bytes is not None:
+            size += f" ({self.max_line_bytes} bytes)"
+        return f"lines up to {size}, {self.flood_rate:g} lines/s, bursts of {self.flood_burst:g}"
+
     def _welcome(self, client: _Client) -> str:
         return (
             f"*** welcome, {client.nick}! you are in {client.current}; "
-            "/nick <name> to choose a nick, /help for commands"
+            f"/nick <name> to choose a nick, /help for commands; limits: {self.limits()}"
         )
 
     def _enter(self, client: _Client, room: str) -> list[Effect]:
@@ -464,7 +502,7 @@ class ChatCore:
 
     def _quit(self, client: _Client, reason: str) -> list[Effect]:
         effects = self._drop(client, reason)
-        effects += [Send(client.id, "*** goodbye"), Close(client.id, "quit")]
+        effects += [Send(client.id, "*** goodbye"), Close(client.id, "quit", client.nick)]
         return effects
 
     # -- lines ----------------------------------------------------------------------------

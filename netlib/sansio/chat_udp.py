@@ -9,9 +9,14 @@ Rules of this module:
   addresses that expired, and whether a payload may go.
 * A reply to an unverified address is never larger than the datagram it answers. The cookie
   reply (``*** hello <cookie>``, ``HELLO_REPLY_SIZE`` bytes) goes only in answer to a hello
-  request (``/hello``, padded with spaces) at least that large; anything else from an
-  unknown address (empty, junk, a short hello, a wrong cookie) gets no reply at all and is
-  counted in ``dropped_unverified``. Such datagrams create no state.
+  request (``/hello``, padded with spaces or any other text that is not a cookie) at least
+  that large, and a request of at least ``HELLO_GUIDE_SIZE`` bytes gets the reply that also
+  says what to send back (``*** hello <cookie>; to join, send: /hello <cookie>``: for a
+  person typing into ``nc -u``); anything else from an unknown address (empty, junk, a short
+  hello, a wrong cookie) gets no reply at all and is counted in ``dropped_unverified``. Such
+  datagrams create no state.
+* Every datagram the chat sends is one line ending in ``\\n``, so that lines read by ``nc -u``
+  do not run together.
 * Every table is bounded: ``max_peers`` sessions, ``max_peers_per_host`` of them per host.
 
 Theory of operation
@@ -44,6 +49,7 @@ from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
 __all__ = [
     "CHAT_PEER_TIMEOUT",
     "COOKIE_SIZE",
+    "HELLO_GUIDE_SIZE",
     "HELLO_REPLY_SIZE",
     "HELLO_REQUEST",
     "MAX_UDP_PEERS",
@@ -69,14 +75,20 @@ handshake from their real address. Beyond it the address is told ``!!! host full
 UDP_CHAT_RATE: Final = 1000.0
 """Datagrams per second a UDP chat peer may be sent (burst twice that)."""
 HELLO_REQUEST: Final = b"/hello"
-"""A cookie request, padded with spaces to at least ``HELLO_REPLY_SIZE`` bytes."""
+"""A cookie request, padded (spaces, or any text but a cookie) to at least
+``HELLO_REPLY_SIZE`` bytes."""
 COOKIE_SIZE: Final = 16
 """Hex digits of a cookie (64 bits of HMAC-SHA-256)."""
 _HELLO_PREFIX: Final = b"*** hello "
-HELLO_REPLY_SIZE: Final = len(_HELLO_PREFIX) + COOKIE_SIZE
-"""Bytes of the cookie reply (26), and so the smallest hello request that gets one."""
-_SERVER_FULL: Final = b"!!! server full"
-_HOST_FULL: Final = b"!!! host full"
+HELLO_REPLY_SIZE: Final = len(_HELLO_PREFIX) + COOKIE_SIZE + 1
+"""Bytes of the cookie reply (27, its ``\\n`` included), and so the smallest hello request
+that gets one."""
+_GUIDE: Final = b"; to join, send: " + HELLO_REQUEST + b" "
+HELLO_GUIDE_SIZE: Final = HELLO_REPLY_SIZE + len(_GUIDE) + COOKIE_SIZE
+"""Bytes of the cookie reply that says what to send back (67), and so the smallest hello
+request that gets it: ``/hello`` and at least 60 more characters, typed into ``nc -u``."""
+_SERVER_FULL: Final = b"!!! server full\n"
+_HOST_FULL: Final = b"!!! host full\n"
 MIN_KEY_SIZE: Final = 16
 
 
@@ -202,8 +214,8 @@ class UdpChatCore:
         """Take one datagram; return what to do about it, or None (heartbeat or drop)."""
         if addr in self._peers:
             self._peers[addr] = now
-            if not data or data.split() == [HELLO_REQUEST]:
-                return None  # a heartbeat
+            if not data or (data.startswith(HELLO_REQUEST) and data.split()[0] == HELLO_REQUEST):
+                return None  # a heartbeat (or a handshake datagram sent once more)
             return PeerLine(addr, data.decode("utf-8", "replace").rstrip("\r\n"))
         return self._handshake(data, addr, now)
 
@@ -274,17 +286,20 @@ class UdpChatCore:
 
     def _handshake(self, data: bytes, addr: Hashable, now: float) -> UdpChatEvent | None:
         words = data.split()
-        if words[:1] != [HELLO_REQUEST] or len(words) > 2:
+        if words[:1] != [HELLO_REQUEST]:
             self.dropped_unverified += 1
             return None
         cookie = self.cookie(addr)
-        if len(words) == 1:
+        if len(words) != 2 or len(words[1]) != COOKIE_SIZE:  # a request, padded
             if len(data) < HELLO_REPLY_SIZE:  # the reply must not be larger than the request
                 self.dropped_unverified += 1
                 return None
-            reply = self._reply(_HELLO_PREFIX + cookie, data, addr, now)
-            self.cookies_sent += reply is not None
-            return reply
+            reply = _HELLO_PREFIX + cookie
+            if len(data) >= HELLO_GUIDE_SIZE:
+                reply += _GUIDE + cookie
+            sent = self._reply(reply + b"\n", data, addr, now)
+            self.cookies_sent += sent is not None
+            return sent
         if not hmac.compare_digest(words[1], cookie):
             self.dropped_unverified += 1
             return None

@@ -20,6 +20,11 @@ Rules of this module:
   header arrives, before any payload; line: when ``max_size`` bytes have no ``\\n``), and
   its buffer is cleared: the connection must then be closed, as the stream is out of sync.
 * ``feed_eof()`` raises ``IncompleteFrame`` if a partial frame is buffered.
+* ``LineFraming(skip_overlong=True)`` is the one exception to "an oversized frame ends the
+  stream": a line is still in sync after its ``\\n``, so its decoder reports an over-long
+  line as the marker ``OVERLONG_LINE`` (in its place among the messages, test it with
+  ``is``), buffers none of it and discards its bytes up to the next ``\\n`` (a chat
+  refuses a pasted page without cutting its sender off).
 * Theory of operation: the fast path handles a chunk with no partial frame pending using
   ``bytes`` slicing only (one ``split`` for lines); a partial frame is kept in a
   ``bytearray`` and grown in place, so a frame arriving in many pieces costs linear time.
@@ -34,6 +39,7 @@ from netlib.errors import FrameTooLarge, IncompleteFrame, LimitExceeded
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_LINE",
+    "OVERLONG_LINE",
     "Decoder",
     "Framing",
     "LengthPrefixFraming",
@@ -74,6 +80,11 @@ class Decoder(Protocol):
     @property
     def buffered(self) -> int:
         """Bytes held for a partial frame."""
+        ...
+
+    @property
+    def in_message(self) -> bool:
+        """True while a message has begun and not ended (buffered, or being skipped)."""
         ...
 
 
@@ -117,6 +128,10 @@ class _RawDecoder:
     def buffered(self) -> int:
         return 0
 
+    @property
+    def in_message(self) -> bool:
+        return False
+
 
 _RAW_DECODER: Final = _RawDecoder()
 
@@ -143,12 +158,31 @@ _SHORT_LINE: Final = 256
 finds each line end with ``bytes.find()``, a memchr (break-even near 300 bytes)."""
 
 
+class _OverlongLine(bytes):
+    """The type of ``OVERLONG_LINE``: an empty ``bytes`` that no decoded line can be."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OVERLONG_LINE"
+
+
+OVERLONG_LINE: Final[bytes] = _OverlongLine()
+"""Stands for a line above ``max_size`` in the messages of a ``LineFraming(skip_overlong=True)``
+decoder; its bytes were discarded. Compare with ``is`` (it equals ``b""``)."""
+
+
 class _LineDecoder:
     __slots__ = ("_max", "_partial")
+    _skip = False  # see _SkippingLineDecoder
 
     def __init__(self, max_size: int) -> None:
         self._max = max_size
         self._partial = bytearray()
+
+    @property
+    def in_message(self) -> bool:
+        return bool(self._partial)
 
     @property
     def buffered(self) -> int:
@@ -174,18 +208,19 @@ class _LineDecoder:
             tail = data[start:]
         self._finish(lines)
         if tail:
-            self._keep(tail, lines)
+            self._keep(tail, lines, unfinished=True)
         return lines
 
     def _feed_partial(self, data: bytes) -> list[bytes]:
         end = data.find(b"\n")
+        lines: list[bytes] = []
         if end < 0:
-            self._keep(data, [])
-            return []
-        self._keep(data[:end], [])
-        lines = [bytes(self._partial)]
-        self._partial.clear()
-        self._finish(lines)
+            self._keep(data, lines, unfinished=True)
+            return lines
+        if self._keep(data[:end], lines, unfinished=False):
+            lines.append(bytes(self._partial))
+            self._partial.clear()
+            self._finish(lines)
         try:
             lines.extend(self.feed(data[end + 1 :]))
         except FrameTooLarge as exc:
@@ -193,21 +228,35 @@ class _LineDecoder:
             raise
         return lines
 
-    def _keep(self, data: bytes, done: list[bytes]) -> None:
-        """Buffer ``data`` as the start of a line, or raise if it cannot fit the limit."""
+    def _keep(self, data: bytes, done: list[bytes], *, unfinished: bool) -> bool:
+        """Buffer ``data`` as the start of a line and return True, or, if it cannot fit the
+        limit, raise (or when skipping: report the line, skip the rest of it if
+        ``unfinished``, and return False)."""
         size = len(self._partial) + len(data)
         if size > self._max + 1:  # one byte more for the '\r' of a CRLF line end
             self._partial.clear()
-            raise FrameTooLarge("line", size, self._max, done)
+            if not self._skip:
+                raise FrameTooLarge("line", size, self._max, done)
+            done.append(OVERLONG_LINE)
+            self._skip_rest(unfinished)
+            return False
         self._partial += data
+        return True
+
+    def _skip_rest(self, skipping: bool) -> None:
+        """Discard input up to the next line end (only a skipping decoder does)."""
 
     def _finish(self, lines: list[bytes]) -> None:
-        """Drop the CR of CRLF line ends in place; raise on a line above the limit."""
+        """Drop the CR of CRLF line ends in place; raise on a line above the limit (or
+        when skipping, put ``OVERLONG_LINE`` in its place)."""
         limit = self._max
         for i, line in enumerate(lines):
             if line.endswith(b"\r"):
                 line = lines[i] = line[:-1]
             if len(line) > limit:
+                if self._skip:
+                    lines[i] = OVERLONG_LINE
+                    continue
                 self._partial.clear()
                 raise FrameTooLarge("line", len(line), limit, lines[:i])
 
@@ -218,19 +267,54 @@ class _LineDecoder:
             raise IncompleteFrame(buffered)
 
 
+class _SkippingLineDecoder(_LineDecoder):
+    """A line decoder that reports an over-long line as ``OVERLONG_LINE`` and discards its
+    bytes up to the next line end, instead of failing."""
+
+    __slots__ = ("_skipping",)
+    _skip = True
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(max_size)
+        self._skipping = False  # inside an over-long line: discard up to its '\n'
+
+    @property
+    def in_message(self) -> bool:
+        return self._skipping or bool(self._partial)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return []
+            self._skipping = False
+            data = data[end + 1 :]
+        return super().feed(data)
+
+    def _skip_rest(self, skipping: bool) -> None:
+        self._skipping = skipping
+
+    def feed_eof(self) -> None:
+        self._skipping = False  # the over-long line was reported already
+        super().feed_eof()
+
+
 class LineFraming:
     """Messages are lines ending in ``\\n`` (a ``\\r`` before it is tolerated and dropped).
 
     Args:
         max_size: longest line in bytes, without the line end (default 64 KiB).
+        skip_overlong: report a longer line as ``OVERLONG_LINE`` and skip its bytes up to
+            the next line end, instead of failing with ``FrameTooLarge``.
     """
 
-    __slots__ = ("_max_size",)
+    __slots__ = ("_max_size", "_skip_overlong")
 
-    def __init__(self, max_size: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, max_size: int = DEFAULT_MAX_LINE, *, skip_overlong: bool = False) -> None:
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         self._max_size = max_size
+        self._skip_overlong = skip_overlong
 
     raw = False
 
@@ -238,7 +322,14 @@ class LineFraming:
     def max_size(self) -> int:
         return self._max_size
 
+    @property
+    def skip_overlong(self) -> bool:
+        """Whether an over-long line is reported and skipped rather than an error."""
+        return self._skip_overlong
+
     def decoder(self) -> Decoder:
+        if self._skip_overlong:
+            return _SkippingLineDecoder(self._max_size)
         return _LineDecoder(self._max_size)
 
     def encode(self, message: bytes) -> bytes:
@@ -249,7 +340,8 @@ class LineFraming:
         return message + b"\n"
 
     def __repr__(self) -> str:
-        return f"LineFraming(max_size={self._max_size})"
+        skip = ", skip_overlong=True" if self._skip_overlong else ""
+        return f"LineFraming(max_size={self._max_size}{skip})"
 
 
 class _LengthPrefixDecoder:
@@ -263,6 +355,10 @@ class _LengthPrefixDecoder:
     @property
     def buffered(self) -> int:
         return len(self._partial)
+
+    @property
+    def in_message(self) -> bool:
+        return bool(self._partial)
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._partial:

@@ -40,6 +40,11 @@ class TokenBucket:
             self._stamp = now
         return self._tokens
 
+    def wait_time(self, n: float, now: float) -> float:
+        """Return the seconds from ``now`` until ``n`` tokens are available (0: now)."""
+        missing = n - self.tokens(now)
+        return missing / self.rate if missing > 0 else 0.0
+
     def try_take(self, n: float, now: float) -> bool:
         """Take ``n`` tokens if available at ``now``; return whether they were taken."""
         if self.tokens(now) >= n:

@@ -26,7 +26,8 @@ frame.
 
 Deadlines: the first-message deadline is set when the connection opens and lifted by the
 first complete message; trickled bytes never extend it (slowloris). The message deadline
-(optional) does the same for every later message, from its first byte. The idle deadline
+(optional) does the same for every later message, from its first byte; it is suspended while
+the consumer holds the input (``hold()``: a chat pacing a flooding client). The idle deadline
 moves with ``last_activity`` (updated per read and per write batch), so traffic never
 re-arms a timer: the owner checks lazily when the earliest deadline it was told is due. The
 send deadline runs while the write buffer stays above its high mark: a peer that stops
@@ -171,6 +172,7 @@ class StreamConnection:
         "error",
         "frames",
         "head",
+        "held_until",
         "last_activity",
         "peer_eof",
         "queued",
@@ -197,6 +199,7 @@ class StreamConnection:
         self._first_deadline = None if timeout is None else now + timeout
         self._message_deadline: float | None = None
         self._write_paused_at: float | None = None
+        self.held_until: float | None = None  # see hold()
         self.rearm = False  # a deadline earlier than next_deadline() said before was set
 
     # -- input ------------------------------------------------------------------------------
@@ -236,7 +239,9 @@ class StreamConnection:
     def _track_partial(self, now: float) -> None:
         """Start the message deadline when a partial message appears, lift it when none
         is left; a message that continues keeps the deadline it started with."""
-        if not self._decoder.buffered:
+        if self.held_until is not None:
+            return  # held by this side: the message deadline waits for release()
+        if not self._decoder.in_message:
             self._message_deadline = None
         elif self._message_deadline is None:
             self._message_deadline = now + self._limits.message_timeout  # type: ignore[operator]
@@ -347,6 +352,25 @@ class StreamConnection:
         self.head = self.queued = 0
         self.read_paused = False
 
+    def hold(self, until: float) -> None:
+        """The consumer takes no message before ``until`` (it paces the peer, e.g. flood
+        control); the adapter stops reading meanwhile. ``next_deadline()`` includes
+        ``until`` and the message deadline is suspended: the peer is not the one holding
+        its message. ``release(now)`` ends the hold."""
+        self.held_until = until
+        self._message_deadline = None
+        self.rearm = True
+
+    def release(self, now: float) -> bool:
+        """End the hold if ``now`` has reached it; return whether it ended. A partial
+        message gets a new message deadline from ``now``."""
+        if self.held_until is None or now < self.held_until:
+            return False
+        self.held_until = None
+        if self._limits.message_timeout is not None:
+            self._track_partial(now)
+        return True
+
     # -- output -----------------------------------------------------------------------------
 
     def writing_paused(self, now: float) -> None:
@@ -367,7 +391,7 @@ class StreamConnection:
         if self.state in (_CLOSED, _FAILED):
             return None
         limits = self._limits
-        candidates = [self._first_deadline, self._message_deadline]
+        candidates = [self._first_deadline, self._message_deadline, self.held_until]
         if limits.idle_timeout is not None:
             candidates.append(self.last_activity + limits.idle_timeout)
         if limits.send_timeout is not None and self._write_paused_at is not None:

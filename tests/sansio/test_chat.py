@@ -79,7 +79,7 @@ def test_connect_joins_default_room_then_welcomes() -> None:
         Send(
             7,
             "*** welcome, guest1! you are in #lobby; /nick <name> to choose a nick, "
-            "/help for commands",
+            "/help for commands; limits: lines up to 4096 characters, 5 lines/s, bursts of 20",
         ),
     ]
     assert core.nick_of(7) == "guest1"
@@ -500,7 +500,7 @@ def test_quit_leaves_every_room_then_says_goodbye_then_closes() -> None:
         Broadcast("#a", "[#a] *** alice quit (see you)", exclude=1),
         Left(1, "#a"),
         Send(1, "*** goodbye"),
-        Close(1, "quit"),
+        Close(1, "quit", "alice"),
     ]
     assert core.nick_of(1) is None
     assert core.members("a") == frozenset()
@@ -530,7 +530,7 @@ def test_over_ends_the_session(line: str) -> None:
     core = named(ChatCore(), alice=1)
     effects = say(core, 1, line)
     assert effects[0] == Broadcast("#lobby", "[#lobby] *** alice quit (over)", exclude=1)
-    assert effects[-1] == Close(1, "quit")
+    assert effects[-1] == Close(1, "quit", "alice")
 
 
 @pytest.mark.parametrize("line", ["over and out", "/over", "//over", "overt"])
@@ -602,12 +602,51 @@ def test_empty_and_too_long_lines_cost_tokens() -> None:
     ]
 
 
+def test_welcome_states_the_limits_from_the_settings() -> None:
+    core = ChatCore(flood_rate=FLOOD_RATE, flood_burst=FLOOD_BURST, max_line_bytes=16384)
+    welcome = core.connect(1, T0)[-1]
+    assert isinstance(welcome, Send)
+    assert welcome.text.endswith(
+        f"; limits: lines up to {MAX_LINE_LENGTH} characters (16384 bytes), "
+        f"{FLOOD_RATE:g} lines/s, bursts of {FLOOD_BURST}"
+    )
+    other = ChatCore(flood_rate=0.5, flood_burst=3, max_line_length=10)
+    assert other.limits() == "lines up to 10 characters, 0.5 lines/s, bursts of 3"
+
+
+def test_a_line_too_long_on_the_wire_is_refused_and_counted() -> None:
+    core = connected(ChatCore(max_line_bytes=100, flood_burst=2), 1, 2)
+    assert core.receive_overlong(1, T0) == [
+        Send(1, "!!! line too long (limit 100 bytes): not sent")
+    ]
+    assert core.statistics().lines_too_long == 1
+    assert core.statistics().lines_received == 1
+    assert len(core.receive_overlong(1, T0)) == 1  # it costs a token: the burst is 2
+    assert core.receive_overlong(1, T0) == [
+        Send(1, "!!! flood control: lines dropped; at most 5 per second (burst 2)")
+    ]
+    assert core.receive_overlong(99, T0) == []
+
+
+def test_flood_wait_says_when_the_next_line_passes() -> None:
+    core = connected(ChatCore(flood_rate=4.0, flood_burst=2), 1)
+    assert core.flood_wait(1, T0) == 0.0
+    say(core, 1, "a")
+    say(core, 1, "b")
+    assert core.flood_wait(1, T0) == pytest.approx(0.25)
+    assert core.flood_wait(1, T0 + 0.1) == pytest.approx(0.15)
+    assert core.flood_wait(1, T0 + 0.25) == 0.0
+    assert len(core.receive_line(1, "c", T0 + 0.25)) == 1  # passes: nothing dropped
+    assert core.statistics().lines_flood_dropped == 0
+    assert core.flood_wait(42, T0) == 0.0
+
+
 def test_quit_and_over_pass_flood_control() -> None:
     for line in ("/quit flooded", "over"):
         core = connected(ChatCore(flood_burst=1), 1)
         core.receive_line(1, "a", T0)
         core.receive_line(1, "b", T0)
-        assert core.receive_line(1, line, T0)[-1] == Close(1, "quit")
+        assert core.receive_line(1, line, T0)[-1] == Close(1, "quit", "guest1")
 
 
 def test_statistics() -> None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from netlib.sansio.chat_udp import (
+    HELLO_GUIDE_SIZE,
     HELLO_REPLY_SIZE,
     HELLO_REQUEST,
     MAX_UDP_PEERS_PER_HOST,
@@ -28,13 +29,13 @@ HELLO = HELLO_REQUEST.ljust(HELLO_REPLY_SIZE)
 
 def join(core: UdpChatCore, addr: Hashable, now: float = 0.0) -> UdpChatEvent | None:
     reply = core.datagram_received(HELLO, addr, now)
-    assert reply == SendDatagram(b"*** hello " + core.cookie(addr), addr)
+    assert reply == SendDatagram(b"*** hello " + core.cookie(addr) + b"\n", addr)
     return core.datagram_received(b"/hello " + core.cookie(addr) + b"\n", addr, now)
 
 
 def test_handshake_then_lines_and_heartbeats() -> None:
     core = UdpChatCore(KEY)
-    assert len(b"*** hello " + core.cookie(ALICE)) == HELLO_REPLY_SIZE == 26
+    assert len(b"*** hello " + core.cookie(ALICE) + b"\n") == HELLO_REPLY_SIZE == 27
     assert join(core, ALICE) == PeerJoined(ALICE)
     assert core.datagram_received(b"hi there\r\n", ALICE, 1.0) == PeerLine(ALICE, "hi there")
     assert core.datagram_received(b"", ALICE, 2.0) is None  # heartbeat
@@ -42,6 +43,22 @@ def test_handshake_then_lines_and_heartbeats() -> None:
     assert core.datagram_received(b"\xff", ALICE, 3.0) == PeerLine(ALICE, "\ufffd")
     stats = core.statistics()
     assert (stats.peers, stats.joined, stats.cookies_sent) == (1, 1, 1)
+
+
+def test_a_hello_long_enough_gets_the_reply_that_says_what_to_send() -> None:
+    core = UdpChatCore(KEY)
+    cookie = core.cookie(ALICE)
+    typed = b"/hello " + b"." * (HELLO_GUIDE_SIZE - 8) + b"\n"  # as nc -u sends it
+    assert len(typed) == HELLO_GUIDE_SIZE == 67
+    guide = b"*** hello " + cookie + b"; to join, send: /hello " + cookie + b"\n"
+    assert core.datagram_received(typed, ALICE, 0.0) == SendDatagram(guide, ALICE)
+    assert len(guide) == HELLO_GUIDE_SIZE
+    shorter = typed[:-2] + b"\n"  # one byte short of the guide: the plain cookie reply
+    assert core.datagram_received(shorter, ALICE, 0.0) == SendDatagram(
+        b"*** hello " + cookie + b"\n", ALICE
+    )
+    assert core.datagram_received(b"/hello " + cookie + b"\n", ALICE, 0.0) == PeerJoined(ALICE)
+    assert core.datagram_received(b"/hello " + cookie + b"\n", ALICE, 1.0) is None  # again
 
 
 def test_the_cookie_depends_on_key_and_address() -> None:
@@ -69,7 +86,15 @@ def test_wrong_cookie_is_dropped() -> None:
     assert core.peers == 0
 
 
-@given(st.lists(st.tuples(st.binary(max_size=64), st.integers(0, 5)), max_size=200))
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.binary(max_size=80), st.binary(max_size=80).map(b"/hello ".__add__)),
+            st.integers(0, 5),
+        ),
+        max_size=200,
+    )
+)
 def test_replies_to_unverified_sources_never_exceed_what_they_sent(
     datagrams: list[tuple[bytes, int]],
 ) -> None:
@@ -106,12 +131,12 @@ def test_per_host_cap_and_table_bound() -> None:
     for port in range(MAX_UDP_PEERS_PER_HOST):
         assert join(core, ("192.0.2.1", port)) == PeerJoined(("192.0.2.1", port))
     refused = join(core, ("192.0.2.1", 9999))
-    assert refused == SendDatagram(b"!!! host full", ("192.0.2.1", 9999))
+    assert refused == SendDatagram(b"!!! host full\n", ("192.0.2.1", 9999))
     core.forget(("192.0.2.1", 0))  # a place frees up for that host
     assert join(core, ("192.0.2.1", 9999)) == PeerJoined(("192.0.2.1", 9999))
     assert join(core, ("192.0.2.2", 1)) == PeerJoined(("192.0.2.2", 1))
     assert join(core, ("192.0.2.3", 1)) == PeerJoined(("192.0.2.3", 1))
-    assert join(core, ("192.0.2.4", 1)) == SendDatagram(b"!!! server full", ("192.0.2.4", 1))
+    assert join(core, ("192.0.2.4", 1)) == SendDatagram(b"!!! server full\n", ("192.0.2.4", 1))
     stats = core.statistics()
     assert (stats.peers, stats.refused_full, stats.refused_host_full) == (
         MAX_UDP_PEERS_PER_HOST + 2,

@@ -15,6 +15,7 @@ from netlib.errors import FrameTooLarge, IncompleteFrame, LimitExceeded, Protoco
 from netlib.sansio.framing import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_LINE,
+    OVERLONG_LINE,
     Framing,
     LengthPrefixFraming,
     LineFraming,
@@ -228,3 +229,62 @@ def test_large_frame_in_small_pieces() -> None:
     decoder = framing.decoder()
     out = [f for i in range(0, len(wire), 1000) for f in decoder.feed(wire[i : i + 1000])]
     assert out == [b"y" * DEFAULT_MAX_FRAME]
+
+
+# -- skipping over-long lines (chat) ---------------------------------------------------------
+
+
+def skip_outcome(framing: Framing, chunks: list[bytes]) -> list[bytes | str]:
+    """Messages of a skipping decoder, ``OVERLONG_LINE`` shown as the string "overlong"."""
+    decoder = framing.decoder()
+    out: list[bytes | str] = []
+    for chunk in chunks:
+        out += ["overlong" if m is OVERLONG_LINE else m for m in decoder.feed(chunk)]
+        assert decoder.buffered <= (framing.max_size or 0) + 1
+    decoder.feed_eof()
+    return out
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=3 * SMALL_LIMIT), max_size=6))
+def test_skipping_decoder_reports_overlong_lines_the_same_at_every_split(
+    lines: list[bytes],
+) -> None:
+    framing = LineFraming(max_size=SMALL_LIMIT, skip_overlong=True)
+    lines = [line.replace(b"\n", b"") for line in lines]
+    wire = b"".join(line + b"\n" for line in lines)
+    expected = skip_outcome(framing, [wire])
+    want = [
+        "overlong" if len(line.removesuffix(b"\r")) > SMALL_LIMIT else line.removesuffix(b"\r")
+        for line in lines
+    ]
+    assert expected == want
+    for chunks in split_patterns(wire):
+        assert skip_outcome(framing, chunks) == expected
+
+
+def test_skipping_decoder_discards_an_endless_line_without_buffering_it() -> None:
+    framing = LineFraming(max_size=100, skip_overlong=True)
+    decoder = framing.decoder()
+    assert decoder.feed(b"a" * 60) == []
+    assert decoder.in_message
+    assert decoder.feed(b"b" * 60) == [OVERLONG_LINE]  # reported as soon as it is known
+    assert decoder.buffered == 0
+    for _ in range(1000):  # 1 MB more of the same line: nothing kept, nothing reported
+        assert decoder.feed(b"c" * 1000) == []
+        assert decoder.buffered == 0
+        assert decoder.in_message
+    assert decoder.feed(b"c\nnext\n") == [b"next"]
+    assert not decoder.in_message
+    assert decoder.feed(b"x" * 200 + b"\r\nok\r\n") == [OVERLONG_LINE, b"ok"]
+    decoder.feed(b"y" * 200)
+    decoder.feed_eof()  # reported already: not an incomplete frame
+
+
+def test_skip_overlong_is_off_by_default_and_shown() -> None:
+    assert not LineFraming().skip_overlong
+    assert (
+        repr(LineFraming(10, skip_overlong=True)) == "LineFraming(max_size=10, skip_overlong=True)"
+    )
+    with pytest.raises(FrameTooLarge):
+        LineFraming(max_size=10).decoder().feed(b"x" * 20 + b"\n")

@@ -178,6 +178,33 @@ def test_message_deadline_runs_from_the_first_byte_of_each_message() -> None:
     assert "took longer than 3.0s" in str(conn.error)
 
 
+def test_a_hold_is_a_deadline_and_suspends_the_message_deadline() -> None:
+    conn = line(now=0.0, message_timeout=3.0)
+    conn.receive_data(b"a\nb\npartial", 1.0)  # two lines queued, one begun
+    assert conn.next_deadline() == 4.0
+    conn.hold(2.0)  # the consumer paces the peer: not the peer's fault
+    assert conn.rearm
+    assert conn.next_deadline() == 2.0
+    assert not conn.release(1.9)
+    conn.hold(50.0)  # held far longer than the message deadline
+    assert not conn.handle_timer(49.0)
+    assert conn.release(50.0)
+    assert conn.held_until is None
+    assert conn.next_deadline() == 53.0  # a new message deadline for the partial line
+    assert conn.handle_timer(53.0)
+
+
+def test_a_hold_skipping_an_overlong_line_keeps_its_deadline_running() -> None:
+    conn = StreamConnection(
+        LineFraming(max_size=4, skip_overlong=True), StreamLimits(message_timeout=3.0), 0.0
+    )
+    conn.receive_data(b"toolong", 1.0)  # reported, then skipped up to its line end
+    assert conn.partial_size == 0
+    assert conn.next_deadline() == 4.0  # a trickled over-long line is still timed
+    conn.receive_data(b"more", 2.0)
+    assert conn.handle_timer(4.0)
+
+
 def test_send_deadline_cuts_off_a_peer_that_stopped_reading() -> None:
     conn = line(now=0.0, send_timeout=10.0, write_high=100, write_low=10)
     conn.writing_paused(5.0)

@@ -15,7 +15,8 @@ or cuts the member off as a slow consumer, it never blocks. TCP members are sess
 ``make_chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
 
 The three line limits, from the wire inwards: a TCP line is at most
-``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire, which is what ``MAX_LINE_LENGTH`` (4,096
+``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire (a longer one is refused with a notice and its
+bytes skipped, the connection stays), which is what ``MAX_LINE_LENGTH`` (4,096
 characters, the chat core's limit on a message's text) takes in UTF-8 at 4 bytes per
 character; the stream framing's own default (``DEFAULT_MAX_LINE``, 64 KiB) is for
 ``serve_tcp`` handlers and does not apply to chat.
@@ -53,20 +54,29 @@ __all__ = [
     "CHAT_CLOSE_GRACE",
     "CHAT_HARD_LIMIT",
     "CHAT_LINE_TIMEOUT",
+    "CHAT_LOG_BURST",
     "CHAT_MAX_LINE_BYTES",
     "CHAT_SOCKET_SEND_BUFFER",
     "CHAT_SOFT_LIMIT",
     "CHAT_SOFT_TIME",
+    "SHUTDOWN_NOTICE",
     "SHUTDOWN_REASON",
     "SLOW_CONSUMER",
     "ChatLimits",
     "ChatService",
     "ChatServiceStatistics",
     "Session",
+    "address_text",
     "encode_line",
 ]
 
-logger = logging.getLogger("netlib.services.chat")
+logger = logging.getLogger("netlib.chat")
+"""The chat's log: joins, quits (with their reason), failed effects, and the statistics
+line at shutdown (``open_chat_server``), at info level; joins and quits are throttled."""
+
+CHAT_LOG_BURST: Final = 50
+"""Join lines, and quit lines, logged per second at most: a flood of connections cannot
+flood the log; the next line logged says how many were suppressed."""
 
 CHAT_SOFT_LIMIT: Final = 256 * 1024
 """Outbound bytes a chat connection may hold for ``CHAT_SOFT_TIME`` seconds at most."""
@@ -80,7 +90,8 @@ doubles it), so the outbound limits start to count after at most this much, not 
 several MiB loopback autotuning allows. None leaves the kernel's autotuning on."""
 CHAT_MAX_LINE_BYTES: Final = 4 * MAX_LINE_LENGTH
 """Longest line read from a TCP chat client, in bytes (16 KiB: the core's 4,096-character
-limit at 4 UTF-8 bytes per character); a longer one ends the connection."""
+limit at 4 UTF-8 bytes per character); a longer one is refused with a notice to its sender
+and its bytes are discarded up to its line end, without being buffered."""
 CHAT_CLOSE_GRACE: Final = 5.0
 """Seconds a closing chat server waits for connections to flush before aborting them."""
 CHAT_LINE_TIMEOUT: Final = 10.0
@@ -90,6 +101,8 @@ SLOW_CONSUMER: Final = "slow_consumer"
 """The reason a member cut off for reading too slowly is given (``quit (slow_consumer)``)."""
 SHUTDOWN_REASON: Final = "server shutting down"
 """The reason members hear when the server closes."""
+SHUTDOWN_NOTICE: Final = f"*** {SHUTDOWN_REASON}\n".encode()
+"""The last line every member (TCP and UDP) gets when the server closes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +135,8 @@ class ChatServiceStatistics:
         opened: sessions opened since start.
         lines_received: lines handed to the chat core.
         slow_consumers: sessions disconnected as slow consumers.
-        flood_dropped: lines dropped by flood control.
+        flood_dropped: lines dropped by flood control (UDP; TCP members are paced).
+        lines_too_long: lines refused as too long (characters, or bytes on the wire).
         effect_errors: effects that failed (a hub error, say), logged and skipped.
     """
 
@@ -131,6 +145,7 @@ class ChatServiceStatistics:
     lines_received: int
     slow_consumers: int
     flood_dropped: int
+    lines_too_long: int
     effect_errors: int
 
 
@@ -156,6 +171,14 @@ class _Forget:
     """Internal effect: a closed session's Left effects are done; drop it."""
 
     client: int
+
+
+def address_text(address: object) -> str:
+    """An address as the chat's log shows it: ``host:port`` (``[host]:port`` for IPv6)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
 
 
 def encode_line(text: str) -> bytes:
@@ -186,6 +209,7 @@ class ChatService:
             flood_burst=self.limits.flood_burst,
             max_rooms_per_host=self.limits.max_rooms_per_host,
             announce_max_members=self.limits.announce_max_members,
+            max_line_bytes=self.limits.max_line_bytes,
         )
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, Session] = {}
@@ -195,6 +219,8 @@ class ChatService:
         self._wakeup: asyncio.Future[None] | None = None
         self._worker = self._loop.create_task(self._run())
         self._errors_log = ThrottledLog(logger, self._loop)
+        self._joins_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
+        self._quits_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
         self.opened = self.slow_consumers = self._errors = 0
 
     @classmethod
@@ -208,33 +234,59 @@ class ChatService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open(self, session: Session, source: Hashable = None) -> int:
+    def open(self, session: Session, source: Hashable = None, address: object = None) -> int:
         """Register ``session``; it lands in the default room. Returns its id.
 
         Args:
             session: the new client.
             source: the client's host, e.g. its peer IP address, for the chat core's
                 per-host limits (``MAX_ROOMS_PER_HOST``); None makes it a host of its own.
+            address: the client's address as the log shows it.
         """
         session_id = next(self._ids)
         self._sessions[session_id] = session
         self.opened += 1
         self._schedule(self.core.connect(session_id, self._loop.time(), source))
+        nick = self.core.nick_of(session_id)
+        if nick is not None:
+            self._joins_log.info("join: %s from %s (session %d)", nick, address, session_id)
         return session_id
 
     def receive(self, session_id: int, text: str) -> None:
         """Hand one decoded line from ``session_id`` to the chat core."""
         self._schedule(self.core.receive_line(session_id, text, self._loop.time()))
 
-    def close(self, session_id: int, reason: str) -> None:
-        """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``."""
+    def receive_overlong(self, session_id: int) -> None:
+        """``session_id`` sent a line above ``limits.max_line_bytes`` (its bytes were
+        discarded): refuse it with a notice to the sender, and count it."""
+        self._schedule(self.core.receive_overlong(session_id, self._loop.time()))
+
+    def flood_wait(self, session_id: int) -> float:
+        """Seconds until ``session_id``'s next line passes flood control (0: now). A TCP
+        member is not read meanwhile, so its lines wait instead of being dropped."""
+        return self.core.flood_wait(session_id, self._loop.time())
+
+    def close(self, session_id: int, reason: str, detail: str = "") -> None:
+        """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``, the
+        log with ``detail`` too."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
         if reason == SLOW_CONSUMER:
             self.slow_consumers += 1
+        self._log_quit(self.core.nick_of(session_id), session_id, reason, detail)
         self._gone[session_id] = session  # until its Left effects are carried out
         self._schedule([*self.core.disconnect(session_id, reason), _Forget(session_id)])
+
+    def summary(self) -> str:
+        """The counters as one line, for a log (``open_chat_server`` logs it at the end)."""
+        stats = self.statistics()
+        return (
+            f"{stats.opened} sessions opened, {stats.sessions} open, "
+            f"{stats.lines_received} lines received, {stats.lines_too_long} too long, "
+            f"{stats.flood_dropped} dropped by flood control, "
+            f"{stats.slow_consumers} slow consumers, {stats.effect_errors} failed effects"
+        )
 
     def statistics(self) -> ChatServiceStatistics:
         """Return a snapshot of the counters."""
@@ -245,6 +297,7 @@ class ChatService:
             lines_received=core.lines_received,
             slow_consumers=self.slow_consumers,
             flood_dropped=core.lines_flood_dropped,
+            lines_too_long=core.lines_too_long,
             effect_errors=self._errors,
         )
 
@@ -308,12 +361,18 @@ class ChatService:
                 await self._subscription(client, room, join=True)
             case Left(client, room):
                 await self._subscription(client, room, join=False)
-            case Close(client, reason):
+            case Close(client, reason, nick):
                 session = self._sessions.pop(client, None)
                 if session is not None:
+                    self._log_quit(nick or None, client, reason)
                     session.end(reason)
             case _Forget(client):
                 self._gone.pop(client, None)
+
+    def _log_quit(self, nick: str | None, session_id: int, reason: str, detail: str = "") -> None:
+        who = nick if nick is not None else "a client"
+        because = f"{reason} ({detail})" if detail else reason
+        self._quits_log.info("quit: %s (session %d): %s", who, session_id, because)
 
     async def _subscription(self, client: int, room: str, *, join: bool) -> None:
         session = self._sessions.get(client) or self._gone.get(client)

@@ -15,25 +15,33 @@ Both ride on netlib's one stream adapter (``StreamProtocol``) with line framing,
   deadline (``StreamLimits.send_timeout``), as a slow consumer.
 * A line must arrive whole within ``CHAT_LINE_TIMEOUT`` of its first byte (a peer trickling a
   line is cut off); a member who only reads is never timed out for that.
+* A line above ``max_line_bytes`` is refused with a notice and skipped up to its line end
+  (``LineFraming(skip_overlong=True)``): nothing above the limit is buffered, the member stays.
+* **Flood control paces, it does not drop**: when a member's token bucket is empty its
+  connection stops being read (``hold_input``) and its queued lines wait until the server's
+  deadline timer says a token is there; the kernel's buffers and then the member's own
+  ``send()`` absorb the rest. Queued input stays bounded by the stream's read limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from netlib.aio.stream import StreamProtocol
-from netlib.errors import BrokenResourceError, NetlibError, SlowConsumer
-from netlib.sansio.framing import LineFraming
+from netlib.errors import BrokenResourceError, NetlibError, PeerTimedOut, SlowConsumer
+from netlib.sansio.framing import OVERLONG_LINE, LineFraming
 from netlib.sansio.stream import StreamLimits
 from netlib.services.chat.service import (
+    SHUTDOWN_NOTICE,
     SHUTDOWN_REASON,
     SLOW_CONSUMER,
     ChatLimits,
     ChatService,
+    address_text,
+    encode_line,
 )
 from netlib.streams import Handler, MessageStream
 
@@ -43,11 +51,11 @@ __all__ = [
     "chat_framing",
     "chat_protocol_factory",
     "chat_stream_limits",
+    "farewell",
     "make_chat_handler",
     "peer_host",
+    "quit_reason",
 ]
-
-logger = logging.getLogger("netlib.services.chat")
 
 
 def peer_host(stream: MessageStream) -> str | None:
@@ -57,8 +65,9 @@ def peer_host(stream: MessageStream) -> str | None:
 
 
 def chat_framing(limits: ChatLimits) -> LineFraming:
-    """The framing of a TCP chat connection: lines of at most ``max_line_bytes``."""
-    return LineFraming(max_size=limits.max_line_bytes)
+    """The framing of a TCP chat connection: lines of at most ``max_line_bytes``; a longer
+    one is reported (``OVERLONG_LINE``) and skipped, never buffered."""
+    return LineFraming(max_size=limits.max_line_bytes, skip_overlong=True)
 
 
 def chat_stream_limits(limits: ChatLimits) -> StreamLimits:
@@ -110,7 +119,7 @@ class StreamChatSession:
     def end(self, reason: str) -> None:
         """Close this member's connection after flushing what is queued."""
         if reason == SHUTDOWN_REASON and not self.ended:
-            self._stream.send_framed(b"*** server shutting down\n", limit=0)
+            self._stream.send_framed(SHUTDOWN_NOTICE, limit=0)
         self.ended = True
         self._on_end()
 
@@ -129,15 +138,26 @@ class StreamChatSession:
             return
         session_id, self.session_id = self.session_id, 0
         self.ended = True
-        if isinstance(error, SlowConsumer):
-            logger.info("slow consumer, session %d disconnected: %s", session_id, error)
-            self._service.close(session_id, SLOW_CONSUMER)
-        elif isinstance(error, BrokenResourceError):
-            self._service.close(session_id, "connection lost")
-        elif error is not None:
-            self._service.close(session_id, f"protocol error: {error}")
-        else:
-            self._service.close(session_id, "connection closed")
+        detail = "" if error is None else str(error)
+        self._service.close(session_id, quit_reason(error), detail)
+
+
+def quit_reason(error: NetlibError | None) -> str:
+    """The reason a TCP member's rooms hear when its connection ended with ``error``."""
+    if isinstance(error, SlowConsumer):
+        return SLOW_CONSUMER
+    if isinstance(error, PeerTimedOut):
+        return "timed out"
+    if isinstance(error, BrokenResourceError):
+        return "connection lost"
+    if error is not None:
+        return f"protocol error: {error}"
+    return "connection closed"
+
+
+def farewell(error: NetlibError) -> bytes:
+    """The last line a member cut off by the server gets, saying why."""
+    return encode_line(f"*** disconnected: {quit_reason(error)} ({error})")
 
 
 class ChatProtocol(StreamProtocol):
@@ -165,26 +185,56 @@ class ChatProtocol(StreamProtocol):
         super().connection_made(transport)
         stream = MessageStream(self)
         self.session = StreamChatSession(stream, self._service, self.close)
-        self.session.session_id = self._service.open(self.session, source=peer_host(stream))
+        self.session.session_id = self._service.open(
+            self.session, source=peer_host(stream), address=address_text(stream.remote_address)
+        )
 
     def messages_received(self) -> None:
         session, conn = self.session, self.conn
         if session is None:
             return
-        receive = self._service.receive
+        service = self._service
         while conn.frames:
-            receive(session.session_id, conn.take().decode("utf-8", "replace"))
+            if session.session_id and (wait := service.flood_wait(session.session_id)) > 0:
+                # Flood control: stop reading this member and let its lines wait, as IRC
+                # servers do; the deadline timer calls this again when a token is there.
+                self.hold_input(self._loop.time() + wait)
+                return
+            receive_line(service, session.session_id, conn.take())
         self.resume()
         if conn.input_ended and session.session_id:
-            error = conn.error
-            session.closed(error)
-            if error is None:
-                self.close()  # the peer finished: flush the goodbye, then close
+            session.closed(conn.error)
+            # The peer finished (or broke off a line at its EOF): flush, then close. A
+            # connection cut off by a deadline or the budget is being aborted already.
+            self.close()
+
+    def fail(self, error: NetlibError) -> None:
+        """Cut off by the server (a deadline, the memory budget): tell the member why first,
+        if its transport can take the line at once. A slow consumer's buffer is not empty,
+        so it does not get the line: nothing is queued beyond the outbound limits."""
+        transport = self.transport
+        if (
+            self.conn.error in (None, error)  # a deadline has recorded it already
+            and not self.lost
+            and transport is not None
+            and not transport.is_closing()
+            and not self.buffered_size()
+        ):
+            transport.write(farewell(error))
+        super().fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.session is not None:
             self.session.closed(self.conn.error)
+
+
+def receive_line(service: ChatService, session_id: int, line: bytes) -> None:
+    """Hand one line read from a TCP member to the chat (``OVERLONG_LINE``: refused)."""
+    if line is OVERLONG_LINE:
+        service.receive_overlong(session_id)
+    else:
+        service.receive(session_id, line.decode("utf-8", "replace"))
 
 
 def chat_protocol_factory(service: ChatService) -> Callable[..., ChatProtocol]:
@@ -206,11 +256,15 @@ def make_chat_handler(service: ChatService) -> Handler:
 
     async def handler(stream: MessageStream) -> None:
         session = StreamChatSession(stream, service, stream.end_input)
-        session.session_id = service.open(session, source=peer_host(stream))
+        session.session_id = service.open(
+            session, source=peer_host(stream), address=address_text(stream.remote_address)
+        )
         error: NetlibError | None = None
         try:
             async for line in stream:
-                service.receive(session.session_id, line.decode("utf-8", "replace"))
+                if (wait := service.flood_wait(session.session_id)) > 0:
+                    await asyncio.sleep(wait)  # flood control: the member's lines wait
+                receive_line(service, session.session_id, line)
         except NetlibError as exc:
             error = exc
         finally:

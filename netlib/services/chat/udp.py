@@ -4,8 +4,10 @@ Each line is one datagram. The sans-I/O ``UdpChatCore`` (``netlib.sansio.chat_ud
 the cookie handshake, the bounded peer table and the reply budget; this protocol feeds it
 datagrams and the loop's clock, sends what it allows, opens and closes the chat sessions of
 its peers, and runs its expiry sweep on a timer. A new address sends ``/hello`` padded to at
-least ``HELLO_REPLY_SIZE`` bytes, gets ``*** hello <cookie>`` and becomes a session after
-sending ``/hello <cookie>`` back. Peers keep alive with empty datagrams (or the padded hello)
+least ``HELLO_REPLY_SIZE`` bytes, gets ``*** hello <cookie>`` (with what to send back, if
+the request was at least ``HELLO_GUIDE_SIZE`` bytes) and becomes a session after sending
+``/hello <cookie>`` back. Every datagram sent is one line ending in ``\\n``; at shutdown each
+peer gets ``*** server shutting down``. Peers keep alive with empty datagrams (or the padded hello)
 and expire after ``peer_timeout`` seconds of silence.
 """
 
@@ -29,7 +31,12 @@ from netlib.sansio.chat_udp import (
     UdpChatStatistics,
 )
 from netlib.sansio.datagram import ReplyBudget
-from netlib.services.chat.service import ChatService
+from netlib.services.chat.service import (
+    SHUTDOWN_NOTICE,
+    SHUTDOWN_REASON,
+    ChatService,
+    address_text,
+)
 
 __all__ = [
     "CHAT_PEER_TIMEOUT",
@@ -55,7 +62,10 @@ class _UdpPeer:
             self.owner.send_line(line, self.addr)
 
     def end(self, reason: str) -> None:
+        if reason == SHUTDOWN_REASON:
+            self.owner.send_line(SHUTDOWN_NOTICE, self.addr)
         self.owner.forget(self.addr)
+        self.owner.service.close(self.session_id, reason)  # a no-op after /quit
 
     def abort(self) -> None:
         self.owner.forget(self.addr)
@@ -92,7 +102,7 @@ class DatagramChatProtocol(DatagramEndpointProtocol):
         limits: DatagramLimits | None = None,
     ) -> None:
         super().__init__(limits or DatagramLimits())
-        self._service = service if service is not None else ChatService.default()
+        self.service = service if service is not None else ChatService.default()
         self.core = UdpChatCore(
             os.urandom(16),
             peer_timeout=peer_timeout,
@@ -113,19 +123,19 @@ class DatagramChatProtocol(DatagramEndpointProtocol):
             case PeerLine(text=text):
                 peer = self._sessions.get(addr)
                 if peer is not None:
-                    self._service.receive(peer.session_id, text)
+                    self.service.receive(peer.session_id, text)
             case SendDatagram(data=reply):
                 self.sendto(reply, addr)
             case PeerJoined():
                 peer = self._sessions[addr] = _UdpPeer(self, addr)
-                peer.session_id = self._service.open(peer)
+                peer.session_id = self.service.open(peer, address=f"{address_text(addr)} (udp)")
         return True  # every datagram is the chat's: nothing is queued
 
     def send_line(self, line: bytes, addr: Any) -> None:
-        """Send one line as one datagram (without its line end), within the budget."""
-        payload = line.rstrip(b"\n")
-        if self.core.send(payload, addr, self._loop.time()):
-            self.sendto(payload, addr)
+        """Send one line (with its ``\\n``, so lines never run together in ``nc -u``) as one
+        datagram, within the budget."""
+        if self.core.send(line, addr, self._loop.time()):
+            self.sendto(line, addr)
 
     def forget(self, addr: Any) -> None:
         """End the session of ``addr`` (after /quit, or when it expired)."""
@@ -136,7 +146,7 @@ class DatagramChatProtocol(DatagramEndpointProtocol):
         for addr in self.core.handle_timer(self._loop.time()):
             peer = self._sessions.pop(addr, None)
             if peer is not None:
-                self._service.close(peer.session_id, "timed out")
+                self.service.close(peer.session_id, "timed out")
         self._sweeper = self._loop.call_later(self.core.sweep_interval, self._sweep)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -146,7 +156,7 @@ class DatagramChatProtocol(DatagramEndpointProtocol):
         sessions, self._sessions = self._sessions, {}
         for peer in sessions.values():
             self.core.forget(peer.addr)
-            self._service.close(peer.session_id, "server closed")
+            self.service.close(peer.session_id, "server closed")
 
     @property
     def peers(self) -> int:
