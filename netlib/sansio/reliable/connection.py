@@ -395,6 +395,8 @@ class ReliableConnection:
     """
 
     __slots__ = (
+        "_ack_carrier",
+        "_ack_confirmed",
         "_ack_deadline",
         "_ack_eliciting",
         "_ack_now",
@@ -411,6 +413,7 @@ class ReliableConnection:
         "_config",
         "_confirmed",
         "_events",
+        "_fresh",
         "_handshake_deadline",
         "_held",
         "_hello_count",
@@ -514,6 +517,9 @@ class ReliableConnection:
         self._ack_eliciting = 0
         self._ack_now = False
         self._ack_deadline: float | None = None
+        self._ack_carrier = -1
+        self._ack_confirmed = True
+        self._fresh = False
         self._last_rx = now
         self._rcv_next = 0
         self._ooo: dict[int, tuple[int, bytes] | None] = {}
@@ -692,14 +698,21 @@ class ReliableConnection:
             self._ack_now = self._ack_now or not _only_ack(data, offset)
             return
         try:
+            # an ACK in the newest packet from the peer was made when it was sent: fresh
+            self._fresh = pn == self._rx_ranges[0][1]
             eliciting = self._read_frames(data, offset, now)
         except (ProtocolError, struct.error, ValueError) as exc:
             self._abort(CloseCode.PROTOCOL_ERROR, f"malformed packet: {exc}")
             return
         if eliciting and self.state is not _CLOSED:
             self._ack_eliciting += 1
-            if order == _DISORDER or self._ack_eliciting >= _ELICITING_BEFORE_ACK:
-                self._ack_now = True  # a gap or reordering: the sender must hear at once
+            top = self._rx_ranges[0]
+            if (
+                order == _DISORDER
+                or self._ack_eliciting >= _ELICITING_BEFORE_ACK
+                or (top[1] - top[0] < PACKET_THRESHOLD and len(self._rx_ranges) > 1)
+            ):
+                self._ack_now = True  # after a recent gap the sender must hear at once
             elif self._ack_deadline is None:
                 self._ack_deadline = now + self._config.max_ack_delay
 
@@ -938,6 +951,7 @@ class ReliableConnection:
             elif frame == _F_PING:
                 offset += 1
                 eliciting = True
+                self._ack_now = True  # a probe or keepalive: answer at once
             elif frame == _F_CLOSE:
                 code, reason, offset = decode_close(data, offset)
                 self._on_close(code, reason, now)
@@ -1092,13 +1106,17 @@ class ReliableConnection:
         if self._lost:
             self._late_acks(ranges)
         if not acked:
+            if self._fresh and sent:
+                self._detect_losses(now, fresh=True)
             return
+        if not self._ack_confirmed and _covered(self._ack_carrier, ranges):
+            self._ack_confirmed = True  # the peer has our acknowledgements up to then
         if sample is not None:
-            self._rtt.update(now - sample.time, min(delay, self._peer_ack_delay))
+            self._rtt.update(now - sample.time, delay)
         for record in acked:
             self._acked(record)
         self._pto_count = 0
-        self._detect_losses(now)
+        self._detect_losses(now, fresh=self._fresh)
 
     def _acked(self, record: _Sent) -> None:
         self._bytes_in_flight -= record.size
@@ -1125,18 +1143,29 @@ class ReliableConnection:
                     fragment.acked = True
                     self._send_buffered -= len(fragment.payload) + FRAGMENT_CHARGE
 
-    def _detect_losses(self, now: float) -> None:
-        """Declare lost what the packet or time threshold says (RFC 9002 section 6.1)."""
+    def _detect_losses(self, now: float, *, fresh: bool = False) -> None:
+        """Declare lost what the packet or time threshold says (RFC 9002 section 6.1).
+
+        With ``fresh`` (the ACK came in the newest packet from the peer, so it tells what
+        the peer had when it sent it), the time threshold also applies to packets above
+        the largest acknowledged: one sent ``loss_delay`` before now would have been in
+        that ACK had it arrived (the RACK idea of RFC 8985). A request-reply exchange thus
+        sees a lost reply from the next request, without waiting for a probe.
+        """
         self._loss_time = None
         sent = self._sent
         largest = self._largest_acked
         delay = self._rtt.loss_delay()
-        lost_before = now - delay
         lost = []
         for pn, record in sent.items():
             if pn > largest:
+                if fresh and record.time + delay <= now:
+                    lost.append(pn)
+                    continue
                 break
-            if record.time <= lost_before or largest - pn >= PACKET_THRESHOLD:
+            # the same expression as the timer's deadline, so float rounding cannot leave
+            # a deadline in the past with nothing due
+            if record.time + delay <= now or largest - pn >= PACKET_THRESHOLD:
                 lost.append(pn)
             else:
                 self._loss_time = record.time + delay
@@ -1175,13 +1204,6 @@ class ReliableConnection:
         self._last_eliciting = now
         if self._pto_count >= _PERSISTENT_CONGESTION:
             self._cc.on_persistent_congestion(now)
-        if self._retransmit or not self._sent:
-            return
-        newest = self._sent[next(reversed(self._sent))]
-        for fragment in reversed(newest.fragments):
-            if not fragment.acked and fragment.last_pn >= 0:
-                fragment.last_pn = -1
-                self._retransmit.appendleft(fragment)
 
     # -- building packets ---------------------------------------------------------------------
 
@@ -1232,7 +1254,9 @@ class ReliableConnection:
                 PARAMS.pack(self.cid, round(self._config.max_ack_delay / 1e-4), self._max_dseq),
             ]
             size = OVERHEAD + PARAMS.size
-        with_ack = self._ack_unsent
+        with_ack = self._ack_unsent or (
+            (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
+        )
         if with_ack:
             ack = self._ack_frame(now)
             parts.append(ack)
@@ -1258,6 +1282,9 @@ class ReliableConnection:
         self._probe_pending = False
         packet = seal(parts)
         if fragments or flags:
+            if with_ack:  # repeated in every packet until the peer acknowledges one
+                self._ack_carrier = pn
+                self._ack_confirmed = False
             self._sent[pn] = _Sent(now, len(packet), fragments, flags)
             self._bytes_in_flight += len(packet)
             self._last_eliciting = now

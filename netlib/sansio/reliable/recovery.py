@@ -9,9 +9,12 @@ Theory of operation
 -------------------
 ``RttEstimator`` follows RFC 9002 section 5: ``min_rtt`` is the smallest sample,
 ``smoothed_rtt`` and ``rttvar`` are the RFC 6298 moving averages (gains 1/8 and 1/4), and the
-peer's reported ack delay is subtracted from a sample unless that would take it below
-``min_rtt``. Samples come only from the largest newly acknowledged packet when it elicited an
-acknowledgement; packet numbers are never reused, so a sample is never ambiguous.
+peer's reported ack delay is subtracted from a sample, which is then kept at ``min_rtt`` or
+above. Unlike RFC 9002 the delay is not capped at the peer's ``max_ack_delay``: an
+acknowledgement repeated after the one carrying it was lost reports the whole time the peer
+held it, and that time says nothing about the path. Samples come only from the largest newly
+acknowledged packet when it elicited an acknowledgement; packet numbers are never reused,
+so a sample is never ambiguous.
 
 The probe timeout is ``smoothed_rtt + max(4 * rttvar, GRANULARITY) + max_ack_delay``, at
 least ``MIN_PTO``. It doubles with every consecutive expiry (``backoff``), up to
@@ -97,8 +100,9 @@ class RttEstimator:
             self.rttvar = sample / 2
             return
         self.min_rtt = min(self.min_rtt, sample)
-        if sample - ack_delay >= self.min_rtt:
-            sample -= ack_delay
+        # the peer's delay is taken off, but never below min_rtt (the delay travels in
+        # 100 us units, so an exact comparison would fail on rounding half the time)
+        sample = max(sample - ack_delay, self.min_rtt)
         self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.smoothed_rtt - sample)
         self.smoothed_rtt = 0.875 * self.smoothed_rtt + 0.125 * sample
 
