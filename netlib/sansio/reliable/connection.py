@@ -423,6 +423,7 @@ class ReliableConnection:
         "_largest_acked",
         "_largest_rx_time",
         "_last_eliciting",
+        "_last_lost",
         "_last_rx",
         "_loss_time",
         "_lost",
@@ -520,6 +521,7 @@ class ReliableConnection:
         self._ack_carrier = -1
         self._ack_confirmed = True
         self._fresh = False
+        self._last_lost = -(1 << 40)
         self._last_rx = now
         self._rcv_next = 0
         self._ooo: dict[int, tuple[int, bytes] | None] = {}
@@ -816,11 +818,6 @@ class ReliableConnection:
             send_buffered=self._send_buffered,
             receive_buffered=self.receive_buffered,
         )
-
-    @property
-    def probe_timeout(self) -> float:
-        """The current probe timeout, with its back-off (seconds)."""
-        return self._rtt.backoff(self._peer_ack_delay, self._pto_count)
 
     # -- handshake ----------------------------------------------------------------------------
 
@@ -1175,6 +1172,7 @@ class ReliableConnection:
 
     def _on_lost(self, pn: int, record: _Sent, now: float) -> None:
         self.losses_detected += 1
+        self._last_lost = max(self._last_lost, pn)
         self._bytes_in_flight -= record.size
         for fragment in record.fragments:
             if not fragment.acked and fragment.last_pn == pn:
@@ -1194,16 +1192,43 @@ class ReliableConnection:
         blocked = bool(self._unsent) and self._unsent[0].dseq >= self._peer_max_dseq
         if not self._sent and not blocked:
             return None
-        return self._last_eliciting + self._rtt.backoff(self._peer_ack_delay, self._pto_count)
+        return self._last_eliciting + self.probe_timeout
+
+    @property
+    def probe_timeout(self) -> float:
+        """The current probe timeout, with its back-off (seconds)."""
+        delay = 0.0 if self._in_recovery() else self._peer_ack_delay
+        return self._rtt.backoff(delay, self._pto_count)
+
+    def _in_recovery(self) -> bool:
+        """True while the newest packet sent is within ``PACKET_THRESHOLD`` of the last one
+        lost: the peer then sees a recent gap and acknowledges at once, without its ack
+        delay, so the probe timeout leaves that delay out and a lost retransmission is
+        probed (with its data) after about one round trip."""
+        return 0 <= self._next_pn - 1 - self._last_lost <= PACKET_THRESHOLD
 
     def _probe(self, now: float) -> None:
-        """The probe timer expired: one probe goes out, and the timer backs off."""
+        """The probe timer expired: one probe goes out, and the timer backs off.
+
+        Outside recovery the probe is a PING (the peer acknowledges it at once, and the
+        acknowledgement shows what was lost): a late acknowledgement is the usual cause of
+        a timeout there, and resending data would be spurious. In recovery, the data of the
+        newest packet goes again.
+        """
+        recovering = self._in_recovery()
         self._pto_count += 1
         self.probes_sent += 1
         self._probe_pending = True
         self._last_eliciting = now
         if self._pto_count >= _PERSISTENT_CONGESTION:
             self._cc.on_persistent_congestion(now)
+        if not recovering or self._retransmit or not self._sent or self._pto_count < 2:
+            return
+        newest = self._sent[next(reversed(self._sent))]
+        for fragment in reversed(newest.fragments):
+            if not fragment.acked and fragment.last_pn >= 0:
+                fragment.last_pn = -1
+                self._retransmit.appendleft(fragment)
 
     # -- building packets ---------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ GRANULARITY: Final = 0.001
 INITIAL_RTT: Final = 0.1
 """RTT assumed before the first sample (RFC 9002 uses 333 ms; netlib targets LANs and the
 handshake takes a sample at once)."""
-MIN_PTO: Final = 0.005
+MIN_PTO: Final = 0.003
 """Smallest probe timeout (seconds): low, for LAN latency, yet above timer jitter."""
 MAX_PROBE_INTERVAL: Final = 1.0
 """Largest backed-off probe interval (seconds), unless the base timeout is larger."""
