@@ -732,11 +732,10 @@ class ReliableConnection:
         if state is _CLOSING and self._close_deadline is None and not self._send_buffered:
             self._close_pending = True  # everything sent was acknowledged: now CLOSE
             self._close_deadline = now + _CLOSE_PTOS * self._rtt.pto(self._peer_ack_delay)
-        while True:
-            packet = self._packet(now)
-            if packet is None:
-                break
+        first = True
+        while (packet := self._packet(now, first)) is not None:
             out.append(packet)
+            first = False
         return out
 
     def next_deadline(self) -> float | None:
@@ -1249,8 +1248,14 @@ class ReliableConnection:
         deadline = self._ack_deadline
         return self._ack_now or (deadline is not None and now >= deadline)
 
-    def _packet(self, now: float) -> bytes | None:
-        """Build the next datagram, or return None if nothing needs to go now."""
+    def _packet(self, now: float, first: bool) -> bytes | None:
+        """Build the next datagram, or return None if nothing needs to go now.
+
+        An ACK goes in whenever something received is unacknowledged; an acknowledgement
+        the peer has not confirmed is repeated in the first packet of each batch that goes
+        anyway. With data to follow, the ACK is cut to the ranges that leave room for the
+        next fragment.
+        """
         probe = self._probe_pending
         state = self.state
         if state is _DRAINING:
@@ -1280,10 +1285,10 @@ class ReliableConnection:
             ]
             size = OVERHEAD + PARAMS.size
         with_ack = self._ack_unsent or (
-            (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
+            first and (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
         )
         if with_ack:
-            ack = self._ack_frame(now)
+            ack = self._ack_frame(now, self._ack_space(size) if data else MAX_DATAGRAM - size)
             parts.append(ack)
             size += len(ack)
         bare = len(parts)
@@ -1316,10 +1321,17 @@ class ReliableConnection:
         self._count_sent(packet)
         return packet
 
-    def _ack_frame(self, now: float) -> bytes:
+    def _ack_space(self, size: int) -> int:
+        """Bytes an ACK may take in a packet of ``size`` bytes so far that will carry the
+        next fragment to send."""
+        queue = self._retransmit or self._unsent
+        payload = len(queue[0].payload) if queue else 0
+        return MAX_DATAGRAM - size - MSG.size - payload
+
+    def _ack_frame(self, now: float, space: int) -> bytes:
         self._grow_window()
         delay = round((now - self._largest_rx_time) / _ACK_DELAY_UNIT)
-        frame = encode_ack(self._rx_ranges, delay, self._max_dseq)
+        frame = encode_ack(self._rx_ranges, delay, self._max_dseq, space)
         self._window_sent = self._max_dseq
         self._ack_unsent = False
         self._ack_now = False
