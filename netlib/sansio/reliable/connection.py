@@ -25,22 +25,36 @@ Theory of operation
 consecutive data sequence numbers (dseq). Each datagram built by ``datagrams_to_send`` gets
 a new packet number and carries, in order: an ACK frame whenever something received is not
 yet acknowledged (acknowledgements ride on data), fragments to retransmit, new fragments (up
-to the peer's window), then PING or CLOSE frames when due. A packet with any frame but ACK
-is ack-eliciting and is remembered until acknowledged or declared lost.
+to the peer's window and the congestion window), then PING or CLOSE frames when due. A
+packet with any frame but ACK is ack-eliciting and is remembered until acknowledged or
+declared lost.
 
 *Acknowledging.* The receiver remembers received packet numbers as at most
-``MAX_ACK_RANGES`` ranges. It acknowledges at once when a packet arrives out of order (a gap:
-the sender needs to know fast), after a duplicate, or when two ack-eliciting packets are
-unacknowledged; otherwise within ``max_ack_delay``, so that a reply, or the next request,
-carries the acknowledgement: a request-reply exchange costs two datagrams, not four.
+``MAX_ACK_RANGES`` ranges. It acknowledges at once when an ack-eliciting packet arrives
+after a gap or out of order, or within ``PACKET_THRESHOLD`` packets of a gap (the sender is
+recovering and needs to know fast), on a PING, after a duplicate, or when two ack-eliciting
+packets are unacknowledged; otherwise within ``max_ack_delay``, so that a reply, or the next
+request, carries the acknowledgement: a request-reply exchange costs two datagrams, not
+four. An ACK the peer has not yet acknowledged (it rode on a packet that may be lost) is
+repeated in the first packet of every later batch, so one lost request does not also lose
+the acknowledgement of the previous reply.
 
-*Loss recovery* (RFC 9002). A packet is lost when a packet sent ``PACKET_THRESHOLD`` (3)
-later is acknowledged, or when a later one is acknowledged and ``9/8 * RTT`` has passed since
-it was sent (fast retransmit without waiting for a timer). Its fragments not acknowledged
-since go to the retransmit queue and travel in new packets. When nothing is acknowledged for
-a probe timeout (PTO), one probe goes out (a tail-loss probe): the fragments of the newest
-unacknowledged packet, or a PING; the PTO doubles per expiry without an acknowledgement. A
-fragment acknowledged twice (in two packets) counts as a spurious retransmission.
+*Loss recovery* (RFC 9002, with two additions). A packet is lost when a packet sent
+``PACKET_THRESHOLD`` (3) later is acknowledged, or when a later one is acknowledged and
+``9/8 * RTT`` has passed since it was sent (fast retransmit without a timer). Addition one,
+from RACK (RFC 8985): an ACK that arrives in the newest packet from the peer was made when
+that packet was sent, so a packet sent ``9/8 * RTT`` before it arrived and not in it is lost
+even if nothing later was acknowledged: the request after a lost reply reveals the loss.
+Lost fragments not acknowledged since go to the retransmit queue and travel in new packets.
+When nothing is acknowledged for a probe timeout (PTO), one probe goes out and the PTO
+doubles (up to ``MAX_PROBE_INTERVAL``) until something is acknowledged. The probe is a PING,
+which the peer acknowledges at once, and the acknowledgement shows what was lost: a late
+acknowledgement, not a loss, is the usual reason for a timeout, so resending data there
+would mostly be spurious. Addition two: right after a loss (the newest packet sent is within
+``PACKET_THRESHOLD`` of the last one lost) the peer sees a gap and acknowledges without
+delay, so the PTO leaves the peer's ack delay out, and from the second probe on the newest
+packet's data goes again. A fragment acknowledged in two packets counts as a spurious
+retransmission.
 
 *Flow and congestion control.* The receiver grants credit in dseq units: the peer may send
 fragments below ``window``, carried in every ACK. The window is the first dseq not received

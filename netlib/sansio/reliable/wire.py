@@ -101,7 +101,7 @@ MAX_DATAGRAM: Final = 1200
 """Largest datagram sent (UDP payload bytes): fits the IPv6 minimum MTU (1,280) with the IP
 and UDP headers, so it is never fragmented by IP on any common path."""
 MIN_HELLO_SIZE: Final = 1200
-"""Smallest HELLO a server answers: its reply (a cookie, 40 bytes) is then far below 3x what
+"""Smallest HELLO a server answers: its reply (a cookie, 35 bytes) is then far below 3x what
 the unverified address sent, so a forged source cannot use the server as an amplifier."""
 MAX_MESSAGE: Final = 1024 * 1024
 """Largest message ``send()`` accepts (1 MiB, about 900 fragments)."""
