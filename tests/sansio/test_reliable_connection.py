@@ -359,3 +359,31 @@ ReliableMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_reliable_state_machine = ReliableMachine.TestCase
+
+
+def test_sequence_numbers_run_out_cleanly() -> None:
+    _, client, _ = connected_pair()
+    client._next_dseq = 0xFFFF_FFF0  # as after 4 billion fragments
+    with pytest.raises(ClosedResourceError, match="sequence numbers"):
+        client.send(bytes(20 * 1156))
+    assert client.state is ConnectionState.CLOSED
+    event = client.next_event()
+    assert isinstance(event, ConnectionClosed)
+    assert event.code == CloseCode.EXHAUSTED
+    sim2, other, _ = connected_pair()
+    other._next_pn = 0xFFFF_FFFF
+    other.send(b"x")
+    assert other.datagrams_to_send(sim2.now) != []  # the last CLOSE
+    assert other.state is ConnectionState.CLOSED
+
+
+def test_a_clock_going_backwards_breaks_nothing() -> None:
+    server = Recorder()
+    sim, client, _ = connected_pair(server_events=server)
+    (conn,) = sim.server.connections()
+    client.send(b"late")
+    for packet in client.datagrams_to_send(sim.now):
+        sim.server.datagram_received(packet, CLIENT, sim.now - 5.0)
+    assert conn.datagrams_to_send(sim.now - 10.0) is not None
+    conn.handle_timer(sim.now - 10.0)
+    assert conn.state is ConnectionState.ESTABLISHED

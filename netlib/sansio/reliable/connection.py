@@ -170,6 +170,7 @@ of empty messages fills the buffers as surely as large ones."""
 _SLOT: Final = MAX_FRAGMENT + FRAGMENT_CHARGE
 _ACK_DELAY_UNIT: Final = 1e-4  # ack delays travel in units of 100 us
 _MAX_PN: Final = 0xFFFF_FFFF
+_MAX_DSEQ: Final = 0xFFFF_FFFF
 _MAX_LOST: Final = 64  # packets declared lost remembered, to spot spurious retransmissions
 _CLOSE_PTOS: Final = 3  # probe timeouts a closing or draining connection lingers
 _PERSISTENT_CONGESTION: Final = 3  # consecutive probe timeouts that reset the window
@@ -609,6 +610,9 @@ class ReliableConnection:
             )
         flags = FLAG_UNORDERED if channel else 0
         dseq = self._next_dseq
+        if dseq + size // MAX_FRAGMENT + 1 > _MAX_DSEQ:
+            self._abort(CloseCode.EXHAUSTED, "data sequence numbers exhausted")
+            raise ClosedResourceError("the connection used up its data sequence numbers")
         unsent = self._unsent
         if size <= MAX_FRAGMENT:
             unsent.append(_Fragment(dseq, flags | FLAG_FIRST | FLAG_LAST, bytes(message)))
@@ -750,6 +754,9 @@ class ReliableConnection:
         while (packet := self._packet(now, first)) is not None:
             out.append(packet)
             first = False
+        if self._pending_out:  # the connection failed while building (numbers ran out)
+            out += self._pending_out
+            self._pending_out = []
         return out
 
     def next_deadline(self) -> float | None:
@@ -1409,7 +1416,9 @@ class ReliableConnection:
             return
         if self.peer_cid:
             ptype = _T_DATA if self._confirmed else _T_ACCEPT
-            parts = [HEADER.pack(VERSION, ptype, self.peer_cid, self._take_pn())]
+            pn = min(self._next_pn, _MAX_PN)  # the last number is kept for this CLOSE
+            self._next_pn = pn + 1
+            parts = [HEADER.pack(VERSION, ptype, self.peer_cid, pn)]
             if ptype == _T_ACCEPT:
                 parts.append(PARAMS.pack(self.cid, 0, self._max_dseq))
             parts.append(encode_close(code, reason))

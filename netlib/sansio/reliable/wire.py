@@ -215,7 +215,7 @@ def encode_ack(
         extra.append(ACK_RANGE.pack(gap, high - low))
         previous = low
     top = ranges[0][1]
-    return ACK.pack(FrameType.ACK, top, min(delay, 0xFFFF), window, first, len(extra)) + (
+    return ACK.pack(FrameType.ACK, top, min(max(delay, 0), 0xFFFF), window, first, len(extra)) + (
         b"".join(extra)
     )
 
