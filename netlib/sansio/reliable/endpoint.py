@@ -10,12 +10,13 @@ Rules of this module:
   went to (its own ``datagrams_to_send``/``next_event`` are then pumped, to
   ``conn.peer_address``), the stateless replies in ``datagrams_to_send()``, new connections
   in ``accepted()``, and ``next_deadline()``: one timer for the whole endpoint.
-* Nothing is kept for an address before it proves it receives what is sent to it. A
-  datagram that is not a sound packet for a known connection, or a HELLO of at least
-  ``MIN_HELLO_SIZE`` bytes, gets no reply and leaves no state; the replies to a HELLO (a
-  COOKIE, or REFUSE when full) are smaller than it, so an unverified address receives less
-  than it sent (the limit is 3x). Stateless replies wait in a queue of at most
-  ``MAX_PENDING_REPLIES``; beyond it they are dropped and counted.
+* Nothing is kept for an address before it proves it receives what is sent to it. Only two
+  kinds of datagram are answered: sound packets for a known connection (from its address),
+  and sound HELLOs of at least ``MIN_HELLO_SIZE`` bytes; anything else gets no reply and
+  leaves no state. The replies to a HELLO (a COOKIE, or REFUSE when full) are smaller than
+  it, so an unverified address receives less than it sent (the limit is 3x). Stateless
+  replies wait in a queue of at most ``MAX_PENDING_REPLIES``; beyond it they are dropped
+  and counted.
 * Every table is bounded: ``max_sessions`` connections, ``max_sessions_per_host`` per host.
 
 Theory of operation

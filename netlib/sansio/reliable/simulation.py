@@ -187,7 +187,6 @@ class Simulation:
         server: the server core (its datagrams go down, the clients' go up).
         up: the clients-to-server link profile; down: server-to-clients.
         seed: seeds both links.
-        server_address: the address clients send to (for the record).
         on_client_event, on_server_event: called with each event of a connection; when
             None, events stay in the connection for the test to take.
     """

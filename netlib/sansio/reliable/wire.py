@@ -37,8 +37,8 @@ Packet types and bodies:
   Every packet of a server connection is an ACCEPT until the client has used the server's
   cid, so an ACCEPT lost is repeated by the ordinary loss recovery.
 * ``DATA``: frames.
-* ``REFUSE`` (server to client, stateless): code and reason, for a validated HELLO the server
-  cannot take (full).
+* ``REFUSE`` (server to client, stateless): a CLOSE frame (code and reason), for a validated
+  HELLO the server cannot take (full). Its packet number echoes the HELLO's too.
 
 Frames (a type byte, then fixed fields)::
 
