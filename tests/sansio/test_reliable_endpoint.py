@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import tracemalloc
@@ -163,6 +164,17 @@ def test_one_deadline_for_the_endpoint() -> None:
     assert deadline is not None
     assert deadline <= (conn.next_deadline() or 0)
     assert core.handle_timer(deadline - 1) == []
+
+
+def test_the_timer_heap_stays_small_on_a_busy_connection() -> None:
+    sim, client, _ = connected_pair()
+    sizes = []
+    for i in range(300):  # an echo every 50 ms: busy, quiet, busy...
+        sim.at(sim.now + 0.05 * i, functools.partial(client.send, b"%d" % i))
+    for _ in range(300):
+        sim.run(limit=sim.now + 0.05)
+        sizes.append(len(sim.server._heap))
+    assert max(sizes) <= 2 + 64
 
 
 def test_bad_arguments_raise() -> None:

@@ -38,8 +38,11 @@ connection.
 
 Timers: ``schedule(conn)`` puts a connection's next deadline in a heap, unless an earlier
 entry is there already; entries are checked lazily when due (the connection's real deadline
-may have moved), so the heap holds about one entry per connection and the endpoint needs one
-event-loop timer.
+may have moved), and the endpoint needs one event-loop timer. An entry made stale by an
+earlier one stays in the heap until its time; a busy connection makes one such entry per
+quiet spell (an idle deadline a minute away), so the heap is rebuilt from the registered
+deadlines whenever it holds more than two entries per connection (plus a slack): amortized
+O(log n) per schedule, and memory for about two entries per connection.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ MAX_PENDING_REPLIES: Final = 1024
 """Stateless replies (cookies, refusals) queued until ``datagrams_to_send()``."""
 MIN_KEY_SIZE: Final = 16
 _MAC_SIZE: Final = 16
+_HEAP_SLACK: Final = 64  # stale timer entries tolerated beyond two per connection
 _HELLO: Final = int(PacketType.HELLO)
 _CLOSED: Final = ConnectionState.CLOSED
 
@@ -257,6 +261,14 @@ class ReliableServerCore:
             self._registered[conn.cid] = deadline
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, conn.cid))
+            if len(self._heap) > 2 * len(self._registered) + _HEAP_SLACK:
+                self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Drop the stale entries: one per connection is left, its registered deadline."""
+        self._heap = [(d, i, cid) for i, (cid, d) in enumerate(self._registered.items())]
+        heapq.heapify(self._heap)
+        self._seq = len(self._heap)
 
     # -- outputs ------------------------------------------------------------------------------
 
