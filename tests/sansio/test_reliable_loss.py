@@ -281,3 +281,25 @@ def test_congestion_window_survives_random_loss() -> None:
     stats = client.statistics()
     assert stats.congestion_window >= 4 * 1200
     assert stats.losses_detected > 20
+
+
+@pytest.mark.parametrize("queue", [64 * 1024, 1024 * 1024])
+def test_a_bottleneck_is_filled_without_spurious_retransmissions(queue: int) -> None:
+    """A 10 MB/s link with a drop-tail queue: every loss is a real overflow, none is
+    declared while packets merely wait in the queue, and the transfer keeps the link busy."""
+    link = LinkProfile(delay=0.005, bandwidth=10e6, queue=queue)
+    server = Recorder()
+    sim, client, _ = connected_pair(up=link, down=LinkProfile(delay=0.005), server_events=server)
+    messages = [numbered(i, 16 * 1024) for i in range(256)]
+    begin = sim.now
+    stream_messages(sim, client, messages)
+    assert sim.run(lambda: len(server.messages) == len(messages), limit=sim.now + 60)
+    assert server.messages == messages
+    stats = client.statistics()
+    goodput = 4 * MiB / (sim.now - begin)
+    print(f"\nbottleneck 10 MB/s, queue {queue // 1024} KiB: {goodput / 1e6:.1f} MB/s goodput")
+    assert goodput > 0.7 * 10e6
+    assert sim.up.overflowed > 0  # the window probed the queue's size
+    assert stats.losses_detected == sim.up.overflowed
+    assert stats.spurious_retransmissions == 0
+    assert stats.spurious_losses == 0

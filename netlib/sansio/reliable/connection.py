@@ -100,6 +100,7 @@ from typing import Final
 from netlib.errors import ClosedResourceError, LimitExceeded, ProtocolError, WouldBlock
 from netlib.sansio.reliable.recovery import (
     INITIAL_RTT,
+    MIN_WINDOW,
     PACKET_THRESHOLD,
     CongestionWindow,
     RttEstimator,
@@ -1123,7 +1124,7 @@ class ReliableConnection:
         if self._lost:
             self._late_acks(ranges)
         if not acked:
-            if self._fresh and sent:
+            if self._fresh and sent and self._bytes_in_flight <= MIN_WINDOW:
                 self._detect_losses(now, fresh=True)
             return
         if not self._ack_confirmed and _covered(self._ack_carrier, ranges):
@@ -1133,7 +1134,7 @@ class ReliableConnection:
         for record in acked:
             self._acked(record)
         self._pto_count = 0
-        self._detect_losses(now, fresh=self._fresh)
+        self._detect_losses(now, fresh=self._fresh and self._bytes_in_flight <= MIN_WINDOW)
 
     def _acked(self, record: _Sent) -> None:
         self._bytes_in_flight -= record.size
@@ -1167,7 +1168,9 @@ class ReliableConnection:
         the peer had when it sent it), the time threshold also applies to packets above
         the largest acknowledged: one sent ``loss_delay`` before now would have been in
         that ACK had it arrived (the RACK idea of RFC 8985). A request-reply exchange thus
-        sees a lost reply from the next request, without waiting for a probe.
+        sees a lost reply from the next request, without waiting for a probe. The caller
+        passes it only while at most ``MIN_WINDOW`` bytes are in flight: a sender that
+        fills the path may have packets waiting in a queue longer than that.
         """
         self._loss_time = None
         sent = self._sent

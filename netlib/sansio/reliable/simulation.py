@@ -14,7 +14,9 @@ Theory of operation
 ``LossyLink`` is one direction of a path. Each datagram draws once against the profile's
 shares (drop, duplicate, extra delay; the rest is delivered after ``delay`` plus up to
 ``jitter``); a drop starts a burst of ``burst`` datagrams. Independently, ``corrupt`` flips
-one random bit, and ``blackhole`` periods drop everything. ``Simulation`` keeps the
+one random bit, ``blackhole`` periods drop everything, and with a ``bandwidth`` datagrams
+queue behind each other (up to ``queue`` bytes, beyond which they are dropped: congestion
+loss). ``Simulation`` keeps the
 datagrams in flight and the application's scheduled calls in one heap ordered by time, and
 each step runs everything due at the current instant, so datagrams that arrive together are
 processed together and acknowledged together, as in an event loop.
@@ -94,6 +96,10 @@ class LinkProfile:
         corrupt: share of datagrams with one bit flipped.
         blackhole: ``(on, off)`` seconds: everything is dropped for ``on`` seconds, then
             nothing for ``off``, repeating from ``blackhole_start``.
+        bandwidth: bytes per second the link serializes (None: infinite); datagrams wait
+            behind each other, so a burst builds a queue.
+        queue: bytes that may wait for the link; a datagram that does not fit is dropped
+            (drop-tail: congestion loss).
     """
 
     delay: float = 0.001
@@ -106,6 +112,8 @@ class LinkProfile:
     corrupt: float = 0.0
     blackhole: tuple[float, float] | None = None
     blackhole_start: float = 0.0
+    bandwidth: float | None = None
+    queue: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if self.loss + self.duplicate + self.late > 1 or min(self.delay, self.jitter) < 0:
@@ -122,12 +130,14 @@ class LossyLink:
 
     __slots__ = (
         "_burst_left",
+        "_free_at",
         "_profile",
         "_rng",
         "blackholed",
         "corrupted",
         "dropped",
         "duplicated",
+        "overflowed",
         "sent",
     )
 
@@ -135,7 +145,9 @@ class LossyLink:
         self._profile = profile
         self._rng = SplitMix64(seed)
         self._burst_left = 0
+        self._free_at = 0.0
         self.sent = self.dropped = self.duplicated = self.corrupted = self.blackholed = 0
+        self.overflowed = 0
 
     def in_blackhole(self, now: float) -> bool:
         """True if the link drops everything at ``now``."""
@@ -165,7 +177,14 @@ class LossyLink:
         if p.corrupt and rng.random() < p.corrupt:
             self.corrupted += 1
             data = _flip_bit(data, rng.below(len(data) * 8))
-        arrival = now + p.delay + (rng.random() * p.jitter if p.jitter else 0.0)
+        start = now
+        if p.bandwidth is not None:
+            start = max(now, self._free_at)
+            if (start - now) * p.bandwidth + len(data) > p.queue:
+                self.overflowed += 1
+                return []
+            start = self._free_at = start + len(data) / p.bandwidth
+        arrival = start + p.delay + (rng.random() * p.jitter if p.jitter else 0.0)
         if draw < p.loss + p.duplicate:
             self.duplicated += 1
             return [(arrival, data), (arrival + rng.random() * max(p.jitter, p.delay), data)]
