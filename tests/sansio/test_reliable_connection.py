@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -387,3 +388,16 @@ def test_a_clock_going_backwards_breaks_nothing() -> None:
     assert conn.datagrams_to_send(sim.now - 10.0) is not None
     conn.handle_timer(sim.now - 10.0)
     assert conn.state is ConnectionState.ESTABLISHED
+
+
+def test_acknowledged_ack_ranges_are_forgotten() -> None:
+    """After many losses in an exchange, ACK frames do not carry every old gap."""
+    link = LinkProfile(delay=0.001, loss=0.1)
+    sim, client, replies = connected_pair(up=link, down=link, seed=6)
+    for i in range(300):
+        sim.at(sim.now + 0.01 * i, functools.partial(client.send, numbered(i, 100)))
+    assert sim.run(lambda: len(replies.messages) == 300, limit=sim.now + 60)
+    (conn,) = sim.server.connections()
+    assert client.losses_detected + conn.losses_detected > 32
+    assert len(client._rx_ranges) <= 4
+    assert len(conn._rx_ranges) <= 4

@@ -415,6 +415,7 @@ class ReliableConnection:
         "_ack_confirmed",
         "_ack_deadline",
         "_ack_eliciting",
+        "_ack_mark",
         "_ack_now",
         "_ack_unsent",
         "_assembled",
@@ -536,6 +537,7 @@ class ReliableConnection:
         self._ack_deadline: float | None = None
         self._ack_carrier = -1
         self._ack_confirmed = True
+        self._ack_mark = 0
         self._fresh = False
         self._last_lost = -(1 << 40)
         self._last_rx = now
@@ -1129,6 +1131,7 @@ class ReliableConnection:
             return
         if not self._ack_confirmed and _covered(self._ack_carrier, ranges):
             self._ack_confirmed = True  # the peer has our acknowledgements up to then
+            self._prune_ranges()
         if sample is not None:
             self._rtt.update(now - sample.time, delay)
         for record in acked:
@@ -1339,11 +1342,22 @@ class ReliableConnection:
             if with_ack:  # repeated in every packet until the peer acknowledges one
                 self._ack_carrier = pn
                 self._ack_confirmed = False
+                self._ack_mark = self._rx_ranges[0][0]
             self._sent[pn] = _Sent(now, len(packet), fragments, flags)
             self._bytes_in_flight += len(packet)
             self._last_eliciting = now
         self._count_sent(packet)
         return packet
+
+    def _prune_ranges(self) -> None:
+        """Forget the ranges below the top one of an ACK the peer has acknowledged: it
+        knows them (QUIC's ack-of-ack), and gaps never fill since packet numbers are never
+        reused. Without this every ACK would carry ``MAX_ACK_RANGES`` ranges after that
+        many losses."""
+        mark = self._ack_mark
+        ranges = self._rx_ranges
+        while len(ranges) > 1 and ranges[-1][1] < mark:
+            ranges.pop()
 
     def _ack_space(self, size: int) -> int:
         """Bytes an ACK may take in a packet of ``size`` bytes so far that will carry the
