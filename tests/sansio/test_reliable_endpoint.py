@@ -321,3 +321,14 @@ def test_the_server_core_pumps_events_of_its_connections() -> None:
     sim.on_server_event = collect
     client.send(b"ping")
     assert sim.run(lambda: received == [b"ping"], limit=sim.now + 1)
+
+
+def test_forged_traffic_injected_into_a_simulation_goes_nowhere() -> None:
+    sim, client, replies = connected_pair()
+    sim.inject(hello(99), ("203.0.113.50", 9))  # a cookie goes to an address nobody has
+    sim.inject(b"junk", CLIENT)
+    client.send(b"still here")
+    assert sim.run(lambda: replies.messages == [b"still here"], limit=sim.now + 1)
+    assert sim.stray_replies == 1
+    assert sim.server.statistics().cookies_sent == 2  # the client's own, and the forged one
+    assert sim.server.statistics().corrupt_dropped == 1
