@@ -851,8 +851,7 @@ class ReliableConnection:
         if len(self._hello_times) >= 8:
             del self._hello_times[next(iter(self._hello_times))]
         self._hello_times[pn] = now
-        delay = round(self._config.max_ack_delay / _ACK_DELAY_UNIT)
-        packet = encode_hello(self.cid, pn, delay, self._max_dseq, self._token)
+        packet = encode_hello(self.cid, pn, self._delay_units, self._max_dseq, self._token)
         self._count_sent(packet)
         return packet
 
@@ -1221,6 +1220,11 @@ class ReliableConnection:
         return self._last_eliciting + self.probe_timeout
 
     @property
+    def _delay_units(self) -> int:
+        """This side's max ack delay as it travels (100 us units)."""
+        return round(self._config.max_ack_delay / _ACK_DELAY_UNIT)
+
+    @property
     def probe_timeout(self) -> float:
         """The current probe timeout, with its back-off (seconds)."""
         delay = 0.0 if self._in_recovery() else self._peer_ack_delay
@@ -1308,7 +1312,7 @@ class ReliableConnection:
         else:
             parts = [
                 HEADER.pack(VERSION, _T_ACCEPT, self.peer_cid, pn),
-                PARAMS.pack(self.cid, round(self._config.max_ack_delay / 1e-4), self._max_dseq),
+                PARAMS.pack(self.cid, self._delay_units, self._max_dseq),
             ]
             size = OVERHEAD + PARAMS.size
         with_ack = self._ack_unsent or (
