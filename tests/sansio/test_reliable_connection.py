@@ -83,6 +83,18 @@ def test_send_limits() -> None:
     assert client.next_event() == ConnectionClosed(0, "", by_peer=False)
 
 
+def test_the_smaller_message_limit_of_the_two_sides_holds() -> None:
+    small = ReliableConfig(max_message=64 * 1024)
+    core = ReliableServerCore(KEY, config=small)
+    _, client, _ = connected_pair(server=core)
+    with pytest.raises(LimitExceeded, match="the limit of 65536 bytes"):
+        client.send(bytes(64 * 1024 + 1))
+    client.send(bytes(64 * 1024))
+    (conn,) = core.connections()
+    with pytest.raises(LimitExceeded, match="the limit of 65536 bytes"):
+        conn.send(bytes(64 * 1024 + 1))
+
+
 def test_an_empty_buffer_takes_one_message() -> None:
     client = ReliableConnection.connect(9, 0.0)
     client.send(bytes(MAX_MESSAGE))

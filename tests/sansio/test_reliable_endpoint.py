@@ -40,7 +40,7 @@ ALICE: Hashable = ("192.0.2.20", 50000)
 
 
 def hello(cid: int = 7, token: bytes = b"", pn: int = 0) -> bytes:
-    return encode_hello(cid, pn, 100, 1000, token)
+    return encode_hello(cid, pn, 100, 1000, 65536, token)
 
 
 def cookie_of(reply: bytes) -> bytes:
@@ -219,7 +219,7 @@ def forged(rng: SplitMix64, size: int) -> bytes:
     if kind == 0 or size < HEADER.size + 16:
         return rng.bytes(size)
     token = b"" if kind == 1 else rng.bytes(20)
-    body = encode_hello(rng.below(1 << 32) or 1, rng.below(1 << 32), 100, 1000, token)
+    body = encode_hello(rng.below(1 << 32) or 1, rng.below(1 << 32), 100, 1000, 1 << 20, token)
     if size <= len(body):
         head = body[: size - 4]
         return encode_packet(PacketType.HELLO, 0, 0, head[HEADER.size :])

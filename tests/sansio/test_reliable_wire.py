@@ -48,7 +48,7 @@ def test_check_datagram_accepts_sound_packets_only() -> None:
 
 
 def test_every_single_bit_flip_is_caught() -> None:
-    packet = encode_hello(7, 3, 100, 1000, b"token")
+    packet = encode_hello(7, 3, 100, 1000, 4096, b"token")
     for bit in range(len(packet) * 8):
         damaged = bytearray(packet)
         damaged[bit >> 3] ^= 1 << (bit & 7)

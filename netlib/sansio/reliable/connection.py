@@ -451,6 +451,7 @@ class ReliableConnection:
         "_ooo_bytes",
         "_peer_ack_delay",
         "_peer_max_dseq",
+        "_peer_max_message",
         "_pending_out",
         "_ping_pending",
         "_probe_pending",
@@ -514,6 +515,7 @@ class ReliableConnection:
         self._lost: dict[int, _Sent] = {}
         self._send_buffered = 0
         self._peer_max_dseq = 0
+        self._peer_max_message = config.max_message  # until the handshake tells
         self._peer_ack_delay = config.max_ack_delay
         self._bytes_in_flight = 0
         self._largest_acked = -1
@@ -574,6 +576,7 @@ class ReliableConnection:
         peer_cid: int,
         peer_ack_delay: float,
         peer_window: int,
+        peer_max_message: int,
         hello_pn: int,
         peer_address: object,
     ) -> ReliableConnection:
@@ -583,6 +586,7 @@ class ReliableConnection:
         conn.peer_address = peer_address
         conn._peer_ack_delay = peer_ack_delay
         conn._peer_max_dseq = peer_window
+        conn._peer_max_message = peer_max_message
         conn._record_pn(hello_pn, now)
         conn._ack_now = True  # the ACCEPT goes at once, acknowledging the HELLO
         conn._events.append((Connected(), 0))
@@ -594,7 +598,9 @@ class ReliableConnection:
         """Queue ``message`` for reliable delivery on ``channel``.
 
         Raises:
-            LimitExceeded: the message is larger than ``max_message``.
+            LimitExceeded: the message is larger than ``max_message``, or than the peer's
+                (known once connected; a larger one queued before that makes the peer
+                close the connection with ``PROTOCOL_ERROR``).
             WouldBlock: the send buffer cannot take it now (wait until it drains: see
                 ``send_buffered``); an empty buffer always takes one message.
             ClosedResourceError: the connection is closing or closed.
@@ -602,7 +608,7 @@ class ReliableConnection:
         if self.state is not _ESTABLISHED and self.state is not _CONNECTING:
             raise ClosedResourceError(f"cannot send: the connection is {self.state.value}")
         size = len(message)
-        limit = self._config.max_message
+        limit = min(self._config.max_message, self._peer_max_message)
         if size > limit:
             raise LimitExceeded(f"message of {size} bytes exceeds the limit of {limit} bytes")
         charge = _charge_of(size)
@@ -701,8 +707,7 @@ class ReliableConnection:
             if not self.client or len(data) < OVERHEAD + PARAMS.size:
                 return
             if state is _CONNECTING:
-                server_cid, delay, window = PARAMS.unpack_from(data, offset)
-                self._establish(server_cid, delay, window, now)
+                self._establish(*PARAMS.unpack_from(data, offset))
             offset += PARAMS.size
         elif ptype == _T_HELLO and not self.client:
             self._last_rx = now  # the client repeats HELLO: our ACCEPT was lost
@@ -851,7 +856,9 @@ class ReliableConnection:
         if len(self._hello_times) >= 8:
             del self._hello_times[next(iter(self._hello_times))]
         self._hello_times[pn] = now
-        packet = encode_hello(self.cid, pn, self._delay_units, self._max_dseq, self._token)
+        packet = encode_hello(
+            self.cid, pn, self._delay_units, self._max_dseq, self._config.max_message, self._token
+        )
         self._count_sent(packet)
         return packet
 
@@ -885,12 +892,12 @@ class ReliableConnection:
                 return
             self._finish(ConnectionClosed(code, reason, by_peer=True))
 
-    def _establish(self, server_cid: int, ack_delay: int, window: int, now: float) -> None:
+    def _establish(self, server_cid: int, ack_delay: int, window: int, max_message: int) -> None:
         self.peer_cid = server_cid
         self._peer_ack_delay = ack_delay * _ACK_DELAY_UNIT
         self._peer_max_dseq = max(self._peer_max_dseq, window)
+        self._peer_max_message = max_message
         self.state = _ESTABLISHED
-        self._last_eliciting = now
         self._ack_now = True  # tell the server at once that its cid is in use
         self._events.append((Connected(), 0))
 
@@ -1312,7 +1319,7 @@ class ReliableConnection:
         else:
             parts = [
                 HEADER.pack(VERSION, _T_ACCEPT, self.peer_cid, pn),
-                PARAMS.pack(self.cid, self._delay_units, self._max_dseq),
+                PARAMS.pack(self.cid, self._delay_units, self._max_dseq, self._config.max_message),
             ]
             size = OVERHEAD + PARAMS.size
         with_ack = self._ack_unsent or (
@@ -1441,7 +1448,7 @@ class ReliableConnection:
             self._next_pn = pn + 1
             parts = [HEADER.pack(VERSION, ptype, self.peer_cid, pn)]
             if ptype == _T_ACCEPT:
-                parts.append(PARAMS.pack(self.cid, 0, self._max_dseq))
+                parts.append(PARAMS.pack(self.cid, 0, self._max_dseq, 0))
             parts.append(encode_close(code, reason))
             self._pending_out.append(seal(parts))
         self._finish(ConnectionClosed(code, reason, by_peer=False))

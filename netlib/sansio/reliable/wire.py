@@ -29,11 +29,13 @@ lost proves that loss spurious.
 Packet types and bodies:
 
 * ``HELLO`` (client to server, destination cid 0): client cid, max ack delay, initial
-  window, then a cookie token (empty in the first HELLO), padded with zeros to at least
-  ``MIN_HELLO_SIZE`` bytes. A server answers nothing to a smaller one.
+  window, largest message it accepts, then a cookie token (empty in the first HELLO),
+  padded with zeros to at least ``MIN_HELLO_SIZE`` bytes. A server answers nothing to a
+  smaller one.
 * ``COOKIE`` (server to client, stateless): the token. Its packet number echoes the HELLO's,
   so the client takes an exact RTT sample from it.
-* ``ACCEPT`` (server to client): server cid, max ack delay, initial window, then frames.
+* ``ACCEPT`` (server to client): server cid, max ack delay, initial window, largest message
+  it accepts, then frames.
   Every packet of a server connection is an ACCEPT until the client has used the server's
   cid, so an ACCEPT lost is repeated by the ordinary loss recovery.
 * ``DATA``: frames.
@@ -111,10 +113,10 @@ HEADER: Final = struct.Struct("!BBII")
 CRC: Final = struct.Struct("!I")
 OVERHEAD: Final = HEADER.size + CRC.size
 """Bytes of header and trailer in every packet (14)."""
-PARAMS: Final = struct.Struct("!IHI")
-"""Transport parameters in HELLO and ACCEPT: a cid, max ack delay (100 us units), window."""
-HELLO: Final = struct.Struct("!IHIB")
-"""HELLO body: client cid, max ack delay, initial window, token length (token follows)."""
+PARAMS: Final = struct.Struct("!IHII")
+"""Transport parameters in ACCEPT: a cid, max ack delay (100 us units), window, max message."""
+HELLO: Final = struct.Struct("!IHIIB")
+"""HELLO body: the transport parameters (``PARAMS``), then the token length and token."""
 ACK: Final = struct.Struct("!BIHIHB")
 """type, largest acknowledged, ack delay (100 us units), window, first range, range count."""
 ACK_RANGE: Final = struct.Struct("!HH")
@@ -188,9 +190,11 @@ def encode_packet(ptype: int, dcid: int, pn: int, body: bytes = b"") -> bytes:
     return seal([HEADER.pack(VERSION, ptype, dcid, pn), body])
 
 
-def encode_hello(cid: int, pn: int, ack_delay: int, window: int, token: bytes) -> bytes:
+def encode_hello(
+    cid: int, pn: int, ack_delay: int, window: int, max_message: int, token: bytes
+) -> bytes:
     """A HELLO padded to ``MIN_HELLO_SIZE`` bytes (``ack_delay`` in 100 us units)."""
-    body = HELLO.pack(cid, ack_delay, window, len(token)) + token
+    body = HELLO.pack(cid, ack_delay, window, max_message, len(token)) + token
     padding = bytes(MIN_HELLO_SIZE - OVERHEAD - len(body))
     return encode_packet(PacketType.HELLO, 0, pn, body + padding)
 
