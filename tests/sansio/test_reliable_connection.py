@@ -95,6 +95,15 @@ def test_the_smaller_message_limit_of_the_two_sides_holds() -> None:
         conn.send(bytes(64 * 1024 + 1))
 
 
+def test_datagrams_go_in_bursts_of_a_given_size() -> None:
+    server = Recorder()
+    sim, client, _ = connected_pair(server_events=server)
+    client.send(bytes(8 * 1156))  # eight datagrams, within the first congestion window
+    assert len(client.datagrams_to_send(sim.now, limit=5)) == 5
+    assert len(client.datagrams_to_send(sim.now, limit=5)) == 3
+    assert client.datagrams_to_send(sim.now) == []
+
+
 def test_an_empty_buffer_takes_one_message() -> None:
     client = ReliableConnection.connect(9, 0.0)
     client.send(bytes(MAX_MESSAGE))

@@ -744,8 +744,16 @@ class ReliableConnection:
             elif self._ack_deadline is None:
                 self._ack_deadline = now + self._config.max_ack_delay
 
-    def datagrams_to_send(self, now: float) -> list[bytes]:
-        """Every datagram to send now (acknowledgements, data, probes, handshake, close)."""
+    def datagrams_to_send(self, now: float, limit: int | None = None) -> list[bytes]:
+        """The datagrams to send now (acknowledgements, data, probes, handshake, close).
+
+        Args:
+            now: the time.
+            limit: at most this many datagrams of data (None: as many as the windows
+                allow). An adapter that sends in bursts of bounded size (so a whole
+                congestion window does not overflow a socket buffer at once) calls again
+                on its next turn; what did not go stays queued.
+        """
         out = self._pending_out
         self._pending_out = []
         state = self.state
@@ -759,9 +767,11 @@ class ReliableConnection:
             self._close_pending = True  # everything sent was acknowledged: now CLOSE
             self._close_deadline = now + _CLOSE_PTOS * self._rtt.pto(self._peer_ack_delay)
         first = True
-        while (packet := self._packet(now, first)) is not None:
+        budget = -1 if limit is None else limit
+        while budget and (packet := self._packet(now, first)) is not None:
             out.append(packet)
             first = False
+            budget -= 1
         if self._pending_out:  # the connection failed while building (numbers ran out)
             out += self._pending_out
             self._pending_out = []
