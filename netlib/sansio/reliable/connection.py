@@ -1304,34 +1304,13 @@ class ReliableConnection:
         anyway. With data to follow, the ACK is cut to the ranges that leave room for the
         next fragment.
         """
-        probe = self._probe_pending
-        state = self.state
-        if state is _DRAINING:
-            if not self._ack_due(now):
-                return None
-            probe = False
-        open_window = probe or self._bytes_in_flight + MAX_DATAGRAM <= self._cc.window
-        data = open_window and (
-            bool(self._retransmit)
-            or (bool(self._unsent) and self._unsent[0].dseq < self._peer_max_dseq)
-        )
-        control = probe or self._ping_pending or self._close_pending
-        if state is _DRAINING:
-            data = control = False
+        data, control = self._wants(now)
         if not (data or control or self._ack_due(now)):
             return None
         pn = self._take_pn()
         if self.state is _CLOSED:
             return None
-        if self._confirmed:
-            parts = [HEADER.pack(VERSION, _T_DATA, self.peer_cid, pn)]
-            size = OVERHEAD
-        else:
-            parts = [
-                HEADER.pack(VERSION, _T_ACCEPT, self.peer_cid, pn),
-                PARAMS.pack(self.cid, self._delay_units, self._max_dseq, self._config.max_message),
-            ]
-            size = OVERHEAD + PARAMS.size
+        parts, size = self._header(pn)
         with_ack = self._ack_unsent or (
             first and (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
         )
@@ -1343,32 +1322,68 @@ class ReliableConnection:
         fragments: list[_Fragment] = []
         if data:
             size = self._fill(parts, fragments, size, pn)
+        flags = self._control_frames(parts, size, bool(fragments))
+        if len(parts) == bare and not with_ack:
+            return None  # nothing fitted (cannot happen with the sizes chosen): stop here
+        self._probe_pending = False
+        packet = seal(parts)
+        if fragments or flags:
+            self._ping_pending = False
+            self._in_flight(now, pn, packet, fragments, flags, with_ack)
+        self._count_sent(packet)
+        return packet
+
+    def _wants(self, now: float) -> tuple[bool, bool]:
+        """Whether data, and whether a control frame (probe, PING, CLOSE), should go now."""
+        if self.state is _DRAINING:
+            return False, False  # only acknowledgements, when due
+        probe = self._probe_pending
+        if not (probe or self._bytes_in_flight + MAX_DATAGRAM <= self._cc.window):
+            data = False
+        else:
+            unsent = self._unsent
+            data = bool(self._retransmit) or (
+                bool(unsent) and unsent[0].dseq < self._peer_max_dseq
+            )
+        return data, probe or self._ping_pending or self._close_pending
+
+    def _header(self, pn: int) -> tuple[list[bytes], int]:
+        """The first parts of a packet and their size (an ACCEPT until confirmed)."""
+        if self._confirmed:
+            return [HEADER.pack(VERSION, _T_DATA, self.peer_cid, pn)], OVERHEAD
+        params = PARAMS.pack(self.cid, self._delay_units, self._max_dseq, self._config.max_message)
+        return [HEADER.pack(VERSION, _T_ACCEPT, self.peer_cid, pn), params], OVERHEAD + len(params)
+
+    def _control_frames(self, parts: list[bytes], size: int, has_data: bool) -> int:
+        """Add CLOSE (if due and it fits), or a PING for a probe or keepalive; the flags."""
         flags = 0
         close = self._close_frame
         if self._close_pending and close is not None and size + len(close) <= MAX_DATAGRAM:
             parts.append(close)
-            size += len(close)
             self._close_pending = False
             flags |= _FLAG_CLOSE
-        if (probe or self._ping_pending) and not (fragments or flags):
+        if (self._probe_pending or self._ping_pending) and not (has_data or flags):
             parts.append(_PING_FRAME)
             flags |= _FLAG_PING
-        if len(parts) == bare and not with_ack:
-            return None  # nothing fitted (cannot happen with the sizes chosen): stop here
-        if fragments or flags:
-            self._ping_pending = False
-        self._probe_pending = False
-        packet = seal(parts)
-        if fragments or flags:
-            if with_ack:  # repeated in every packet until the peer acknowledges one
-                self._ack_carrier = pn
-                self._ack_confirmed = False
-                self._ack_mark = self._rx_ranges[0][0]
-            self._sent[pn] = _Sent(now, len(packet), fragments, flags)
-            self._bytes_in_flight += len(packet)
-            self._last_eliciting = now
-        self._count_sent(packet)
-        return packet
+        return flags
+
+    def _in_flight(
+        self,
+        now: float,
+        pn: int,
+        packet: bytes,
+        fragments: list[_Fragment],
+        flags: int,
+        with_ack: bool,
+    ) -> None:
+        """Remember an ack-eliciting packet until it is acknowledged or lost."""
+        if with_ack:  # repeated in every packet until the peer acknowledges one
+            self._ack_carrier = pn
+            self._ack_confirmed = False
+            self._ack_mark = self._rx_ranges[0][0]
+        self._sent[pn] = _Sent(now, len(packet), fragments, flags)
+        self._bytes_in_flight += len(packet)
+        self._last_eliciting = now
 
     def _prune_ranges(self) -> None:
         """Forget the ranges below the top one of an ACK the peer has acknowledged: it
@@ -1445,6 +1460,7 @@ class ReliableConnection:
         self._lost.clear()
         self._send_buffered = self._bytes_in_flight = 0
         self._loss_time = None
+        self._probe_pending = self._ping_pending = self._close_pending = False
         if not keep:
             self.state = _CLOSED
 
