@@ -109,7 +109,9 @@ def test_rtt_estimator_follows_rfc_9002() -> None:
     rtt.update(0.011, 0.005)  # the delay is never taken below min_rtt
     assert rtt.latest_rtt == 0.011
     assert rtt.min_rtt == 0.010
-    assert rtt.loss_delay() == pytest.approx(9 / 8 * max(rtt.smoothed_rtt, 0.011))
+    assert rtt.latest_path_rtt == 0.010  # 11 ms less 5 ms of delay, kept at min_rtt
+    expected = 9 / 8 * max(rtt.smoothed_rtt, 0.010) + rtt.rttvar
+    assert rtt.loss_delay() == pytest.approx(expected)
 
 
 def test_probe_timeout_doubles_up_to_its_cap() -> None:

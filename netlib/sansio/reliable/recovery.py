@@ -20,7 +20,12 @@ The probe timeout is ``smoothed_rtt + max(4 * rttvar, GRANULARITY) + max_ack_del
 least ``MIN_PTO``. It doubles with every consecutive expiry (``backoff``), up to
 ``MAX_PROBE_INTERVAL`` (or the base timeout if that is larger): a dead path costs one small
 probe a second, and a path that comes back is found within a second. The loss delay is
-``9/8 * max(smoothed_rtt, latest_rtt)`` (at least ``GRANULARITY``).
+``9/8 * max(smoothed_rtt, latest_rtt) + rttvar`` (at least ``GRANULARITY``). Two
+departures from RFC 9002 there: the latest sample has the peer's ack delay taken off (the
+time the peer held an acknowledgement is not time the path took; with it, a lost reply
+waited for a second request, 10 ms later), and ``rttvar`` widens the window on a jittery
+path, where packets overtake each other (5 ms of jitter on a 2 ms path: 0.6% spurious
+retransmissions instead of 1.5%).
 
 ``CongestionWindow`` is NewReno shaped for a message transport that must not collapse under
 random loss:
@@ -81,11 +86,19 @@ class RttEstimator:
         initial_rtt: the RTT assumed before the first sample.
     """
 
-    __slots__ = ("has_sample", "latest_rtt", "min_rtt", "rttvar", "smoothed_rtt")
+    __slots__ = (
+        "has_sample",
+        "latest_path_rtt",
+        "latest_rtt",
+        "min_rtt",
+        "rttvar",
+        "smoothed_rtt",
+    )
 
     def __init__(self, initial_rtt: float = INITIAL_RTT) -> None:
         self.has_sample = False
         self.latest_rtt = initial_rtt
+        self.latest_path_rtt = initial_rtt
         self.min_rtt = initial_rtt
         self.smoothed_rtt = initial_rtt
         self.rttvar = initial_rtt / 2
@@ -96,13 +109,13 @@ class RttEstimator:
         self.latest_rtt = sample
         if not self.has_sample:
             self.has_sample = True
-            self.min_rtt = self.smoothed_rtt = sample
+            self.min_rtt = self.smoothed_rtt = self.latest_path_rtt = sample
             self.rttvar = sample / 2
             return
         self.min_rtt = min(self.min_rtt, sample)
         # the peer's delay is taken off, but never below min_rtt (the delay travels in
         # 100 us units, so an exact comparison would fail on rounding half the time)
-        sample = max(sample - ack_delay, self.min_rtt)
+        sample = self.latest_path_rtt = max(sample - ack_delay, self.min_rtt)
         self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.smoothed_rtt - sample)
         self.smoothed_rtt = 0.875 * self.smoothed_rtt + 0.125 * sample
 
@@ -117,8 +130,12 @@ class RttEstimator:
         return min(base * (1 << min(count, 30)), max(base, MAX_PROBE_INTERVAL))
 
     def loss_delay(self) -> float:
-        """How long after a later packet is acknowledged an earlier one counts as lost."""
-        return max(_TIME_THRESHOLD * max(self.smoothed_rtt, self.latest_rtt), GRANULARITY)
+        """How long after a later packet is acknowledged an earlier one counts as lost.
+
+        RFC 9002 uses the raw latest sample and no variance term; see the module notes.
+        """
+        rtt = max(self.smoothed_rtt, self.latest_path_rtt)
+        return max(_TIME_THRESHOLD * rtt + self.rttvar, GRANULARITY)
 
 
 class CongestionWindow:
