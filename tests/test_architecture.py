@@ -22,6 +22,7 @@ LAYERS = {
     "netlib.udp": 5,
     "netlib.chat": 5,
     "netlib.runner": 5,
+    "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
     "netlib.cli": 7,
     "netlib.chat_client": 7,
@@ -162,4 +163,5 @@ _SUBMODULES = {
     "udp",
     "chat",
     "chat_client",
+    "testing",
 }

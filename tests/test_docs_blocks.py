@@ -61,7 +61,7 @@ KINDS = {"python", "output", "console", "text"} | DIRECTIVES
 NOT_RUN: dict[tuple[str, str], str] = {
     (
         "README.md",
-        'pip install "netlib-asyncio[cli]"   # the library, and the `netlib` command (cli extra)',
+        'pip install "netlib-asyncio[cli]"   # and the interactive chat client\'s line editing',
     ): "installing from PyPI needs the network and a release: checked "
     "that each line installs this project's distribution name with extras it defines",
     (

@@ -5,6 +5,7 @@
     netlib [--version] COMMAND ACTION [options]
     netlib echo serve|send     echo server and client (TCP lines, UDP datagrams)
     netlib chat serve|join     chat server and client (TCP, UDP)
+    netlib proxy               an impairment proxy (loss, delay, ...) for any server
     netlib demo                servers on loopback driven by clients, then stopped
 
 Options common to every command (``--loop``, ``-v``, ``-q``) are accepted before or after
@@ -29,6 +30,7 @@ from netlib.cli._common import (
 )
 from netlib.cli.chat import DEFAULT_CHAT_PORT, add_chat
 from netlib.cli.echo import DEFAULT_ECHO_PORT, add_echo
+from netlib.cli.proxy import add_proxy
 from netlib.runner import LOOP_CHOICES
 
 __all__ = ["DEFAULT_CHAT_PORT", "DEFAULT_ECHO_PORT", "build_parser", "main"]
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_echo(commands, common)
     add_chat(commands, common)
+    add_proxy(commands, common)
     demo = commands.add_parser(
         "demo",
         help="run the demo: servers on loopback driven by clients",
