@@ -36,6 +36,8 @@ __all__ = [
     "Formatter",
     "Signals",
     "UsageError",
+    "add_command",
+    "add_reporting",
     "add_server_limits",
     "add_tls_client",
     "add_tls_server",
@@ -174,6 +176,30 @@ def add_tls_client(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_command(
+    actions: Any, name: str, common: argparse.ArgumentParser, **options: Any
+) -> argparse.ArgumentParser:
+    """A (sub)command's parser, with the common options and the help formatter."""
+    parser: argparse.ArgumentParser = actions.add_parser(
+        name, parents=[common], formatter_class=Formatter, **options
+    )
+    return parser
+
+
+def add_reporting(parser: argparse.ArgumentParser, what: str = "statistics") -> None:
+    """``--stats-interval`` and ``--json``, for a server that prints its statistics."""
+    parser.add_argument(
+        "--stats-interval",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help=f"print the {what} every S seconds (also on SIGUSR1, and when stopped)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help=f"the listening line and the {what} as JSON"
+    )
+
+
 def add_server_limits(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("limits (tcp)")
     limits.add_argument(
@@ -196,13 +222,6 @@ def add_server_limits(parser: argparse.ArgumentParser) -> None:
         default=netlib.server.DEFAULT_SHUTDOWN_GRACE,
         metavar="S",
         help="seconds connections get to finish at shutdown before they are cut off",
-    )
-    limits.add_argument(
-        "--stats-interval",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="print a statistics line every S seconds (also on SIGUSR1, and at shutdown)",
     )
 
 

@@ -7,14 +7,14 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
-    Formatter,
     Signals,
+    add_command,
+    add_reporting,
     count_or_none,
     emit,
     format_address,
     host_type,
     port_type,
-    positive_float,
     reporting,
     say_shutdown,
     show_statistics,
@@ -40,22 +40,22 @@ examples:
 
 
 def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
-    chat = commands.add_parser(
+    chat = add_command(
+        commands,
         "chat",
+        common,
         help="chat server and client",
         description="A chat with nicknames, rooms and private messages over TCP and UDP.",
-        parents=[common],
-        formatter_class=Formatter,
     )
     actions = chat.add_subparsers(dest="action", required=True, metavar="ACTION")
-    serve = actions.add_parser(
+    serve = add_command(
+        actions,
         "serve",
+        common,
         help="run a chat server until interrupted",
         description="Serve chat rooms over TCP and UDP (one set of rooms) until Ctrl-C or "
         "SIGTERM. Clients: netlib chat join, nc, telnet.",
         epilog=SERVE_EXAMPLES,
-        parents=[common],
-        formatter_class=Formatter,
     )
     _add_address(serve, ("tcp", "udp", "both"), "both")
     serve.add_argument(
@@ -65,25 +65,18 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tcp members one peer address may have; 0 for no limit",
     )
-    serve.add_argument(
-        "--stats-interval",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="print a statistics line every S seconds (also on SIGUSR1, and at shutdown)",
-    )
-    serve.add_argument("--json", action="store_true", help="listening line and statistics as JSON")
+    add_reporting(serve)
     serve.set_defaults(run=chat_serve, server=True)
 
-    join = actions.add_parser(
+    join = add_command(
+        actions,
         "join",
+        common,
         help="join a chat (interactive, or lines from a pipe)",
         description="Join a chat server. On a terminal: a prompt with line editing (needs "
         "the cli extra). With a pipe: each line of stdin is sent at the pace the server "
         "states, then the client leaves; it exits 1 if a line was not delivered.",
         epilog=JOIN_EXAMPLES,
-        parents=[common],
-        formatter_class=Formatter,
     )
     _add_address(join, ("tcp", "udp"), "tcp")
     join.add_argument(

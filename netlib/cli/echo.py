@@ -10,9 +10,10 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
-    Formatter,
     Signals,
     UsageError,
+    add_command,
+    add_reporting,
     add_server_limits,
     add_tls_client,
     add_tls_server,
@@ -61,22 +62,22 @@ examples:
 
 
 def add_echo(commands: Any, common: argparse.ArgumentParser) -> None:
-    echo = commands.add_parser(
+    echo = add_command(
+        commands,
         "echo",
+        common,
         help="echo server and client",
         description="An echo server (TCP lines or UDP datagrams) and a client for it.",
-        parents=[common],
-        formatter_class=Formatter,
     )
     actions = echo.add_subparsers(dest="action", required=True, metavar="ACTION")
-    serve = actions.add_parser(
+    serve = add_command(
+        actions,
         "serve",
+        common,
         help="run an echo server until interrupted",
         description="Serve echo until Ctrl-C or SIGTERM, then shut down gracefully and "
         "print the statistics. TCP echoes lines; UDP echoes datagrams.",
         epilog=SERVE_EXAMPLES,
-        parents=[common],
-        formatter_class=Formatter,
     )
     _add_address(serve)
     modes = serve.add_mutually_exclusive_group()
@@ -110,18 +111,18 @@ def add_echo(commands: Any, common: argparse.ArgumentParser) -> None:
         help="seconds a line may take from its first byte to its end",
     )
     add_server_limits(serve)
-    serve.add_argument("--json", action="store_true", help="listening line and statistics as JSON")
+    add_reporting(serve)
     add_tls_server(serve)
     serve.set_defaults(run=echo_serve, server=True)
 
-    send = actions.add_parser(
+    send = add_command(
+        actions,
         "send",
+        common,
         help="send messages and print each reply",
         description="Send each MESSAGE (or each line of stdin, with - or no MESSAGE and a "
         "pipe) and print each reply. Exits 1 if a reply does not come.",
         epilog=SEND_EXAMPLES,
-        parents=[common],
-        formatter_class=Formatter,
     )
     _add_address(send)
     send.add_argument(

@@ -7,13 +7,13 @@ import re
 from typing import Any, Final
 
 from netlib.cli._common import (
-    Formatter,
     Signals,
     UsageError,
+    add_command,
+    add_reporting,
     emit,
     format_address,
     port_type,
-    positive_float,
     reporting,
     say_shutdown,
     show_statistics,
@@ -70,16 +70,16 @@ def endpoint_type(value: str) -> tuple[str, int]:
 
 
 def add_proxy(commands: Any, common: argparse.ArgumentParser) -> None:
-    proxy = commands.add_parser(
+    proxy = add_command(
+        commands,
         "proxy",
+        common,
         help="an impairment proxy: loss, delay, duplication, reordering for any server",
         description="Forward traffic from --listen to --target and mistreat it on the way, "
         "reproducibly for a --seed. UDP: every impairment, each direction drawn "
         "separately. TCP: delay and jitter only (bytes keep their order; loss below TCP "
         "needs packet loss in the kernel). Prints what it did when stopped.",
         epilog=EXAMPLES,
-        parents=[common],
-        formatter_class=Formatter,
     )
     proxy.add_argument("--proto", choices=["udp", "tcp"], default="udp", help="transport")
     proxy.add_argument(
@@ -113,14 +113,7 @@ def add_proxy(commands: Any, common: argparse.ArgumentParser) -> None:
         help="periods of total loss",
     )
     link.add_argument("--seed", type=int, default=1, help="seed of the random draws")
-    proxy.add_argument(
-        "--stats-interval",
-        type=positive_float,
-        default=None,
-        metavar="S",
-        help="print the counters every S seconds (also on SIGUSR1, and when stopped)",
-    )
-    proxy.add_argument("--json", action="store_true", help="listening line and counters as JSON")
+    add_reporting(proxy, "counters")
     proxy.set_defaults(run=run_proxy, server=True)
 
 
