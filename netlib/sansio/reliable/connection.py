@@ -309,7 +309,7 @@ class ReliableConfig:
 
     @property
     def window_slots(self) -> int:
-        """Full fragments the receive buffer holds: the flow-control window."""
+        """How many full fragments the receive buffer holds (the flow-control window)."""
         return self.receive_buffer // _SLOT
 
 
