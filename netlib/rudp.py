@@ -374,7 +374,7 @@ async def connect_reliable_udp(
         transport = endpoint.connect(sock.getpeername())
         try:
             async with asyncio.timeout(connect_timeout):
-                await asyncio.shield(transport.connected)  # type: ignore[arg-type]
+                await transport.connected  # type: ignore[misc]
         except TimeoutError:
             raise PeerTimedOut(f"no handshake within {connect_timeout}s") from None
         limits = StreamLimits(

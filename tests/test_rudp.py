@@ -242,3 +242,37 @@ async def test_a_flood_of_forged_datagrams_opens_nothing_and_the_server_still_se
         stats = server.statistics()
         assert stats.accepted == 1
         assert stats.cookies_sent <= 1  # the junk got no reply: none was a sound HELLO
+
+
+async def test_a_silent_peer_reaches_the_handler_as_peer_timed_out() -> None:
+    errors: list[BaseException] = []
+
+    async def handler(stream: MessageStream) -> None:
+        try:
+            async for _ in stream:
+                pass
+        except netlib.PeerTimedOut as exc:
+            errors.append(exc)
+
+    quiet = netlib.ReliableConfig(idle_timeout=0.3, keepalive=None)
+    async with open_reliable_udp_server(handler, config=quiet) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port, close_timeout=1.0) as stream:
+            await stream.send(b"one message, then silence")
+            await wait_until(lambda: bool(errors), timeout=5.0)
+        assert server.statistics().timeouts == 1
+    assert "silent" in str(errors[0])
+
+
+async def test_a_silent_port_times_the_connect_out() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+
+        async def connect() -> None:
+            async with connect_reliable_udp("127.0.0.1", port, connect_timeout=0.3):
+                pass
+
+        with pytest.raises(netlib.PeerTimedOut, match=r"no handshake within 0\.3s"):
+            await connect()
+        assert len(silent.recv(2048)) == MIN_HELLO_SIZE  # it did say HELLO, padded

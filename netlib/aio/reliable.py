@@ -290,12 +290,15 @@ class ReliableTransport(asyncio.Transport):
                 protocol.data_received(event.data)
             else:
                 self._on_event(event, protocol)
-        if conn.state is _CLOSED:
-            if self.connected is not None and not self.connected.done():
+        if conn.state is _CLOSED and not self.lost:
+            connected = self.connected
+            if connected is not None and not connected.done():
                 self._fail_connect()
-            elif protocol is not None and not self.lost:
+            elif protocol is not None:
                 self.lost = True
                 protocol.connection_lost(self._error)
+            elif connected is None:  # a server's connection closed before it was served
+                self.lost = True
 
     def _on_event(self, event: object, protocol: _StreamSink) -> None:
         if isinstance(event, ConnectionClosed):
@@ -536,7 +539,7 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
 
     def _forget(self, conn: ReliableConnection) -> None:
         transport = self._transports.get(conn)
-        if transport is not None and (transport.lost or transport.get_protocol() is None):
+        if transport is not None and transport.lost:  # else its protocol is still to come
             del self._transports[conn]
             self.totals.add(conn.statistics())
 
