@@ -293,10 +293,8 @@ async def open_reliable_udp_server(
         max_sessions_per_host=max_connections_per_host,
         handshake_rate=handshake_rate,
     )
-    loop = asyncio.get_running_loop()
     try:
-        sock = await open_datagram_socket(DatagramSocketOptions(local=(host, port)))
-        await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+        endpoint.open(await open_datagram_socket(DatagramSocketOptions(local=(host, port))))
     except BaseException:
         server.close()
         raise
@@ -366,10 +364,9 @@ async def connect_reliable_udp(
         PeerTimedOut: no handshake within ``connect_timeout`` seconds.
         OSError: the name does not resolve, or the socket cannot be made.
     """
-    loop = asyncio.get_running_loop()
     endpoint = ReliableEndpoint(config or ReliableConfig())
     sock = await open_datagram_socket(DatagramSocketOptions(remote=(host, port)))
-    await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+    endpoint.open(sock)
     try:
         transport = endpoint.connect(sock.getpeername())
         try:

@@ -3,7 +3,9 @@ transports.
 
 Theory of operation
 -------------------
-A ``ReliableEndpoint`` is the ``DatagramProtocol`` of one UDP socket. On a server it owns a
+A ``ReliableEndpoint`` owns one non-blocking UDP socket and reads it itself
+(``loop.add_reader``, up to ``RECV_BATCH`` datagrams per wake-up: asyncio's datagram
+transport reads one per wake-up, a loop iteration per datagram). On a server it owns a
 ``ReliableServerCore`` (its HMAC key from ``os.urandom``); on a client, one
 ``ReliableConnection`` (its connection id from ``secrets``). Each connection is presented to
 the layer above as a ``ReliableTransport``: an ``asyncio.Transport`` whose ``write`` sends one
@@ -19,8 +21,9 @@ limits, deadlines, the memory budget and ``MessageStream`` come with it.
   writes in the next iteration carry them.
 * **Bursts.** At most ``BURST`` datagrams per connection per iteration; a connection with
   more to send is marked again for the next one, so a whole congestion window never lands
-  in the socket buffer at once, and other connections get their turn. While the socket's
-  transport is paused (its buffer is full) nothing is built.
+  in the socket buffer at once, and other connections get their turn. A datagram the
+  socket's buffer refuses (``EAGAIN``) is dropped and counted, as the network would drop
+  it: the core's loss recovery resends it and its congestion control slows down.
 * **Timers.** One event-loop timer per endpoint, at the core's ``next_deadline()``; it is
   moved only when a deadline is earlier than the one armed (a timer that fires early finds
   nothing due and re-arms).
@@ -72,6 +75,7 @@ from netlib.sansio.reliable.endpoint import ReliableServerCore
 __all__ = [
     "BURST",
     "HANDSHAKE_RATE",
+    "RECV_BATCH",
     "SOCKET_BUFFER",
     "ReliableEndpoint",
     "ReliableTotals",
@@ -80,6 +84,11 @@ __all__ = [
 
 BURST: Final = 32
 """Datagrams one connection sends at most per event-loop iteration (38 KiB at 1,200 bytes)."""
+RECV_BATCH: Final = 64
+"""Datagrams read at most per wake-up, so one busy socket cannot starve the loop."""
+RECV_SIZE: Final = 2048
+"""Bytes asked per read: a datagram longer than ``MAX_DATAGRAM`` (1,200) is invalid anyway
+(truncated, its checksum fails)."""
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 """Bytes asked for the socket's receive and send buffers (the kernel caps them at
 ``net.core.rmem_max`` / ``wmem_max``): a burst of every connection's window must fit, or
@@ -333,8 +342,8 @@ class ReliableTransport(asyncio.Transport):
         self.connected.set_exception(exc)
 
 
-class ReliableEndpoint(asyncio.DatagramProtocol):
-    """The ``DatagramProtocol`` of one reliable-UDP socket (see the module's docstring).
+class ReliableEndpoint:
+    """One reliable-UDP socket: its reader, the cores, the timer (see the module's docstring).
 
     Args:
         config: the connections' knobs.
@@ -369,25 +378,61 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._send_paused = False
+        self.send_dropped = 0  # datagrams the socket's buffer refused (the core resends)
         self._rate = handshake_rate
         self._sources: dict[Any, TokenBucket] = {}
         self.accepting = True
-        self.transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._peer: Any = None  # a client's server, or None on a server
         self.sockname: Any = None
         self.totals = ReliableTotals()
         self._closed: asyncio.Future[None] = self._loop.create_future()
 
-    # -- asyncio.DatagramProtocol ---------------------------------------------------------------
+    # -- the socket ---------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.sockname = transport.get_extra_info("sockname")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):  # the kernel caps it (net.core.rmem_max)
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    def open(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` (a non-blocking UDP socket, connected on a client): the
+        endpoint owns it from now on and closes it in ``close()``."""
+        self._sock = sock
+        self.sockname = sock.getsockname()
+        with contextlib.suppress(OSError):
+            self._peer = sock.getpeername()
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):  # the kernel caps it (net.core.rmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        """Read up to ``RECV_BATCH`` datagrams: asyncio's datagram transport reads one per
+        wake-up, which made a loop iteration per datagram the cost of a bulk transfer."""
+        sock = self._sock
+        if sock is None:
+            return
+        receive = self.datagram_received
+        recvfrom = sock.recvfrom
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error (a client's peer port is closed)
+                self.error_received(exc)
+                return
+            receive(data, addr)
+
+    def _send(self, datagram: bytes, addr: Any) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            if addr is None:
+                sock.send(datagram)
+            else:
+                sock.sendto(datagram, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_dropped += 1  # as if the network lost it: the core resends
+        except OSError as exc:
+            self.error_received(exc)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = self._loop.time()
@@ -432,8 +477,7 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
                 transport.conn.abort()
                 transport._fail_connect(exc)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+    def _socket_closed(self) -> None:
         self._cancel_timers()
         for transport in list(self._transports.values()):
             if not transport.lost:
@@ -442,13 +486,6 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
         self._transports.clear()
         if not self._closed.done():
             self._closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._send_paused = True
-
-    def resume_writing(self) -> None:
-        self._send_paused = False
-        self._want_flush()
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -475,12 +512,9 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
 
     def send_now(self, conn: ReliableConnection) -> None:
         """Send what ``conn`` has at once (an abort's CLOSE)."""
-        transport = self.transport
-        if transport is None:
-            return
         addr = conn.peer_address if self.core is not None else None
         for datagram in conn.datagrams_to_send(self._loop.time()):
-            transport.sendto(datagram, addr)  # type: ignore[arg-type]
+            self._send(datagram, addr)
 
     def flush(self) -> None:
         """Pump every marked connection, send the core's replies, re-arm the timer."""
@@ -493,10 +527,9 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
         dirty, self._dirty = self._dirty, {}
         for conn in dirty:
             self._pump(conn, now)
-        transport = self.transport
-        if core is not None and transport is not None:
+        if core is not None:
             for datagram, addr in core.datagrams_to_send():
-                transport.sendto(datagram, addr)  # type: ignore[arg-type]
+                self._send(datagram, addr)
         self._arm()
 
     def _accept(self, conn: ReliableConnection) -> None:
@@ -509,7 +542,6 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
 
     def _pump(self, conn: ReliableConnection, now: float) -> None:
         transport = self._transports.get(conn)
-        sock = self.transport
         connected = None if transport is None else transport.connected
         if (
             connected is not None
@@ -520,16 +552,14 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
             transport.handshake_done()  # type: ignore[union-attr]
         if transport is not None:
             transport.pumped()
-        if sock is not None:
-            if self._send_paused:
-                self._dirty[conn] = None  # resume_writing flushes again
-            else:
-                out = conn.datagrams_to_send(now, BURST)
-                addr = conn.peer_address if self.core is not None else None
-                for datagram in out:
-                    sock.sendto(datagram, addr)  # type: ignore[arg-type]
-                if len(out) >= BURST:
-                    self.mark(conn)
+        if self._sock is not None:
+            out = conn.datagrams_to_send(now, BURST)
+            addr = conn.peer_address if self.core is not None else None
+            send = self._send
+            for datagram in out:
+                send(datagram, addr)
+            if len(out) >= BURST:
+                self.mark(conn)
         if transport is not None and conn.state is _CLOSED and not transport.lost:
             transport.pumped()  # an end the sends above found
         if self.core is not None:
@@ -594,10 +624,11 @@ class ReliableEndpoint(asyncio.DatagramProtocol):
         for transport in list(self._transports.values()):
             if not transport.lost:
                 transport.abort()
-        if self.transport is not None:
-            self.transport.close()
-        else:
-            self._cancel_timers()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socket_closed()
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed."""
