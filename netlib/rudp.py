@@ -78,6 +78,7 @@ class ReliableUDPServerStatistics:
         corrupt_dropped: datagrams whose checksum or version failed.
         unknown_dropped: datagrams for no connection (or from the wrong address).
         rate_limited: connection attempts dropped by the per-source rate limit.
+        send_dropped: datagrams the socket's send buffer refused (resent like losses).
     """
 
     accepted: int
@@ -98,6 +99,7 @@ class ReliableUDPServerStatistics:
     corrupt_dropped: int
     unknown_dropped: int
     rate_limited: int
+    send_dropped: int
 
 
 class ReliableUDPServer:
@@ -159,6 +161,7 @@ class ReliableUDPServer:
             corrupt_dropped=core.corrupt_dropped,
             unknown_dropped=core.unknown_dropped + core.small_hello_dropped,
             rate_limited=totals.rate_limited,
+            send_dropped=endpoint.send_dropped,
         )
 
     @property
