@@ -5,6 +5,7 @@ over it unchanged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -20,7 +21,7 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
-from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE
+from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from tests.helpers import poll_until, wait_until
 
 
@@ -276,3 +277,35 @@ async def test_a_silent_port_times_the_connect_out() -> None:
         with pytest.raises(netlib.PeerTimedOut, match=r"no handshake within 0\.3s"):
             await connect()
         assert len(silent.recv(2048)) == MIN_HELLO_SIZE  # it did say HELLO, padded
+
+
+async def test_a_hello_flood_from_one_address_is_cut_to_its_rate_and_a_probe_is_served() -> None:
+    async with open_reliable_udp_server(echo_handler, handshake_rate=50.0) as server:
+        port = server.addresses[0][1]
+        flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flooder.setblocking(False)
+        flooder.connect(("127.0.0.1", port))
+        hellos = [encode_hello(cid, 0, 100, 1000, 1024, b"") for cid in range(1, 2001)]
+        begun = time.monotonic()
+        try:
+            async with connect_reliable_udp("127.0.0.1", port) as probe:
+                for start in range(0, len(hellos), 100):
+                    for hello in hellos[start : start + 100]:
+                        with contextlib.suppress(BlockingIOError):
+                            flooder.send(hello)
+                    await probe.send(b"probe")  # served while the flood goes on
+                    assert await probe.receive() == b"probe"
+                await wait_until(
+                    lambda: (
+                        server.statistics().rate_limited + server.statistics().cookies_sent >= 1500
+                    ),
+                    timeout=5.0,
+                )
+        finally:
+            flooder.close()
+        stats = server.statistics()
+    elapsed = time.monotonic() - begun
+    # the probe's own HELLO, plus the flooder's burst and rate over the elapsed time
+    assert stats.cookies_sent <= 1 + 50 + 50 * elapsed
+    assert stats.cookies_sent + stats.rate_limited >= 1900  # every HELLO counted (few lost)
+    assert stats.accepted == 1
