@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import sys
 import time
 
 import pytest
@@ -309,3 +311,28 @@ async def test_a_hello_flood_from_one_address_is_cut_to_its_rate_and_a_probe_is_
     assert stats.cookies_sent <= 1 + 50 + 50 * elapsed
     assert stats.cookies_sent + stats.rate_limited >= 1900  # every HELLO counted (few lost)
     assert stats.accepted == 1
+
+
+async def test_a_client_learns_at_once_that_its_server_is_gone() -> None:
+    server = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "netlib", "echo", "serve", "--proto", "rudp", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        match = re.search(rb"127\.0\.0\.1:(\d+)", await server.stdout.readline())
+        assert match, "server did not announce its address"
+        async with connect_reliable_udp("127.0.0.1", int(match.group(1))) as stream:
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+            server.kill()  # no CLOSE: the port is simply gone
+            await server.wait()
+            await stream.send(b"anyone?")
+            with pytest.raises(netlib.BrokenResourceError, match="port is closed"):
+                async with asyncio.timeout(5):  # the idle timeout would be 60 s
+                    await stream.receive()
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.communicate()

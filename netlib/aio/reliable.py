@@ -324,6 +324,14 @@ class ReliableTransport(asyncio.Transport):
             what = getattr(event, "reason", "idle")
             self._error = PeerTimedOut(f"the peer fell silent ({what} timeout)")
 
+    def peer_gone(self, exc: Exception) -> None:
+        """The peer's port is closed: abort, reporting ``BrokenResourceError``."""
+        error = BrokenResourceError(f"the peer's port is closed: {exc}")
+        error.__cause__ = exc
+        self._error = error
+        self.conn.abort()
+        self._endpoint.mark(self.conn)
+
     def handshake_done(self) -> None:
         """A client's ``Connected`` event: the connection is up."""
         if self.connected is not None and not self.connected.done():
@@ -471,11 +479,21 @@ class ReliableEndpoint:
         return False
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors: on a client, a refused port ends the handshake at once.
-        for transport in self._transports.values():
-            if transport.connected is not None and not transport.connected.done():
+        """An ICMP error on a client's connected socket: a refused port ends the handshake
+        at once, and an established connection too (the server is gone: a crash or a
+        restart), as a reset does over TCP, instead of after the idle timeout."""
+        if self.core is not None:
+            return
+        for transport in list(self._transports.values()):
+            connected = transport.connected
+            if connected is not None and not connected.done():
                 transport.conn.abort()
                 transport._fail_connect(exc)
+            elif (
+                isinstance(exc, ConnectionRefusedError)
+                and transport.conn.state is ConnectionState.ESTABLISHED
+            ):
+                transport.peer_gone(exc)
 
     def _socket_closed(self) -> None:
         self._cancel_timers()
