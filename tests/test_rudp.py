@@ -336,3 +336,17 @@ async def test_a_client_learns_at_once_that_its_server_is_gone() -> None:
         if server.returncode is None:
             server.kill()
         await server.communicate()
+
+
+async def test_close_aborts_every_connection_at_once() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+            server.close()
+            assert not server.is_serving
+            with pytest.raises(netlib.BrokenResourceError, match="aborted"):
+                async with asyncio.timeout(5):
+                    await stream.receive()
+        await server.wait_closed()
