@@ -25,6 +25,14 @@ from netlib.errors import (
     SlowConsumer,
     WouldBlock,
 )
+from netlib.rudp import (
+    ReliableConfig,
+    ReliableUDPServer,
+    ReliableUDPServerStatistics,
+    connect_reliable_udp,
+    open_reliable_udp_server,
+    serve_reliable_udp,
+)
 from netlib.runner import loop_factory, run
 from netlib.sansio.datagram import ReplyBudget, ReplyBudgetStatistics
 from netlib.sansio.echo import EchoMode
@@ -99,6 +107,9 @@ __all__ = [
     "PeerTimedOut",
     "ProtocolError",
     "RawFraming",
+    "ReliableConfig",
+    "ReliableUDPServer",
+    "ReliableUDPServerStatistics",
     "ReplyBudget",
     "ReplyBudgetStatistics",
     "Server",
@@ -108,17 +119,20 @@ __all__ = [
     "UpperEchoProtocol",
     "WouldBlock",
     "__version__",
+    "connect_reliable_udp",
     "connect_tcp",
     "echo_handler",
     "loop_factory",
     "make_chat_handler",
     "make_udp_echo_handler",
     "open_chat_server",
+    "open_reliable_udp_server",
     "open_tcp_server",
     "open_udp_endpoint",
     "open_udp_server",
     "run",
     "serve_chat",
+    "serve_reliable_udp",
     "serve_tcp",
     "serve_udp",
     "udp_echo_handler",

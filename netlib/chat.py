@@ -1,9 +1,10 @@
-"""open_chat_server / serve_chat: the chat service over TCP, UDP or both.
+"""open_chat_server / serve_chat: the chat service over TCP, UDP, both, or reliable UDP.
 
 The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are
 ``ChatProtocol`` connections (line based, usable from ``nc`` and ``telnet``) on netlib's
-``Server``, UDP clients are peers of a ``DatagramChatProtocol``. One service can serve
-both at once, and they share its rooms.
+``Server``, UDP clients are peers of a ``DatagramChatProtocol``, reliable-UDP clients are
+the same ``ChatProtocol`` on a reliable-UDP server (one line per message). One service can
+serve TCP and UDP at once, and they share its rooms.
 ``make_chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.rudp import ReliableUDPServer, open_reliable_udp_server
 from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_server
 from netlib.services.chat import ChatService, DatagramChatProtocol
 from netlib.services.chat.service import CHAT_CLOSE_GRACE, encode_line
@@ -26,7 +28,7 @@ __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
 logger = logging.getLogger("netlib.chat")
 
-ChatProto = Literal["tcp", "udp", "both"]
+ChatProto = Literal["tcp", "udp", "both", "rudp"]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ChatServer:
         tcp_addresses: bound TCP addresses (empty when not serving TCP).
         udp_addresses: bound UDP addresses (empty when not serving UDP).
         udp: the UDP endpoint (``chat_statistics()``: handshakes, drops), when serving UDP.
+        rudp: the reliable-UDP server, when serving reliable UDP (``rudp_addresses``).
 
     ``summary()`` gives every counter as one line; ``open_chat_server`` logs it (logger
     ``netlib.chat``, info level) when the server has closed.
@@ -49,6 +52,8 @@ class ChatServer:
     tcp_addresses: list[Any] = field(default_factory=list)
     udp_addresses: list[Any] = field(default_factory=list)
     udp: DatagramChatProtocol | None = None
+    rudp: ReliableUDPServer | None = None
+    rudp_addresses: list[Any] = field(default_factory=list)
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def summary(self) -> str:
@@ -68,6 +73,13 @@ class ChatServer:
                 f"udp: {udp.joined} joined, {udp.peers} open, {udp.expired} timed out, "
                 f"{udp.cookies_sent} cookies sent, {udp.dropped_unverified} unverified "
                 f"datagrams dropped, {udp.replies_dropped} replies dropped"
+            )
+        if self.rudp is not None:
+            rudp = self.rudp.statistics()
+            parts.append(
+                f"rudp: {rudp.accepted} accepted, {rudp.active} open, "
+                f"{rudp.timeouts} timed out, {rudp.resets} reset, "
+                f"{rudp.retransmissions} retransmissions, {rudp.cookies_sent} cookies sent"
             )
         return "; ".join(parts)
 
@@ -100,7 +112,8 @@ async def open_chat_server(
     Args:
         host: address to bind (default loopback).
         port: TCP port, and UDP port too unless ``udp_port`` is given (0: a free port).
-        proto: ``"tcp"``, ``"udp"`` or ``"both"`` (sharing one set of rooms).
+        proto: ``"tcp"``, ``"udp"`` or ``"both"`` (sharing one set of rooms), or
+            ``"rudp"`` (reliable UDP on ``port``: one line per message).
         udp_port: UDP port when it must differ from ``port``.
         service: the chat to serve (default: a new ``ChatService`` with a ``MemoryHub``).
         max_connections_per_host: cap on TCP members from one IP address (default 256;
@@ -134,6 +147,20 @@ async def open_chat_server(
             )
             server.tcp = tcp
             server.tcp_addresses = list(tcp.addresses)
+        if proto == "rudp":
+            rudp = await stack.enter_async_context(
+                open_reliable_udp_server(
+                    None,
+                    host or "0.0.0.0",
+                    port,
+                    protocol=chat_protocol_factory(chat),
+                    framing=chat_framing(chat.limits),
+                    **asdict(chat_stream_limits(chat.limits)),
+                    shutdown_grace=CHAT_CLOSE_GRACE,
+                )
+            )
+            server.rudp = rudp
+            server.rudp_addresses = list(rudp.addresses)
         # The chat closes first: members hear the server is going, then the servers stop.
         stack.push_async_callback(chat.aclose if own_service else chat.close_sessions)
         if proto in ("udp", "both"):

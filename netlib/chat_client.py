@@ -60,6 +60,7 @@ from netlib import (
     MessageStream,
     PeerTimedOut,
     ProtocolError,
+    connect_reliable_udp,
     connect_tcp,
     open_udp_endpoint,
 )
@@ -135,7 +136,7 @@ async def run_chat_client(
     host: str,
     port: int,
     *,
-    proto: Literal["tcp", "udp"] = "tcp",
+    proto: Literal["tcp", "udp", "rudp"] = "tcp",
     nick: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
@@ -146,7 +147,8 @@ async def run_chat_client(
 
     Args:
         host, port: the chat server.
-        proto: ``"tcp"`` (line-framed stream) or ``"udp"`` (one line per datagram).
+        proto: ``"tcp"`` (line-framed stream), ``"udp"`` (one line per datagram) or
+            ``"rudp"`` (reliable UDP: one line per message).
         nick: sent as ``/nick <nick>`` once the session starts; if the server refuses
             it (taken, invalid), the client stops before sending anything else.
         stdin, stdout: the user's side (default ``sys.stdin`` and ``sys.stdout``).
@@ -204,13 +206,16 @@ async def _connect(stack: contextlib.AsyncExitStack, host: str, port: int, proto
         if proto == "tcp":
             opening = connect_tcp(host, port, framing="line", close_timeout=CLOSE_TIMEOUT)
             return _TcpLink(await stack.enter_async_context(opening))
+        if proto == "rudp":
+            opening = connect_reliable_udp(host, port, framing="line", close_timeout=CLOSE_TIMEOUT)
+            return _TcpLink(await stack.enter_async_context(opening))
         if proto == "udp":
             link = _UdpLink(await stack.enter_async_context(open_udp_endpoint(host, port)), where)
             await link.join()
             return link
     except (OSError, TimeoutError) as exc:
         raise _Failure(_connect_error(where, exc)) from exc
-    raise ValueError(f"proto must be 'tcp' or 'udp', got {proto!r}")
+    raise ValueError(f"proto must be 'tcp', 'udp' or 'rudp', got {proto!r}")
 
 
 def _connect_error(where: str, exc: BaseException) -> str:
@@ -223,7 +228,7 @@ def _connect_error(where: str, exc: BaseException) -> str:
 
 
 class _TcpLink:
-    """Lines over a line-framed TCP stream; the session ends at EOF."""
+    """Lines over a line-framed stream (TCP or reliable UDP); the session ends at EOF."""
 
     def __init__(self, stream: MessageStream) -> None:
         self._stream = stream

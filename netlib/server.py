@@ -386,6 +386,26 @@ class Server:
         self._connections[setup] = protocol
         _drive(self._start(conn, protocol), setup, self._started_cb)
 
+    def new_protocol(self) -> StreamProtocol:
+        """The protocol of a connection another transport made (reliable UDP), with this
+        server's framing, limits, deadline timer, memory budget and counters."""
+        return self._config.protocol(
+            self._config.framing,
+            self._config.limits,
+            deadlines=self._deadlines,
+            budget=self._budget,
+            on_lost=self._lost_cb,
+        )
+
+    def serve_connection(self, protocol: StreamProtocol) -> None:
+        """Serve a connection whose transport is made (``connection_made`` ran): start its
+        handler, track it for ``statistics()``, ``shutdown()`` and ``close()``."""
+        self._counters.accepted += 1
+        setup: asyncio.Future[bool] = self._loop.create_future()
+        setup.set_result(True)
+        self._connections[setup] = protocol
+        self._on_started(setup)
+
     def _release(self, protocol: StreamProtocol | None) -> None:
         """``protocol``'s connection has no task left: free its per-host slot."""
         if protocol is None:

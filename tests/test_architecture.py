@@ -20,6 +20,7 @@ LAYERS = {
     "netlib.server": 5,  # PUBLIC verbs: serve_*, open_*, connect_*
     "netlib.client": 5,
     "netlib.udp": 5,
+    "netlib.rudp": 5,
     "netlib.chat": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
@@ -41,6 +42,7 @@ SHARED = {
     "netlib.aio.deadlines",
     "netlib.services.hub",
     "netlib.server",
+    "netlib.rudp",  # the reliable-UDP server, which the chat serves on too
     "netlib.runner",
 }
 SANSIO_FORBIDDEN = {"asyncio", "socket", "selectors", "time", "random", "logging"}
@@ -161,6 +163,7 @@ _SUBMODULES = {
     "cli",
     "demo",
     "udp",
+    "rudp",
     "chat",
     "chat_client",
     "testing",

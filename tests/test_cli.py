@@ -693,3 +693,60 @@ def test_without_the_cli_extra_a_terminal_chat_says_what_to_install(loop_name: s
         assert prompted.returncode == 1
         assert "needs prompt_toolkit: pip install 'netlib-asyncio[cli]'" in prompted.stderr
         proc.send_signal(signal.SIGTERM)
+
+
+# -- reliable UDP -----------------------------------------------------------------------------
+
+
+def test_rudp_echo_serve_and_send_and_statistics_at_the_end(loop_name: str) -> None:
+    with running("--loop", loop_name, "echo", "serve", "--proto", "rudp", "--port", "0") as (
+        proc,
+        listening,
+    ):
+        assert listening["proto"] == "rudp"
+        done = subprocess.run(
+            [
+                *NETLIB,
+                *("--loop", loop_name, "echo", "send", "--proto", "rudp"),
+                *("--port", str(_port(listening)), "hello", "two words", ""),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, "hello\ntwo words\n\n", "")
+        proc.send_signal(signal.SIGINT)
+        stats = _read_json(proc)
+    assert stats["accepted"] == 1
+    assert stats["cookies_sent"] == 1
+
+
+def test_rudp_echo_send_to_a_closed_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["echo", "send", "--proto", "rudp", "--port", str(port), "hi"]) == 1
+    assert capsys.readouterr().err == f"netlib: error: connection refused by 127.0.0.1:{port}\n"
+
+
+def test_chat_serve_and_join_over_rudp(loop_name: str) -> None:
+    with running("--loop", loop_name, "chat", "serve", "--proto", "rudp", "--port", "0") as (
+        _proc,
+        listening,
+    ):
+        assert listening["addresses"][0]["proto"] == "rudp"
+        done = subprocess.run(
+            [
+                *NETLIB,
+                *("--loop", loop_name, "chat", "join", "--proto", "rudp"),
+                *("--port", str(_port(listening)), "--nick", "alice"),
+            ],
+            input="/join #netlib\n/who\nover\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "*** you are now known as alice" in done.stdout
+    assert "*** #netlib (1 member): alice" in done.stdout
+    assert done.stdout.rstrip().endswith("*** goodbye")

@@ -29,6 +29,7 @@ SERVE_EXAMPLES = """\
 examples:
   netlib chat serve                          # TCP and UDP on 127.0.0.1:7077
   netlib chat serve --host '*' --proto tcp   # TCP only, every interface
+  netlib chat serve --proto rudp             # reliable UDP (join --proto rudp)
   nc 127.0.0.1 7077                          # join from nc (or telnet)
 """
 JOIN_EXAMPLES = """\
@@ -36,6 +37,7 @@ examples:
   netlib chat join --nick alice              # interactive, with line editing
   printf '/join #ops\\nhello\\n' | netlib chat join --nick bot
   netlib chat join --nick logger --stay < /dev/null > chat.log   # listen only
+  netlib chat join --proto rudp --nick alice # to a chat serve --proto rudp
 """
 
 
@@ -57,7 +59,7 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         "SIGTERM. Clients: netlib chat join, nc, telnet.",
         epilog=SERVE_EXAMPLES,
     )
-    _add_address(serve, ("tcp", "udp", "both"), "both")
+    _add_address(serve, ("tcp", "udp", "both", "rudp"), "both")
     serve.add_argument(
         "--max-connections-per-host",
         type=count_or_none,
@@ -78,7 +80,7 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         "states, then the client leaves; it exits 1 if a line was not delivered.",
         epilog=JOIN_EXAMPLES,
     )
-    _add_address(join, ("tcp", "udp"), "tcp")
+    _add_address(join, ("tcp", "udp", "rudp"), "tcp")
     join.add_argument(
         "--nick", help="nickname to take after joining; a refused one ends the client (status 1)"
     )
@@ -111,7 +113,11 @@ async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
     ) as server:
         addresses = [
             (f"{format_address(a)} ({kind})", kind, format_address(a))
-            for kind, found in (("tcp", server.tcp_addresses), ("udp", server.udp_addresses))
+            for kind, found in (
+                ("tcp", server.tcp_addresses),
+                ("udp", server.udp_addresses),
+                ("rudp", server.rudp_addresses),
+            )
             for a in found
         ]
         emit(

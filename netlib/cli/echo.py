@@ -49,6 +49,7 @@ SERVE_EXAMPLES = """\
 examples:
   netlib echo serve                          # TCP line echo on 127.0.0.1:7007
   netlib echo serve --proto udp --mode timestamp --port 7008
+  netlib echo serve --proto rudp             # reliable UDP: one message per send
   netlib echo serve --host '*' --upper       # every interface, IPv4 and IPv6
   netlib echo serve --unix /tmp/echo.sock
   netlib echo serve --tls-cert cert.pem --tls-key key.pem
@@ -58,6 +59,7 @@ examples:
   netlib echo send hello world               # one line each, prints each reply
   printf 'a\\nb\\n' | netlib echo send -       # lines from stdin
   netlib echo send --proto udp --port 7008 --json ping
+  netlib echo send --proto rudp hello        # to an echo serve --proto rudp
 """
 
 
@@ -146,7 +148,12 @@ def add_echo(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--proto", choices=["tcp", "udp"], default="tcp", help="transport")
+    parser.add_argument(
+        "--proto",
+        choices=["tcp", "udp", "rudp"],
+        default="tcp",
+        help="transport (rudp: reliable messages over UDP)",
+    )
     parser.add_argument(
         "--host",
         type=host_type,
@@ -190,6 +197,8 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
     if mode == "timestamp":
         raise UsageError("--mode timestamp is a UDP service: use --proto udp")
     handler = netlib.upper_echo_handler if mode == "upper" else netlib.echo_handler
+    if args.proto == "rudp":
+        return await _serve_rudp(args, signals, handler, mode)
     async with netlib.open_tcp_server(
         handler,
         args.host,
@@ -210,6 +219,31 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
             await signals.stopped()
         say_shutdown(server.statistics().active, args.shutdown_grace)
     show_statistics(args, "tcp echo", server.statistics())
+    return 0
+
+
+async def _serve_rudp(
+    args: argparse.Namespace, signals: Signals, handler: netlib.Handler, mode: netlib.EchoMode
+) -> int:
+    """Echo over reliable UDP: each message is echoed as one message."""
+    if args.unix or args.tls_cert:
+        raise UsageError("--unix and --tls-cert are for --proto tcp")
+    async with netlib.open_reliable_udp_server(
+        handler,
+        args.host or "0.0.0.0",
+        args.port,
+        max_connections=args.max_connections or 10_000,
+        max_connections_per_host=args.max_connections_per_host or 10_000,
+        first_frame_timeout=args.first_message_timeout,
+        idle_timeout=args.idle_timeout,
+        shutdown_grace=args.shutdown_grace,
+    ) as server:
+        signals.on_force(server.close)
+        _announce(args, mode, server.addresses)
+        async with reporting(args, signals, "rudp echo", server.statistics):
+            await signals.stopped()
+        say_shutdown(server.statistics().active, args.shutdown_grace)
+    show_statistics(args, "rudp echo", server.statistics())
     return 0
 
 
@@ -267,12 +301,24 @@ async def echo_send(args: argparse.Namespace, _signals: Signals) -> int:
                     raise UsageError(f"message {number} cannot be sent: {exc}") from None
                 _show_reply(args, message, reply, started)
         return 0
-    lines = _check_lines(_messages(args))
-    tls = client_tls(args)
-    async with netlib.connect_tcp(
-        args.host or "127.0.0.1", args.port, path=args.unix, framing="line", ssl=tls
-    ) as stream:
-        for line in lines:
+    if args.proto == "rudp":
+        if args.unix or args.tls or args.cacert or args.insecure:
+            raise UsageError("--unix and the TLS options are for --proto tcp")
+        messages = [m.encode() for m in _messages(args)]
+        connecting = netlib.connect_reliable_udp(
+            args.host or "127.0.0.1", args.port, connect_timeout=args.timeout
+        )
+    else:
+        messages = _check_lines(_messages(args))
+        connecting = netlib.connect_tcp(
+            args.host or "127.0.0.1",
+            args.port,
+            path=args.unix,
+            framing="line",
+            ssl=client_tls(args),
+        )
+    async with connecting as stream:
+        for line in messages:
             started = time.perf_counter()
             await stream.send(line)
             try:

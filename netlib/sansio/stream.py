@@ -290,6 +290,9 @@ class StreamConnection:
         if cause is None:
             self.state = _CLOSED
             return
+        if isinstance(cause, NetlibError):  # a transport that knows why (a peer timed out)
+            self.fail(cause)
+            return
         error = BrokenResourceError(f"connection lost: {cause!r}")
         error.__cause__ = cause
         self.fail(error)

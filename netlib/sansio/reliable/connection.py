@@ -212,6 +212,8 @@ class CloseCode(enum.IntEnum):
     HOST_FULL = 3
     EXHAUSTED = 4
     """The connection used up its packet or data sequence numbers (2**32 of either)."""
+    ABORTED = 5
+    """The application aborted the connection (what it had sent may be lost)."""
 
 
 class ConnectionState(enum.Enum):
@@ -307,7 +309,7 @@ class ReliableConfig:
 
     @property
     def window_slots(self) -> int:
-        """Full fragments the receive buffer holds: the flow-control window."""
+        """How many full fragments the receive buffer holds (the flow-control window)."""
         return self.receive_buffer // _SLOT
 
 
@@ -650,6 +652,12 @@ class ReliableConnection:
             self.state = _CLOSING
             self._close_frame = encode_close(code, reason)
             self._close_code = (code, reason)
+
+    def abort(self, code: int = CloseCode.ABORTED, reason: str = "aborted") -> None:
+        """Close at once, discarding what is unsent or unacknowledged: one CLOSE goes in the
+        next ``datagrams_to_send`` (if the peer's id is known), and the connection is
+        CLOSED with a ``ConnectionClosed(by_peer=False)`` event (idempotent)."""
+        self._abort(code, reason)
 
     def next_event(self) -> ConnectionEvent | None:
         """The next event, or None. Taking a message frees its share of the receive buffer."""
@@ -1169,7 +1177,8 @@ class ReliableConnection:
 
     def _late_acks(self, ranges: list[tuple[int, int]]) -> None:
         """Packets declared lost and acknowledged after all: the loss was spurious."""
-        late = [pn for pn in self._lost if _covered(pn, ranges)]
+        lowest, highest = ranges[-1][0], ranges[0][1]  # ranges descend
+        late = [pn for pn in self._lost if lowest <= pn <= highest and _covered(pn, ranges)]
         for pn in late:
             record = self._lost.pop(pn)
             self.spurious_losses += 1

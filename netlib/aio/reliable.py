@@ -1,0 +1,653 @@
+"""The reliable-UDP adapter: one UDP socket, the sans-I/O cores, one timer, per-connection
+transports.
+
+Theory of operation
+-------------------
+A ``ReliableEndpoint`` owns one non-blocking UDP socket and reads it itself
+(``loop.add_reader``, up to ``RECV_BATCH`` datagrams per wake-up: asyncio's datagram
+transport reads one per wake-up, a loop iteration per datagram). On a server it owns a
+``ReliableServerCore`` (its HMAC key from ``os.urandom``); on a client, one
+``ReliableConnection`` (its connection id from ``secrets``). Each connection is presented to
+the layer above as a ``ReliableTransport``: an ``asyncio.Transport`` whose ``write`` sends one
+reliable message, so the stream protocol that carries TCP connections (a
+``StreamProtocol``, or a subclass such as the chat's) runs on it unchanged: framing, read
+limits, deadlines, the memory budget and ``MessageStream`` come with it.
+
+* **Receiving.** ``datagram_received`` hands the datagram to the core and marks the
+  connection it went to; nothing is sent from there. One ``call_soon`` per loop iteration
+  (``flush``) then pumps every marked connection: its events go to its protocol (each
+  message through ``data_received``), then ``datagrams_to_send(now, BURST)`` goes to the
+  socket. So acknowledgements for a batch of datagrams coalesce, and the replies a handler
+  writes in the next iteration carry them.
+* **Bursts.** At most ``BURST`` datagrams per connection per iteration; a connection with
+  more to send is marked again for the next one, so a whole congestion window never lands
+  in the socket buffer at once, and other connections get their turn. A datagram the
+  socket's buffer refuses (``EAGAIN``) is dropped and counted, as the network would drop
+  it: the core's loss recovery resends it and its congestion control slows down.
+* **Timers.** One event-loop timer per endpoint, at the core's ``next_deadline()``; it is
+  moved only when a deadline is earlier than the one armed (a timer that fires early finds
+  nothing due and re-arms).
+* **Backpressure.** A message the core cannot take (``WouldBlock``: its send buffer is full)
+  waits in the transport's backlog, which is fed to the core as acknowledgements free
+  room. Above ``write_high`` (the core's buffer plus the backlog) the protocol is paused,
+  below ``write_low`` resumed: ``MessageStream.send`` waits as it does over TCP. Reading is
+  paused by leaving the core's events where they are: what it holds for the application
+  fills its receive buffer, and flow control stops the sender.
+* **Ending.** A clean CLOSE from the peer is the peer's EOF (``eof_received``: the handler
+  sees ``EndOfStream``); the connection is lost once the core is CLOSED. An idle or
+  handshake timeout becomes ``PeerTimedOut``, any other close by the peer
+  ``BrokenResourceError``. ``close()`` is the core's clean close (flush, CLOSE until
+  acknowledged); ``abort()`` sends one CLOSE and drops the rest. The transport cannot
+  half-close: after ``close()`` nothing more is received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from netlib.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    LimitExceeded,
+    NetlibError,
+    PeerTimedOut,
+    WouldBlock,
+)
+from netlib.sansio.ratelimit import TokenBucket
+from netlib.sansio.reliable.connection import (
+    CloseCode,
+    Connected,
+    ConnectionClosed,
+    ConnectionState,
+    MessageReceived,
+    ReliableConfig,
+    ReliableConnection,
+    ReliableStatistics,
+)
+from netlib.sansio.reliable.endpoint import ReliableServerCore
+
+__all__ = [
+    "BURST",
+    "HANDSHAKE_RATE",
+    "RECV_BATCH",
+    "SOCKET_BUFFER",
+    "ReliableEndpoint",
+    "ReliableTotals",
+    "ReliableTransport",
+]
+
+BURST: Final = 32
+"""Datagrams one connection sends at most per event-loop iteration (38 KiB at 1,200 bytes)."""
+RECV_BATCH: Final = 64
+"""Datagrams read at most per wake-up, so one busy socket cannot starve the loop."""
+RECV_SIZE: Final = 2048
+"""Bytes asked per read: a datagram longer than ``MAX_DATAGRAM`` (1,200) is invalid anyway
+(truncated, its checksum fails)."""
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
+"""Bytes asked for the socket's receive and send buffers (the kernel caps them at
+``net.core.rmem_max`` / ``wmem_max``): a burst of every connection's window must fit, or
+the kernel drops datagrams that the congestion control then reads as losses."""
+HANDSHAKE_RATE: Final = 100.0
+"""Connection attempts (datagrams for no connection) a second one source address may make,
+with a burst of as many, before the server drops its datagrams unread (R13)."""
+MAX_RATE_SOURCES: Final = 4096
+"""Source addresses the handshake rate limiter tracks; past it the table starts afresh."""
+_KEY_SIZE: Final = 32
+_NO_CID: Final = b"\0\0\0\0"
+_CLOSED: Final = ConnectionState.CLOSED
+_NORMAL: Final = int(CloseCode.NORMAL)
+
+
+class _StreamSink(Protocol):
+    """What a ``ReliableTransport`` drives: an ``asyncio.Protocol`` (``StreamProtocol``)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+class ReliableTotals:
+    """Counters of the connections an endpoint has had (the closed ones summed)."""
+
+    __slots__ = (
+        "datagrams_received",
+        "datagrams_sent",
+        "losses_detected",
+        "min_rtt",
+        "rate_limited",
+        "retransmissions",
+        "spurious_retransmissions",
+    )
+
+    def __init__(self) -> None:
+        self.datagrams_sent = self.datagrams_received = 0
+        self.retransmissions = self.spurious_retransmissions = self.losses_detected = 0
+        self.rate_limited = 0
+        self.min_rtt = 0.0
+
+    def add(self, stats: ReliableStatistics) -> None:
+        """Add one connection's counters."""
+        self.datagrams_sent += stats.datagrams_sent
+        self.datagrams_received += stats.datagrams_received
+        self.retransmissions += stats.retransmissions
+        self.spurious_retransmissions += stats.spurious_retransmissions
+        self.losses_detected += stats.losses_detected
+        if stats.min_rtt and (not self.min_rtt or stats.min_rtt < self.min_rtt):
+            self.min_rtt = stats.min_rtt
+
+
+class ReliableTransport(asyncio.Transport):
+    """One reliable-UDP connection as an ``asyncio.Transport``: ``write`` sends a message.
+
+    Made by a ``ReliableEndpoint``; the layer above sets its protocol (``set_protocol``,
+    then ``protocol.connection_made(transport)``).
+    """
+
+    def __init__(self, endpoint: ReliableEndpoint, conn: ReliableConnection, peer: Any) -> None:
+        super().__init__({"peername": peer, "sockname": endpoint.sockname})
+        self._endpoint = endpoint
+        self.conn = conn
+        self._protocol: _StreamSink | None = None
+        self._max_message = endpoint.config.max_message
+        self._backlog: list[bytes] = []
+        self._backlog_size = 0
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._write_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self.lost = False
+        self._error: NetlibError | None = None
+        self.connected: asyncio.Future[None] | None = None  # a client's handshake
+
+    # -- asyncio.Transport ----------------------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol  # type: ignore[assignment]
+        self._endpoint.mark(self.conn)  # deliver what waited for it
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[return-value]
+
+    def is_closing(self) -> bool:
+        return self._closing or self.lost
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one message (a no-op once closing or lost).
+
+        Raises:
+            LimitExceeded: larger than the connection's ``max_message``.
+        """
+        if self._closing or self.lost:
+            return
+        message = bytes(data) if data.__class__ is not bytes else data
+        if len(message) > self._max_message:
+            raise LimitExceeded(
+                f"message of {len(message)} bytes exceeds the limit of {self._max_message} bytes"
+            )
+        if self._backlog:
+            self._queue(message)
+        else:
+            try:
+                self.conn.send(message)
+            except WouldBlock:
+                self._queue(message)
+            except ClosedResourceError:  # the peer closed: what is written goes nowhere
+                return
+        self._endpoint.mark(self.conn)
+        if not self._write_paused and self.get_write_buffer_size() > self._high:
+            self._write_paused = True
+            if self._protocol is not None:
+                self._protocol.pause_writing()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _queue(self, message: bytes) -> None:
+        self._backlog.append(message)
+        self._backlog_size += len(message)
+
+    def get_write_buffer_size(self) -> int:
+        return self.conn.send_buffered + self._backlog_size
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = 64 * 1024 if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def can_write_eof(self) -> bool:
+        return False  # a reliable-UDP connection closes both ways at once
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("reliable UDP has no half-close")
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._endpoint.mark(self.conn)
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def close(self) -> None:
+        """Close cleanly: what was written is delivered first, then CLOSE."""
+        if self._closing or self.lost:
+            return
+        self._closing = True
+        self._feed_backlog()
+        self._backlog.clear()  # what the core could not take by now is dropped
+        self._backlog_size = 0
+        self.conn.close()
+        self._endpoint.mark(self.conn)
+
+    def abort(self) -> None:
+        """Close at once: one CLOSE to the peer, the rest dropped."""
+        if self.lost:
+            return
+        self._closing = True
+        self._backlog.clear()
+        self._backlog_size = 0
+        self.conn.abort()
+        self._endpoint.send_now(self.conn)  # before the socket may close
+        self._endpoint.mark(self.conn)
+
+    # -- the endpoint's side --------------------------------------------------------------------
+
+    def _feed_backlog(self) -> None:
+        backlog = self._backlog
+        taken = 0
+        try:
+            for message in backlog:
+                self.conn.send(message)
+                taken += 1
+                self._backlog_size -= len(message)
+        except (WouldBlock, ClosedResourceError):
+            pass
+        del backlog[:taken]
+
+    def pumped(self) -> None:
+        """After the core took input: feed it the backlog and deliver its events."""
+        if self._backlog:
+            self._feed_backlog()
+        protocol = self._protocol
+        if self._write_paused and self.get_write_buffer_size() <= self._low:
+            self._write_paused = False
+            if protocol is not None:
+                protocol.resume_writing()
+        conn = self.conn
+        closed = conn.state is _CLOSED
+        while protocol is not None and (closed or not self._reading_paused):
+            event = conn.next_event()
+            if event is None:
+                break
+            if event.__class__ is MessageReceived:
+                protocol.data_received(event.data)
+            else:
+                self._on_event(event, protocol)
+        if conn.state is _CLOSED and not self.lost:
+            connected = self.connected
+            if connected is not None and not connected.done():
+                self._fail_connect()
+            elif protocol is not None:
+                self.lost = True
+                protocol.connection_lost(self._error)
+            elif connected is None:  # a server's connection closed before it was served
+                self.lost = True
+
+    def _on_event(self, event: object, protocol: _StreamSink) -> None:
+        if isinstance(event, ConnectionClosed):
+            if not event.by_peer:
+                return
+            if event.code == _NORMAL:
+                protocol.eof_received()
+            else:
+                reason = event.reason or f"code {event.code}"
+                self._error = BrokenResourceError(f"closed by the peer: {reason}")
+        elif isinstance(event, Connected):
+            return
+        else:  # ConnectionTimedOut
+            what = getattr(event, "reason", "idle")
+            self._error = PeerTimedOut(f"the peer fell silent ({what} timeout)")
+
+    def peer_gone(self, exc: Exception) -> None:
+        """The peer's port is closed: abort, reporting ``BrokenResourceError``."""
+        error = BrokenResourceError(f"the peer's port is closed: {exc}")
+        error.__cause__ = exc
+        self._error = error
+        self.conn.abort()
+        self._endpoint.mark(self.conn)
+
+    def handshake_done(self) -> None:
+        """A client's ``Connected`` event: the connection is up."""
+        if self.connected is not None and not self.connected.done():
+            self.connected.set_result(None)
+
+    def _fail_connect(self, exc: Exception | None = None) -> None:
+        if exc is None:
+            event = self.conn.next_event()
+            if isinstance(event, ConnectionClosed):
+                reason = event.reason or f"code {event.code}"
+                exc = ConnectionRefusedError(f"connection refused by the server: {reason}")
+            else:
+                exc = PeerTimedOut("no answer from the server (handshake timeout)")
+        self.lost = True
+        assert self.connected is not None
+        self.connected.set_exception(exc)
+
+
+class ReliableEndpoint:
+    """One reliable-UDP socket: its reader, the cores, the timer (see the module's docstring).
+
+    Args:
+        config: the connections' knobs.
+        on_accept: a server's callback for each new connection's transport (it sets the
+            transport's protocol); None for a client endpoint.
+        max_sessions, max_sessions_per_host: a server core's caps.
+        handshake_rate: datagrams for no connection a source may send per second.
+    """
+
+    def __init__(
+        self,
+        config: ReliableConfig,
+        *,
+        on_accept: Callable[[ReliableTransport], None] | None = None,
+        max_sessions: int = 10_000,
+        max_sessions_per_host: int = 64,
+        handshake_rate: float = HANDSHAKE_RATE,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.config = config
+        self._on_accept = on_accept
+        self.core: ReliableServerCore | None = None
+        if on_accept is not None:
+            self.core = ReliableServerCore(
+                os.urandom(_KEY_SIZE),
+                config=config,
+                max_sessions=max_sessions,
+                max_sessions_per_host=max_sessions_per_host,
+            )
+        self._transports: dict[ReliableConnection, ReliableTransport] = {}
+        self._dirty: dict[ReliableConnection, None] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.send_dropped = 0  # datagrams the socket's buffer refused (the core resends)
+        self._rate = handshake_rate
+        self._sources: dict[Any, TokenBucket] = {}
+        self.accepting = True
+        self._sock: socket.socket | None = None
+        self._peer: Any = None  # a client's server, or None on a server
+        self.sockname: Any = None
+        self.totals = ReliableTotals()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def open(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` (a non-blocking UDP socket, connected on a client): the
+        endpoint owns it from now on and closes it in ``close()``."""
+        self._sock = sock
+        self.sockname = sock.getsockname()
+        with contextlib.suppress(OSError):
+            self._peer = sock.getpeername()
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):  # the kernel caps it (net.core.rmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        """Read up to ``RECV_BATCH`` datagrams: asyncio's datagram transport reads one per
+        wake-up, which made a loop iteration per datagram the cost of a bulk transfer."""
+        sock = self._sock
+        if sock is None:
+            return
+        receive = self.datagram_received
+        recvfrom = sock.recvfrom
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error (a client's peer port is closed)
+                self.error_received(exc)
+                return
+            receive(data, addr)
+
+    def _send(self, datagram: bytes, addr: Any) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            if addr is None:
+                sock.send(datagram)
+            else:
+                sock.sendto(datagram, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_dropped += 1  # as if the network lost it: the core resends
+        except OSError as exc:
+            self.error_received(exc)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        now = self._loop.time()
+        core = self.core
+        if core is None:
+            client = next(iter(self._transports), None)
+            if client is None:
+                return
+            client.datagram_received(data, now)
+            conn = client
+        else:
+            if data[2:6] == _NO_CID and not self._handshake_allowed(addr, now):
+                return
+            found = core.datagram_received(data, addr, now)
+            if found is None:  # perhaps a stateless reply (a cookie) to send
+                self._want_flush()
+                return
+            conn = found
+        self._dirty[conn] = None
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def _handshake_allowed(self, addr: Any, now: float) -> bool:
+        """R13: a per-source rate limit on datagrams for no connection, in front of the
+        core (so a flood of forged HELLOs costs neither HMACs nor replies)."""
+        if not self.accepting:
+            return False
+        bucket = self._sources.get(addr)
+        if bucket is None:
+            if len(self._sources) >= MAX_RATE_SOURCES:
+                self._sources.clear()
+            bucket = self._sources[addr] = TokenBucket(self._rate, self._rate, now)
+        if bucket.try_take(1, now):
+            return True
+        self.totals.rate_limited += 1
+        return False
+
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error on a client's connected socket: a refused port ends the handshake
+        at once, and an established connection too (the server is gone: a crash or a
+        restart), as a reset does over TCP, instead of after the idle timeout."""
+        if self.core is not None:
+            return
+        for transport in list(self._transports.values()):
+            connected = transport.connected
+            if connected is not None and not connected.done():
+                transport.conn.abort()
+                transport._fail_connect(exc)
+            elif (
+                isinstance(exc, ConnectionRefusedError)
+                and transport.conn.state is ConnectionState.ESTABLISHED
+            ):
+                transport.peer_gone(exc)
+
+    def _socket_closed(self) -> None:
+        self._cancel_timers()
+        for transport in list(self._transports.values()):
+            if not transport.lost:
+                transport.conn.abort()
+                transport.pumped()
+        self._transports.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def connect(self, peer: Any) -> ReliableTransport:
+        """A client endpoint's one connection; its HELLO goes at the next flush."""
+        conn = ReliableConnection.connect(
+            secrets.randbits(32) or 1, self._loop.time(), self.config
+        )
+        transport = ReliableTransport(self, conn, peer)
+        transport.connected = self._loop.create_future()
+        self._transports[conn] = transport
+        self.mark(conn)
+        return transport
+
+    def mark(self, conn: ReliableConnection) -> None:
+        """``conn`` has something to send or deliver: pump it at the end of this iteration."""
+        self._dirty[conn] = None
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def _want_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def send_now(self, conn: ReliableConnection) -> None:
+        """Send what ``conn`` has at once (an abort's CLOSE)."""
+        addr = conn.peer_address if self.core is not None else None
+        for datagram in conn.datagrams_to_send(self._loop.time()):
+            self._send(datagram, addr)
+
+    def flush(self) -> None:
+        """Pump every marked connection, send the core's replies, re-arm the timer."""
+        self._flush_handle = None
+        now = self._loop.time()
+        core = self.core
+        if core is not None:
+            for conn in core.accepted():
+                self._accept(conn)
+        dirty, self._dirty = self._dirty, {}
+        for conn in dirty:
+            self._pump(conn, now)
+        if core is not None:
+            for datagram, addr in core.datagrams_to_send():
+                self._send(datagram, addr)
+        self._arm()
+
+    def _accept(self, conn: ReliableConnection) -> None:
+        transport = self._transports[conn] = ReliableTransport(self, conn, conn.peer_address)
+        if not self.accepting:
+            transport.abort()
+            return
+        self._on_accept(transport)  # type: ignore[misc]
+        self._dirty[conn] = None
+
+    def _pump(self, conn: ReliableConnection, now: float) -> None:
+        transport = self._transports.get(conn)
+        connected = None if transport is None else transport.connected
+        if (
+            connected is not None
+            and not connected.done()
+            and conn.state is ConnectionState.ESTABLISHED
+        ):
+            conn.next_event()  # the first event of a client: Connected
+            transport.handshake_done()  # type: ignore[union-attr]
+        if transport is not None:
+            transport.pumped()
+        if self._sock is not None:
+            out = conn.datagrams_to_send(now, BURST)
+            addr = conn.peer_address if self.core is not None else None
+            send = self._send
+            for datagram in out:
+                send(datagram, addr)
+            if len(out) >= BURST:
+                self.mark(conn)
+        if transport is not None and conn.state is _CLOSED and not transport.lost:
+            transport.pumped()  # an end the sends above found
+        if self.core is not None:
+            self.core.schedule(conn)
+        if conn.state is _CLOSED:
+            self._forget(conn)
+
+    def _forget(self, conn: ReliableConnection) -> None:
+        transport = self._transports.get(conn)
+        if transport is not None and transport.lost:  # else its protocol is still to come
+            del self._transports[conn]
+            self.totals.add(conn.statistics())
+
+    def _arm(self) -> None:
+        if self.core is not None:
+            deadline = self.core.next_deadline()
+        else:
+            deadline = min(
+                (d for c in self._transports if (d := c.next_deadline()) is not None),
+                default=None,
+            )
+        if deadline is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return
+            timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = max(self._loop.time(), self._timer_at)  # a timer may fire a little early
+        if self.core is not None:
+            for conn in self.core.handle_timer(now):
+                self._dirty[conn] = None
+        else:
+            for conn in self._transports:
+                conn.handle_timer(now)
+                self._dirty[conn] = None
+        self.flush()
+
+    # -- statistics and closing -------------------------------------------------------------
+
+    def connections(self) -> list[ReliableConnection]:
+        """The connections now."""
+        return list(self._transports)
+
+    def _cancel_timers(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    def close(self) -> None:
+        """Send what is pending and close the socket (connections left are aborted)."""
+        if self._flush_handle is not None:
+            self.flush()
+        for transport in list(self._transports.values()):
+            if not transport.lost:
+                transport.abort()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socket_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed."""
+        await asyncio.shield(self._closed)

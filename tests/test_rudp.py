@@ -1,0 +1,352 @@
+"""Reliable UDP over real loopback sockets, on both loops (issue 11, items 2 and 3): the
+adapter, ``open_reliable_udp_server`` / ``connect_reliable_udp``, and the handlers that run
+over it unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import sys
+import time
+
+import pytest
+
+import netlib
+from netlib import (
+    ChatService,
+    EndOfStream,
+    LimitExceeded,
+    MessageStream,
+    connect_reliable_udp,
+    echo_handler,
+    open_reliable_udp_server,
+)
+from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
+from tests.helpers import poll_until, wait_until
+
+
+async def test_echo_handler_runs_unchanged_over_reliable_udp() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            for size in (0, 1, 100, 1156, 1157, 5000, 200_000):
+                message = bytes(i % 251 for i in range(size))
+                await stream.send(message)
+                assert await stream.receive() == message  # one send, one message
+            assert stream.remote_address == ("127.0.0.1", port)
+        await wait_until(lambda: server.statistics().active == 0, timeout=5.0)
+        stats = server.statistics()
+    assert stats.accepted == 1
+    assert stats.cookies_sent == 1
+    assert stats.datagrams_received > 7
+    assert stats.datagrams_sent > 7  # (uvloop's clock counts whole ms: a loopback RTT may be 0)
+
+
+async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:
+    seen: list[bytes] = []
+    ended = asyncio.Event()
+
+    async def handler(stream: MessageStream) -> None:
+        async for message in stream:
+            seen.append(message)
+            await stream.send(message.upper())
+        ended.set()  # iteration stopped at EndOfStream: the client closed cleanly
+
+    async with open_reliable_udp_server(handler, framing="line") as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port, framing="line") as stream:
+            for i in range(50):
+                await stream.send(b"line %d" % i)
+            replies = [await stream.receive() for _ in range(50)]
+        async with asyncio.timeout(5):
+            await ended.wait()
+    assert replies == [b"LINE %d" % i for i in range(50)]
+    assert seen == [b"line %d" % i for i in range(50)]
+
+
+async def test_the_chat_handler_runs_over_reliable_udp() -> None:
+    service = ChatService()
+    handler = netlib.make_chat_handler(service)
+    async with open_reliable_udp_server(handler, framing="line") as server:
+        port = server.addresses[0][1]
+        async with (
+            connect_reliable_udp("127.0.0.1", port, framing="line") as alice,
+            connect_reliable_udp("127.0.0.1", port, framing="line") as bob,
+        ):
+
+            async def expect(stream: MessageStream, fragment: bytes) -> bytes:
+                async with asyncio.timeout(5):
+                    while fragment not in (line := await stream.receive()):
+                        pass
+                return line
+
+            await expect(bob, b"welcome")
+            await alice.send(b"/nick alice")
+            await expect(alice, b"alice")
+            await alice.send(b"over reliable udp")
+            assert await expect(bob, b"<alice>") == b"[#lobby] <alice> over reliable udp"
+            await alice.send(b"/quit")
+            await expect(alice, b"goodbye")
+            rest = [line async for line in alice]  # iteration stops at EndOfStream
+            assert all(b"goodbye" not in line for line in rest)
+            await expect(bob, b"alice quit")
+    await service.aclose()
+
+
+async def test_many_connections_share_one_server_socket() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+
+        async def client(i: int) -> bytes:
+            async with connect_reliable_udp("127.0.0.1", port) as stream:
+                await stream.send(b"client %d" % i)
+                return await stream.receive()
+
+        replies = await asyncio.gather(*(client(i) for i in range(40)))
+        assert replies == [b"client %d" % i for i in range(40)]
+        assert server.statistics().accepted == 40
+
+
+async def test_a_handler_that_does_not_read_makes_send_wait_with_bounded_memory() -> None:
+    release = asyncio.Event()
+
+    async def stalled(stream: MessageStream) -> None:
+        await release.wait()
+        async for _ in stream:
+            pass
+
+    async with open_reliable_udp_server(stalled, read_limit=64 * 1024) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp(
+            "127.0.0.1", port, write_high=256 * 1024, write_low=64 * 1024
+        ) as stream:
+            chunk = b"x" * 10_000
+            sent = 0
+
+            async def pump() -> None:
+                nonlocal sent
+                while True:
+                    await stream.send(chunk)
+                    sent += 1
+
+            pumping = asyncio.create_task(pump())
+            try:
+                # the receiver's buffer (2 MiB) fills, flow control stops the sender, whose
+                # unacknowledged data passes write_high: send() waits
+                await wait_until(lambda: sent * len(chunk) > 2 * 1024 * 1024, timeout=10.0)
+
+                async def settled() -> bool:
+                    before = sent
+                    await asyncio.sleep(0.3)  # no event to wait for: nothing must happen
+                    return sent == before
+
+                await poll_until(settled, timeout=10.0)
+                before = sent
+                # bounded: the receive buffer, the read limit, the sender's high mark
+                assert sent * len(chunk) < 3 * 1024 * 1024
+                release.set()
+                await wait_until(lambda: sent > before + 100, timeout=10.0)
+            finally:
+                pumping.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await pumping
+
+
+async def test_graceful_shutdown_lets_handlers_answer_then_returns_within_grace() -> None:
+    started = asyncio.Event()
+
+    async def slow_then_answer(stream: MessageStream) -> None:
+        async for message in stream:
+            started.set()
+            await asyncio.sleep(0.05)  # the handler's own work
+            await stream.send(b"answer " + message)
+
+    async def stubborn(stream: MessageStream) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async with open_reliable_udp_server(slow_then_answer) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"question")
+            await started.wait()
+            await server.shutdown(grace=5.0)
+            assert await stream.receive() == b"answer question"
+            with pytest.raises(EndOfStream):
+                await stream.receive()
+        assert server.statistics().aborted_at_shutdown == 0
+
+    started.clear()
+    async with open_reliable_udp_server(stubborn) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"hello")
+            await started.wait()
+            begun = time.monotonic()
+            await server.shutdown(grace=0.2)
+            assert time.monotonic() - begun < 0.2 + 1.0
+            assert server.statistics().aborted_at_shutdown == 1
+            with pytest.raises(netlib.BrokenResourceError):
+                async with asyncio.timeout(5):
+                    await stream.receive()
+
+
+async def test_a_closed_port_fails_the_connect_cleanly() -> None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+
+    async def connect() -> None:
+        async with asyncio.timeout(5), connect_reliable_udp("127.0.0.1", port):
+            pass
+
+    with pytest.raises(ConnectionRefusedError):
+        await connect()
+
+
+async def test_a_message_above_the_limit_is_limit_exceeded() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            with pytest.raises(LimitExceeded):
+                await stream.send(b"x" * (MAX_MESSAGE + 1))
+            await stream.send(b"still open")
+            assert await stream.receive() == b"still open"
+
+
+async def test_a_flood_of_forged_datagrams_opens_nothing_and_the_server_still_serves() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            raw.setblocking(False)
+            junk = [b"\x01" * 40, b"\x00" * MIN_HELLO_SIZE, bytes(range(256)) * 5]
+            for i in range(3000):
+                try:
+                    raw.sendto(junk[i % 3], ("127.0.0.1", port))
+                except BlockingIOError:
+                    await asyncio.sleep(0)
+            await wait_until(
+                lambda: (
+                    server.statistics().corrupt_dropped + server.statistics().rate_limited > 100
+                ),
+                timeout=5.0,
+            )
+            with pytest.raises(BlockingIOError):
+                raw.recv(1500)  # not one reply to the junk (R12)
+        finally:
+            raw.close()
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"still serving")
+            assert await stream.receive() == b"still serving"
+        stats = server.statistics()
+        assert stats.accepted == 1
+        assert stats.cookies_sent <= 1  # the junk got no reply: none was a sound HELLO
+
+
+async def test_a_silent_peer_reaches_the_handler_as_peer_timed_out() -> None:
+    errors: list[BaseException] = []
+
+    async def handler(stream: MessageStream) -> None:
+        try:
+            async for _ in stream:
+                pass
+        except netlib.PeerTimedOut as exc:
+            errors.append(exc)
+
+    quiet = netlib.ReliableConfig(idle_timeout=0.3, keepalive=None)
+    async with open_reliable_udp_server(handler, config=quiet) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port, close_timeout=1.0) as stream:
+            await stream.send(b"one message, then silence")
+            await wait_until(lambda: bool(errors), timeout=5.0)
+        assert server.statistics().timeouts == 1
+    assert "silent" in str(errors[0])
+
+
+async def test_a_silent_port_times_the_connect_out() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+
+        async def connect() -> None:
+            async with connect_reliable_udp("127.0.0.1", port, connect_timeout=0.3):
+                pass
+
+        with pytest.raises(netlib.PeerTimedOut, match=r"no handshake within 0\.3s"):
+            await connect()
+        assert len(silent.recv(2048)) == MIN_HELLO_SIZE  # it did say HELLO, padded
+
+
+async def test_a_hello_flood_from_one_address_is_cut_to_its_rate_and_a_probe_is_served() -> None:
+    async with open_reliable_udp_server(echo_handler, handshake_rate=50.0) as server:
+        port = server.addresses[0][1]
+        flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flooder.setblocking(False)
+        flooder.connect(("127.0.0.1", port))
+        hellos = [encode_hello(cid, 0, 100, 1000, 1024, b"") for cid in range(1, 2001)]
+        begun = time.monotonic()
+        try:
+            async with connect_reliable_udp("127.0.0.1", port) as probe:
+                for start in range(0, len(hellos), 100):
+                    for hello in hellos[start : start + 100]:
+                        with contextlib.suppress(BlockingIOError):
+                            flooder.send(hello)
+                    await probe.send(b"probe")  # served while the flood goes on
+                    assert await probe.receive() == b"probe"
+                await wait_until(
+                    lambda: (
+                        server.statistics().rate_limited + server.statistics().cookies_sent >= 1500
+                    ),
+                    timeout=5.0,
+                )
+        finally:
+            flooder.close()
+        stats = server.statistics()
+    elapsed = time.monotonic() - begun
+    # the probe's own HELLO, plus the flooder's burst and rate over the elapsed time
+    assert stats.cookies_sent <= 1 + 50 + 50 * elapsed
+    assert stats.cookies_sent + stats.rate_limited >= 1900  # every HELLO counted (few lost)
+    assert stats.accepted == 1
+
+
+async def test_a_client_learns_at_once_that_its_server_is_gone() -> None:
+    server = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "netlib", "echo", "serve", "--proto", "rudp", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        match = re.search(rb"127\.0\.0\.1:(\d+)", await server.stdout.readline())
+        assert match, "server did not announce its address"
+        async with connect_reliable_udp("127.0.0.1", int(match.group(1))) as stream:
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+            server.kill()  # no CLOSE: the port is simply gone
+            await server.wait()
+            await stream.send(b"anyone?")
+            with pytest.raises(netlib.BrokenResourceError, match="port is closed"):
+                async with asyncio.timeout(5):  # the idle timeout would be 60 s
+                    await stream.receive()
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.communicate()
+
+
+async def test_close_aborts_every_connection_at_once() -> None:
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"hello")
+            assert await stream.receive() == b"hello"
+            server.close()
+            assert not server.is_serving
+            with pytest.raises(netlib.BrokenResourceError, match="aborted"):
+                async with asyncio.timeout(5):
+                    await stream.receive()
+        await server.wait_closed()
