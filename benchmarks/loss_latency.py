@@ -1,0 +1,357 @@
+"""Round trips under real packet loss: TCP, netlib's reliable UDP and KCP, side by side.
+
+::
+
+    sudo .venv/bin/python benchmarks/loss_latency.py [--loss 0,1,5,10] [--count 1500]
+        [--protos tcp,rudp,kcp] [--loop uvloop] [--json FILE]
+
+Two network namespaces joined by a veth pair (``harness/netns.py``); ``iptables`` drops a
+random share of the packets arriving in each, so each direction loses that share, in the
+kernel. For each loss level and each protocol, an echo server starts in one namespace and
+a client in the other sends a 100-byte message every 10 ms (open loop: each leaves on time,
+whatever happened to the earlier ones), 1,500 messages, and measures each message's round
+trip. Reported: p50 / p99 / max round trip, messages delivered, and packets on the wire
+per message (both directions, from the veth counters).
+
+* **tcp**: an asyncio ``Protocol`` that writes back what it reads (TCP_NODELAY), the
+  baseline a user would write by hand; its client reads fixed 100-byte messages.
+* **rudp**: ``netlib.open_reliable_udp_server(netlib.echo_handler)`` and
+  ``netlib.connect_reliable_udp``.
+* **kcp**: the ``kcp`` package in its fastest mode (nodelay, 10 ms update interval, fast
+  resend after 2 duplicate acks, no congestion window), flushed at once after each send
+  and each received datagram, as low-latency KCP users do.
+
+Needs root, ``ip``, ``iptables`` and the ``kcp`` package (the ``bench`` extra:
+``pip install -e '.[bench]'``; without it
+the kcp rows are left out and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness.netns import SERVER_ADDRESS, Namespaces, check_tools, namespaces
+
+import netlib
+
+HEADER = struct.Struct("!Id")  # sequence number, send time
+KCP_CONV = 0x4E4C
+KCP_INTERVAL_MS = 10
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+class _TcpEcho(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def _kcp_session(send: Any) -> Any:
+    from kcp.extension import KCP
+
+    session = KCP(
+        KCP_CONV,
+        no_delay=True,
+        update_interval=KCP_INTERVAL_MS,
+        resend_count=2,
+        no_congestion_control=True,
+        send_window_size=256,
+        receive_window_size=256,
+    )
+    session.include_outbound_handler(lambda _kcp, data: send(data))
+    return session
+
+
+class _KcpEcho(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.sessions: dict[Any, Any] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        asyncio.get_running_loop().call_later(KCP_INTERVAL_MS / 1000, self._tick)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        session = self.sessions.get(addr)
+        if session is None:
+            session = self.sessions[addr] = _kcp_session(
+                lambda d, a=addr: self.transport.sendto(d, a)
+            )
+        session.receive(data)
+        for message in session.get_all_received():
+            session.enqueue(bytes(message))
+        session.flush()
+
+    def _tick(self) -> None:
+        for session in self.sessions.values():
+            session.update()
+        asyncio.get_running_loop().call_later(KCP_INTERVAL_MS / 1000, self._tick)
+
+
+async def serve(proto: str, host: str) -> None:
+    loop = asyncio.get_running_loop()
+    if proto == "tcp":
+        server = await loop.create_server(_TcpEcho, host, 0)
+        port = server.sockets[0].getsockname()[1]
+    elif proto == "kcp":
+        transport, _ = await loop.create_datagram_endpoint(_KcpEcho, local_addr=(host, 0))
+        port = transport.get_extra_info("sockname")[1]
+    else:
+        opened = netlib.open_reliable_udp_server(netlib.echo_handler, host, 0)
+        rudp = await opened.__aenter__()
+        port = rudp.addresses[0][1]
+    print(port, flush=True)
+    await asyncio.Event().wait()  # until killed
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Send times and round trips of one run."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self.rtts: dict[int, float] = {}
+        self.done = asyncio.Event()
+
+    def message(self, seq: int) -> bytes:
+        return HEADER.pack(seq, time.perf_counter()).ljust(self.size, b"x")
+
+    def echoed(self, message: bytes) -> None:
+        seq, sent = HEADER.unpack_from(message)
+        if seq not in self.rtts:
+            self.rtts[seq] = (time.perf_counter() - sent) * 1000
+        if len(self.rtts) == self.count:
+            self.done.set()
+
+
+async def _open_loop(recorder: _Recorder, send: Any, interval: float, linger: float) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for seq in range(recorder.count):
+        delay = start + seq * interval - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # open loop: each message leaves at its time
+        await send(recorder.message(seq))
+    try:
+        await asyncio.wait_for(recorder.done.wait(), linger)
+    except TimeoutError:
+        pass
+
+
+async def client(proto: str, host: str, port: int, count: int, size: int, interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder(count, size)
+    linger = 5.0
+    if proto == "tcp":
+        reader, writer = await asyncio.open_connection(host, port)
+
+        async def read() -> None:
+            while True:
+                recorder.echoed(await reader.readexactly(size))
+
+        reading = asyncio.create_task(read())
+
+        async def send_tcp(message: bytes) -> None:
+            writer.write(message)
+
+        await _open_loop(recorder, send_tcp, interval, linger)
+        reading.cancel()
+        writer.close()
+    elif proto == "kcp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        holder: dict[str, Any] = {}
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                session = holder["session"]
+                session.receive(data)
+                for message in session.get_all_received():
+                    recorder.echoed(bytes(message))
+                session.flush()
+
+        transport, _ = await loop.create_datagram_endpoint(Client, sock=sock)
+        holder["session"] = session = _kcp_session(transport.sendto)
+
+        def tick() -> None:
+            session.update()
+            holder["tick"] = loop.call_later(KCP_INTERVAL_MS / 1000, tick)
+
+        tick()
+
+        async def send_kcp(message: bytes) -> None:
+            session.enqueue(message)
+            session.flush()
+
+        await _open_loop(recorder, send_kcp, interval, linger)
+        holder["tick"].cancel()
+        transport.close()
+    else:
+        async with netlib.connect_reliable_udp(host, port) as stream:
+
+            async def read_rudp() -> None:
+                async for message in stream:
+                    recorder.echoed(message)
+
+            reading = asyncio.create_task(read_rudp())
+            await _open_loop(recorder, stream.send, interval, linger)
+            reading.cancel()
+    print(json.dumps({"rtts": list(recorder.rtts.values())}), flush=True)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def measure(pair: Namespaces, proto: str, args: argparse.Namespace) -> dict[str, Any]:
+    me = [sys.executable, __file__, "--loop", args.loop]
+    server = subprocess.Popen(
+        [*pair.exec(pair.server), *me, "--serve", proto], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        if not port:
+            raise RuntimeError(f"the {proto} server did not start")
+        before = pair.packets_sent()
+        settings = ["--count", str(args.count), "--size", str(args.size)]
+        settings += ["--interval", str(args.interval)]
+        done = subprocess.run(
+            [*pair.exec(pair.client), *me, "--client", proto, "--port", port, *settings],
+            capture_output=True,
+            text=True,
+            timeout=args.count * args.interval + 60,
+        )
+        packets = pair.packets_sent() - before
+    finally:
+        server.kill()
+        server.wait(10)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {proto} client failed: {done.stderr[-2000:]}")
+    rtts: list[float] = json.loads(done.stdout.splitlines()[-1])["rtts"]
+    return {
+        "proto": proto,
+        "delivered": len(rtts),
+        "sent": args.count,
+        "p50_ms": statistics.median(rtts) if rtts else None,
+        "p99_ms": _percentile(rtts, 0.99) if rtts else None,
+        "max_ms": max(rtts) if rtts else None,
+        "packets_per_message": packets / args.count,
+    }
+
+
+def _line(row: dict[str, Any]) -> str:
+    if not row["delivered"]:
+        return f"loss {row['loss_pct']:>4g}% {row['proto']:<5} delivered nothing"
+    return (
+        f"loss {row['loss_pct']:>4g}% {row['proto']:<5} delivered {row['delivered']}/"
+        f"{row['sent']}  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
+        f"max {row['max_ms']:.1f} ms  packets/msg {row['packets_per_message']:.2f}"
+    )
+
+
+def _kcp_available() -> bool:
+    try:
+        import kcp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loss", default="0,1,5,10", help="loss percentages each way")
+    parser.add_argument("--protos", default="tcp,rudp,kcp")
+    parser.add_argument("--count", type=int, default=1500)
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--json", type=Path, help="write every row to this file")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        netlib.run(serve(args.serve, SERVER_ADDRESS), loop=args.loop)
+        return 0
+    if args.client:
+        coro = client(args.client, SERVER_ADDRESS, args.port, args.count, args.size, args.interval)
+        netlib.run(coro, loop=args.loop)
+        return 0
+    problem = check_tools()
+    if problem:
+        print(f"loss_latency: {problem}", file=sys.stderr)
+        return 2
+    protos = args.protos.split(",")
+    if "kcp" in protos and not _kcp_available():
+        print("loss_latency: the kcp package is not installed: kcp rows left out")
+        protos.remove("kcp")
+    rows = []
+    with namespaces() as pair:
+        for loss in (float(x) for x in args.loss.split(",")):
+            pair.set_loss(loss / 100)
+            for proto in protos:
+                row = {"loss_pct": loss, **measure(pair, proto, args)}
+                rows.append(row)
+                print(_line(row), flush=True)
+    goals = check_goals(rows)
+    for line in goals:
+        print(line)
+    if args.json:
+        document = {"loop": args.loop, "rows": rows, "goals": goals}
+        args.json.write_text(json.dumps(document, indent=1))
+    return 0
+
+
+def check_goals(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 11's goals, each a ratio or a figure from this run's rows."""
+    p99 = {(r["proto"], r["loss_pct"]): r["p99_ms"] for r in rows if r["delivered"]}
+    packets = {(r["proto"], r["loss_pct"]): r["packets_per_message"] for r in rows}
+    lines = []
+
+    def goal(text: str, value: float | None, limit: float, unit: str = "") -> None:
+        if value is None:
+            lines.append(f"goal: {text}: not measured")
+            return
+        verdict = "PASS" if value <= limit else "FAIL"
+        lines.append(f"goal: {text} <= {limit:g}{unit}: {verdict} {value:.2f}{unit}")
+
+    for loss, limit in ((5.0, 20.0), (10.0, 30.0)):
+        goal(f"rudp p99 at {loss:g}% loss", p99.get(("rudp", loss)), limit, " ms")
+    for loss in (5.0, 10.0):
+        rudp, kcp = p99.get(("rudp", loss)), p99.get(("kcp", loss))
+        ratio = None if rudp is None or not kcp else rudp / kcp
+        goal(f"rudp p99 / kcp p99 at {loss:g}% loss", ratio, 0.6, "x")
+    for loss in (0.0, 1.0):
+        rudp, tcp = p99.get(("rudp", loss)), p99.get(("tcp", loss))
+        ratio = None if rudp is None or not tcp else rudp / tcp
+        goal(f"rudp p99 / tcp p99 at {loss:g}% loss", ratio, 1.1, "x")
+    goal("rudp packets per echoed message at 0% loss", packets.get(("rudp", 0.0)), 3.0)
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
