@@ -21,6 +21,7 @@ LAYERS = {
     "netlib.client": 5,
     "netlib.udp": 5,
     "netlib.chat": 5,
+    "netlib.files": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
@@ -163,5 +164,6 @@ _SUBMODULES = {
     "udp",
     "chat",
     "chat_client",
+    "files",
     "testing",
 }
