@@ -524,7 +524,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         sent = 0
         native = self._sendfile_native
         with os.fdopen(os.dup(fd), "rb", buffering=0) as file:
-            while sent < count and not self.lost:
+            while sent < count and not self._gone():
                 if native:
                     step = min(SENDFILE_SLICE, count - sent)
                     try:
@@ -542,9 +542,14 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                     break  # the file is shorter than it was
                 sent += done
                 self.conn.last_activity = loop.time()
-        if self.lost:
+        if sent < count and self._gone():
             raise self.lost_error()
         return sent
+
+    def _gone(self) -> bool:
+        """Lost, or closing: writes would be dropped (the loss may not be reported yet)."""
+        transport = self.transport
+        return self.lost or transport is None or transport.is_closing()
 
     async def _sendfile_slice(self, file: Any, offset: int, count: int) -> int:
         """One ``loop.sendfile`` call, as a task of its own that ``_abort_transport`` cancels

@@ -197,6 +197,9 @@ class FileService:
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed
             served += 1
+            if _head_size(event) > limits.max_header_bytes:  # arrived whole in one read
+                await self._answer_error(conn, stream, 431, "request head too large")
+                return
             keep = served < limits.max_requests
             try:
                 await self._respond(conn, stream, event, keep)
@@ -235,6 +238,11 @@ class FileService:
         except _Refused as exc:
             await self._answer_error(conn, stream, exc.status, exc.reason, keep)
             return
+        as_directory = request.target.split(b"?", 1)[0].endswith(b"/")
+        if as_directory and not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            await self._answer_error(conn, stream, 404, "not a directory", keep)
+            return
         try:
             if stat.S_ISDIR(st.st_mode):
                 await self._send_listing(conn, stream, request, parts, fd, head, keep)
@@ -253,7 +261,7 @@ class FileService:
         current = os.dup(self._root_fd)
         try:
             for part in parts[:-1]:
-                parent = current
+                parent, current = current, -1
                 try:
                     current = os.open(part, _OPEN_DIR, dir_fd=parent)
                 finally:
@@ -275,7 +283,8 @@ class FileService:
         except OSError as exc:
             raise _refusal(exc) from None
         finally:
-            os.close(current)
+            if current >= 0:
+                os.close(current)
         after = os.fstat(fd)
         if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or stat.S_IFMT(
             after.st_mode
@@ -503,6 +512,11 @@ async def _send(stream: MessageStream, conn: h11.Connection, event: Any) -> None
     data = conn.send(event)
     if data:
         await stream.send(data)
+
+
+def _head_size(request: h11.Request) -> int:
+    size = len(request.method) + len(request.target) + 12
+    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
 
 
 def _sending_body(conn: h11.Connection) -> bool:
