@@ -45,6 +45,7 @@ __all__ = [
     "DownloadResult",
     "FileServer",
     "download_file",
+    "file_url",
     "list_files",
     "open_file_server",
     "serve_files",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -693,3 +694,160 @@ def test_without_the_cli_extra_a_terminal_chat_says_what_to_install(loop_name: s
         assert prompted.returncode == 1
         assert "needs prompt_toolkit: pip install 'netlib-asyncio[cli]'" in prompted.stderr
         proc.send_signal(signal.SIGTERM)
+
+
+# -- netlib files ------------------------------------------------------------------------------
+
+
+@contextmanager
+def files_server(loop_name: str, root: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [*NETLIB, "--loop", loop_name, "files", "serve", str(root), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stdout.readline())
+    assert match, "the file server did not announce its address"
+    try:
+        yield proc, int(match.group(1))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "files statistics:" in out
+        assert "Traceback" not in err
+
+
+def _files(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NETLIB, "files", *argv], capture_output=True, text=True, timeout=30, cwd=cwd
+    )
+
+
+@pytest.fixture
+def files_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    (root / "sub" / "a.txt").write_text("a\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["files", "get", "ftp://example.org/x"], "only http:// URLs are supported"),
+        (["files", "serve", "/no/such/directory"], "not a directory"),
+        (["files", "get", "x", "--port", "70000"], "invalid port 70000"),
+        (["files", "get", "http://127.0.0.1:9/"], "names no file"),
+    ],
+)
+def test_files_usage_errors_exit_2(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert fragment in errors[0]
+
+
+def test_files_serve_get_and_ls(loop_name: str, files_root: Path, tmp_path: Path) -> None:
+    data = (files_root / "data.bin").read_bytes()
+    with files_server(loop_name, files_root) as (_proc, port):
+        got = _files("get", "data.bin", "--port", str(port), "--json", cwd=tmp_path)
+        assert got.returncode == 0, got.stderr
+        assert got.stderr == ""  # not a terminal: no progress bar
+        summary = json.loads(got.stdout)
+        assert summary["verified"] is True
+        assert summary["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (tmp_path / "data.bin").read_bytes() == data
+
+        plain = _files("get", "sub/a.txt", "--port", str(port), "-o", "a.txt", cwd=tmp_path)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.startswith("saved a.txt: 2 bytes")
+        assert "SHA-256 verified" in plain.stdout
+
+        listing = _files("ls", "--port", str(port), cwd=tmp_path)
+        assert listing.returncode == 0, listing.stderr
+        assert listing.stdout.split() == ["3145728", "data.bin", "-", "sub/"]
+
+
+def test_files_get_errors_are_one_line_exit_1(files_root: Path, tmp_path: Path) -> None:
+    with files_server("asyncio", files_root) as (_proc, port):
+        missing = _files("get", "nothing.bin", "--port", str(port), cwd=tmp_path)
+        refused = _files("get", f"http://127.0.0.1:{port}/%2e%2e/etc/passwd", cwd=tmp_path)
+    for done, fragment in [(missing, "no such file"), (refused, "the server refused")]:
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1
+        assert done.stderr.startswith("netlib: error: ")
+        assert fragment in done.stderr
+    assert "('..' in path)" not in refused.stderr
+    assert "'..' in path (403)" in refused.stderr
+
+
+LYING_SERVER = """
+import socket, sys
+body = b"hello"
+lie = sys.argv[1] == "digest"
+with socket.create_server(("127.0.0.1", 0)) as server:
+    print(server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    conn.recv(65536)
+    head = b"HTTP/1.1 200 OK\\r\\ncontent-length: 10\\r\\netag: \\"v1\\"\\r\\n"
+    if lie:
+        head = head.replace(b"10", b"5") + b"repr-digest: sha-256=:" + b"A" * 43 + b"=:\\r\\n"
+    conn.sendall(head + b"\\r\\n" + body)
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize(
+    ("lie", "fragment"),
+    [
+        ("digest", "SHA-256 of the download is"),
+        ("cut", "connection lost after 5 bytes"),
+    ],
+)
+def test_files_get_digest_mismatch_and_lost_connection(
+    lie: str, fragment: str, tmp_path: Path
+) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", LYING_SERVER, lie], stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    try:
+        done = _files("get", f"http://127.0.0.1:{port}/f.bin", cwd=tmp_path)
+    finally:
+        server.communicate(timeout=10)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert fragment in done.stderr
+    assert not (tmp_path / "f.bin").exists()
+    assert (tmp_path / "f.bin.part").exists() == (lie == "cut")  # kept to resume
+
+
+def test_files_get_resumes_an_interrupted_download(files_root: Path, tmp_path: Path) -> None:
+    data = (files_root / "data.bin").read_bytes()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_half(done: int, total: int | None) -> None:
+        if done >= len(data) // 2:
+            raise Stop
+
+    with files_server("uvloop", files_root) as (_proc, port):
+        url = f"http://127.0.0.1:{port}/data.bin"
+        with pytest.raises(Stop):
+            netlib.run(netlib.download_file(url, tmp_path / "data.bin", progress=stop_at_half))
+        kept = (tmp_path / "data.bin.part").stat().st_size
+        done = _files("get", "data.bin", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed at byte {kept}" in done.stdout
+    assert (tmp_path / "data.bin").read_bytes() == data
