@@ -163,8 +163,8 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         where = [format_address(a) for a in running.addresses]
         emit(
             args,
-            f"netlib file server listening on {', '.join(where)}, serving {running.service.root}"
-            f" at {running.url}; Ctrl-C to stop",
+            f"netlib file server listening on {', '.join(where)}, serving {args.root} at "
+            f"{running.url}; Ctrl-C to stop",
             event="listening",
             addresses=where,
             root=running.service.root,
@@ -259,7 +259,7 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
                 read_timeout=args.timeout,
             )
         except (netlib.NetlibError, OSError) as exc:
-            return fail(_why(exc, url, output))
+            return fail(_why(exc, args.target, urlsplit(url).netloc, output))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     rate = result.received / result.seconds if result.seconds > 0 else 0.0
@@ -287,7 +287,9 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
     return 0
 
 
-def _why(exc: BaseException, url: str, output: str) -> str:
+def _why(exc: BaseException, url: str, server: str, output: str) -> str:
+    """One line for a failed request of ``url`` (the URL or name as the user gave it) to
+    ``server`` (host:port)."""
     match exc:
         case netlib.RequestRefused(status=404):
             return f"no such file: {url} (404)"
@@ -303,13 +305,13 @@ def _why(exc: BaseException, url: str, output: str) -> str:
             kept = _size(output + ".part")
             return f"connection lost after {kept} bytes of {url}; run the command again to resume"
         case ConnectionRefusedError():
-            return f"connection refused by {_authority(url)}"
+            return f"connection refused by {server}"
         case netlib.ProtocolError():
             return f"{url}: {exc}"
         case OSError() if exc.filename:
             return f"cannot write {exc.filename}: {exc.strerror}"
         case OSError() if exc.strerror:
-            return f"{_authority(url)}: {exc.strerror}"
+            return f"{url}: {exc.strerror}"
     return f"{url}: {exc}"
 
 
@@ -318,10 +320,6 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
-
-
-def _authority(url: str) -> str:
-    return urlsplit(url).netloc
 
 
 def _human(rate: float) -> str:
@@ -340,7 +338,7 @@ async def files_ls(args: argparse.Namespace, _signals: Signals) -> int:
     try:
         entries = await netlib.list_files(url)
     except (netlib.NetlibError, OSError) as exc:
-        return fail(_why(exc, url, ""))
+        return fail(_why(exc, args.target or "/", urlsplit(url).netloc, ""))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for entry in entries:
