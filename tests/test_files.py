@@ -277,6 +277,7 @@ async def test_r16_hostile_paths_get_a_clean_4xx_fast_and_no_byte_from_outside(
         assert SECRET not in reply, target
         assert b"root:" not in reply, target
         assert elapsed < 0.1, (target, elapsed)
+    print(f"R16: {len(HOSTILE)} payloads, slowest reply {slowest * 1000:.1f} ms")
     stats = server.statistics()
     assert stats.bytes_sent == 0
     assert stats.refused == len(HOSTILE)
