@@ -482,7 +482,9 @@ def _write_meta(meta: str, url: str, validator: str | None) -> None:
 
 
 def _open_part(part: str, *, append: bool) -> BinaryIO:
-    return open(part, "ab" if append else "wb")
+    """Unbuffered: what was received is on disk at once, so even a killed client leaves a
+    part that is a prefix of the file, ready to resume."""
+    return open(part, "ab" if append else "wb", buffering=0)
 
 
 def _file_sha256(path: str) -> bytes:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import pty
 import re
 import signal
 import socket
@@ -794,6 +795,7 @@ LYING_SERVER = """
 import socket, sys
 body = b"hello"
 lie = sys.argv[1] == "digest"
+stall = sys.argv[1] == "stall"
 with socket.create_server(("127.0.0.1", 0)) as server:
     print(server.getsockname()[1], flush=True)
     conn, _ = server.accept()
@@ -802,6 +804,8 @@ with socket.create_server(("127.0.0.1", 0)) as server:
     if lie:
         head = head.replace(b"10", b"5") + b"repr-digest: sha-256=:" + b"A" * 43 + b"=:\\r\\n"
     conn.sendall(head + b"\\r\\n" + body)
+    if stall:  # hold the connection open until the client goes
+        conn.recv(1)
     conn.close()
 """
 
@@ -851,3 +855,80 @@ def test_files_get_resumes_an_interrupted_download(files_root: Path, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert f"resumed at byte {kept}" in done.stdout
     assert (tmp_path / "data.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_files_get_interrupted_exits_130_or_143_and_keeps_the_part(
+    signum: int, status: int, tmp_path: Path
+) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", LYING_SERVER, "stall"], stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    part = tmp_path / "f.bin.part"
+    client = subprocess.Popen(
+        [*NETLIB, "files", "get", f"http://127.0.0.1:{port}/f.bin"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (part.exists() and part.stat().st_size == 5):  # the first 5 bytes
+            assert time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.01)
+        client.send_signal(signum)
+        out, err = client.communicate(timeout=10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+        server.communicate(timeout=10)
+    assert client.returncode == status
+    assert (out, err) == ("", "")
+    assert part.read_bytes() == b"hello"
+
+
+def test_files_get_shows_a_progress_bar_only_on_a_terminal(
+    files_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("rich")
+    with files_server("asyncio", files_root) as (_proc, port):
+        shown = {}
+        for name, extra in [("plain", {}), ("no-color", {"NO_COLOR": "1"})]:
+            leader, follower = pty.openpty()
+            try:
+                done = subprocess.run(
+                    [*NETLIB, "files", "get", "data.bin", "--port", str(port), "-o", name],
+                    cwd=tmp_path,
+                    stdout=subprocess.PIPE,
+                    stderr=follower,
+                    text=True,
+                    timeout=30,
+                    env={**os.environ, "COLUMNS": "100", **extra},
+                )
+                os.close(follower)
+                follower = -1
+                assert done.returncode == 0
+                shown[name] = _read_all(leader)
+            finally:
+                os.close(leader)
+                if follower >= 0:
+                    os.close(follower)
+    assert "3.1 MB" in shown["plain"]  # the bar's bytes column (rich counts in SI units)
+    assert shown["no-color"] == ""
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")

@@ -530,6 +530,37 @@ def http_server(interop_root: Path) -> Iterator[int]:
         proc.communicate(timeout=10)
 
 
+async def test_netlib_files_get_downloads_from_python_http_server(
+    http_server: int, interop_root: Path, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{http_server}/data.bin"
+    argv = [sys.executable, "-m", "netlib", "files", "get", url, "--json"]
+    done = await asyncio.to_thread(_run, *argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert '"verified": false' in done.stdout
+    assert (tmp_path / "data.bin").read_bytes() == (interop_root / "data.bin").read_bytes()
+
+
+async def test_a_server_without_ranges_gets_a_fresh_download(
+    http_server: int, interop_root: Path, tmp_path: Path
+) -> None:
+    """Python's http.server ignores Range: a resume gets the whole file (200), and the
+    client starts over instead of appending it to the part."""
+    data = (interop_root / "data.bin").read_bytes()
+    url = f"http://127.0.0.1:{http_server}/data.bin"
+
+    def stop(done: int, total: int | None) -> None:
+        if done >= MiB:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        await netlib.download_file(url, tmp_path / "data.bin", progress=stop)
+    result = await netlib.download_file(url, tmp_path / "data.bin")
+    assert result.restarted
+    assert result.resumed_from == 0
+    assert (tmp_path / "data.bin").read_bytes() == data
+
+
 async def test_the_client_downloads_from_python_http_server(
     http_server: int, interop_root: Path, tmp_path: Path
 ) -> None:

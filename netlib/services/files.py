@@ -248,6 +248,13 @@ class FileService:
                 await self._send_listing(conn, stream, request, parts, fd, head, keep)
             else:
                 await self._send_file(conn, stream, parts, headers, fd, st, head, keep)
+        except NetlibError:
+            raise
+        except OSError as exc:  # a directory that cannot be listed, a disk that fails
+            logger.info("cannot serve /%s: %s", "/".join(parts), exc)
+            refusal = _refusal(exc)
+            status = refusal.status if refusal.status in (403, 404) else 500
+            await self._answer_error(conn, stream, status, refusal.reason, keep=False)
         finally:
             os.close(fd)
 
@@ -556,4 +563,4 @@ def _refusal(exc: OSError) -> _Refused:
             return _Refused(403, "permission denied")
         case errno.ENAMETOOLONG:
             return _Refused(414, "name too long")
-    return _Refused(404, "cannot open")
+    return _Refused(500, "cannot read")
