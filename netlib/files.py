@@ -156,6 +156,7 @@ class DownloadResult:
         sha256: the file's SHA-256 (hex), when the server sent one.
         verified: the file matched the server's SHA-256.
         seconds: how long the transfer took.
+        headers: the reply's headers (names in lower case).
     """
 
     url: str

@@ -198,6 +198,73 @@ async def test_oversized_head_and_other_methods(server: FileServer) -> None:
     assert _status(post) == 405
 
 
+async def _stalled_download(port: int, target: str = "/big.bin") -> socket.socket:
+    """A client that asks for a file and reads nothing."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, _get(target))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def test_downloads_above_the_limit_get_503(tree: Path) -> None:
+    limits = netlib.FileServiceLimits(max_downloads=1)
+    async with netlib.open_file_server(tree, limits=limits) as server:
+        port = _port(server)
+        with await _stalled_download(port):
+            await wait_until(lambda: server.statistics().downloads == 1, 5.0)
+            busy = await _raw(port, _get("/hello.txt"))
+            head = await _raw(port, _get("/hello.txt").replace(b"GET", b"HEAD", 1))
+        assert _status(busy) == 503
+        assert _header(busy, "retry-after") == "1"
+        assert _status(head) == 200  # sends no file: not limited
+        assert server.statistics().busy == 1
+
+
+async def test_idle_keep_alive_and_trickled_heads_are_closed(tree: Path) -> None:
+    limits = netlib.FileServiceLimits(keepalive_timeout=0.2, request_timeout=0.3)
+    async with netlib.open_file_server(tree, limits=limits) as server:
+        port = _port(server)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.perf_counter()
+        data = await reader.read()  # the reply, then the close when the idle time is up
+        idle_closed = time.perf_counter() - started
+        writer.close()
+        await writer.wait_closed()
+        assert data.count(b"200 OK") == 1
+        assert 0.2 <= idle_closed < 1.0
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hello.txt HTTP/1.1\r\nHo")  # and never the rest
+        started = time.perf_counter()
+        data = await reader.read()
+        head_closed = time.perf_counter() - started
+        writer.close()
+        await writer.wait_closed()
+        assert _status(data) == 408
+        assert 0.25 <= head_closed < 1.0
+
+
+async def test_shutdown_cuts_off_a_stalled_download_within_its_grace(tree: Path) -> None:
+    async with netlib.open_file_server(tree, shutdown_grace=0.3) as server:
+        port = _port(server)
+        with await _stalled_download(port):
+            await wait_until(lambda: server.statistics().downloads == 1, 5.0)
+            started = time.perf_counter()
+            await server.server.shutdown(0.3)
+            took = time.perf_counter() - started
+    assert took < 0.3 + 0.5 + 0.2
+    assert server.statistics().downloads == 0
+    assert _fds_on(tree / "big.bin") == 0
+
+
 # -- R16: hostile paths -----------------------------------------------------------------------
 
 TRAVERSALS = [
