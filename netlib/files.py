@@ -217,42 +217,55 @@ async def download_file(
     offset, validator = _partial(part, meta, url) if resume else (0, None)
     started = time.monotonic()
     headers = [(b"accept-encoding", b"identity")]
+    last = b""
     if offset and validator:
-        headers += [(b"range", b"bytes=%d-" % offset), (b"if-range", validator.encode())]
+        # from the part's last byte: a complete part still gets a 206 (one byte, compared
+        # with the part's), where asking from its end would get a 416
+        last = _last_byte(part)
+        headers += [(b"range", b"bytes=%d-" % (offset - 1)), (b"if-range", validator.encode())]
     else:
         offset = 0
+    mismatch = False
     async with _request(host, port, target, headers, read_timeout) as response:
         status = response.status
         restarted = False
-        if status == 416 and offset:  # the part is no prefix of this file: fetch it whole
-            _remove(part, meta)
-            result = await download_file(
-                url, path, resume=False, progress=progress, read_timeout=read_timeout
-            )
-            result.restarted = True
-            return result
-        if status not in (200, 206):
+        if status == 416 and offset:  # the part is longer than the file: fetch it whole
+            mismatch = True
+        elif status not in (200, 206):
             raise RequestRefused(status, await response.reason_line())
-        size = response.length
-        if status == 206:
-            start, total = _content_range(response.header("content-range"))
-            if start != offset:
-                raise ProtocolError(f"asked for bytes from {offset}, got from {start}")
-            size = total
         else:
-            restarted = offset > 0
-            offset = 0
-        new_validator = _validator(response)
-        _write_meta(meta, url, new_validator)
-        received = 0
-        with _open_part(part, append=status == 206) as out:
-            if progress is not None:
-                progress(offset, size)
-            async for chunk in response.body():
-                out.write(chunk)
-                received += len(chunk)
+            size = response.length
+            overlap = 0
+            if status == 206:
+                start, total = _content_range(response.header("content-range"))
+                if not offset or start != offset - 1:
+                    raise ProtocolError(f"asked for bytes from {offset - 1}, got from {start}")
+                size, overlap = total, 1
+            else:
+                restarted = offset > 0
+                offset = 0
+            _write_meta(meta, url, _validator(response))
+            received = 0
+            with _open_part(part, append=status == 206) as out:
                 if progress is not None:
-                    progress(offset + received, size)
+                    progress(offset, size)
+                async for chunk in response.body():
+                    if overlap:
+                        if chunk[:1] != last:
+                            mismatch = True  # unchanged, says the validator: but not so
+                            break
+                        chunk, overlap = chunk[1:], 0
+                    out.write(chunk)
+                    received += len(chunk)
+                    if progress is not None:
+                        progress(offset + received, size)
+    if mismatch:  # the part is no prefix of this file: fetch it whole
+        _remove(part, meta)
+        result = await download_file(
+            url, path, resume=False, progress=progress, read_timeout=read_timeout
+        )
+        result.restarted = True
+        return result
     expected = parse_repr_digest(response.header("repr-digest"))
     sha256: str | None = None
     if expected is not None:
@@ -475,6 +488,12 @@ def _content_range(value: str | None) -> tuple[int, int | None]:
         return start, None if total == "*" else int(total)
     except ValueError:
         raise ProtocolError(f"bad Content-Range {value!r}") from None
+
+
+def _last_byte(part: str) -> bytes:
+    with open(part, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1)
 
 
 def _write_meta(meta: str, url: str, validator: str | None) -> None:

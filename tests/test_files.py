@@ -454,45 +454,64 @@ class Interrupted(Exception):
 
 
 async def test_resume_after_interruptions_at_random_points(tmp_path: Path) -> None:
-    """An 8 MiB download (smaller than R17's 64 MiB, to keep the suite fast) interrupted
-    at five random points, resumed each time; then the file changes between attempts and
-    is fetched whole."""
+    """An 8 MiB download (smaller than R17's 64 MiB, to keep the suite fast), three times:
+    each time interrupted at four random points (an exception from the progress callback,
+    or the task cancelled, as Ctrl-C does), resumed each time, and the final file checked
+    against the server's SHA-256; then the file changes between attempts and is fetched
+    whole."""
     root = tmp_path / "root"
     root.mkdir()
     data = _pattern(8 * MiB, 2)
     (root / "file.bin").write_bytes(data)
     dest = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
     rng = random.Random(12)
     async with netlib.open_file_server(root) as server:
         url = server.url + "file.bin"
-        stops = sorted(rng.randrange(1, 8 * MiB) for _ in range(5))
-        done_before = 0
-        for stop in stops:
+        for _round in range(3):
+            stops = sorted(rng.randrange(1, 8 * MiB) for _ in range(4))
+            done_before = 0
+            for attempt, stop in enumerate(stops):
+                tasks: list[asyncio.Task[netlib.DownloadResult]] = []
 
-            def interrupt(done: int, total: int | None, stop: int = stop) -> None:
-                if done >= stop:
-                    raise Interrupted
+                def interrupt(
+                    done: int,
+                    total: int | None,
+                    stop: int = stop,
+                    tasks: list[asyncio.Task[netlib.DownloadResult]] = tasks,
+                ) -> None:
+                    if done < stop:
+                        return
+                    if not tasks:
+                        raise Interrupted
+                    tasks[0].cancel()  # lands at the next wait: later than `stop`
 
-            with pytest.raises(Interrupted):
-                await netlib.download_file(url, dest, progress=interrupt)
-            on_disk = (tmp_path / "file.bin.part").stat().st_size
-            assert on_disk >= max(stop, done_before)
-            assert not dest.exists()
-            done_before = on_disk
-        result = await netlib.download_file(url, dest)
-        assert result.resumed_from == done_before > 0
-        assert not result.restarted
-        assert result.verified
-        assert result.sha256 == hashlib.sha256(data).hexdigest()
-        assert dest.read_bytes() == data
-        assert not (tmp_path / "file.bin.part").exists()
-        assert server.statistics().partial == 5
+                coroutine = netlib.download_file(url, dest, progress=interrupt)
+                if attempt % 2:
+                    tasks.append(asyncio.create_task(coroutine))
+                    with pytest.raises(asyncio.CancelledError):
+                        await tasks[0]
+                else:
+                    with pytest.raises(Interrupted):
+                        await coroutine
+                on_disk = part.stat().st_size
+                assert on_disk >= max(stop, done_before)
+                assert not dest.exists()
+                done_before = on_disk
+            result = await netlib.download_file(url, dest)
+            assert result.resumed_from == done_before > 0
+            assert not result.restarted
+            assert result.verified
+            assert result.sha256 == hashlib.sha256(data).hexdigest()
+            assert dest.read_bytes() == data
+            assert not part.exists()
+            dest.unlink()
+        assert server.statistics().partial == 3 * 4  # every attempt but each first one
 
         def half(done: int, total: int | None) -> None:
             if done >= 4 * MiB:
                 raise Interrupted
 
-        dest.unlink()
         with pytest.raises(Interrupted):
             await netlib.download_file(url, dest, progress=half)
         changed = _pattern(8 * MiB, 3)
@@ -502,6 +521,32 @@ async def test_resume_after_interruptions_at_random_points(tmp_path: Path) -> No
         assert result.resumed_from == 0
         assert result.sha256 == hashlib.sha256(changed).hexdigest()
         assert dest.read_bytes() == changed
+
+
+async def test_a_part_that_is_no_prefix_is_fetched_again(tmp_path: Path) -> None:
+    """The validator matches, but the part's last byte is not the file's: it is not a
+    prefix of the file (written by something else), so the client starts over."""
+    root = tmp_path / "root"
+    root.mkdir()
+    data = _pattern(MiB, 5)
+    (root / "file.bin").write_bytes(data)
+    dest = tmp_path / "file.bin"
+    async with netlib.open_file_server(root) as server:
+        url = server.url + "file.bin"
+
+        def stop(done: int, total: int | None) -> None:
+            if done >= MiB // 2:
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            await netlib.download_file(url, dest, progress=stop)
+        part = tmp_path / "file.bin.part"
+        damaged = bytearray(part.read_bytes())
+        damaged[-1] ^= 0xFF
+        part.write_bytes(damaged)
+        result = await netlib.download_file(url, dest)
+    assert result.restarted
+    assert dest.read_bytes() == data
 
 
 async def test_missing_file_and_digest_mismatch(tmp_path: Path) -> None:
