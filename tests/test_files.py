@@ -48,6 +48,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = base / "root"
     root.mkdir()
     (root / "hello.txt").write_bytes(b"hello, files\n")
+    (root / "empty").write_bytes(b"")
     (root / "big.bin").write_bytes(_pattern(64 * MiB, 1))
     (root / "sub").mkdir()
     (root / "sub" / "a.txt").write_bytes(b"a\n")
@@ -153,11 +154,21 @@ async def test_get_head_range_and_digest(server: FileServer, tree: Path) -> None
     assert _body(cached) == b""
     assert server.statistics().digests_computed == 1  # once per version, then cached
 
+    empty = await _raw(port, _get("/empty"))
+    assert _status(empty) == 200
+    assert _header(empty, "content-length") == "0"
+    assert _body(empty) == b""
+
 
 async def test_listing_json_and_html(server: FileServer) -> None:
     entries = await netlib.list_files(server.url)
     names = [(e["name"], e["type"]) for e in entries]
-    assert names == [("big.bin", "file"), ("hello.txt", "file"), ("sub", "directory")]
+    assert names == [
+        ("big.bin", "file"),
+        ("empty", "file"),
+        ("hello.txt", "file"),
+        ("sub", "directory"),
+    ]
     page = await _raw(_port(server), _get("/sub/"))
     assert _status(page) == 200
     assert b'<a href="a.txt">a.txt</a>' in page
