@@ -8,12 +8,14 @@ R17 uses a 64 MiB file as the row says; the resume test interrupts an 8 MiB down
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+import trustme
 
 import netlib
 from netlib.files import FileServer
@@ -455,6 +458,31 @@ async def test_r17c_the_same_sha256_on_each_loop(server: FileServer, tmp_path: P
     assert result.sha256 == expected
     assert hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest() == expected
     assert server.statistics().bytes_sent == 64 * MiB
+
+
+async def test_tls_sends_through_the_chunked_path(tree: Path) -> None:
+    """TLS transports cannot use loop.sendfile (asyncio says so with
+    SendfileNotAvailableError): the file goes through the chunked path on both loops."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with netlib.open_file_server(tree, ssl=server_context) as server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", _port(server), ssl=client_context, server_hostname="localhost"
+        )
+        writer.write(_get("/big.bin"))
+        sha = hashlib.sha256()
+        head = await reader.readuntil(b"\r\n\r\n")
+        while chunk := await reader.read(MiB):
+            sha.update(chunk)
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+    assert _status(head) == 200
+    assert sha.digest() == hashlib.sha256(_pattern(64 * MiB, 1)).digest()
+    assert server.statistics().files_sent == 1
 
 
 # -- the client: resume -----------------------------------------------------------------------

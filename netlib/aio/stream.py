@@ -46,6 +46,7 @@ from typing import Any, Final, cast
 
 from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
 from netlib.aio.flow import WriteFlowControl
+from netlib.aio.sockets import extra_info
 from netlib.errors import (
     BrokenResourceError,
     EndOfStream,
@@ -523,6 +524,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         loop = self._loop
         sent = 0
         native = self._sendfile_native
+        if native and extra_info(self.transport, "sslcontext") is not None:
+            native = self._sendfile_native = False  # TLS encrypts in user space
         with os.fdopen(os.dup(fd), "rb", buffering=0) as file:
             while sent < count and not self._gone():
                 if native:
@@ -580,7 +583,11 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             raise self.lost_error() from None  # aborted under it
         except (NotImplementedError, asyncio.SendfileNotAvailableError):
             raise
-        except (OSError, RuntimeError) as exc:  # reset mid-file, or the transport closed
+        except RuntimeError as exc:
+            if not transport.is_closing():  # "not supported for transport" (asyncio)
+                raise NotImplementedError(str(exc)) from None
+            raise self.lost_error() from None
+        except OSError as exc:  # reset mid-file
             self._abort_transport()
             raise BrokenResourceError(f"connection lost while sending a file: {exc}") from None
         return sent
