@@ -210,6 +210,10 @@ async def test_oversized_head_and_other_methods(server: FileServer) -> None:
     assert _status(big) == 431
     post = await _raw(port, _get("/hello.txt").replace(b"GET", b"POST", 1))
     assert _status(post) == 405
+    body = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 10
+    upload = await _raw(port, body)  # the body is not read: the reply, then the close
+    assert _status(upload) == 405
+    assert _header(upload, "connection") == "close"
 
 
 async def _stalled_download(port: int, target: str = "/big.bin") -> socket.socket:

@@ -200,22 +200,14 @@ class FileService:
             if _head_size(event) > limits.max_header_bytes:  # arrived whole in one read
                 await self._answer_error(conn, stream, 431, "request head too large")
                 return
-            keep = served < limits.max_requests
+            keep = served < limits.max_requests and not _has_body(conn)
             try:
                 await self._respond(conn, stream, event, keep)
             except h11.LocalProtocolError:
                 stream.abort()
                 return
-            if conn.our_state is not h11.DONE or conn.their_state is h11.MUST_CLOSE:
-                return
-            try:  # the rest of the request (a body nobody asked for is discarded)
-                async with asyncio.timeout(limits.request_timeout):
-                    while conn.their_state is h11.SEND_BODY:
-                        await _next_event(conn, stream)
-            except (TimeoutError, NetlibError, h11.RemoteProtocolError):
-                return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
+                return  # "connection: close" either way, or a body left unread
             conn.start_next_cycle()
 
     async def _respond(
@@ -519,6 +511,17 @@ async def _send(stream: MessageStream, conn: h11.Connection, event: Any) -> None
     data = conn.send(event)
     if data:
         await stream.send(data)
+
+
+def _has_body(conn: h11.Connection) -> bool:
+    """Whether the request just received has a body. Nobody asks for one: it is not read,
+    and the connection closes after the reply."""
+    if conn.their_state is not h11.SEND_BODY:
+        return False
+    try:
+        return not isinstance(conn.next_event(), h11.EndOfMessage)  # at once if empty
+    except h11.RemoteProtocolError:
+        return True
 
 
 def _head_size(request: h11.Request) -> int:
