@@ -283,6 +283,24 @@ async def test_shutdown_cuts_off_a_stalled_download_within_its_grace(tree: Path)
     assert _fds_on(tree / "big.bin") == 0
 
 
+async def test_a_deadline_aborting_a_stalled_sendfile_closes_everything(tree: Path) -> None:
+    """FileService on a plain serve_tcp server with an idle deadline: the deadline aborts the
+    connection in the middle of a send (asyncio: a loop.sendfile slice), and the file, the
+    socket and the handler all end, with nothing left registered on the loop."""
+    service = netlib.FileService(tree)
+    try:
+        async with netlib.open_tcp_server(service.handle, idle_timeout=0.3) as server:
+            port = server.addresses[0][1]
+            with await _stalled_download(port):
+                await wait_until(lambda: service.statistics().downloads == 1, 5.0)
+                await wait_until(lambda: service.statistics().downloads == 0, 2.0)
+            assert service.statistics().interrupted == 1
+            assert server.statistics().timeouts == 1
+    finally:
+        service.close()
+    assert _fds_on(tree / "big.bin") == 0
+
+
 # -- R16: hostile paths -----------------------------------------------------------------------
 
 TRAVERSALS = [

@@ -39,6 +39,7 @@ are made on first use: an idle connection holds as little as possible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -670,7 +671,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             task.cancel()
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
-                self._loop.remove_writer(sock.fileno())
+                with contextlib.suppress(RuntimeError):  # the task has not started yet:
+                    self._loop.remove_writer(sock.fileno())  # the transport owns the fd
         if self.transport is not None and not self.lost:
             self.transport.abort()
 
