@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import trustme
 
 import netlib
 from netlib.cli import build_parser, main
+from tests.helpers import wait_until
 
 NETLIB = [sys.executable, "-m", "netlib"]
 
@@ -858,34 +860,35 @@ def test_files_get_resumes_an_interrupted_download(files_root: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_files_get_interrupted_exits_130_or_143_and_keeps_the_part(
+async def test_files_get_interrupted_exits_130_or_143_and_keeps_the_part(
     signum: int, status: int, tmp_path: Path
 ) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-c", LYING_SERVER, "stall"], stdout=subprocess.PIPE, text=True
+    server = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-c", LYING_SERVER, "stall"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert server.stdout is not None
-    port = int(server.stdout.readline())
+    port = int(await asyncio.to_thread(server.stdout.readline))
     part = tmp_path / "f.bin.part"
-    client = subprocess.Popen(
+    client = await asyncio.to_thread(
+        subprocess.Popen,
         [*NETLIB, "files", "get", f"http://127.0.0.1:{port}/f.bin"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 10
-        while not (part.exists() and part.stat().st_size == 5):  # the first 5 bytes
-            assert time.monotonic() < deadline, "the download did not start"
-            time.sleep(0.01)
+    try:  # the first 5 bytes are on disk (the part is written unbuffered)
+        await wait_until(lambda: part.exists() and part.stat().st_size == 5, 10.0)
         client.send_signal(signum)
-        out, err = client.communicate(timeout=10)
+        out, err = await asyncio.to_thread(client.communicate, timeout=10)
     finally:
         if client.poll() is None:
             client.kill()
-            client.communicate()
-        server.communicate(timeout=10)
+            await asyncio.to_thread(client.communicate)
+        await asyncio.to_thread(server.communicate, timeout=10)
     assert client.returncode == status
     assert (out, err) == ("", "")
     assert part.read_bytes() == b"hello"
