@@ -35,7 +35,7 @@ myst_heading_anchors = 3
 # names only.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(asyncio|ssl|socket|collections\.abc|typing|typing_extensions|enum)\..*"),
+    (r"py:.*", r"(asyncio|ssl|socket|os|collections\.abc|typing|typing_extensions|enum)\..*"),
     # private names in signatures of classes netlib builds for you (Server, Datagram)
     (r"py:.*", r"(.*\.)?_\w+"),
 ]

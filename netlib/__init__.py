@@ -15,6 +15,7 @@ from netlib.client import connect_tcp, open_udp_endpoint
 from netlib.errors import (
     BrokenResourceError,
     ClosedResourceError,
+    DigestMismatch,
     EndOfStream,
     FrameTooLarge,
     IncompleteFrame,
@@ -22,8 +23,17 @@ from netlib.errors import (
     NetlibError,
     PeerTimedOut,
     ProtocolError,
+    RequestRefused,
     SlowConsumer,
     WouldBlock,
+)
+from netlib.files import (
+    DownloadResult,
+    FileServer,
+    download_file,
+    list_files,
+    open_file_server,
+    serve_files,
 )
 from netlib.rudp import (
     ReliableConfig,
@@ -62,6 +72,7 @@ from netlib.services.echo import (
     udp_echo_handler,
     upper_echo_handler,
 )
+from netlib.services.files import FileService, FileServiceLimits, FileServiceStatistics
 from netlib.services.hub import Hub, MemoryHub, Subscriber
 from netlib.streams import Datagram, DatagramEndpoint, DatagramHandler, Handler, MessageStream
 from netlib.udp import (
@@ -90,9 +101,15 @@ __all__ = [
     "DatagramServer",
     "DatagramServerStatistics",
     "DatagramStatistics",
+    "DigestMismatch",
+    "DownloadResult",
     "EchoMode",
     "EchoProtocol",
     "EndOfStream",
+    "FileServer",
+    "FileService",
+    "FileServiceLimits",
+    "FileServiceStatistics",
     "FrameTooLarge",
     "Framing",
     "Handler",
@@ -112,6 +129,7 @@ __all__ = [
     "ReliableUDPServerStatistics",
     "ReplyBudget",
     "ReplyBudgetStatistics",
+    "RequestRefused",
     "Server",
     "ServerStatistics",
     "SlowConsumer",
@@ -121,17 +139,21 @@ __all__ = [
     "__version__",
     "connect_reliable_udp",
     "connect_tcp",
+    "download_file",
     "echo_handler",
+    "list_files",
     "loop_factory",
     "make_chat_handler",
     "make_udp_echo_handler",
     "open_chat_server",
+    "open_file_server",
     "open_reliable_udp_server",
     "open_tcp_server",
     "open_udp_endpoint",
     "open_udp_server",
     "run",
     "serve_chat",
+    "serve_files",
     "serve_reliable_udp",
     "serve_tcp",
     "serve_udp",

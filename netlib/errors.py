@@ -5,7 +5,9 @@
     NetlibError(Exception)
     ├── ProtocolError(NetlibError, ValueError)        the peer broke the wire protocol
     │   ├── FrameTooLarge                             a frame or line is above its limit
-    │   └── IncompleteFrame                           the stream ended inside a frame
+    │   ├── IncompleteFrame                           the stream ended inside a frame
+    │   └── DigestMismatch                            a download is not what the server said
+    ├── RequestRefused(NetlibError)                   a server answered a request with an error
     ├── EndOfStream(NetlibError, EOFError)            the peer finished sending (clean EOF)
     ├── ClosedResourceError(NetlibError, RuntimeError)  this side closed the object already
     ├── BrokenResourceError(NetlibError, ConnectionError)  the connection is gone
@@ -24,6 +26,7 @@ from __future__ import annotations
 __all__ = [
     "BrokenResourceError",
     "ClosedResourceError",
+    "DigestMismatch",
     "EndOfStream",
     "FrameTooLarge",
     "IncompleteFrame",
@@ -31,6 +34,7 @@ __all__ = [
     "NetlibError",
     "PeerTimedOut",
     "ProtocolError",
+    "RequestRefused",
     "SlowConsumer",
     "WouldBlock",
 ]
@@ -98,3 +102,21 @@ class WouldBlock(NetlibError, BlockingIOError):
 
 class LimitExceeded(NetlibError, OverflowError):
     """A local, named limit refuses the call (queue full, message too large to send)."""
+
+
+class DigestMismatch(ProtocolError):
+    """A downloaded file's SHA-256 differs from the digest its server sent."""
+
+
+class RequestRefused(NetlibError):
+    """A server answered a request with an error status (a file server's 404, say).
+
+    Attributes:
+        status: the status code (404, 403, ...).
+        reason: the server's explanation, one line.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason

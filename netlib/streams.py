@@ -186,6 +186,27 @@ class MessageStream:
         self._check_open()
         self._protocol.write_soon(wire, limit)
 
+    async def sendfile(self, fd: int, offset: int, count: int) -> int:
+        """Send ``count`` bytes of the file open on descriptor ``fd``, from ``offset``, as
+        they are (no framing: for raw streams).
+
+        The kernel copies the bytes with ``loop.sendfile`` where the loop has it (asyncio,
+        without TLS); elsewhere (uvloop, TLS) the file is read 64 KiB at a time and each
+        piece written once the peer has taken the previous ones, so a download holds at
+        most the write buffer's high mark plus 64 KiB whatever the peer's pace. The
+        descriptor stays the caller's to close. Returns the bytes sent (fewer if the file
+        is shorter).
+
+        Raises:
+            BrokenResourceError: the connection was lost, or the peer stopped reading for
+                the send (or idle) deadline.
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        if self._protocol.lost:
+            raise self._protocol.lost_error()
+        return await self._protocol.sendfile(fd, offset, count)
+
     def end_input(self) -> None:
         """Stop receiving: messages already received stay readable, then iteration ends.
 

@@ -22,6 +22,7 @@ LAYERS = {
     "netlib.udp": 5,
     "netlib.rudp": 5,
     "netlib.chat": 5,
+    "netlib.files": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
@@ -166,5 +167,6 @@ _SUBMODULES = {
     "rudp",
     "chat",
     "chat_client",
+    "files",
     "testing",
 }

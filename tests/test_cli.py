@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import os
+import pty
 import re
 import signal
 import socket
@@ -21,6 +24,7 @@ import trustme
 
 import netlib
 from netlib.cli import build_parser, main
+from tests.helpers import wait_until
 
 NETLIB = [sys.executable, "-m", "netlib"]
 
@@ -750,3 +754,241 @@ def test_chat_serve_and_join_over_rudp(loop_name: str) -> None:
     assert "*** you are now known as alice" in done.stdout
     assert "*** #netlib (1 member): alice" in done.stdout
     assert done.stdout.rstrip().endswith("*** goodbye")
+
+
+# -- netlib files ------------------------------------------------------------------------------
+
+
+@contextmanager
+def files_server(loop_name: str, root: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [*NETLIB, "--loop", loop_name, "files", "serve", str(root), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stdout.readline())
+    assert match, "the file server did not announce its address"
+    try:
+        yield proc, int(match.group(1))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "files statistics:" in out
+        assert "Traceback" not in err
+
+
+def _files(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NETLIB, "files", *argv], capture_output=True, text=True, timeout=30, cwd=cwd
+    )
+
+
+@pytest.fixture
+def files_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    (root / "sub" / "a.txt").write_text("a\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["files", "get", "ftp://example.org/x"], "only http:// URLs are supported"),
+        (["files", "serve", "/no/such/directory"], "not a directory"),
+        (["files", "get", "x", "--port", "70000"], "invalid port 70000"),
+        (["files", "get", "http://127.0.0.1:9/"], "names no file"),
+    ],
+)
+def test_files_usage_errors_exit_2(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert fragment in errors[0]
+
+
+def test_files_serve_get_and_ls(loop_name: str, files_root: Path, tmp_path: Path) -> None:
+    data = (files_root / "data.bin").read_bytes()
+    with files_server(loop_name, files_root) as (_proc, port):
+        got = _files("get", "data.bin", "--port", str(port), "--json", cwd=tmp_path)
+        assert got.returncode == 0, got.stderr
+        assert got.stderr == ""  # not a terminal: no progress bar
+        summary = json.loads(got.stdout)
+        assert summary["verified"] is True
+        assert summary["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (tmp_path / "data.bin").read_bytes() == data
+
+        plain = _files("get", "sub/a.txt", "--port", str(port), "-o", "a.txt", cwd=tmp_path)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.startswith("saved a.txt: 2 bytes")
+        assert "SHA-256 verified" in plain.stdout
+
+        listing = _files("ls", "--port", str(port), cwd=tmp_path)
+        assert listing.returncode == 0, listing.stderr
+        assert listing.stdout.split() == ["3145728", "data.bin", "-", "sub/"]
+
+
+def test_files_get_errors_are_one_line_exit_1(files_root: Path, tmp_path: Path) -> None:
+    with files_server("asyncio", files_root) as (_proc, port):
+        missing = _files("get", "nothing.bin", "--port", str(port), cwd=tmp_path)
+        refused = _files("get", f"http://127.0.0.1:{port}/%2e%2e/etc/passwd", cwd=tmp_path)
+    for done, fragment in [(missing, "no such file"), (refused, "the server refused")]:
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1
+        assert done.stderr.startswith("netlib: error: ")
+        assert fragment in done.stderr
+    assert "('..' in path)" not in refused.stderr
+    assert "'..' in path (403)" in refused.stderr
+
+
+LYING_SERVER = """
+import socket, sys
+body = b"hello"
+lie = sys.argv[1] == "digest"
+stall = sys.argv[1] == "stall"
+with socket.create_server(("127.0.0.1", 0)) as server:
+    print(server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    conn.recv(65536)
+    head = b"HTTP/1.1 200 OK\\r\\ncontent-length: 10\\r\\netag: \\"v1\\"\\r\\n"
+    if lie:
+        head = head.replace(b"10", b"5") + b"repr-digest: sha-256=:" + b"A" * 43 + b"=:\\r\\n"
+    conn.sendall(head + b"\\r\\n" + body)
+    if stall:  # hold the connection open until the client goes
+        conn.recv(1)
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize(
+    ("lie", "fragment"),
+    [
+        ("digest", "SHA-256 of the download is"),
+        ("cut", "connection lost after 5 bytes"),
+    ],
+)
+def test_files_get_digest_mismatch_and_lost_connection(
+    lie: str, fragment: str, tmp_path: Path
+) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", LYING_SERVER, lie], stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    try:
+        done = _files("get", f"http://127.0.0.1:{port}/f.bin", cwd=tmp_path)
+    finally:
+        server.communicate(timeout=10)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert fragment in done.stderr
+    assert not (tmp_path / "f.bin").exists()
+    assert (tmp_path / "f.bin.part").exists() == (lie == "cut")  # kept to resume
+
+
+def test_files_get_resumes_an_interrupted_download(files_root: Path, tmp_path: Path) -> None:
+    data = (files_root / "data.bin").read_bytes()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_half(done: int, total: int | None) -> None:
+        if done >= len(data) // 2:
+            raise Stop
+
+    with files_server("uvloop", files_root) as (_proc, port):
+        url = f"http://127.0.0.1:{port}/data.bin"
+        with pytest.raises(Stop):
+            netlib.run(netlib.download_file(url, tmp_path / "data.bin", progress=stop_at_half))
+        kept = (tmp_path / "data.bin.part").stat().st_size
+        done = _files("get", "data.bin", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed at byte {kept}" in done.stdout
+    assert (tmp_path / "data.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_files_get_interrupted_exits_130_or_143_and_keeps_the_part(
+    signum: int, status: int, tmp_path: Path
+) -> None:
+    server = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-c", LYING_SERVER, "stall"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    port = int(await asyncio.to_thread(server.stdout.readline))
+    part = tmp_path / "f.bin.part"
+    client = await asyncio.to_thread(
+        subprocess.Popen,
+        [*NETLIB, "files", "get", f"http://127.0.0.1:{port}/f.bin"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # the first 5 bytes are on disk (the part is written unbuffered)
+        await wait_until(lambda: part.exists() and part.stat().st_size == 5, 10.0)
+        client.send_signal(signum)
+        out, err = await asyncio.to_thread(client.communicate, timeout=10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            await asyncio.to_thread(client.communicate)
+        await asyncio.to_thread(server.communicate, timeout=10)
+    assert client.returncode == status
+    assert (out, err) == ("", "")
+    assert part.read_bytes() == b"hello"
+
+
+def test_files_get_shows_a_progress_bar_only_on_a_terminal(
+    files_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("rich")
+    with files_server("asyncio", files_root) as (_proc, port):
+        shown = {}
+        for name, extra in [("plain", {}), ("no-color", {"NO_COLOR": "1"})]:
+            leader, follower = pty.openpty()
+            try:
+                done = subprocess.run(
+                    [*NETLIB, "files", "get", "data.bin", "--port", str(port), "-o", name],
+                    cwd=tmp_path,
+                    stdout=subprocess.PIPE,
+                    stderr=follower,
+                    text=True,
+                    timeout=30,
+                    env={**os.environ, "COLUMNS": "100", **extra},
+                )
+                os.close(follower)
+                follower = -1
+                assert done.returncode == 0
+                shown[name] = _read_all(leader)
+            finally:
+                os.close(leader)
+                if follower >= 0:
+                    os.close(follower)
+    assert "3.1 MB" in shown["plain"]  # the bar's bytes column (rich counts in SI units)
+    assert shown["no-color"] == ""
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")

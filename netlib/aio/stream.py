@@ -39,12 +39,15 @@ are made on first use: an idle connection holds as little as possible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
 from netlib.aio.flow import WriteFlowControl
+from netlib.aio.sockets import extra_info
 from netlib.errors import (
     BrokenResourceError,
     EndOfStream,
@@ -55,7 +58,14 @@ from netlib.sansio.budget import MemoryBudget
 from netlib.sansio.framing import Framing
 from netlib.sansio.stream import StreamConnection, StreamLimits, StreamState
 
-__all__ = ["OUTPUT_REPORT_STEP", "REPORT_STEP", "StreamProtocol", "deadline_timer_for"]
+__all__ = [
+    "OUTPUT_REPORT_STEP",
+    "REPORT_STEP",
+    "SENDFILE_CHUNK",
+    "SENDFILE_SLICE",
+    "StreamProtocol",
+    "deadline_timer_for",
+]
 
 _OPEN: Final = StreamState.OPEN  # enum lookups are slow on the per-read path
 _FAILED: Final = StreamState.FAILED
@@ -67,6 +77,15 @@ then shrinking it. With a thousand busy connections one event-loop iteration cou
 bring in a quarter of a GiB, and every stalled connection hold a message of up to 256 KiB
 besides its limits (in its handler's hands, in its transport); 64 KiB makes both four times
 smaller (docs/robustness.md, R5b)."""
+
+SENDFILE_SLICE: Final = 4 * 1024 * 1024
+"""Bytes one ``loop.sendfile`` call sends at most: between slices the connection's idle
+clock moves on and a stalled peer's deadline is checked."""
+SENDFILE_CHUNK: Final = 64 * 1024
+"""Bytes read from the file at a time on the chunked path (no ``loop.sendfile``): with the
+write buffer's high mark this bounds what one download holds in user space."""
+SENDFILE_STALL_TIMEOUT: Final = 60.0
+"""Seconds one sendfile slice may take when the connection has no send or idle deadline."""
 
 _thread_buffers = threading.local()
 
@@ -144,6 +163,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_pending",
         "_pending_size",
         "_read_view",
+        "_sendfile_native",
+        "_sendfile_task",
         "_waiter",
         "_waiter_takes",
         "conn",
@@ -191,6 +212,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._consumer_done = False
         self._read_view = _read_buffer()
         self._on_lost = on_lost
+        self._sendfile_native = True  # until the loop or the transport says otherwise
+        self._sendfile_task: asyncio.Task[int] | None = None
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
 
@@ -485,6 +508,91 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         if self.lost:
             raise self.lost_error()
 
+    async def sendfile(self, fd: int, offset: int, count: int) -> int:
+        """Send ``count`` bytes of the file open on descriptor ``fd`` from ``offset``.
+
+        Uses ``loop.sendfile`` (the kernel copies the bytes; nothing is held in user space)
+        where the loop and transport support it, in slices of ``SENDFILE_SLICE``; otherwise
+        (uvloop, TLS) reads ``SENDFILE_CHUNK`` bytes at a time and writes each once the
+        transport's buffer is below its high mark, so one download holds at most
+        ``write_high`` plus one chunk. Returns the bytes sent, fewer than ``count`` if the
+        file ended first.
+
+        Raises:
+            BrokenResourceError: the connection was lost (or a deadline passed) meanwhile.
+        """
+        self.flush()
+        loop = self._loop
+        sent = 0
+        native = self._sendfile_native
+        if native and extra_info(self.transport, "sslcontext") is not None:
+            native = self._sendfile_native = False  # TLS encrypts in user space
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as file:
+            while sent < count and not self._gone():
+                if native:
+                    step = min(SENDFILE_SLICE, count - sent)
+                    try:
+                        done = await self._sendfile_slice(file, offset + sent, step)
+                    except (NotImplementedError, asyncio.SendfileNotAvailableError):
+                        native = self._sendfile_native = False
+                        continue
+                else:
+                    await self.drain()
+                    chunk = os.pread(fd, min(SENDFILE_CHUNK, count - sent), offset + sent)
+                    done = len(chunk)
+                    if done:
+                        self.write(chunk)
+                if not done:
+                    break  # the file is shorter than it was
+                sent += done
+                self.conn.last_activity = loop.time()
+        if sent < count and self._gone():
+            raise self.lost_error()
+        return sent
+
+    def _gone(self) -> bool:
+        """Lost, or closing: writes would be dropped (the loss may not be reported yet)."""
+        transport = self.transport
+        return self.lost or transport is None or transport.is_closing()
+
+    async def _sendfile_slice(self, file: Any, offset: int, count: int) -> int:
+        """One ``loop.sendfile`` call, as a task of its own that ``_abort_transport`` cancels
+        (and whose socket it unregisters) before the transport closes the socket."""
+        transport = self.transport
+        if transport is None:
+            raise self.lost_error()
+        limits = self._limits
+        stall = limits.send_timeout or limits.idle_timeout or SENDFILE_STALL_TIMEOUT
+        try:
+            async with asyncio.timeout(stall):
+                await self.drain()
+                task = self._loop.create_task(
+                    self._loop.sendfile(transport, file, offset, count, fallback=False)
+                )
+                self._sendfile_task = task
+                try:
+                    sent: int = await task
+                finally:
+                    self._sendfile_task = None
+        except TimeoutError:
+            self.fail(SlowConsumer("the peer stopped reading the file"))
+            raise self.lost_error() from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise self.lost_error() from None  # aborted under it
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            raise
+        except RuntimeError as exc:
+            if not transport.is_closing():  # "not supported for transport" (asyncio)
+                raise NotImplementedError(str(exc)) from None
+            raise self.lost_error() from None
+        except OSError as exc:  # reset mid-file
+            self._abort_transport()
+            raise BrokenResourceError(f"connection lost while sending a file: {exc}") from None
+        return sent
+
     def lost_error(self) -> BrokenResourceError:
         """The error a send after the loss raises."""
         if isinstance(self.conn.error, BrokenResourceError):
@@ -557,6 +665,14 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._abort_transport()
 
     def _abort_transport(self) -> None:
+        task = self._sendfile_task
+        if task is not None and not task.done() and self.transport is not None:
+            # loop.sendfile watches the socket itself: unregister it before it is closed
+            task.cancel()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(RuntimeError):  # the task has not started yet:
+                    self._loop.remove_writer(sock.fileno())  # the transport owns the fd
         if self.transport is not None and not self.lost:
             self.transport.abort()
 

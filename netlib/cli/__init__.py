@@ -6,6 +6,7 @@
     netlib echo serve|send     echo server and client (TCP lines, UDP datagrams)
     netlib chat serve|join     chat server and client (TCP, UDP)
     netlib proxy               an impairment proxy (loss, delay, ...) for any server
+    netlib files serve|get|ls  HTTP/1.1 file server and a resuming, verifying client
     netlib demo                servers on loopback driven by clients, then stopped
 
 Options common to every command (``--loop``, ``-v``, ``-q``) are accepted before or after
@@ -30,6 +31,7 @@ from netlib.cli._common import (
 )
 from netlib.cli.chat import DEFAULT_CHAT_PORT, add_chat
 from netlib.cli.echo import DEFAULT_ECHO_PORT, add_echo
+from netlib.cli.files import add_files
 from netlib.cli.proxy import add_proxy
 from netlib.runner import LOOP_CHOICES
 
@@ -41,6 +43,8 @@ examples:
   netlib echo send hello                     # prints: hello
   netlib chat serve                          # chat on 127.0.0.1:7077 (TCP and UDP)
   netlib chat join --nick alice
+  netlib files serve . &                     # this directory on http://127.0.0.1:8000/
+  netlib files get big.iso                   # resumes if interrupted, checks the SHA-256
   netlib demo
 
 exit status: 0 done, 1 failed, 2 usage error, 130/143 a client interrupted by SIGINT/SIGTERM
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_echo(commands, common)
     add_chat(commands, common)
     add_proxy(commands, common)
+    add_files(commands, common)
     demo = commands.add_parser(
         "demo",
         help="run the demo: servers on loopback driven by clients",

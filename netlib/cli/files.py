@@ -1,0 +1,350 @@
+"""``netlib files serve``, ``netlib files get`` and ``netlib files ls``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import netlib
+from netlib.cli._common import (
+    Signals,
+    UsageError,
+    add_command,
+    add_reporting,
+    add_server_limits,
+    emit,
+    fail,
+    format_address,
+    host_type,
+    port_type,
+    positive_float,
+    reporting,
+    say_shutdown,
+    show_statistics,
+)
+from netlib.files import file_url
+
+__all__ = ["DEFAULT_FILES_PORT", "add_files"]
+
+DEFAULT_FILES_PORT: Final = 8000
+"""The file server's port from the command line (the one Python's http.server uses)."""
+
+SERVE_EXAMPLES = """\
+examples:
+  netlib files serve .                       # this directory on http://127.0.0.1:8000/
+  netlib files serve /srv/files --host '*' --port 8080
+  curl -C - -O http://127.0.0.1:8000/big.iso # any HTTP client works, resuming too
+"""
+GET_EXAMPLES = """\
+examples:
+  netlib files get big.iso                   # from 127.0.0.1:8000, saved as ./big.iso
+  netlib files get http://example.org:8080/a/b.tar -o /tmp/b.tar
+  netlib files get big.iso --json            # one JSON summary line
+
+An interrupted download stays in PATH.part: the same command continues it if the file is
+unchanged on the server, and fetches it whole (and says so) if it changed.
+"""
+LS_EXAMPLES = """\
+examples:
+  netlib files ls                            # the root of 127.0.0.1:8000
+  netlib files ls sub/ --json                # one JSON object per entry
+"""
+
+
+def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
+    files = add_command(
+        commands,
+        "files",
+        common,
+        help="file server and client (HTTP/1.1)",
+        description="An HTTP/1.1 file server (curl, wget and browsers are clients too) and "
+        "a client that resumes and verifies downloads.",
+    )
+    actions = files.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = add_command(
+        actions,
+        "serve",
+        common,
+        help="serve a directory until interrupted",
+        description="Serve the files below ROOT over HTTP/1.1 until Ctrl-C or SIGTERM, then "
+        "shut down gracefully and print the statistics. Nothing outside ROOT is served: "
+        "symbolic links are not followed; hidden names, FIFOs and devices are refused.",
+        epilog=SERVE_EXAMPLES,
+    )
+    serve.add_argument("root", metavar="ROOT", help="the directory to serve")
+    _add_address(serve)
+    add_server_limits(serve)
+    add_reporting(serve)
+    serve.set_defaults(run=files_serve, server=True)
+
+    get = add_command(
+        actions,
+        "get",
+        common,
+        help="download a file (resumes an interrupted download)",
+        description="Download URL, or NAME from the server at --host/--port, to PATH (default "
+        "the file's name here) through PATH.part, verified against the server's SHA-256 "
+        "when it sends one. Works with any HTTP/1.1 server.",
+        epilog=GET_EXAMPLES,
+    )
+    get.add_argument("target", metavar="URL-or-NAME", help="an http:// URL or a file's name")
+    _add_address(get)
+    get.add_argument("-o", "--output", metavar="PATH", help="where to save the file")
+    get.add_argument(
+        "--no-resume", action="store_true", help="fetch the whole file even if PATH.part exists"
+    )
+    get.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the server's next bytes",
+    )
+    get.add_argument("--json", action="store_true", help="one JSON summary line")
+    get.set_defaults(run=files_get, server=False)
+
+    ls = add_command(
+        actions,
+        "ls",
+        common,
+        help="list a directory of a netlib file server",
+        description="List the directory at URL, or at PATH on the server at --host/--port.",
+        epilog=LS_EXAMPLES,
+    )
+    ls.add_argument(
+        "target", nargs="?", default="", metavar="URL-or-PATH", help="default: the root"
+    )
+    _add_address(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON object per entry")
+    ls.set_defaults(run=files_ls, server=False)
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        type=host_type,
+        default="127.0.0.1",
+        help="address or name ('*': every interface, for serve)",
+    )
+    parser.add_argument("--port", type=port_type, default=DEFAULT_FILES_PORT, help="port")
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Statistics:
+    files: netlib.FileServiceStatistics
+    tcp: netlib.ServerStatistics
+
+
+def _check_root(root: str) -> None:
+    if not os.path.isdir(root):
+        raise UsageError(f"cannot serve {root!r}: not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise UsageError(f"cannot serve {root!r}: permission denied")
+
+
+async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
+    _check_root(args.root)
+    async with netlib.open_file_server(
+        args.root,
+        args.host,
+        args.port,
+        max_connections=args.max_connections,
+        max_connections_per_host=args.max_connections_per_host,
+        shutdown_grace=args.shutdown_grace,
+    ) as running:
+        server = running.server
+        signals.on_force(server.close)
+        where = [format_address(a) for a in running.addresses]
+        emit(
+            args,
+            f"netlib file server listening on {', '.join(where)}, serving {args.root} at "
+            f"{running.url}; Ctrl-C to stop",
+            event="listening",
+            addresses=where,
+            root=running.service.root,
+            url=running.url,
+        )
+
+        def statistics() -> _Statistics:
+            return _Statistics(running.statistics(), server.statistics())
+
+        async with reporting(args, signals, "files", statistics):
+            await signals.stopped()
+        say_shutdown(server.statistics().active, args.shutdown_grace)
+    show_statistics(args, "files", statistics())
+    return 0
+
+
+# -- get --------------------------------------------------------------------------------------
+
+
+def _url(args: argparse.Namespace, target: str) -> str:
+    if "://" in target and not target.startswith("http://"):
+        scheme = target.split("://", 1)[0]
+        raise UsageError(f"only http:// URLs are supported, not {scheme}://")
+    host = args.host if args.host is not None else "127.0.0.1"
+    url = file_url(target, host, args.port)
+    if not url.startswith("http://"):
+        raise UsageError(f"only http:// URLs are supported, not {url.split(':', 1)[0]}://")
+    return url
+
+
+class _Bar:
+    """A progress bar on stderr (bytes, rate, ETA), when stderr is a terminal, colour is
+    allowed and ``rich`` is installed; otherwise nothing."""
+
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        if args.json or not sys.stderr.isatty() or "NO_COLOR" in os.environ:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+        except ImportError:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=True,
+        )
+        self._task = self._progress.add_task(name, total=None)
+
+    def __enter__(self) -> _Bar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, done: int, total: int | None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+
+async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
+    url = _url(args, args.target)
+    output = args.output
+    if output is None:
+        name = os.path.basename(urlsplit(url).path.rstrip("/"))
+        if not name:
+            raise UsageError(f"{url} names no file: give -o PATH")
+        output = unquote(name)
+    with _Bar(args, os.path.basename(output)) as bar:
+        try:
+            result = await netlib.download_file(
+                url,
+                output,
+                resume=not args.no_resume,
+                progress=bar.update,
+                read_timeout=args.timeout,
+            )
+        except (netlib.NetlibError, OSError) as exc:
+            return fail(_why(exc, args.target, urlsplit(url).netloc, output))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    rate = result.received / result.seconds if result.seconds > 0 else 0.0
+    notes = []
+    if result.restarted:
+        notes.append("the file had changed on the server: fetched whole")
+    elif result.resumed_from:
+        notes.append(f"resumed at byte {result.resumed_from}")
+    notes.append("SHA-256 verified" if result.verified else "no digest from the server")
+    emit(
+        args,
+        f"saved {result.path}: {result.size} bytes, {result.received} received in "
+        f"{result.seconds:.2f}s ({_human(rate)}/s); {'; '.join(notes)}",
+        event="downloaded",
+        url=result.url,
+        path=result.path,
+        size=result.size,
+        received=result.received,
+        resumed_from=result.resumed_from,
+        restarted=result.restarted,
+        sha256=result.sha256,
+        verified=result.verified,
+        seconds=round(result.seconds, 3),
+    )
+    return 0
+
+
+def _why(exc: BaseException, url: str, server: str, output: str) -> str:
+    """One line for a failed request of ``url`` (the URL or name as the user gave it) to
+    ``server`` (host:port)."""
+    match exc:
+        case netlib.RequestRefused(status=404):
+            return f"no such file: {url} (404)"
+        case netlib.RequestRefused(status=403 | 400 | 414):
+            return f"the server refused {url}: {exc.reason.split(': ', 1)[-1]} ({exc.status})"
+        case netlib.RequestRefused():
+            return f"{url}: the server answered {exc.status} {exc.reason}"
+        case netlib.DigestMismatch():
+            return f"{url}: {exc}; the download was removed"
+        case netlib.PeerTimedOut():
+            return f"{url}: {exc}; run the command again to resume"
+        case netlib.BrokenResourceError() | ConnectionResetError():
+            kept = _size(output + ".part")
+            return f"connection lost after {kept} bytes of {url}; run the command again to resume"
+        case ConnectionRefusedError():
+            return f"connection refused by {server}"
+        case netlib.ProtocolError():
+            return f"{url}: {exc}"
+        case OSError() if exc.filename:
+            return f"cannot write {exc.filename}: {exc.strerror}"
+        case OSError() if exc.strerror:
+            return f"{url}: {exc.strerror}"
+    return f"{url}: {exc}"
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _human(rate: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if rate < 1000:
+            return f"{rate:.0f} {unit}" if unit == "B" else f"{rate:.1f} {unit}"
+        rate /= 1000
+    return f"{rate:.1f} TB"
+
+
+# -- ls ---------------------------------------------------------------------------------------
+
+
+async def files_ls(args: argparse.Namespace, _signals: Signals) -> int:
+    url = _url(args, args.target)
+    try:
+        entries = await netlib.list_files(url)
+    except (netlib.NetlibError, OSError) as exc:
+        return fail(_why(exc, args.target or "/", urlsplit(url).netloc, ""))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for entry in entries:
+        directory = entry.get("type") == "directory"
+        name = str(entry.get("name", "")) + ("/" if directory else "")
+        size = "-" if directory else str(entry.get("size", 0))
+        emit(args, f"{size:>12}  {name}", **entry)
+    return 0
