@@ -41,6 +41,8 @@ SMOKE_RUNS = {
     "udp_echo.py": ["--quick", "--only", "echo_protocol,in32"],
     "chat_fanout.py": ["--quick", "--clients", "100"],
     "handler_costs.py": ["--quick"],
+    # namespaces and iptables (root); kcp rows only with the bench extra
+    "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
 }
 
 
@@ -53,6 +55,8 @@ def test_every_benchmark_has_a_smoke_run() -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
 def test_benchmark_runs_to_its_report(script: str) -> None:
+    if script == "loss_latency.py" and os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *SMOKE_RUNS[script]],
         capture_output=True,
@@ -61,6 +65,11 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    if script == "loss_latency.py":
+        for proto in ("tcp", "rudp"):
+            assert re.search(rf"loss +5% {proto} +delivered 60/60", done.stdout), done.stdout
+        assert "goal: rudp p99 at 5% loss <= 20 ms:" in done.stdout
+        return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)
         return

@@ -61,7 +61,7 @@ def upload(sim: Simulation, client: ReliableConnection, server: Recorder, data: 
     assert hashlib.sha256(b"".join(server.messages)).digest() == hashlib.sha256(data).digest()
 
 
-def test_r15a_burst_loss_transfer_arrives_intact() -> None:
+def test_burst_loss_transfer_arrives_intact() -> None:
     """(a) 2% of datagrams start a burst of 3 drops (about 6% lost), 15 ms each way."""
     link = LinkProfile(delay=0.015, loss=0.02, burst=3)
     server = Recorder()
@@ -73,7 +73,7 @@ def test_r15a_burst_loss_transfer_arrives_intact() -> None:
     assert sim.up.dropped > 50
 
 
-def test_r15b_handshakes_complete_through_heavy_loss() -> None:
+def test_handshakes_complete_through_heavy_loss() -> None:
     """(b) 30% loss each way: 50 of 50 handshakes within 300 s of virtual time."""
     link = LinkProfile(delay=0.01, loss=0.3)
     core = ReliableServerCore(KEY)
@@ -88,7 +88,7 @@ def test_r15b_handshakes_complete_through_heavy_loss() -> None:
     assert sim.down.dropped > 0
 
 
-def test_r15c_drop_duplicate_delay_exchanges_exactly_once_in_order() -> None:
+def test_drop_duplicate_delay_exchanges_exactly_once_in_order() -> None:
     """(c) 70/10/10/10 deliver/drop/duplicate/delay up to 3 s: 100 exchanges."""
     link = LinkProfile(delay=0.01, loss=0.1, duplicate=0.1, late=0.1, late_delay=3.0)
     server = Recorder()
@@ -122,7 +122,7 @@ class RecordingLink(LossyLink):
         return super().transmit(data, now)
 
 
-def test_r15d_blackholes_transfer_completes_and_probes_back_off() -> None:
+def test_blackholes_transfer_completes_and_probes_back_off() -> None:
     """(d) Blackhole 5 s on / 2 s off both ways: 10 MiB completes, in order, nothing
     delivered twice; while blackholed the sender sends one probe per probe timeout, each
     timeout twice the one before (up to MAX_PROBE_INTERVAL). A 256 KiB receive window and
@@ -155,7 +155,7 @@ def test_r15d_blackholes_transfer_completes_and_probes_back_off() -> None:
     assert client.statistics().probes_sent >= 3 * holes
 
 
-def test_r15e_corrupt_datagrams_are_never_delivered() -> None:
+def test_corrupt_datagrams_are_never_delivered() -> None:
     """(e) One bit flipped in 2% of datagrams, both ways: every message intact, every
     corrupt datagram dropped and counted."""
     link = LinkProfile(delay=0.005, corrupt=0.02)
