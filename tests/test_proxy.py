@@ -140,3 +140,19 @@ def test_bad_proxy_arguments_are_usage_errors(argv: list[str], fragment: str) ->
     assert done.returncode == 2
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_proxy_that_cannot_bind_says_where_in_one_line() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            [*NETLIB, "proxy", "--listen", listen, "--target", "127.0.0.1:7"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"netlib: error: cannot bind {listen}: Address already in use\n",
+    )

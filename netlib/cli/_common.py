@@ -446,14 +446,17 @@ def run_command(command: Command, args: argparse.Namespace, *, server: bool) -> 
             raise UsageError(f"cannot resolve host {args.host!r}: {exc.strerror}") from None
         return fail(f"cannot resolve host {args.host!r} now: {exc.strerror}")
     except ssl.SSLError as exc:
-        return fail(f"TLS with {where(args)} failed: {_reason(exc)}")
+        return fail(f"TLS with {where(args) or 'the peer'} failed: {_reason(exc)}")
     except (OSError, netlib.NetlibError) as exc:
         return fail(describe(exc, args))
 
 
 def where(args: argparse.Namespace) -> str:
+    """The address a command talks to, for its error lines ("" if it has none)."""
     if getattr(args, "unix", None):
         return str(args.unix)
+    if not hasattr(args, "host") or not hasattr(args, "port"):
+        return ""
     host = args.host if args.host is not None else "*"
     return format_address((host, args.port))
 
@@ -461,6 +464,8 @@ def where(args: argparse.Namespace) -> str:
 def describe(exc: BaseException, args: argparse.Namespace) -> str:
     """One line for a network failure."""
     peer = where(args)
+    if not peer:  # the error names its address itself (a bind failure, say)
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
     udp = getattr(args, "proto", "tcp") == "udp"
     match exc:
         case ConnectionRefusedError() if udp:
