@@ -43,6 +43,7 @@ SMOKE_RUNS = {
     "handler_costs.py": ["--quick"],
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
+    "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
 }
 
 
@@ -69,6 +70,10 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         for proto in ("tcp", "rudp"):
             assert re.search(rf"loss +5% {proto} +delivered 60/60", done.stdout), done.stdout
         assert "goal: rudp p99 at 5% loss <= 20 ms:" in done.stdout
+        return
+    if script == "rudp_bulk.py":
+        for loop in ("uvloop", "asyncio"):
+            assert re.search(rf"goal: {loop} rudp goodput >= 0.5x tcp: (PASS|FAIL)", done.stdout)
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)
