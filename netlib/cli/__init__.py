@@ -6,6 +6,7 @@
     netlib echo serve|send     echo server and client (TCP lines, UDP datagrams)
     netlib chat serve|join     chat server and client (TCP, UDP)
     netlib proxy               an impairment proxy (loss, delay, ...) for any server
+    netlib files serve|get|ls  file server and client (HTTP/1.1: curl and wget work too)
     netlib files serve|get|ls  HTTP/1.1 file server and a resuming, verifying client
     netlib demo                servers on loopback driven by clients, then stopped
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netlib",
         description="Fast, bounded, safe TCP and UDP networking for asyncio: ready-made "
-        "echo and chat services and their clients.",
+        "echo, chat and file services, their clients, and an impairment proxy.",
         epilog=EXAMPLES,
         parents=[_common_options()],
         formatter_class=Formatter,
