@@ -23,8 +23,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn
 
 import netlib
@@ -48,10 +47,9 @@ __all__ = [
     "host_type",
     "port_type",
     "positive_float",
-    "reporting",
     "run_command",
-    "say_shutdown",
     "seconds_or_none",
+    "serve_until_stopped",
     "server_tls",
     "setup_logging",
     "show_statistics",
@@ -317,12 +315,20 @@ def show_statistics(args: argparse.Namespace, name: str, stats: Any) -> None:
     emit(args, f"{name} statistics: {shown or 'nothing happened'}", event="statistics", **flat)
 
 
-@asynccontextmanager
-async def reporting(
-    args: argparse.Namespace, signals: Signals, name: str, statistics: Callable[[], Any]
-) -> AsyncIterator[None]:
-    """Statistics on SIGUSR1 and every ``--stats-interval`` seconds while the block runs
-    (the caller shows the last line itself, once its server has shut down)."""
+async def serve_until_stopped(
+    args: argparse.Namespace,
+    signals: Signals,
+    name: str,
+    statistics: Callable[[], Any],
+    *,
+    open_connections: Callable[[], int] = lambda: 0,
+    grace: float = 0.0,
+) -> None:
+    """Wait for the first SIGINT or SIGTERM, printing ``statistics()`` on SIGUSR1 and every
+    ``--stats-interval`` seconds meanwhile; then tell the person at the terminal that the
+    server stops, what its shutdown waits for (``open_connections()`` within ``grace``)
+    and how to cut it short. The caller shows the last statistics line itself, once its
+    server has shut down."""
 
     def report() -> None:
         show_statistics(args, name, statistics())
@@ -336,15 +342,11 @@ async def reporting(
     interval = args.stats_interval
     ticker = None if interval is None else asyncio.create_task(every(interval))
     try:
-        yield
+        await signals.stopped()
     finally:
         if ticker is not None:
             ticker.cancel()
-
-
-def say_shutdown(active: int, grace: float) -> None:
-    """Tell the person at the terminal that the server stops, what the shutdown waits for,
-    and how to cut it short."""
+    active = open_connections()
     waits = (
         f": waiting up to {grace:g}s for {active} connection(s) to finish; press Ctrl-C "
         "again to close them now"

@@ -15,8 +15,7 @@ from netlib.cli._common import (
     format_address,
     host_type,
     port_type,
-    reporting,
-    say_shutdown,
+    serve_until_stopped,
     show_statistics,
 )
 
@@ -127,9 +126,7 @@ async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
             event="listening",
             addresses=[{"proto": kind, "address": address} for _, kind, address in addresses],
         )
-        async with reporting(args, signals, "chat", server.service.statistics):
-            await signals.stopped()
-        say_shutdown(0, 0)
+        await serve_until_stopped(args, signals, "chat", server.service.statistics)
     show_statistics(args, "chat", server.service.statistics())
     return 0
 

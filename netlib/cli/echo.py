@@ -24,9 +24,8 @@ from netlib.cli._common import (
     host_type,
     port_type,
     positive_float,
-    reporting,
-    say_shutdown,
     seconds_or_none,
+    serve_until_stopped,
     server_tls,
     show_statistics,
 )
@@ -189,9 +188,7 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
             netlib.make_udp_echo_handler(mode), args.host, args.port
         ) as udp_server:
             _announce(args, mode, udp_server.addresses)
-            async with reporting(args, signals, "udp echo", udp_server.statistics):
-                await signals.stopped()
-            say_shutdown(0, 0)
+            await serve_until_stopped(args, signals, "udp echo", udp_server.statistics)
         show_statistics(args, "udp echo", udp_server.statistics())
         return 0
     if mode == "timestamp":
@@ -215,9 +212,14 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
     ) as server:
         signals.on_force(server.close)
         _announce(args, mode, server.addresses)
-        async with reporting(args, signals, "tcp echo", server.statistics):
-            await signals.stopped()
-        say_shutdown(server.statistics().active, args.shutdown_grace)
+        await serve_until_stopped(
+            args,
+            signals,
+            "tcp echo",
+            server.statistics,
+            open_connections=lambda: server.statistics().active,
+            grace=args.shutdown_grace,
+        )
     show_statistics(args, "tcp echo", server.statistics())
     return 0
 
@@ -240,9 +242,14 @@ async def _serve_rudp(
     ) as server:
         signals.on_force(server.close)
         _announce(args, mode, server.addresses)
-        async with reporting(args, signals, "rudp echo", server.statistics):
-            await signals.stopped()
-        say_shutdown(server.statistics().active, args.shutdown_grace)
+        await serve_until_stopped(
+            args,
+            signals,
+            "rudp echo",
+            server.statistics,
+            open_connections=lambda: server.statistics().active,
+            grace=args.shutdown_grace,
+        )
     show_statistics(args, "rudp echo", server.statistics())
     return 0
 

@@ -22,8 +22,7 @@ from netlib.cli._common import (
     host_type,
     port_type,
     positive_float,
-    reporting,
-    say_shutdown,
+    serve_until_stopped,
     show_statistics,
 )
 from netlib.files import file_url
@@ -175,9 +174,14 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         def statistics() -> _Statistics:
             return _Statistics(running.statistics(), server.statistics())
 
-        async with reporting(args, signals, "files", statistics):
-            await signals.stopped()
-        say_shutdown(server.statistics().active, args.shutdown_grace)
+        await serve_until_stopped(
+            args,
+            signals,
+            "files",
+            statistics,
+            open_connections=lambda: server.statistics().active,
+            grace=args.shutdown_grace,
+        )
     show_statistics(args, "files", statistics())
     return 0
 

@@ -14,8 +14,7 @@ from netlib.cli._common import (
     emit,
     format_address,
     port_type,
-    reporting,
-    say_shutdown,
+    serve_until_stopped,
     show_statistics,
 )
 from netlib.testing import LinkProfile, ProxyServer, open_tcp_proxy, open_udp_proxy
@@ -168,6 +167,4 @@ async def _serve(args: argparse.Namespace, signals: Signals, proxy: ProxyServer)
         addresses=[format_address(a) for a in proxy.addresses],
         target=format_address(proxy.target),
     )
-    async with reporting(args, signals, "proxy", proxy.statistics):
-        await signals.stopped()
-    say_shutdown(0, 0)
+    await serve_until_stopped(args, signals, "proxy", proxy.statistics)
