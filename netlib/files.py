@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote, urlsplit
 import h11
 from typing_extensions import Unpack
 
+from netlib.aio.sockets import format_address
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import (
     BrokenResourceError,
@@ -78,8 +79,7 @@ class FileServer:
     @property
     def url(self) -> str:
         """The URL of the root on the first bound address."""
-        host, port = self.server.addresses[0][:2]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        return f"http://{format_address(self.server.addresses[0])}/"
 
     def statistics(self) -> FileServiceStatistics:
         return self.service.statistics()
@@ -179,8 +179,7 @@ def file_url(name_or_url: str, host: str = "127.0.0.1", port: int = 8000) -> str
     """``name_or_url`` if it is an http URL, else the URL of that name on ``host:port``."""
     if name_or_url.startswith(("http://", "https://")):
         return name_or_url
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/{quote(name_or_url.lstrip('/'))}"
+    return f"http://{format_address((host, port))}/{quote(name_or_url.lstrip('/'))}"
 
 
 async def download_file(

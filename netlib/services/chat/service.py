@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final, Protocol
 
 from netlib.aio.logs import ThrottledLog
+from netlib.aio.sockets import format_address
 from netlib.sansio.chat import (
     ANNOUNCE_MAX_MEMBERS,
     FLOOD_BURST,
@@ -175,10 +176,7 @@ class _Forget:
 
 def address_text(address: object) -> str:
     """An address as the chat's log shows it: ``host:port`` (``[host]:port`` for IPv6)."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0])
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return str(address)
+    return format_address(address) if isinstance(address, tuple) else str(address)
 
 
 def encode_line(text: str) -> bytes:
