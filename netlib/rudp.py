@@ -265,12 +265,11 @@ async def open_reliable_udp_server(
     Yields:
         The running ``ReliableUDPServer``. Leaving the block shuts it down gracefully.
     """
-    if (handler is None) == (protocol is None):
-        raise TypeError("open_reliable_udp_server needs a handler or a protocol, not both")
-    server_config = _Config(
-        handler=handler,
-        protocol=StreamProtocol if protocol is None else protocol,
-        framing=framing_from_name(framing),
+    server_config = _Config.serving(
+        "open_reliable_udp_server",
+        handler,
+        protocol,
+        framing,
         limits=StreamLimits(
             first_frame_timeout=first_frame_timeout,
             idle_timeout=idle_timeout,

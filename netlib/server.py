@@ -291,6 +291,26 @@ class _Config:
     shutdown_grace: float
     reject_notice: Callable[[str], bytes] | None = None
 
+    @classmethod
+    def serving(
+        cls,
+        opener: str,
+        handler: Handler | None,
+        protocol: ProtocolFactory | None,
+        framing: Framing | str,
+        **options: Any,
+    ) -> _Config:
+        """The config of a server that runs ``handler`` on each connection, or serves it
+        with ``protocol`` (exactly one of the two), opened by the function ``opener``."""
+        if (handler is None) == (protocol is None):
+            raise TypeError(f"{opener} needs a handler or a protocol factory, not both")
+        return cls(
+            handler=handler,
+            protocol=StreamProtocol if protocol is None else protocol,
+            framing=framing_from_name(framing),
+            **options,
+        )
+
 
 class Server:
     """A running message server (from ``open_tcp_server``).
@@ -846,12 +866,11 @@ async def open_tcp_server(
     Yields:
         The running ``Server``. Leaving the block shuts it down gracefully.
     """
-    if (handler is None) == (protocol is None):
-        raise TypeError("open_tcp_server needs a handler or a protocol factory, not both")
-    config = _Config(
-        handler=handler,
-        protocol=StreamProtocol if protocol is None else protocol,
-        framing=framing_from_name(framing),
+    config = _Config.serving(
+        "open_tcp_server",
+        handler,
+        protocol,
+        framing,
         limits=StreamLimits(
             first_frame_timeout=first_frame_timeout,
             idle_timeout=idle_timeout,
