@@ -392,13 +392,7 @@ class Server:
             except OSError as exc:  # e.g. the peer is already gone: setup will find out
                 logger.debug("setting keepalive failed: %r", exc)
         self._counters.accepted += 1
-        protocol = self._config.protocol(
-            self._config.framing,
-            self._config.limits,
-            deadlines=self._deadlines,
-            budget=self._budget,
-            on_lost=self._lost_cb,
-        )
+        protocol = self.new_protocol()
         if host is not None:
             self._per_host[host] = self._per_host.get(host, 0) + 1
             self._host_of[protocol] = host
@@ -407,8 +401,9 @@ class Server:
         _drive(self._start(conn, protocol), setup, self._started_cb)
 
     def new_protocol(self) -> StreamProtocol:
-        """The protocol of a connection another transport made (reliable UDP), with this
-        server's framing, limits, deadline timer, memory budget and counters."""
+        """A connection's protocol, with this server's framing, limits, deadline timer,
+        memory budget and counters: for accepted sockets, and for the connections another
+        transport makes (reliable UDP)."""
         return self._config.protocol(
             self._config.framing,
             self._config.limits,

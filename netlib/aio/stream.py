@@ -335,12 +335,11 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         a consumer pacing its peer (the chat's flood control) leaves the queued messages
         where they are and lets the peer wait, through the server's deadline timer. Nothing
         once the transport is closing (its input is done)."""
-        transport = self.transport
-        if self.lost or transport is None or transport.is_closing():
+        if self._gone():
             return
         if not self.reading_paused:
             self.reading_paused = True
-            transport.pause_reading()
+            self.transport.pause_reading()  # type: ignore[union-attr]
         self.conn.hold(until)
         if self._deadlines is None:  # a connection without deadlines has no timer yet
             self._own_deadlines = True
