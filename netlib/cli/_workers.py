@@ -468,7 +468,7 @@ class _Supervisor:
         del self._workers[w.index]
         delay = self._budget.restart(time.monotonic())
         if delay is None:
-            self._give_up(w)
+            self._give_up(f"{w.describe()} {w.ending()}")
             return
         logger.warning(
             "%s %s; restarting it in %gs (restart %d in the last %gs; the limit is %d)",
@@ -483,37 +483,37 @@ class _Supervisor:
         self._restarting.add(task)
         task.add_done_callback(self._restarting.discard)
 
-    def _give_up(self, w: _Worker) -> None:
+    def _give_up(self, why: str) -> None:
         self._gave_up = (
-            f"{w.describe()} {w.ending()}: that is more than {self._budget.limit} restart(s) "
-            f"within {self._budget.window:g}s; stopping every worker"
+            f"{why}: that is more than {self._budget.limit} restart(s) within "
+            f"{self._budget.window:g}s; stopping every worker"
         )
-        logger.error("%s", self._gave_up)
+        logger.warning("too many restarts: stopping every worker")  # the reason comes last
         self._signals.stop()  # as a signal would: restarts in wait end, the rest stop
 
     async def _restart(self, index: int, delay: float) -> None:
         assert self._stop is not None
         while True:
             await asyncio.wait({self._stop}, timeout=delay)
-            if self._signals.stopping or self._gave_up is not None:
-                return
-            w = await self._spawn(index)
-            if await self._ready(w):
-                logger.info("worker %d restarted: pid %d", index, w.pid)
-                return
             if self._signals.stopping:
                 return
-            del self._workers[index]
+            try:
+                w = await self._spawn(index)
+            except OSError as exc:  # no process could be made (EAGAIN, ENOMEM, EMFILE)
+                why = f"worker {index} could not be started: {exc}"
+            else:
+                if await self._ready(w):
+                    logger.info("worker %d restarted: pid %d", index, w.pid)
+                    return
+                if self._signals.stopping:
+                    return
+                del self._workers[index]
+                why = f"{w.describe()} {w.ending()} before it listened"
             next_delay = self._budget.restart(time.monotonic())
             if next_delay is None:
-                self._give_up(w)
+                self._give_up(why)
                 return
-            logger.warning(
-                "%s %s before it listened; restarting it in %gs",
-                w.describe(),
-                w.ending(),
-                next_delay,
-            )
+            logger.warning("%s; restarting it in %gs", why, next_delay)
             delay = next_delay
 
     # -- workers ------------------------------------------------------------------------------
@@ -623,7 +623,7 @@ class _Supervisor:
                 if not quiet and w.exited.result() > 0:
                     logger.error("%s %s", w.describe(), w.ending())
         if not quiet:
-            self._show([(w, w.statistics) for w in workers])
+            self._show([(w, w.statistics) for w in sorted(workers, key=lambda w: w.index)])
         self._workers.clear()
         return clean
 
@@ -707,7 +707,8 @@ class _Supervisor:
     async def _report(self) -> None:
         """Ask every serving worker for its statistics; print them when all answered, or
         after ``STATS_TIMEOUT``."""
-        workers = sorted(self._workers.values(), key=lambda w: w.index)
+        serving = [w for w in self._workers.values() if w.listening.done()]
+        workers = sorted(serving, key=lambda w: w.index)  # not those (re)starting
         waiting = []
         for w in workers:
             waiter: asyncio.Future[None] = self._loop.create_future()
