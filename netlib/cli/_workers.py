@@ -5,9 +5,9 @@ How it works (the reasons are in ``docs/design.md``, "Workers"):
 * The supervisor, the process the user started, serves nothing itself. It resolves
   ``--host``, checks that no program listens on the port, and reserves the port: one
   socket per address, bound with SO_REUSEPORT and never listening, so the kernel hands it
-  no connection, while no other program can take the port, even while every worker is
-  being restarted. With ``--port 0`` this is where the one port all workers share is
-  picked.
+  no connection, while other programs cannot take the port, even while every worker is
+  being restarted (``_reservation`` says when they can). With ``--port 0`` this is where
+  the one port all workers share is picked.
 * Each worker is ``python -m netlib`` with the same command line plus ``--worker-index I
   --port P``: the same server a single process runs, bound with SO_REUSEPORT, so the
   kernel spreads new connections over the workers' listening sockets (by a hash of the
@@ -22,8 +22,8 @@ How it works (the reasons are in ``docs/design.md``, "Workers"):
   listening line is printed once every worker listens.
 * A worker that exits while the group serves is restarted after ``RESTART_DELAY`` seconds,
   doubled for each restart in the last ``RESTART_WINDOW`` seconds (at most
-  ``RESTART_DELAY_MAX``); the ``RESTART_LIMIT``-th restart within the window is not done:
-  the group stops and the command exits 1. Every restart is logged and counted.
+  ``RESTART_DELAY_MAX``); a restart beyond ``RESTART_LIMIT`` within the window is not
+  done: the group stops and the command exits 1. Every restart is logged and counted.
 * SIGINT or SIGTERM: the supervisor sends each worker ``stop`` (each shuts down gracefully,
   as a single server does) and waits; a second signal sends ``force``. Ctrl-C on a
   terminal reaches the workers too (they share the process group): a worker counts the
