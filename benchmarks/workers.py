@@ -243,15 +243,18 @@ def median(values: list[float]) -> float | None:
 
 
 def report(rounds: list[dict[str, dict[str, Any]]], servers: list[Server]) -> dict[str, Any]:
+    """Medians over the rounds where a server's sample was undisturbed (all rounds when
+    none was), and the median ratios over the rounds where both sides were."""
     head = (
         f"{'server':36} {'msgs/s':>9} {'srv cores':>9} {'cli cores':>9} {'µs/msg':>7}"
-        f" {'p50 µs':>7} {'p99 µs':>7} {'errors':>6}"
+        f" {'p50 µs':>7} {'p99 µs':>7} {'errors':>6} {'rounds':>6}"
     )
     print(f"\n{head}\n{'-' * len(head)}")
     summary: dict[str, Any] = {}
     for server in servers:
-        samples = [r[server.name] for r in rounds]
-        entry = {
+        used, clean = harness.usable(rounds, server.name)
+        samples = [r[server.name] for r in used]
+        entry: dict[str, Any] = {
             metric: median([s[metric] for s in samples])
             for metric in (
                 "msgs_per_s",
@@ -263,19 +266,21 @@ def report(rounds: list[dict[str, dict[str, Any]]], servers: list[Server]) -> di
                 "foreign_cores",
             )
         }
-        entry["errors"] = sum(s["errors"] for s in samples)
-        entry["disturbed"] = sum(s["disturbed"] for s in samples)
+        entry["errors"] = sum(r[server.name]["errors"] for r in rounds)
+        entry["rounds"] = len(used)
+        entry["clean"] = clean
         summary[server.name] = entry
-        mark = " D" if entry["disturbed"] else ""
         print(
             f"{server.label:36} {entry['msgs_per_s']:>9,.0f} {entry['server_cpu_share']:>9.2f}"
             f" {entry['client_cpu_share']:>9.2f} {entry['server_us_per_msg']:>7.1f}"
-            f" {entry['p50_us']:>7.0f} {entry['p99_us']:>7.0f} {entry['errors']:>6}{mark}"
+            f" {entry['p50_us']:>7.0f} {entry['p99_us']:>7.0f} {entry['errors']:>6}"
+            f" {len(used):>6}{'' if clean else ' D'}"
         )
     print(
         "\nsrv cores / cli cores: CPU used by the server (all its processes) / the load"
-        " generator in the window, in cores; µs/msg: server CPU per message. D: another"
-        " process used the CPUs in some rounds (the least disturbed sample is kept)."
+        " generator in the window, in cores; µs/msg: server CPU per message; rounds: the"
+        " rounds in the medians, those where no other process used more than --max-foreign"
+        " cores (D: none was, all are used)."
     )
     print("\nratios of msgs/s (median of the per-round ratios; then each round's):")
     ratios: dict[str, Any] = {}
@@ -283,11 +288,12 @@ def report(rounds: list[dict[str, dict[str, Any]]], servers: list[Server]) -> di
     for a, b, title in COMPARISONS:
         if a not in names or b not in names:
             continue
-        per_round = [r[a]["msgs_per_s"] / r[b]["msgs_per_s"] for r in rounds]
+        pair, clean = harness.usable(rounds, a, b)
+        per_round = [r[a]["msgs_per_s"] / r[b]["msgs_per_s"] for r in pair]
         value = statistics.median(per_round)
-        ratios[f"{a}/{b}"] = {"median": value, "rounds": per_round}
+        ratios[f"{a}/{b}"] = {"median": value, "rounds": per_round, "clean": clean}
         rounds_text = ", ".join(f"{x:.2f}" for x in per_round)
-        print(f"  {title}: {value:.2f}x ({rounds_text})")
+        print(f"  {title}: {value:.2f}x ({rounds_text}){'' if clean else ' D'}")
     return {"servers": summary, "ratios": ratios}
 
 
