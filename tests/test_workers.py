@@ -265,9 +265,13 @@ def test_a_second_signal_closes_every_worker_s_connections_at_once() -> None:
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed() -> None:
     argv = ["files", "serve", str(Path(__file__).parent), "--port", "0", "--workers", "2"]
-    with group(argv) as g:
+    with group([*argv, "--stats-interval", "0.1"]) as g:
         listening = g.json()
         pids = [w["pid"] for w in listening["workers"]]
+        ticked = g.json()  # statistics on the interval, asked of every worker
+        assert ticked["event"] == "statistics"
+        assert [w["pid"] for w in ticked["workers"]] == pids
+        assert "files.requests" in ticked
         g.proc.kill()
         for pid in pids:
             wait_exit(pid)

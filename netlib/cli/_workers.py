@@ -446,8 +446,9 @@ class _Supervisor:
     async def _serve(self) -> int:
         """Supervise until a signal (or too many restarts); then stop every worker."""
         assert self._stop is not None
+        ticker = None
         if (interval := self._args.stats_interval) is not None:
-            self._keep(self._every(interval))
+            ticker = self._keep(self._every(interval))
         self._signals.on_report(lambda: self._keep(self._report()))
         while not self._signals.stopping and self._gave_up is None:
             watched: set[asyncio.Future[Any]] = {self._stop, *self._restarting}
@@ -456,6 +457,8 @@ class _Supervisor:
             for w in list(self._workers.values()):
                 if w.listening.done() and w.exited.done():
                     self._lost(w)
+        if ticker is not None:
+            ticker.cancel()
         if self._gave_up is None:
             print(self._stopping_line(), file=sys.stderr, flush=True)
         stopped_cleanly = await self._stop_all()
