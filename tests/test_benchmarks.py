@@ -44,6 +44,7 @@ SMOKE_RUNS = {
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
+    "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
 }
 
 
@@ -80,6 +81,12 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):
             assert re.search(rf"goal: {loop} rudp goodput >= 0.5x tcp: (PASS|FAIL)", done.stdout)
+        return
+    if script == "workers.py":  # every server echoed, with no error
+        assert re.search(r"--workers N against one process: \d+\.\d\dx", done.stdout)
+        rows = [line for line in done.stdout.splitlines() if line.startswith("netlib echo")]
+        assert len(rows) == 2
+        assert all(re.search(r" 0 +1( D)?$", row) for row in rows), rows  # errors, rounds
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)

@@ -18,6 +18,7 @@ the command. The conventions every command follows (exit codes, stdout and stder
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import netlib
@@ -125,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.quiet, server=args.server)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --workers to pass on
+    setup_logging(
+        args.verbose, args.quiet, server=args.server, worker=getattr(args, "worker_index", 0)
+    )
     try:
         status: int = run_command(args.run, args, server=args.server)
     except UsageError as exc:
