@@ -197,7 +197,10 @@ async def open_speedtest_server(
                 service.handle_rudp,
                 where,
                 (port and port + 1) if rudp_port is None else rudp_port,
-                max_connections=limits.max_tests * (limits.max_parallel + 1) + SPARE_CONNECTIONS,
+                # twice a full test's: a test's connections drain for about a second after
+                # it ends (reliable UDP's closing period), while the next one starts
+                max_connections=2 * limits.max_tests * (limits.max_parallel + 1)
+                + SPARE_CONNECTIONS,
                 first_frame_timeout=CONTROL_TIMEOUT,
                 idle_timeout=None,
                 shutdown_grace=shutdown_grace,
@@ -283,8 +286,8 @@ async def run_speedtest(
         duration: seconds of sending (default ``DEFAULT_DURATION``).
         size: bytes of each message or datagram (default: the protocol's,
             ``DEFAULT_SIZES``).
-        bitrate: bits per second each stream is paced to; 0 or None: unpaced for TCP and
-            reliable UDP, ``DEFAULT_UDP_BITRATE`` for UDP.
+        bitrate: bits per second each stream is paced to (default: unpaced for TCP and
+            reliable UDP, ``DEFAULT_UDP_BITRATE`` for UDP); 0: unpaced (TCP, reliable UDP).
         parallel: streams at once.
         reverse: the server sends and this client receives.
         udp_port, rudp_port: send UDP or reliable-UDP traffic to this port of ``host``
@@ -300,7 +303,7 @@ async def run_speedtest(
         protocol,
         duration=duration,
         size=size,
-        bitrate=bitrate or None,
+        bitrate=bitrate,
         parallel=parallel,
         reverse=reverse,
     )

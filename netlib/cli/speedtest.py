@@ -296,7 +296,7 @@ def _requests(args: argparse.Namespace) -> list[SpeedtestRequest]:
                 protocol,
                 duration=args.duration,
                 size=args.size,
-                bitrate=args.bitrate or None,
+                bitrate=args.bitrate,
                 parallel=args.parallel,
                 reverse=args.reverse,
             )

@@ -129,7 +129,8 @@ class _Lines:
     def __init__(self, stream: MessageStream, first: bytes = b"") -> None:
         self._stream = stream
         self._decoder = LineFraming(CONTROL_LINE_LIMIT).decoder()
-        self._lines: deque[bytes] = deque(self._decoder.feed(first))
+        self._lines: deque[bytes] = deque()
+        self._first = first  # bytes read before the connection was known to be control
 
     async def receive(self, within: float | None) -> dict[str, Any]:
         """The next message.
@@ -139,6 +140,9 @@ class _Lines:
             ProtocolError: the line is too long or not a control message.
             EndOfStream, BrokenResourceError: the connection ended.
         """
+        if self._first:
+            first, self._first = self._first, b""
+            self._lines.extend(self._decoder.feed(first))
         async with asyncio.timeout(within):
             while not self._lines:
                 self._lines.extend(self._decoder.feed(await self._stream.receive()))
