@@ -199,14 +199,17 @@ async def _send_messages(
 
 async def _receive_messages(stream: MessageStream, tally: Tally, first: bytes, size: int) -> None:
     """Count what arrives until the stream ends. TCP (``size`` > 0) counts messages of
-    ``size`` bytes in the byte stream; reliable UDP (``size`` 0) its messages."""
+    ``size`` bytes in the byte stream, without copying it (``discard``); reliable UDP
+    (``size`` 0) counts its messages."""
     add = tally.add
     if first:
         add(len(first), _now(), 0 if size else 1)
-    async for chunk in stream:
-        add(len(chunk), _now(), 0 if size else 1)
     if size:
+        await stream.discard(lambda nbytes: add(nbytes, _now(), 0))
         tally.messages = tally.bytes // size
+        return
+    async for message in stream:
+        add(len(message), _now())
 
 
 async def _send_datagrams(
