@@ -332,16 +332,19 @@ async def run_speedtest(
 
 COLUMNS: Final = (
     "proto",
-    "streams",
     "sent",
     "received",
     "msgs/s",
-    "latency p50",
-    "p99",
+    "rtt p50",
+    "rtt p99",
     "lost",
     "jitter",
-    "out of order",
+    "reordered",
 )
+"""The columns of the results table, one row per protocol: throughput sent and received,
+messages received per second, the probes' round trips, and for UDP the receiver's loss,
+jitter and datagrams out of order."""
+_WIDTHS: Final = (5, 11, 11, 7, 8, 8, 13, 8, 9)  # usual values fit: a steady header
 
 
 def rate(bits_per_second: float) -> str:
@@ -367,7 +370,6 @@ def table_rows(results: Sequence[SpeedtestResult]) -> list[list[str]]:
         rows.append(
             [
                 result.protocol,
-                str(result.request.parallel),
                 rate(result.sent.bits_per_second),
                 rate(result.bits_per_second),
                 f"{result.messages_per_second:,.0f}",
@@ -386,7 +388,7 @@ def table_rows(results: Sequence[SpeedtestResult]) -> list[list[str]]:
 def format_speedtest_results(results: Sequence[SpeedtestResult]) -> str:
     """The results as a plain-text table, one row per protocol (no trailing newline)."""
     rows = [list(COLUMNS), *table_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    widths = [max(least, *(len(row[i]) for row in rows)) for i, least in enumerate(_WIDTHS)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows

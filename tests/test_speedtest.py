@@ -322,13 +322,13 @@ def test_the_command_prints_one_row_per_protocol(
     where = f"127.0.0.1:{speedtest_port}"
     assert lines[0] == f"speed test with {where}: client to server, 1 stream, 0.1 s per protocol"
     assert lines[1].split() == [
-        "proto", "streams", "sent", "received", "msgs/s", "latency", "p50", "p99", "lost",
-        "jitter", "out", "of", "order",
+        "proto", "sent", "received", "msgs/s", "rtt", "p50", "rtt", "p99", "lost", "jitter",
+        "reordered",
     ]  # fmt: skip
     rows = [line.split() for line in lines[2:]]
     assert [row[0] for row in rows] == ["tcp", "udp", "rudp"]
     assert re.fullmatch(r"0/\d+", rows[1][-5])  # udp: lost/packets (0%), jitter ms, order
-    assert [row[-1] for row in rows] == ["-", "0", "-"]  # out of order: udp only
+    assert [row[-1] for row in rows] == ["-", "0", "-"]  # reordered: udp only
 
 
 def test_json_has_iperf3_names(speedtest_port: int, capsys: pytest.CaptureFixture[str]) -> None:

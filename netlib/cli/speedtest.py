@@ -340,21 +340,28 @@ def _title(args: argparse.Namespace, where: str) -> str:
 
 
 def _print_table(title: str, results: list[SpeedtestResult]) -> None:
+    """On a terminal (with ``rich``): the protocols side by side, one column each. Else
+    (a pipe, a file, ``NO_COLOR``): one row per protocol, for ``grep`` and friends."""
     if not results:
         return
     if sys.stdout.isatty() and "NO_COLOR" not in os.environ:
         try:
+            from rich import box
             from rich.console import Console
             from rich.table import Table
         except ImportError:
             pass
         else:
-            table = Table(title=title, title_justify="left")
-            for i, column in enumerate(COLUMNS):
-                table.add_column(column, justify="left" if i == 0 else "right")
-            for row in table_rows(results):
-                table.add_row(*row)
-            Console().print(table)
+            rows = table_rows(results)
+            table = Table(box=box.SIMPLE_HEAD)
+            table.add_column("")
+            for row in rows:
+                table.add_column(row[0], justify="right")
+            for i, metric in enumerate(COLUMNS[1:], start=1):
+                table.add_row(metric, *(row[i] for row in rows))
+            console = Console()
+            console.print(title, highlight=False)
+            console.print(table)
             return
     print(title)
     print(format_speedtest_results(results), flush=True)
