@@ -215,13 +215,27 @@ async def open_speedtest_server(
 async def serve_speedtest(
     host: str | None = "127.0.0.1",
     port: int = DEFAULT_SPEEDTEST_PORT,
-    **options: Any,
+    *,
+    udp_port: int | None = None,
+    rudp_port: int | None = None,
+    limits: SpeedtestLimits | None = None,
+    max_connections_per_host: int | None = None,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
 ) -> None:
     """Serve speed tests until cancelled; then shut down gracefully.
 
-    Takes the same arguments as ``open_speedtest_server``.
+    Takes the same arguments as ``open_speedtest_server`` (``port`` defaults to
+    ``DEFAULT_SPEEDTEST_PORT`` here).
     """
-    async with open_speedtest_server(host, port, **options) as server:
+    async with open_speedtest_server(
+        host,
+        port,
+        udp_port=udp_port,
+        rudp_port=rudp_port,
+        limits=limits,
+        max_connections_per_host=max_connections_per_host,
+        shutdown_grace=shutdown_grace,
+    ) as server:
         await server.server.serve_forever()
 
 

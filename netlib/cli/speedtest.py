@@ -333,10 +333,10 @@ class _Status:
             self._status.update(text)
 
 
-def _title(args: argparse.Namespace, where: str) -> str:
+def _title(args: argparse.Namespace) -> str:
     direction = "server to client" if args.reverse else "client to server"
     streams = f"{args.parallel} stream{'s' if args.parallel > 1 else ''}"
-    return f"speed test with {where}: {direction}, {streams}, {args.duration:g} s per protocol"
+    return f"speed test, {direction}, {streams}, {args.duration:g} s per protocol:"
 
 
 def _print_table(title: str, results: list[SpeedtestResult]) -> None:
@@ -390,13 +390,13 @@ async def speedtest_client(args: argparse.Namespace, _signals: Signals) -> int:
                 )
             except (netlib.NetlibError, OSError) as exc:
                 status.__exit__()
-                _print_table(_title(args, where), [] if args.json else results)
+                _print_table(_title(args), [] if args.json else results)
                 return fail(_why(exc, request, where))
             results.append(result)
             if args.json:
                 emit(args, "", event="result", server=where, **result.to_json())
     if not args.json:
-        _print_table(_title(args, where), results)
+        _print_table(_title(args), results)
     return 0
 
 
@@ -405,7 +405,7 @@ def _why(exc: BaseException, request: SpeedtestRequest, where: str) -> str:
     test = f"the {request.protocol} test"
     match exc:
         case netlib.RequestRefused():
-            return f"{where} refused {test}: {exc.reason}"
+            return f"the server refused {test}: {exc.reason}"
         case ConnectionRefusedError() if exc.errno is None:  # a test's port, said by netlib
             return f"{test}: {exc}"
         case ConnectionRefusedError():

@@ -339,7 +339,7 @@ class SpeedtestRequest:
 
     @property
     def paced_bitrate(self) -> float:
-        """Bits per second of the whole test when paced (0: not paced)."""
+        """Bits per second of the whole test when paced (0 when it is not)."""
         return self.bitrate * self.parallel
 
 
@@ -731,12 +731,12 @@ class SpeedtestResult:
 
     @property
     def bits_per_second(self) -> float:
-        """The throughput: bits received per second."""
+        """The throughput, in bits received per second."""
         return self.received.bits_per_second
 
     @property
     def messages_per_second(self) -> float:
-        """Messages received per second (TCP: writes of the test's size)."""
+        """Messages received per second (for TCP, writes of the test's size)."""
         return self.received.messages_per_second
 
     def to_json(self) -> dict[str, Any]:
