@@ -4,6 +4,7 @@ proxy between client and server, refusals and strangers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -177,15 +178,22 @@ async def test_streams_that_never_attach_are_refused_in_time(
     monkeypatch.setattr("netlib.services.speedtest.ATTACH_TIMEOUT", 0.2)
     async with _server() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
-        request = netlib.SpeedtestRequest.default("tcp", duration=0.1)
+        request = netlib.SpeedtestRequest.default("tcp", duration=0.1, parallel=2, reverse=True)
         writer.write(st.encode_control("start", **request.to_message()))
         accepted = json.loads(await asyncio.wait_for(reader.readline(), 5))
         assert accepted["op"] == "accepted"
+        cookie = bytes.fromhex(accepted["cookie"])
+        one_reader, one = await asyncio.open_connection("127.0.0.1", _port(server))
+        one.write(st.pack_stream_hello(st.ROLE_DATA, 0, cookie))  # one of two streams
         refused = json.loads(await asyncio.wait_for(reader.readline(), 5))
-        writer.close()
-        await writer.wait_closed()
-        await wait_until(lambda: server.statistics().active == 0)
-        assert server.statistics().refused == 1
+        with contextlib.suppress(ConnectionResetError):  # the server cut it off
+            assert await asyncio.wait_for(one_reader.read(), 5) == b""
+        for stream in (writer, one):
+            stream.close()
+            with contextlib.suppress(ConnectionResetError):
+                await stream.wait_closed()
+        await wait_until(lambda: server.server.statistics().active == 0, timeout=5)
+        assert (server.statistics().refused, server.statistics().active) == (1, 0)
     assert (refused["op"], refused["status"]) == ("refused", 408)
     assert "did not all reach the server within 0.2 s" in refused["error"]
 

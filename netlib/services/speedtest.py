@@ -357,6 +357,7 @@ class _ServerTest:
 
     def abort(self) -> None:
         self.over = True
+        self.started.set()  # a stream waiting to send finds the test over
         for stream in self.streams:
             if stream is not None:
                 stream.abort()
