@@ -183,6 +183,9 @@ async def test_streams_that_never_attach_are_refused_in_time(
         accepted = json.loads(await asyncio.wait_for(reader.readline(), 5))
         assert accepted["op"] == "accepted"
         cookie = bytes.fromhex(accepted["cookie"])
+        beyond = st.pack_stream_hello(st.ROLE_DATA, 2, cookie)  # streams 0 and 1 only
+        assert await _exchange(_port(server), beyond) == b""
+        assert server.statistics().streams_refused == 1
         one_reader, one = await asyncio.open_connection("127.0.0.1", _port(server))
         one.write(st.pack_stream_hello(st.ROLE_DATA, 0, cookie))  # one of two streams
         refused = json.loads(await asyncio.wait_for(reader.readline(), 5))

@@ -322,7 +322,7 @@ class _ServerTest:
         """The stream slot a hello names, if it fits this test and is free."""
         n = self.request.parallel
         slot = n if role == ROLE_PROBE else index
-        if (role == ROLE_PROBE and index != 0) or slot > n or self.over:
+        if self.over or index >= (1 if role == ROLE_PROBE else n):
             return None
         return slot if self.streams[slot] is None and self.addresses[slot] is None else None
 
@@ -631,7 +631,7 @@ class SpeedtestService:
 
     def _confirm(self, test: _ServerTest, index: int, addr: Any, nonce: int) -> None:
         slot = test.request.parallel if index == PROBE_STREAM else index
-        if test.nonces.get(slot) != (address_key(addr), nonce):
+        if index == test.request.parallel or test.nonces.get(slot) != (address_key(addr), nonce):
             return  # a repeat after the address was confirmed, or a forgery
         del test.nonces[slot]
         test.addresses[slot] = address_key(addr)
