@@ -201,6 +201,25 @@ async def test_streams_that_never_attach_are_refused_in_time(
     assert "did not all reach the server within 0.2 s" in refused["error"]
 
 
+async def test_a_client_that_leaves_before_attaching_frees_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("netlib.services.speedtest.ATTACH_TIMEOUT", 60.0)  # not the way out
+    async with _server() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+        request = netlib.SpeedtestRequest.default("udp", duration=0.1)
+        writer.write(st.encode_control("start", **request.to_message()))
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5))["op"] == "accepted"
+        writer.close()
+        await writer.wait_closed()
+        await wait_until(lambda: server.statistics().active == 0, timeout=5)
+        assert server.statistics().failed == 1
+        result = await netlib.run_speedtest(
+            "127.0.0.1", _port(server), protocol="tcp", duration=0.1
+        )
+        assert result.received.bytes > 0  # not "busy"
+
+
 # -- strangers --------------------------------------------------------------------------------
 
 

@@ -519,12 +519,7 @@ class SpeedtestService:
             "accepted", cookie=test.cookie.hex(), udp_port=self.ports["udp"],
             rudp_port=self.ports["rudp"],
         )  # fmt: skip
-        try:
-            await asyncio.wait_for(test.attached.wait(), ATTACH_TIMEOUT)
-        except TimeoutError:
-            raise _Refused(
-                408, f"the test's streams did not all reach the server within {ATTACH_TIMEOUT:g} s"
-            ) from None
+        await self._attached(test, lines)
         test.start = _now()
         test.started.set()
         await lines.send("ready")
@@ -534,6 +529,31 @@ class SpeedtestService:
             last = await self._serve_forward(test, lines)
         test.over = True
         return last
+
+    async def _attached(self, test: _ServerTest, lines: _Lines) -> None:
+        """Wait for every stream of ``test``, watching the control connection meanwhile: a
+        client that leaves (its UDP port unreachable, say) frees the server at once."""
+        watch = asyncio.ensure_future(lines.receive(None))
+        attached = asyncio.ensure_future(test.attached.wait())
+        try:
+            await asyncio.wait(
+                (watch, attached), timeout=ATTACH_TIMEOUT, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            for task in (watch, attached):
+                task.cancel()
+            outcome = await asyncio.gather(watch, attached, return_exceptions=True)
+        if not test.attached.is_set():
+            if watch.done() and not watch.cancelled():
+                left = outcome[0]
+                raise (
+                    left
+                    if isinstance(left, Exception)
+                    else ProtocolError("the client spoke out of turn while its streams attached")
+                )
+            raise _Refused(
+                408, f"the test's streams did not all reach the server within {ATTACH_TIMEOUT:g} s"
+            )
 
     async def _serve_forward(self, test: _ServerTest, lines: _Lines) -> tuple[str, dict[str, Any]]:
         request = test.request
