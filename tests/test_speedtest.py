@@ -83,6 +83,15 @@ async def test_each_protocol_measures_both_ways(protocol: str, reverse: bool) ->
     assert (stats.tests, stats.completed, stats.active, stats.failed) == (1, 1, 0, 0)
 
 
+async def test_ipv6_loopback() -> None:
+    async with _server(host="::1") as server:
+        for protocol in ("udp", "rudp"):  # UDP: addresses of four fields, confirmed as two
+            result = await netlib.run_speedtest(
+                "::1", _port(server), protocol=protocol, duration=0.1, reverse=True
+            )
+            assert result.received.messages == result.sent.messages > 0
+
+
 async def test_udp_is_paced_to_the_bitrate() -> None:
     async with _server() as server:
         result = await netlib.run_speedtest(
