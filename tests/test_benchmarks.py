@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -45,6 +46,7 @@ SMOKE_RUNS = {
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
     "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
+    "speedtest.py": ["--duration", "1", "--runs", "1", "--loops", "uvloop"],
 }
 
 
@@ -87,6 +89,13 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         rows = [line for line in done.stdout.splitlines() if line.startswith("netlib echo")]
         assert len(rows) == 2
         assert all(re.search(r" 0 +1( D)?$", row) for row in rows), rows  # errors, rounds
+        return
+    if script == "speedtest.py":  # iperf3 is the baseline where it is installed
+        assert re.search(r"netlib uvloop +\d+\.\d\d Gbit/s", done.stdout), done.stdout
+        if shutil.which("iperf3"):
+            assert re.search(r"goal: netlib uvloop tcp >= 0.5x iperf3: (PASS|FAIL)", done.stdout)
+        else:
+            assert "iperf3 is not installed" in done.stdout
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)
