@@ -70,6 +70,8 @@ __all__ = [
     "REPORT_STEP",
     "SENDFILE_CHUNK",
     "SENDFILE_SLICE",
+    "SENDFILE_STEP",
+    "Digest",
     "StreamProtocol",
     "deadline_timer_for",
 ]
@@ -89,8 +91,12 @@ SENDFILE_SLICE: Final = 4 * 1024 * 1024
 """Bytes one ``loop.sendfile`` call sends at most: between slices the connection's idle
 clock moves on and a stalled peer's deadline is checked."""
 SENDFILE_CHUNK: Final = 64 * 1024
-"""Bytes read from the file at a time on the chunked path (no ``loop.sendfile``): with the
-write buffer's high mark this bounds what one download holds in user space."""
+"""Bytes read from the file at a time on the chunked path (TLS): with the write buffer's
+high mark this bounds what one download holds in user space. Also what the direct path
+(uvloop) hands the transport when the socket is full."""
+SENDFILE_STEP: Final = 1024 * 1024
+"""Bytes one ``os.sendfile`` call of the direct path (uvloop) sends at most before the
+other connections get their turn."""
 SENDFILE_STALL_TIMEOUT: Final = 60.0
 """Seconds one sendfile slice may take when the connection has no send or idle deadline."""
 RECEIVE_FILE_BUFFER: Final = 1024 * 1024
@@ -545,11 +551,12 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         """Send ``count`` bytes of the file open on descriptor ``fd`` from ``offset``.
 
         Uses ``loop.sendfile`` (the kernel copies the bytes; nothing is held in user space)
-        where the loop and transport support it, in slices of ``SENDFILE_SLICE``; otherwise
-        (uvloop, TLS) reads ``SENDFILE_CHUNK`` bytes at a time and writes each once the
-        transport's buffer is below its high mark, so one download holds at most
-        ``write_high`` plus one chunk. Returns the bytes sent, fewer than ``count`` if the
-        file ended first.
+        where the loop and transport support it, in slices of ``SENDFILE_SLICE``. Where the
+        loop has none (uvloop), ``os.sendfile`` straight to the socket while the
+        transport's buffer is empty (``_sendfile_direct``). With TLS, reads
+        ``SENDFILE_CHUNK`` bytes at a time and writes each once the transport's buffer is
+        below its high mark, so one download holds at most ``write_high`` plus one chunk.
+        Returns the bytes sent, fewer than ``count`` if the file ended first.
 
         Raises:
             BrokenResourceError: the connection was lost (or a deadline passed) meanwhile.
@@ -558,8 +565,11 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         loop = self._loop
         sent = 0
         native = self._sendfile_native
-        if native and extra_info(self.transport, "sslcontext") is not None:
+        tls = extra_info(self.transport, "sslcontext") is not None
+        if native and tls:
             native = self._sendfile_native = False  # TLS encrypts in user space
+        if not native and not tls:
+            return await self._sendfile_direct(fd, offset, count)
         with os.fdopen(os.dup(fd), "rb", buffering=0) as file:
             while sent < count and not self._gone():
                 if native:
@@ -568,6 +578,10 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                         done = await self._sendfile_slice(file, offset + sent, step)
                     except (NotImplementedError, asyncio.SendfileNotAvailableError):
                         native = self._sendfile_native = False
+                        if not tls:
+                            return sent + await self._sendfile_direct(
+                                fd, offset + sent, count - sent
+                            )
                         continue
                 else:
                     await self.drain()
@@ -579,6 +593,54 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                     break  # the file is shorter than it was
                 sent += done
                 self.conn.last_activity = loop.time()
+        if sent < count and self._gone():
+            raise self.lost_error()
+        return sent
+
+    async def _sendfile_direct(self, fd: int, offset: int, count: int) -> int:
+        """``os.sendfile`` straight to the socket, ``SENDFILE_STEP`` bytes at a time, only
+        while the transport holds nothing (so the bytes stay in order), yielding to the loop
+        between steps. When the socket is full, one ``SENDFILE_CHUNK`` goes through the
+        transport instead, which waits for room: the write buffer's marks are 0 meanwhile,
+        so ``drain()`` returns once it is empty (and the send deadline runs while it is
+        not). One download holds at most one chunk in user space."""
+        transport = self.transport
+        sock = extra_info(transport, "socket")
+        if transport is None or sock is None or not hasattr(os, "sendfile"):
+            raise self.lost_error()
+        sock_fd = sock.fileno()
+        loop = self._loop
+        sent = 0
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            while sent < count:
+                await self.drain()
+                if self._gone():
+                    break
+                step = min(SENDFILE_STEP, count - sent)
+                try:
+                    done = os.sendfile(sock_fd, fd, offset + sent, step)
+                except BlockingIOError:
+                    chunk = os.pread(fd, min(SENDFILE_CHUNK, step), offset + sent)
+                    done = len(chunk)
+                    if done:
+                        self.write(chunk)
+                        self.flush()
+                except OSError as exc:  # reset mid-file
+                    self._abort_transport()
+                    raise BrokenResourceError(
+                        f"connection lost while sending a file: {exc}"
+                    ) from None
+                else:
+                    await asyncio.sleep(0)  # the other connections' turn
+                if not done:
+                    break  # the file is shorter than it was
+                sent += done
+                self.conn.last_activity = loop.time()
+        finally:
+            if not self._gone():
+                limits = self._limits
+                transport.set_write_buffer_limits(high=limits.write_high, low=limits.write_low)
         if sent < count and self._gone():
             raise self.lost_error()
         return sent
