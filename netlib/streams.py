@@ -190,10 +190,11 @@ class MessageStream:
         """Send ``count`` bytes of the file open on descriptor ``fd``, from ``offset``, as
         they are (no framing: for raw streams).
 
-        The kernel copies the bytes with ``loop.sendfile`` where the loop has it (asyncio,
-        without TLS); elsewhere (uvloop, TLS) the file is read 64 KiB at a time and each
-        piece written once the peer has taken the previous ones, so a download holds at
-        most the write buffer's high mark plus 64 KiB whatever the peer's pace. The
+        The kernel copies the bytes: with ``loop.sendfile`` where the loop has it
+        (asyncio), with ``os.sendfile`` on the socket where it does not (uvloop; 64 KiB go
+        through the transport when the socket is full). With TLS the file is read 64 KiB
+        at a time and each piece written once the peer has taken the previous ones. Either
+        way a download holds at most about 128 KiB whatever the peer's pace. The
         descriptor stays the caller's to close. Returns the bytes sent (fewer if the file
         is shorter).
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -44,6 +45,7 @@ SMOKE_RUNS = {
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
+    "files.py": ["--quick", "--mib", "4"],
 }
 
 
@@ -74,6 +76,18 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):
             assert re.search(rf"goal: {loop} rudp goodput >= 0.5x tcp: (PASS|FAIL)", done.stdout)
+        return
+    if script == "files.py":
+        rows = [
+            "curl -o /dev/null <- netlib uvloop", "curl -o FILE <- os.sendfile",
+            "download_file (uvloop) <- netlib uvloop", "download_file (asyncio) <- os.sendfile",
+            "netlib files get (uvloop) <- netlib uvloop", "download_file (uvloop) <- http.server",
+        ]  # fmt: skip
+        for row in rows if shutil.which("curl") else rows[2:]:
+            assert re.search(rf"^{re.escape(row)} +\d+ ", done.stdout, re.MULTILINE), row
+        for loop in ("uvloop", "asyncio"):
+            verdict = rf"(PASS|FAIL): netlib's client receives and verifies \({loop},"
+            assert re.search(verdict, done.stdout), done.stdout
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)

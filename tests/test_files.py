@@ -462,7 +462,7 @@ async def test_r17b_200_non_reading_clients_stay_within_the_per_connection_bound
             await loop.sock_sendall(sock, _get("/big.bin"))
         await wait_until(lambda: server.statistics().downloads == 200, 10.0)
         connections = list(server.server._connections.values())  # what each one holds
-        # each one waits: on the transport's buffer (chunked) or in the kernel (sendfile)
+        # each one waits: on the transport's buffer (uvloop) or in the kernel (loop.sendfile)
         await wait_until(lambda: all(_waiting(p) for p in connections if p is not None), 5.0)
         held = [p.buffered_size() for p in connections if p is not None]
         rss_growth = process.memory_info().rss - rss_before
@@ -477,7 +477,7 @@ async def test_r17b_200_non_reading_clients_stay_within_the_per_connection_bound
 
 
 async def test_r17c_the_same_sha256_on_each_loop(server: FileServer, tmp_path: Path) -> None:
-    """Runs on asyncio (loop.sendfile) and on uvloop (the chunked path)."""
+    """Runs on asyncio (loop.sendfile) and on uvloop (os.sendfile on the socket)."""
     result = await netlib.download_file(server.url + "big.bin", tmp_path / "big.bin")
     expected = hashlib.sha256(_pattern(64 * MiB, 1)).hexdigest()
     assert result.verified
