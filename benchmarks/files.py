@@ -288,11 +288,11 @@ def transfer(pair: Pair, port: int, args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://{HOST}:{port}/{NAME}"
     out = Path(args.dest) / f"netlib-bench-{os.getpid()}.bin"
     out.unlink(missing_ok=True)
-    kind, _, loop = pair.client.partition("/")
     cpu = _children_cpu()
+    program, _, loop = pair.client.partition("/")
     try:
-        if kind == "curl":
-            target = "/dev/null" if pair.client == "curl-null" else str(out)
+        if program in ("curl-null", "curl-file"):
+            target = "/dev/null" if program == "curl-null" else str(out)
             command = [
                 "curl",
                 "-sS",
@@ -305,22 +305,24 @@ def transfer(pair: Pair, port: int, args: argparse.Namespace) -> dict[str, Any]:
             size, seconds = _run(pair, [*command, url]).split()
             result: dict[str, Any] = {"size": int(size), "seconds": float(seconds)}
             result["cpu"] = _children_cpu() - cpu
-            if pair.client == "curl-file" and out.stat().st_size != args.size:
+            if program == "curl-file" and out.stat().st_size != args.size:
                 raise RuntimeError(f"{pair.label}: {out.stat().st_size} bytes written")
-        elif kind == "cli":
+        elif program == "cli":
             command = [sys.executable, "-m", "netlib", "files", "get", url, "-o", str(out)]
             command += ["--no-resume", "--json", "--loop", loop]
             result = json.loads(_run(pair, command).splitlines()[-1])
             result["cpu"] = _children_cpu() - cpu  # with the interpreter's start
-        else:
+        elif program == "api":
             command = [sys.executable, sys.argv[0], "--fetch", url, "--output", str(out)]
             result = json.loads(_run(pair, [*command, "--loop", loop]).splitlines()[-1])
+        else:
+            raise ValueError(f"unknown client {pair.client!r}")
     finally:
         out.unlink(missing_ok=True)
     if result["size"] != args.size:
         raise RuntimeError(f"{pair.label}: {result['size']} bytes of {args.size}")
     verified = bool(result.get("verified"))
-    if kind != "curl":
+    if program in ("cli", "api"):
         if verified and result["sha256"] != args.sha256:
             raise RuntimeError(f"{pair.label}: wrong SHA-256 {result['sha256']}")
         if pair.server != "http.server" and not verified:
@@ -387,6 +389,7 @@ def summarize(found: list[Pair], rounds: list[dict[str, Any]]) -> dict[str, Any]
         for metric in ("mib_s", "server_cpu_s_per_gib", "client_cpu_s_per_gib"):
             entry[metric] = statistics.median(r[pair.key][metric] for r in own)
         entry["per_round"] = [r[pair.key]["mib_s"] for r in own]
+        entry["verified"] = all(r[pair.key]["verified"] for r in own)
         entry["disturbed"] = all(r[pair.key]["disturbed"] for r in own)
         if pair.baseline is not None and any(pair.baseline in r for r in rounds):
             entry["ratio"] = statistics.median(_ratios(rounds, pair.key, pair.baseline))
@@ -398,6 +401,7 @@ def report(found: list[Pair], summary: dict[str, Any]) -> list[str]:
     """Print the table; return the goal lines."""
     width = max(len(p.label) for p in found) + 2
     head = f"{'client <- server':{width}} {'MiB/s':>7} {'x base':>6} {'srv CPU':>7} {'cli CPU':>7}"
+    head += f" {'SHA-256':>8}"
     print(f"\n{head}\n{'-' * len(head)}")
     for title, rows in (
         ("servers (the client: curl -o /dev/null)", [p for p in found if p.client == "curl-null"]),
@@ -411,6 +415,7 @@ def report(found: list[Pair], summary: dict[str, Any]) -> list[str]:
             print(
                 f"{pair.label:{width}} {entry['mib_s']:7.0f} {ratio:>6} "
                 f"{entry['server_cpu_s_per_gib']:7.2f} {entry['client_cpu_s_per_gib']:7.2f}"
+                f" {'verified' if entry['verified'] else '-':>8}"
                 + (" D" if entry["disturbed"] else "")
             )
     print(
@@ -419,7 +424,9 @@ def report(found: list[Pair], summary: dict[str, Any]) -> list[str]:
         " clients: curl -o FILE <- the same server). srv CPU, cli CPU: CPU seconds per GiB of"
         " the server process and of the client (download_file's own, its interpreter's start"
         " left out; netlib files get's and curl's whole process); the loopback's softirq work"
-        " is charged to whichever process the kernel ran it in. D: only disturbed samples."
+        " is charged to whichever process the kernel ran it in. SHA-256: the client checked"
+        " the server's digest (http.server sends none; curl checks nothing). D: only"
+        " disturbed samples."
     )
     goals = [
         (Pair("curl-null", "netlib/uvloop"), SERVER_GOAL, "netlib's server sends (uvloop)"),
