@@ -18,7 +18,7 @@ import ssl as _ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Final
 from urllib.parse import quote, unquote, urlsplit
 
@@ -383,8 +383,7 @@ async def list_files(
     if not target.split("?", 1)[0].endswith("/"):
         target = target.replace("?", "/?", 1) if "?" in target else target + "/"
     headers = [(b"accept", b"application/json")]
-    where = _Target(where.host, where.port, target, where.ssl)
-    async with _request(where, headers, read_timeout) as response:
+    async with _request(replace(where, target=target), headers, read_timeout) as response:
         if response.status != 200:
             raise RequestRefused(response.status, await response.reason_line())
         body = b"".join([chunk async for chunk in response.body()])
