@@ -47,6 +47,7 @@ SMOKE_RUNS = {
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
     "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
     "speedtest.py": ["--duration", "1", "--runs", "1", "--loops", "uvloop"],
+    "files.py": ["--quick", "--mib", "4"],
 }
 
 
@@ -96,6 +97,24 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
             assert re.search(r"goal: netlib uvloop tcp >= 0.5x iperf3: (PASS|FAIL)", done.stdout)
         else:
             assert "iperf3 is not installed" in done.stdout
+        return
+    if script == "files.py":  # each row ran its client: only netlib's verify a digest
+        rows = {
+            "curl -o /dev/null <- netlib uvloop": "-",
+            "curl -o FILE <- os.sendfile": "-",
+            "download_file (uvloop) <- netlib uvloop": "verified",
+            "download_file (asyncio) <- os.sendfile": "verified",
+            "netlib files get (uvloop) <- netlib uvloop": "verified",
+            "download_file (uvloop) <- http.server": "-",
+        }
+        for row, checked in rows.items():
+            if row.startswith("curl") and shutil.which("curl") is None:
+                continue
+            line = rf"^{re.escape(row)} +\d+ +(\d\.\d\d|-) +\d+\.\d\d +\d+\.\d\d +{checked}(?!\S)"
+            assert re.search(line, done.stdout, re.MULTILINE), (row, done.stdout)
+        for loop in ("uvloop", "asyncio"):
+            verdict = rf"(PASS|FAIL): netlib's client receives and verifies \({loop},"
+            assert re.search(verdict, done.stdout), done.stdout
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)

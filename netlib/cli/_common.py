@@ -44,6 +44,7 @@ __all__ = [
     "add_tls_server",
     "client_tls",
     "emit",
+    "error_reason",
     "fail",
     "format_address",
     "host_type",
@@ -239,7 +240,9 @@ def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate {cert!r}: {_reason(exc)}") from None
+        raise UsageError(
+            f"cannot load the TLS certificate {cert!r}: {error_reason(exc)}"
+        ) from None
     return context
 
 
@@ -249,14 +252,14 @@ def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     try:
         context = ssl.create_default_context(cafile=args.cacert)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load --cacert {args.cacert!r}: {_reason(exc)}") from None
+        raise UsageError(f"cannot load --cacert {args.cacert!r}: {error_reason(exc)}") from None
     if args.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
     if isinstance(exc, OSError) and exc.strerror:
@@ -497,7 +500,7 @@ def run_command(command: Command, args: argparse.Namespace, *, server: bool) -> 
             raise UsageError(f"cannot resolve host {args.host!r}: {exc.strerror}") from None
         return fail(f"cannot resolve host {args.host!r} now: {exc.strerror}")
     except ssl.SSLError as exc:
-        return fail(f"TLS with {where(args) or 'the peer'} failed: {_reason(exc)}")
+        return fail(f"TLS with {where(args) or 'the peer'} failed: {error_reason(exc)}")
     except (OSError, netlib.NetlibError) as exc:
         return fail(describe(exc, args))
 
