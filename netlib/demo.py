@@ -220,8 +220,8 @@ async def run_demo() -> None:
     await _udp_demo()
     await _chat_demo()
     await _files_demo()
-    print("\nservers shut down; demo done")
     await _speedtest_demo()
+    print("\nservers shut down; demo done")
 
 
 SPEEDTEST_SECONDS = 0.25

@@ -99,7 +99,7 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
             assert "iperf3 is not installed" in done.stdout
         return
     if script == "files.py":  # each row ran its client: only netlib's verify a digest
-        rows = {
+        checks = {
             "curl -o /dev/null <- netlib uvloop": "-",
             "curl -o FILE <- os.sendfile": "-",
             "download_file (uvloop) <- netlib uvloop": "verified",
@@ -107,7 +107,7 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
             "netlib files get (uvloop) <- netlib uvloop": "verified",
             "download_file (uvloop) <- http.server": "-",
         }
-        for row, checked in rows.items():
+        for row, checked in checks.items():
             if row.startswith("curl") and shutil.which("curl") is None:
                 continue
             line = rf"^{re.escape(row)} +\d+ +(\d\.\d\d|-) +\d+\.\d\d +\d+\.\d\d +{checked}(?!\S)"
