@@ -79,6 +79,8 @@ class ReliableUDPServerStatistics:
         unknown_dropped: datagrams for no connection (or from the wrong address).
         rate_limited: connection attempts dropped by the per-source rate limit.
         send_dropped: datagrams the socket's send buffer refused (resent like losses).
+        datagram_size: the largest datagram size (bytes) a connection reached by path MTU
+            discovery (1,200 until a probe proves more; ``ReliableConfig.max_datagram``).
     """
 
     accepted: int
@@ -100,6 +102,7 @@ class ReliableUDPServerStatistics:
     unknown_dropped: int
     rate_limited: int
     send_dropped: int
+    datagram_size: int
 
 
 class ReliableUDPServer:
@@ -132,6 +135,7 @@ class ReliableUDPServer:
         )
         rtts: list[float] = []
         min_rtt = totals.min_rtt
+        datagram_size = totals.datagram_size
         for conn in endpoint.connections():
             stats = conn.statistics()
             sent += stats.datagrams_sent
@@ -139,6 +143,7 @@ class ReliableUDPServer:
             retransmitted += stats.retransmissions
             spurious += stats.spurious_retransmissions
             losses += stats.losses_detected
+            datagram_size = max(datagram_size, stats.datagram_size)
             if stats.min_rtt:
                 rtts.append(stats.smoothed_rtt)
                 min_rtt = stats.min_rtt if not min_rtt else min(min_rtt, stats.min_rtt)
@@ -162,6 +167,7 @@ class ReliableUDPServer:
             unknown_dropped=core.unknown_dropped + core.small_hello_dropped,
             rate_limited=totals.rate_limited,
             send_dropped=endpoint.send_dropped,
+            datagram_size=datagram_size,
         )
 
     @property
@@ -248,7 +254,7 @@ async def open_reliable_udp_server(
         framing: ``"raw"`` (default: one message per ``send()``), ``"line"``, ``"length"``
             or a ``Framing`` object, applied to the bytes the messages carry.
         config: the reliable connections' knobs (``ReliableConfig``: ack delay, idle
-            timeout, keepalive, buffers, largest message).
+            timeout, keepalive, buffers, largest message, largest datagram).
         max_connections: connections at once (verified handshakes beyond it are refused).
         max_connections_per_host: connections from one IP address at once.
         handshake_rate: connection attempts one source address may make per second; more

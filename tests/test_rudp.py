@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import socket
 import sys
@@ -42,6 +43,51 @@ async def test_echo_handler_runs_unchanged_over_reliable_udp() -> None:
     assert stats.cookies_sent == 1
     assert stats.datagrams_received > 7
     assert stats.datagrams_sent > 7  # (uvloop's clock counts whole ms: a loopback RTT may be 0)
+
+
+@pytest.mark.parametrize(("host", "largest"), [("127.0.0.1", 65_507), ("::1", 65_488)])
+async def test_datagrams_grow_past_1200_on_loopback_and_bulk_data_arrives_intact(
+    host: str, largest: int
+) -> None:
+    """Path MTU discovery over real sockets: loopback's MTU is 65,536, so both sides end
+    at the largest UDP payload its IP version allows, and 8 MiB of 16 KiB messages cross
+    intact in about 130 datagrams, not 7,000 of 1,200 bytes. The same with the size pinned
+    to 1,200 (``ReliableConfig.max_datagram``): no datagram above it."""
+    digest = hashlib.sha256()
+    total = 8 * 1024 * 1024
+
+    async def sink(stream: MessageStream) -> None:
+        received = 0
+        async for message in stream:
+            digest.update(message)
+            received += len(message)
+            if received == total:
+                await stream.send(bytes(range(256)) * 1024)  # and 256 KiB back
+
+    sent = hashlib.sha256()
+    async with open_reliable_udp_server(sink, host) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp(host, port) as stream:
+            for i in range(total // 16384):
+                chunk = bytes([i % 251]) * 16384
+                sent.update(chunk)
+                await stream.send(chunk)
+            async with asyncio.timeout(30):
+                assert await stream.receive() == bytes(range(256)) * 1024
+        stats = server.statistics()
+    assert digest.digest() == sent.digest()
+    assert stats.datagram_size == largest
+    assert stats.datagrams_received < 1000
+
+    pinned = netlib.ReliableConfig(max_datagram=1200)
+    async with open_reliable_udp_server(echo_handler, host, config=pinned) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp(host, port) as stream:
+            await stream.send(b"y" * 200_000)
+            assert await stream.receive() == b"y" * 200_000
+        stats = server.statistics()
+    assert stats.datagram_size == 1200
+    assert stats.datagrams_received > 200_000 // 1200
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:

@@ -1,5 +1,6 @@
 """Datagram socket creation: resolve, bind or connect, and set the options netlib offers;
-sending empty datagrams, which neither loop's transport can; TCP keepalive.
+sending empty datagrams, which neither loop's transport can; TCP keepalive; forbidding IP
+fragmentation and reading a route's MTU (for path MTU discovery).
 
 netlib creates its datagram sockets itself and hands them to
 ``loop.create_datagram_endpoint(sock=...)``, so both loops get the same options: broadcast,
@@ -15,6 +16,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -29,9 +31,11 @@ __all__ = [
     "EmptyDatagramSender",
     "bind",
     "extra_info",
+    "forbid_fragmentation",
     "format_address",
     "open_datagram_socket",
     "remove_socket_file",
+    "route_payload_limit",
     "set_tcp_keepalive",
 ]
 
@@ -72,6 +76,89 @@ def set_tcp_keepalive(sock: Any, *, idle: float, interval: float, count: int) ->
 
 def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds))
+
+
+_LINUX: Final = sys.platform.startswith("linux")
+# Linux's numbers (linux/in.h, linux/in6.h), which Python does not all export
+_IP_MTU_DISCOVER: Final = 10
+_IP_MTU: Final = 14
+_IPV6_MTU_DISCOVER: Final = 23
+_IPV6_MTU: Final = 24
+_PMTUDISC_PROBE: Final = 3  # IP_PMTUDISC_PROBE and IPV6_PMTUDISC_PROBE
+_IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
+_IP_DONTFRAG: Final = 28  # macOS and the BSDs
+_UDP_IPV4_LIMIT: Final = 65_507  # 65,535 less the IPv4 and UDP headers
+_UDP_IPV6_LIMIT: Final = 65_527  # 65,535 less the UDP header (the IPv6 header is apart)
+
+
+def forbid_fragmentation(sock: socket.socket) -> bool:
+    """Make every datagram ``sock`` sends go whole or not at all: IP never fragments it.
+
+    The Don't Fragment bit is set (IPv4) and the host does not fragment (IPv6), so a
+    datagram larger than the path carries is dropped on the way, and one larger than the
+    interface allows fails at once with ``EMSGSIZE``. On Linux the mode is
+    ``IP_PMTUDISC_PROBE``: the path MTU the kernel learnt from ICMP messages is not applied
+    (a forged ICMP cannot shrink the datagrams; the caller finds the path's size itself).
+    Return False where the platform offers no way (the caller then keeps to datagrams that
+    need no fragmentation).
+    """
+    family = sock.family
+    try:
+        if _LINUX:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
+        elif family == socket.AF_INET6 and hasattr(socket, "IPV6_DONTFRAG"):
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+        elif family == socket.AF_INET and sys.platform == "darwin":
+            sock.setsockopt(socket.IPPROTO_IP, _IP_DONTFRAG, 1)
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def route_payload_limit(address: Any) -> int | None:
+    """The largest UDP payload the local route to ``address`` lets out: the route's MTU
+    (the interface's, or a smaller one the kernel knows) less the IP and UDP headers, at
+    most what IP allows. None where the platform does not tell (Linux does, through
+    ``IP_MTU``/``IPV6_MTU`` on a socket connected to the address: no packet is sent)."""
+    if not _LINUX or not isinstance(address, tuple):
+        return None
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+    except ValueError:
+        return None
+    version = ip.version
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if mapped is not None:
+        version, address = 4, (str(mapped), address[1])
+    if version == 4:
+        family, level, option, header, limit = (
+            socket.AF_INET,
+            socket.IPPROTO_IP,
+            _IP_MTU,
+            28,
+            _UDP_IPV4_LIMIT,
+        )
+    else:
+        family, level, option, header, limit = (
+            socket.AF_INET6,
+            socket.IPPROTO_IPV6,
+            _IPV6_MTU,
+            48,
+            _UDP_IPV6_LIMIT,
+        )
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            mtu = probe.getsockopt(level, option)
+    except OSError:
+        return None
+    return min(mtu - header, limit)
 
 
 class _EmptySendOwner(Protocol):

@@ -189,6 +189,10 @@ _FLAG_CLOSE: Final = 2
 _FLAG_PROBE: Final = 4  # a path MTU probe (its loss is no congestion; nothing is resent)
 _FIT: Final = OVERHEAD + ACK.size + MSG.size  # a packet's bytes around one run of units
 _ABSENT: Final = (0, b"")  # a marker: no entry
+_DRAIN_PING: Final = MIN_WINDOW  # bytes in flight above which the packet that empties the
+# send queue carries a PING: the peer acknowledges it at once instead of after its ack delay
+# (a bulk sender waiting for its buffer to drain would idle for that delay); below it, as
+# in a request-reply exchange, the acknowledgement rides on the reply
 _F_ACK: Final = int(FrameType.ACK)
 _F_MSG: Final = int(FrameType.MSG)
 _F_PING: Final = int(FrameType.PING)
@@ -1516,6 +1520,15 @@ class ReliableConnection:
         fragments: list[_Fragment] = []
         if data:
             size = self._fill(parts, fragments, size, pn, cap)
+            if (
+                fragments
+                and not self._unsent
+                and not self._retransmit
+                and self._bytes_in_flight + size > _DRAIN_PING
+                and size < cap
+            ):
+                parts.append(_PING_FRAME)  # the last of a bulk: no delayed acknowledgement
+                size += 1
         flags = self._control_frames(parts, size, bool(fragments), cap)
         if len(parts) == bare and not with_ack:
             return None  # nothing fitted (cannot happen with the sizes chosen): stop here
