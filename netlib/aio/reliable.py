@@ -193,6 +193,13 @@ class ReliableTransport(asyncio.Transport):
 
     # -- asyncio.Transport ----------------------------------------------------------------------
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``peername``, ``sockname``, or ``reliable_statistics``: the connection's
+        ``ReliableStatistics`` now (RTT, retransmissions, datagram size, ...)."""
+        if name == "reliable_statistics":
+            return self.conn.statistics()
+        return super().get_extra_info(name, default)
+
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
         self._endpoint.mark(self.conn)  # deliver what waited for it

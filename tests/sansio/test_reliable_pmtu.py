@@ -356,3 +356,23 @@ def test_a_run_that_is_not_whole_units_is_a_protocol_error() -> None:
     sim.server.datagram_received(bad, CLIENT, sim.now)
     assert conn.state is ConnectionState.CLOSED
     assert conn.statistics().corrupt_dropped == 0
+
+
+def test_the_packet_that_ends_a_bulk_send_is_acknowledged_at_once() -> None:
+    """A sender that has sent all it has, with much in flight, asks for the acknowledgement
+    at once (a PING in its last packet): a sender waiting for its buffer to drain would
+    otherwise idle for the peer's ack delay. A small request still lets it ride later."""
+    sim, client, _ = connected_pair(server_events=Recorder())  # no replies to ride on
+    sim.run(limit=sim.now + 0.1)
+
+    def acknowledged_after(message: bytes) -> float:
+        begin = sim.now
+        client.send(message)
+        sim.at(sim.now, lambda: None)  # a step: the client is pumped
+        assert sim.run(lambda: client.send_buffered == 0, limit=sim.now + 1)
+        return sim.now - begin
+
+    rtt = 0.002  # 1 ms each way
+    assert acknowledged_after(bytes(30_000)) == pytest.approx(rtt, abs=0.0005)  # one datagram
+    delayed = acknowledged_after(b"request")
+    assert delayed == pytest.approx(rtt + ReliableConfig().max_ack_delay, abs=0.0005)
