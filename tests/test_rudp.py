@@ -24,6 +24,7 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
+from netlib.aio.reliable import BURST_BYTES
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from tests.helpers import poll_until, wait_until
 
@@ -88,6 +89,25 @@ async def test_datagrams_grow_past_1200_on_loopback_and_bulk_data_arrives_intact
         stats = server.statistics()
     assert stats.datagram_size == 1200
     assert stats.datagrams_received > 200_000 // 1200
+
+
+async def test_a_writer_that_queues_a_burst_sends_it_before_yielding() -> None:
+    """Messages written within one loop iteration go out a burst at a time (BURST_BYTES) as
+    they are written, so the peer starts on them while the writer goes on."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"warm-up")  # the size search is over by the echo
+            assert await stream.receive() == b"warm-up"
+            transport = stream._protocol.transport  # the reliable transport under the stream
+            assert transport is not None
+            before = stream.extra("reliable_statistics").datagrams_sent
+            for _ in range(4 * BURST_BYTES // 16384):
+                transport.write(bytes(16384))  # no await: the loop does not run meanwhile
+            during = stream.extra("reliable_statistics").datagrams_sent - before
+            assert during >= 3  # three bursts went while writing; the rest at the flush
+            for _ in range(4 * BURST_BYTES // 16384):
+                assert await stream.receive() == bytes(16384)
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:

@@ -185,6 +185,7 @@ class ReliableTransport(asyncio.Transport):
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._write_paused = False
+        self._unflushed = 0  # bytes written since the last flush
         self._reading_paused = False
         self._closing = False
         self.lost = False
@@ -232,6 +233,10 @@ class ReliableTransport(asyncio.Transport):
                 self._queue(message)
             except ClosedResourceError:  # the peer closed: what is written goes nowhere
                 return
+            self._unflushed += len(message)
+            if self._unflushed >= BURST_BYTES:  # a burst's worth within one iteration: it
+                self._unflushed = 0  # goes now, so the peer starts on it while we write on
+                self._endpoint.send_burst(self.conn)
         self._endpoint.mark(self.conn)
         if not self._write_paused and self.get_write_buffer_size() > self._high:
             self._write_paused = True
@@ -311,6 +316,7 @@ class ReliableTransport(asyncio.Transport):
 
     def pumped(self) -> None:
         """After the core took input: feed it the backlog and deliver its events."""
+        self._unflushed = 0
         if self._backlog:
             self._feed_backlog()
         protocol = self._protocol
@@ -586,6 +592,17 @@ class ReliableEndpoint:
         """Send what ``conn`` has at once (an abort's CLOSE)."""
         addr = conn.peer_address if self.core is not None else None
         for datagram in conn.datagrams_to_send(self._loop.time()):
+            self._send(datagram, addr, conn)
+
+    def send_burst(self, conn: ReliableConnection) -> None:
+        """Send one burst of ``conn``'s datagrams now, without waiting for the flush: a
+        writer that queued a burst's worth within one iteration. The flush that ``mark``
+        scheduled does the rest (events, timers, further bursts)."""
+        if self._sock is None:
+            return
+        burst = min(BURST, max(1, BURST_BYTES // conn.datagram_size))
+        addr = conn.peer_address if self.core is not None else None
+        for datagram in conn.datagrams_to_send(self._loop.time(), burst):
             self._send(datagram, addr, conn)
 
     def flush(self) -> None:
