@@ -18,7 +18,11 @@ from typing import Any, Final, TypedDict
 from typing_extensions import Unpack
 
 from netlib.aio.reliable import HANDSHAKE_RATE, ReliableEndpoint, ReliableTransport
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.aio.sockets import (
+    DatagramSocketOptions,
+    open_datagram_socket,
+    open_dual_stack_datagram_socket,
+)
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import PeerTimedOut
 from netlib.sansio.budget import DEFAULT_MEMORY_BUDGET
@@ -113,11 +117,14 @@ class ReliableUDPServer:
     connection cleanly (its data delivered, CLOSE acknowledged), then aborts the rest.
     """
 
-    def __init__(self, server: Server, endpoint: ReliableEndpoint) -> None:
+    def __init__(
+        self, server: Server, endpoint: ReliableEndpoint, addresses: list[Any] | None = None
+    ) -> None:
         self._server = server
         self._endpoint = endpoint
-        self.addresses: list[Any] = [endpoint.sockname]
-        """The bound address (with the real port when bound to port 0)."""
+        self.addresses: list[Any] = addresses or [endpoint.sockname]
+        """The bound addresses (with the real port when bound to port 0): one, or IPv4's
+        and IPv6's every-interface address for a dual-stack socket (``host=None``)."""
 
     def statistics(self) -> ReliableUDPServerStatistics:
         """Return a snapshot of the counters."""
@@ -221,7 +228,7 @@ def _accept_with(server_of: Callable[[], Server]) -> Callable[[ReliableTransport
 @asynccontextmanager
 async def open_reliable_udp_server(
     handler: Handler | None,
-    host: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
     port: int = 0,
     *,
     protocol: ProtocolFactory | None = None,
@@ -247,7 +254,10 @@ async def open_reliable_udp_server(
 
     Args:
         handler: ``async def handler(stream: MessageStream)``, run once per connection.
-        host: address to bind (default loopback).
+        host: address to bind (default loopback). None binds every interface, IPv4 and IPv6,
+            on one dual-stack socket (IPv4 peers appear as ``::ffff:a.b.c.d``; IPv4 alone
+            where the platform has no dual-stack sockets), so one core, one set of caps and
+            one handshake limiter serve both.
         port: UDP port (0 picks a free one: see ``addresses``).
         protocol: with ``handler=None``, a ``StreamProtocol`` factory (as for
             ``open_tcp_server``) that serves each connection itself.
@@ -301,12 +311,20 @@ async def open_reliable_udp_server(
         max_sessions_per_host=max_connections_per_host,
         handshake_rate=handshake_rate,
     )
+    addresses: list[Any] | None = None
     try:
-        endpoint.open(await open_datagram_socket(DatagramSocketOptions(local=(host, port))))
+        sock = open_dual_stack_datagram_socket(port) if host is None else None
+        if sock is None:
+            local = (host or "0.0.0.0", port)
+            sock = await open_datagram_socket(DatagramSocketOptions(local=local))
+        else:
+            bound = sock.getsockname()[1]
+            addresses = [("0.0.0.0", bound), ("::", bound, 0, 0)]
+        endpoint.open(sock)
     except BaseException:
         server.close()
         raise
-    rudp = ReliableUDPServer(server, endpoint)
+    rudp = ReliableUDPServer(server, endpoint, addresses)
     try:
         yield rudp
     finally:
@@ -336,7 +354,7 @@ class ReliableUDPServerOptions(TypedDict, total=False):
 
 async def serve_reliable_udp(
     handler: Handler | None,
-    host: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
     port: int = 0,
     **options: Unpack[ReliableUDPServerOptions],
 ) -> None:

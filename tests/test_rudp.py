@@ -91,6 +91,20 @@ async def test_datagrams_grow_past_1200_on_loopback_and_bulk_data_arrives_intact
     assert stats.datagrams_received > 200_000 // 1200
 
 
+async def test_host_none_serves_ipv4_and_ipv6_on_one_socket() -> None:
+    async with open_reliable_udp_server(echo_handler, None) as server:
+        port = server.addresses[0][1]
+        assert server.addresses == [("0.0.0.0", port), ("::", port, 0, 0)]
+        for host in ("127.0.0.1", "::1"):
+            async with connect_reliable_udp(host, port) as stream:
+                await stream.send(b"over " + host.encode())
+                assert await stream.receive() == b"over " + host.encode()
+                assert stream.extra("reliable_statistics").datagram_size > 1200
+        stats = server.statistics()
+    assert stats.accepted == 2
+    assert stats.datagram_size in (65_507, 65_488)  # IPv4 peers are IPv4 to the route
+
+
 async def test_a_writer_that_queues_a_burst_sends_it_before_yielding() -> None:
     """Messages written within one loop iteration go out a burst at a time (BURST_BYTES) as
     they are written, so the peer starts on them while the writer goes on."""

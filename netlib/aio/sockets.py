@@ -10,6 +10,7 @@ multicast membership (IPv4 and IPv6), SO_REUSEPORT, and Unix datagram sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "forbid_fragmentation",
     "format_address",
     "open_datagram_socket",
+    "open_dual_stack_datagram_socket",
     "remove_socket_file",
     "route_payload_limit",
     "set_tcp_keepalive",
@@ -108,6 +110,8 @@ def forbid_fragmentation(sock: socket.socket) -> bool:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+                with contextlib.suppress(OSError):  # its IPv4 peers, on a dual-stack socket
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
         elif family == socket.AF_INET6 and hasattr(socket, "IPV6_DONTFRAG"):
@@ -265,6 +269,34 @@ async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
             bind(sock, local)
         if remote is not None:
             sock.connect(remote)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_dual_stack_datagram_socket(port: int) -> socket.socket | None:
+    """A non-blocking UDP socket on every interface, IPv4 and IPv6 at once: IPv6's ``::``
+    with ``IPV6_V6ONLY`` off, so IPv4 peers arrive as ``::ffff:a.b.c.d``. None where the
+    platform has no IPv6 or no dual-stack sockets (the caller binds IPv4 alone).
+
+    Raises:
+        OSError: the port is taken (the message names it).
+    """
+    if not socket.has_ipv6:
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except OSError:
+        sock.close()
+        return None
+    try:
+        bind(sock, ("::", port))
         sock.setblocking(False)
     except BaseException:
         sock.close()
