@@ -14,20 +14,30 @@ Rules of this module:
   closes the connection with ``CloseCode.PROTOCOL_ERROR``; a corrupt datagram is dropped and
   counted. Local misuse raises: ``LimitExceeded`` above the message limit, ``WouldBlock``
   when the send buffer is full, ``ClosedResourceError`` after close.
-* Every buffer is bounded and charged ``bytes + FRAGMENT_CHARGE`` per fragment: the send
+* Every buffer is bounded and charged ``bytes + FRAGMENT_CHARGE`` per unit: the send
   buffer by ``send_buffer`` (one message is always accepted into an empty buffer), received
   data (out of order, being reassembled, or delivered but not yet taken with
   ``next_event()``) by ``receive_buffer``, through the flow-control window.
 
 Theory of operation
 -------------------
-*Sending.* ``send()`` cuts a message into fragments of at most ``MAX_FRAGMENT`` bytes with
-consecutive data sequence numbers (dseq). Each datagram built by ``datagrams_to_send`` gets
-a new packet number and carries, in order: an ACK frame whenever something received is not
-yet acknowledged (acknowledgements ride on data), fragments to retransmit, new fragments (up
-to the peer's window and the congestion window), then PING or CLOSE frames when due. A
-packet with any frame but ACK is ack-eliciting and is remembered until acknowledged or
-declared lost.
+*Sending.* ``send()`` gives a message consecutive data sequence numbers (dseq), one per
+``UNIT`` (1,156) bytes, and queues it whole. Each datagram built by ``datagrams_to_send``
+gets a new packet number and carries, in order: an ACK frame whenever something received is
+not yet acknowledged (acknowledgements ride on data), runs to retransmit, new runs cut off
+the front of the queued messages to fill the datagram (up to the peer's window and the
+congestion window), then PING or CLOSE frames when due. A run is a frame of consecutive
+whole units of one message (the last one may be short); the objects called fragments here
+are runs. A packet with any frame but ACK is ack-eliciting and is remembered until
+acknowledged or declared lost. The packet that empties the queue while more than
+``_DRAIN_PING`` bytes are in flight carries a PING, so the peer acknowledges it at once.
+
+*Datagram size.* Datagrams are at most ``BASE_DATAGRAM`` (1,200) bytes until path MTU
+discovery (``pmtu.PathMtu``) proves a larger size: after the handshake the connection sends
+probes (a padded PING, then a PING) outside the congestion window, reports their fate and
+the losses of its other packets, and takes up the size ``PathMtu`` settles on. A run to
+resend that no longer fits after the size fell is cut in place. Packets sent on the probe
+timer stay at the base size.
 
 *Acknowledging.* The receiver remembers received packet numbers as at most
 ``MAX_ACK_RANGES`` ranges. It acknowledges at once when an ack-eliciting packet arrives
@@ -58,16 +68,18 @@ retransmission.
 
 *Flow and congestion control.* The receiver grants credit in dseq units: the peer may send
 fragments below ``window``, carried in every ACK. The window is the first dseq not received
-plus the free receive buffer divided by the charge of a full fragment, and it never
+plus the free receive buffer divided by the charge of a full unit, and it never
 shrinks, so what is buffered never exceeds ``receive_buffer``. A sender blocked by the window
 with nothing in flight keeps probing on the PTO timer (a persist timer). The congestion
 window (``recovery.CongestionWindow``) limits bytes in flight.
 
-*Reassembly and channels.* A fragment is a duplicate if its dseq is below the first one not
-received or already held: each message is delivered exactly once. Ordered messages are
-delivered when every fragment up to their last has arrived, so they come out in the order
-they were sent; an unordered message is delivered as soon as its own fragments are all
-there.
+*Reassembly and channels.* A unit is a duplicate if its dseq is below the first one not
+received or already held: each message is delivered exactly once. A run at the cumulative
+point is taken whole (units of it held already, from smaller runs, are dropped); one that
+arrives ahead of it is held one unit per entry, so runs cut differently overlap safely.
+Ordered messages are delivered when every unit up to their last has arrived, so they come
+out in the order they were sent; an unordered message is delivered as soon as its own
+units are all there.
 
 *Handshake* (client). HELLO (padded to 1,200 bytes) is repeated with back-off until a COOKIE
 or an ACCEPT arrives; the COOKIE's token goes into the next HELLO. ACCEPT carries the
@@ -167,11 +179,11 @@ DEFAULT_KEEPALIVE: Final = 15.0
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 30.0
 """Seconds a client keeps trying to connect."""
 DEFAULT_SEND_BUFFER: Final = 2 * 1024 * 1024
-"""Bytes (plus fragment charges) of messages sent but not yet acknowledged."""
+"""Bytes (plus unit charges) of messages sent but not yet acknowledged."""
 DEFAULT_RECEIVE_BUFFER: Final = 2 * 1024 * 1024
-"""Bytes (plus fragment charges) received and not yet taken with ``next_event()``."""
+"""Bytes (plus unit charges) received and not yet taken with ``next_event()``."""
 FRAGMENT_CHARGE: Final = 64
-"""Bytes charged per fragment on top of its payload, for the objects that hold it: a flood
+"""Bytes charged per unit on top of its payload, for the objects that hold it: a flood
 of empty messages fills the buffers as surely as large ones."""
 _SLOT: Final = UNIT + FRAGMENT_CHARGE
 _ACK_DELAY_UNIT: Final = 1e-4  # ack delays travel in units of 100 us
