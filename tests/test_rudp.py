@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import re
 import socket
 import sys
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -24,7 +26,7 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
-from netlib.aio.reliable import BURST_BYTES
+from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from tests.helpers import poll_until, wait_until
 
@@ -89,6 +91,67 @@ async def test_datagrams_grow_past_1200_on_loopback_and_bulk_data_arrives_intact
         stats = server.statistics()
     assert stats.datagram_size == 1200
     assert stats.datagrams_received > 200_000 // 1200
+
+
+class _NarrowInterface:
+    """A UDP socket behind an interface that carries at most ``mtu`` bytes of payload: a
+    longer datagram fails with EMSGSIZE while fragmentation is forbidden, as Linux says,
+    and goes (fragmented by the host) once it is allowed again."""
+
+    def __init__(self, sock: socket.socket, mtu: int) -> None:
+        self._sock = sock
+        self._mtu = mtu
+        self.forbidden = False
+        self.refused = 0
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self._sock.setsockopt(level, option, value)
+        if (level, option) == (socket.IPPROTO_IP, 10):  # IP_MTU_DISCOVER
+            self.forbidden = value == 3  # IP_PMTUDISC_PROBE
+
+    def send(self, data: bytes) -> int:
+        if self.forbidden and len(data) > self._mtu:
+            self.refused += 1
+            raise OSError(errno.EMSGSIZE, "Message too long")
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+async def test_an_interface_too_narrow_for_the_base_size_lets_the_host_fragment() -> None:
+    """An MTU below 1,228 bytes cannot carry the 1,200-byte handshake whole: the endpoint
+    lets the host fragment again and keeps the connection at 1,200 bytes."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw.connect(("127.0.0.1", port))
+        raw.setblocking(False)
+        narrow = _NarrowInterface(raw, 1000)
+        endpoint = ReliableEndpoint(netlib.ReliableConfig())
+        endpoint.open(cast(socket.socket, narrow))
+        try:
+            assert narrow.forbidden
+            transport = endpoint.connect(raw.getpeername())
+            assert transport.connected is not None
+            async with asyncio.timeout(10):
+                await transport.connected  # the HELLO refused once, then resent
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+
+            class Sink(asyncio.Protocol):
+                def data_received(self, data: bytes) -> None:
+                    got.put_nowait(data)
+
+            transport.set_protocol(Sink())
+            transport.write(b"z" * 5000)
+            async with asyncio.timeout(10):
+                assert await got.get() == b"z" * 5000
+            assert narrow.refused == 1
+            assert not narrow.forbidden
+            assert transport.conn.datagram_size == 1200
+        finally:
+            endpoint.close()
+            await endpoint.wait_closed()
 
 
 async def test_host_none_serves_ipv4_and_ipv6_on_one_socket() -> None:

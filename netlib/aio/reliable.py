@@ -30,8 +30,9 @@ limits, deadlines, the memory budget and ``MessageStream`` come with it.
   lets out (``route_payload_limit``: the interface MTU less the headers), and the core
   probes for the path's size within it (``sansio/reliable/pmtu.py``). A datagram the stack
   refuses as too long (``EMSGSIZE``) goes back to the core (``datagram_too_large``): a
-  failed probe, or a narrower interface. Where fragmentation cannot be forbidden, the
-  connections keep to ``BASE_DATAGRAM`` (1,200 bytes). Reads ask for
+  failed probe, or a narrower interface. Where fragmentation cannot be forbidden, or the
+  interface refuses even a ``BASE_DATAGRAM`` (an MTU below 1,228 bytes), the socket lets
+  the host fragment and the connections keep to ``BASE_DATAGRAM`` (1,200 bytes). Reads ask for
   ``config.max_datagram`` bytes: a longer datagram is cut, fails its checksum, and is
   dropped.
 * **Timers.** One event-loop timer per endpoint, at the core's ``next_deadline()``; it is
@@ -62,7 +63,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from netlib.aio.sockets import forbid_fragmentation, route_payload_limit
+from netlib.aio.sockets import allow_fragmentation, forbid_fragmentation, route_payload_limit
 from netlib.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -483,11 +484,23 @@ class ReliableEndpoint:
         except (BlockingIOError, InterruptedError):
             self.send_dropped += 1  # as if the network lost it: the core resends
         except OSError as exc:
-            if exc.errno == errno.EMSGSIZE and conn is not None:
+            if exc.errno != errno.EMSGSIZE:
+                self.error_received(exc)
+            elif len(datagram) <= BASE_DATAGRAM:
+                self._narrow_interface()  # the datagram is lost: the core resends it
+            elif conn is not None:
                 conn.datagram_too_large(datagram, self._loop.time())  # a probe, or narrower
                 self.mark(conn)
-            else:
-                self.error_received(exc)
+
+    def _narrow_interface(self) -> None:
+        """The interface cannot carry even a base-size datagram whole (an MTU below 1,228
+        bytes): let the host fragment again, and keep every connection at the base size."""
+        if not self._whole or self._sock is None:
+            return
+        self._whole = False
+        allow_fragmentation(self._sock)
+        for conn in self._transports:
+            conn.limit_datagram(BASE_DATAGRAM)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = self._loop.time()

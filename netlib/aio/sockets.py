@@ -30,6 +30,7 @@ __all__ = [
     "MAX_DATAGRAM_LIMIT",
     "DatagramSocketOptions",
     "EmptyDatagramSender",
+    "allow_fragmentation",
     "bind",
     "extra_info",
     "forbid_fragmentation",
@@ -86,6 +87,7 @@ _IP_MTU_DISCOVER: Final = 10
 _IP_MTU: Final = 14
 _IPV6_MTU_DISCOVER: Final = 23
 _IPV6_MTU: Final = 24
+_PMTUDISC_WANT: Final = 1  # IP_PMTUDISC_WANT and IPV6_PMTUDISC_WANT: the default
 _PMTUDISC_PROBE: Final = 3  # IP_PMTUDISC_PROBE and IPV6_PMTUDISC_PROBE
 _IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
 _IP_DONTFRAG: Final = 28  # macOS and the BSDs
@@ -104,20 +106,32 @@ def forbid_fragmentation(sock: socket.socket) -> bool:
     Return False where the platform offers no way (the caller then keeps to datagrams that
     need no fragmentation).
     """
+    return _fragmentation(sock, forbid=True)
+
+
+def allow_fragmentation(sock: socket.socket) -> None:
+    """Undo ``forbid_fragmentation``: the system's default again (the host fragments what
+    its interface cannot carry). For an interface too narrow for the smallest datagram the
+    caller sends."""
+    _fragmentation(sock, forbid=False)
+
+
+def _fragmentation(sock: socket.socket, *, forbid: bool) -> bool:
     family = sock.family
+    mode = _PMTUDISC_PROBE if forbid else _PMTUDISC_WANT
     try:
         if _LINUX:
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, mode)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, int(forbid))
                 with contextlib.suppress(OSError):  # its IPv4 peers, on a dual-stack socket
-                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, mode)
             else:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, mode)
         elif family == socket.AF_INET6 and hasattr(socket, "IPV6_DONTFRAG"):
-            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, int(forbid))
         elif family == socket.AF_INET and sys.platform == "darwin":
-            sock.setsockopt(socket.IPPROTO_IP, _IP_DONTFRAG, 1)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_DONTFRAG, int(forbid))
         else:
             return False
     except OSError:
