@@ -123,8 +123,8 @@ class ReliableUDPServer:
         self._server = server
         self._endpoint = endpoint
         self.addresses: list[Any] = addresses or [endpoint.sockname]
-        """The bound addresses (with the real port when bound to port 0): one, or IPv4's
-        and IPv6's every-interface address for a dual-stack socket (``host=None``)."""
+        """The bound address, with the real port when bound to port 0; for a dual-stack
+        socket (``host=None``) IPv4's and IPv6's every-interface addresses."""
 
     def statistics(self) -> ReliableUDPServerStatistics:
         """Return a snapshot of the counters."""
