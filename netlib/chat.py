@@ -106,6 +106,7 @@ async def open_chat_server(
     udp_port: int | None = None,
     service: ChatService | None = None,
     max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    reuse_port: bool = False,
 ) -> AsyncIterator[ChatServer]:
     """Serve a chat on ``host``:``port`` (TCP and/or UDP) for the ``async with`` block.
 
@@ -118,6 +119,8 @@ async def open_chat_server(
         service: the chat to serve (default: a new ``ChatService`` with a ``MemoryHub``).
         max_connections_per_host: cap on TCP members from one IP address (default 256;
             None: no cap, for members behind one proxy or NAT).
+        reuse_port: bind TCP with SO_REUSEPORT, so several processes serve one port (their
+            members share rooms only through a shared hub).
     """
     loop = asyncio.get_running_loop()
     own_service = service is None
@@ -143,6 +146,7 @@ async def open_chat_server(
                     shutdown_grace=CHAT_CLOSE_GRACE,
                     max_connections_per_host=max_connections_per_host,
                     reject_notice=_reject_notice,
+                    reuse_port=reuse_port,
                 )
             )
             server.tcp = tcp

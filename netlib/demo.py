@@ -4,8 +4,9 @@ Starts a TCP echo server and an upper-case echo server on free loopback ports, d
 with ``connect_tcp`` clients (one conversation, then several clients at once and one that
 vanishes mid-stream), then a UDP timestamp echo server driven by ``open_udp_endpoint``
 (an empty datagram included, and a flood the reply budget cuts down), then a short scripted
-chat between two TCP clients and a UDP client sharing one room. It prints what happened and
-the servers' statistics, and stops by itself.
+chat between two TCP clients and a UDP client sharing one room, and last a short speed test
+of TCP, UDP and reliable UDP side by side. It prints what happened and the servers'
+statistics, and stops by itself.
 """
 
 from __future__ import annotations
@@ -169,3 +170,25 @@ async def run_demo() -> None:
     await _udp_demo()
     await _chat_demo()
     print("\nservers shut down; demo done")
+    await _speedtest_demo()
+
+
+SPEEDTEST_SECONDS = 0.25
+"""Seconds each protocol sends for in the demo's speed test."""
+
+
+async def _speedtest_demo() -> None:
+    """Last: a speed test of each protocol on loopback (the table of ``netlib speedtest``)."""
+    async with netlib.open_speedtest_server(shutdown_grace=0.2) as server:
+        port = server.addresses[0][1]
+        print(
+            f"\nlast, a speed test on 127.0.0.1:{port}, {SPEEDTEST_SECONDS:g} s per protocol "
+            "(client and server in this one process):"
+        )
+        results = [
+            await netlib.run_speedtest(
+                "127.0.0.1", port, protocol=protocol, duration=SPEEDTEST_SECONDS
+            )
+            for protocol in ("tcp", "udp", "rudp")
+        ]
+    print(netlib.format_speedtest_results(results))

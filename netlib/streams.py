@@ -62,6 +62,10 @@ def as_bytes(data: object) -> bytes:
     raise TypeError(f"send() takes bytes, not {type(data).__name__}")
 
 
+def _ignore(_nbytes: int) -> None:
+    pass
+
+
 class MessageStream:
     """Send and receive whole messages on one connection.
 
@@ -114,6 +118,21 @@ class MessageStream:
                 raise conn.end_error()
             await waiter
         return self._protocol.take()
+
+    async def discard(self, count: Callable[[int], object] | None = None) -> None:
+        """Read and drop everything until the peer finishes, keeping nothing.
+
+        ``count(nbytes)`` is called with the size of each read (messages already received
+        first). The bytes are counted where the kernel put them: no copy, no queue, and
+        no wake-up of this task per read, so a sink keeps up with the socket (the speed
+        test's TCP receiver is one). Meant for raw framing: nothing is decoded.
+
+        Raises:
+            PeerTimedOut, BrokenResourceError: the connection failed before its end.
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        await self._protocol.sink(count or _ignore)
 
     def __aiter__(self) -> Self:
         return self

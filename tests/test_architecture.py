@@ -23,6 +23,7 @@ LAYERS = {
     "netlib.rudp": 5,
     "netlib.chat": 5,
     "netlib.files": 5,
+    "netlib.speedtest": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
@@ -168,5 +169,6 @@ _SUBMODULES = {
     "chat",
     "chat_client",
     "files",
+    "speedtest",
     "testing",
 }

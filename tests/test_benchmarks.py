@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -44,12 +45,20 @@ SMOKE_RUNS = {
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
+    "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
+    "speedtest.py": ["--duration", "1", "--runs", "1", "--loops", "uvloop"],
 }
+
+
+RUN_ELSEWHERE = {"soak.py": "tests/test_soak.py"}  # its 2-minute version is a test of its own
 
 
 def test_every_benchmark_has_a_smoke_run() -> None:
     """Every script in benchmarks/ (the shared harness/ package aside) is smoke-run."""
-    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(SMOKE_RUNS)
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py"))
+    assert scripts == sorted([*SMOKE_RUNS, *RUN_ELSEWHERE])
+    root = BENCHMARKS.parent
+    assert all((root / test).is_file() for test in RUN_ELSEWHERE.values())
 
 
 @pytest.mark.slow
@@ -76,6 +85,19 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):
             assert re.search(rf"goal: {loop} rudp goodput >= 0.5x tcp: (PASS|FAIL)", done.stdout)
+        return
+    if script == "workers.py":  # every server echoed, with no error
+        assert re.search(r"--workers N against one process: \d+\.\d\dx", done.stdout)
+        rows = [line for line in done.stdout.splitlines() if line.startswith("netlib echo")]
+        assert len(rows) == 2
+        assert all(re.search(r" 0 +1( D)?$", row) for row in rows), rows  # errors, rounds
+        return
+    if script == "speedtest.py":  # iperf3 is the baseline where it is installed
+        assert re.search(r"netlib uvloop +\d+\.\d\d Gbit/s", done.stdout), done.stdout
+        if shutil.which("iperf3"):
+            assert re.search(r"goal: netlib uvloop tcp >= 0.5x iperf3: (PASS|FAIL)", done.stdout)
+        else:
+            assert "iperf3 is not installed" in done.stdout
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)

@@ -7,7 +7,8 @@ sans-I/O ``StreamConnection``; this adapter is the pump around it and the only c
 touches a stream transport:
 
 * **Reading.** The transport reads at most ``READ_SIZE`` bytes at a time into one buffer per
-  thread (``get_buffer``); ``buffer_updated`` copies them out into a ``bytes`` and
+  thread (``get_buffer``); ``buffer_updated`` copies them out into a ``bytes`` (or, for a
+  consumer that only counts what arrives, ``sink()``, hands over their size) and
   ``data_received`` feeds it to the connection (one decoder call per chunk, nothing per
   message) and then tells the consumer: ``messages_received()``, which a subclass may
   override to consume messages as callbacks (``ChatProtocol``), or by default resolves the
@@ -165,6 +166,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_read_view",
         "_sendfile_native",
         "_sendfile_task",
+        "_sink",
         "_waiter",
         "_waiter_takes",
         "conn",
@@ -214,6 +216,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._on_lost = on_lost
         self._sendfile_native = True  # until the loop or the transport says otherwise
         self._sendfile_task: asyncio.Task[int] | None = None
+        self._sink: Callable[[int], object] | None = None  # see sink()
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
 
@@ -228,10 +231,16 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._read_view[:nbytes].tobytes())
+        if self._sink is None:
+            self.data_received(self._read_view[:nbytes].tobytes())
+        else:  # counted where the kernel put it, never copied
+            self._sank(nbytes)
 
     def data_received(self, data: bytes) -> None:
         """Feed ``data`` read from the peer (``buffer_updated`` calls this for each read)."""
+        if self._sink is not None:
+            self._sank(len(data))
+            return
         conn = self.conn
         if conn.receive_data(data, self._loop.time()):
             if conn.state is _FAILED:
@@ -362,6 +371,29 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.flush()
         if self._input_reported:  # the consumer emptied a queue the budget counts
             self._report()
+
+    def _sank(self, nbytes: int) -> None:
+        self.conn.last_activity = self._loop.time()
+        self._sink(nbytes)  # type: ignore[misc]
+
+    async def sink(self, count: Callable[[int], object]) -> None:
+        """Read until the input ends, handing each read's size to ``count`` and keeping
+        nothing: messages already queued are counted first (by their sizes), later reads
+        are counted in the read buffer, with no copy, no queue and no wake-up of this
+        task per read. Returns at the peer's end of stream; raises what else ended it."""
+        conn = self.conn
+        while conn.frames:
+            count(len(self.take()))
+        self._sink = count
+        try:
+            self.resume()
+            while (waiter := self.readable_waiter()) is not None:
+                await waiter
+        finally:
+            self._sink = None
+        error = conn.end_error()
+        if not isinstance(error, EndOfStream):
+            raise error
 
     def readable_waiter(self) -> asyncio.Future[None] | None:
         """Flush what the consumer wrote, then return a future resolved when input arrives,

@@ -7,17 +7,21 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
+    UsageError,
     add_command,
     add_reporting,
     count_or_none,
     emit,
     format_address,
     host_type,
+    in_group,
     port_type,
     serve_until_stopped,
     show_statistics,
 )
+from netlib.cli._workers import add_workers
 
 __all__ = ["DEFAULT_CHAT_PORT", "add_chat"]
 
@@ -67,7 +71,8 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         help="tcp members one peer address may have; 0 for no limit",
     )
     add_reporting(serve)
-    serve.set_defaults(run=chat_serve, server=True)
+    add_workers(serve, chat_serve, name="chat", check=_check_workers)
+    serve.set_defaults(server=True)
 
     join = add_command(
         actions,
@@ -103,12 +108,28 @@ def _add_address(parser: argparse.ArgumentParser, protos: tuple[str, ...], proto
     parser.add_argument("--port", type=port_type, default=DEFAULT_CHAT_PORT, help="port")
 
 
+def _check_workers(args: argparse.Namespace) -> None:
+    """Chat workers must share their rooms, or members of one worker could not talk with
+    those of another: they share them through NATS (``--nats URL``, when it exists)."""
+    if not getattr(args, "nats", None):
+        raise UsageError(
+            "chat --workers needs --nats URL: the workers share their rooms through NATS "
+            "(without it, members on different workers could not see each other)"
+        )
+    if args.proto != "tcp":
+        raise UsageError(
+            f"--workers serves TCP: add --proto tcp (--proto {args.proto} runs in one "
+            "process: a UDP member would move between workers when one restarts)"
+        )
+
+
 async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
     async with netlib.open_chat_server(
         args.host,
         args.port,
         proto=args.proto,
         max_connections_per_host=args.max_connections_per_host,
+        reuse_port=in_group(args),
     ) as server:
         addresses = [
             (f"{format_address(a)} ({kind})", kind, format_address(a))
@@ -121,8 +142,7 @@ async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
         ]
         emit(
             args,
-            f"netlib chat server listening on {', '.join(a[0] for a in addresses)}; "
-            "Ctrl-C to stop",
+            f"netlib chat server listening on {', '.join(a[0] for a in addresses)}{STOP_HINT}",
             event="listening",
             addresses=[{"proto": kind, "address": address} for _, kind, address in addresses],
         )

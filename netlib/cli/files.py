@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
@@ -20,11 +21,13 @@ from netlib.cli._common import (
     fail,
     format_address,
     host_type,
+    in_group,
     port_type,
     positive_float,
     serve_until_stopped,
     show_statistics,
 )
+from netlib.cli._workers import add_workers
 from netlib.files import file_url
 
 __all__ = ["DEFAULT_FILES_PORT", "add_files"]
@@ -37,6 +40,7 @@ examples:
   netlib files serve .                       # this directory on http://127.0.0.1:8000/
   netlib files serve /srv/files --host '*' --port 8080
   curl -C - -O http://127.0.0.1:8000/big.iso # any HTTP client works, resuming too
+  netlib files serve . --workers auto        # one process per CPU on one port (Linux)
 """
 GET_EXAMPLES = """\
 examples:
@@ -78,7 +82,8 @@ def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
     _add_address(serve)
     add_server_limits(serve)
     add_reporting(serve)
-    serve.set_defaults(run=files_serve, server=True)
+    add_workers(serve, files_serve, name="files", check=lambda args: _check_root(args.root))
+    serve.set_defaults(server=True)
 
     get = add_command(
         actions,
@@ -157,6 +162,7 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         max_connections=args.max_connections,
         max_connections_per_host=args.max_connections_per_host,
         shutdown_grace=args.shutdown_grace,
+        reuse_port=in_group(args),
     ) as running:
         server = running.server
         signals.on_force(server.close)
@@ -164,7 +170,7 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         emit(
             args,
             f"netlib file server listening on {', '.join(where)}, serving {args.root} at "
-            f"{running.url}; Ctrl-C to stop",
+            f"{running.url}{STOP_HINT}",
             event="listening",
             addresses=where,
             root=running.service.root,
