@@ -155,7 +155,7 @@ async def open_chat_server(
             rudp = await stack.enter_async_context(
                 open_reliable_udp_server(
                     None,
-                    host or "0.0.0.0",
+                    host,  # None: IPv4 and IPv6, on one dual-stack socket
                     port,
                     protocol=chat_protocol_factory(chat),
                     framing=chat_framing(chat.limits),

@@ -80,6 +80,8 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         for proto in ("tcp", "rudp"):
             assert re.search(rf"loss +5% {proto} +delivered 60/60", done.stdout), done.stdout
         assert "goal: rudp p99 at 5% loss <= 20 ms:" in done.stdout
+        assert re.search(r"loss +5% rudp .* spurious \d+ \(\d+\.\d\d%\)", done.stdout)
+        assert "goal: rudp spurious retransmissions" in done.stdout
         return
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):

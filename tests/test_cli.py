@@ -731,6 +731,31 @@ def test_rudp_echo_serve_and_send_and_statistics_at_the_end(loop_name: str) -> N
     assert stats["cookies_sent"] == 1
 
 
+def test_rudp_on_every_interface_means_ipv4_and_ipv6(loop_name: str) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::", 0))  # a port free for both families (a dual-stack socket)
+        port = probe.getsockname()[1]
+    argv = ("--loop", loop_name, "echo", "serve", "--proto", "rudp", "--host", "*")
+    with running(*argv, "--port", str(port)) as (proc, listening):
+        assert sorted(listening["addresses"]) == sorted([f"0.0.0.0:{port}", f"[::]:{port}"])
+        for host in ("127.0.0.1", "::1"):
+            done = subprocess.run(
+                [
+                    *NETLIB,
+                    *("--loop", loop_name, "echo", "send", "--proto", "rudp"),
+                    *("--host", host, "--port", str(port), f"over {host}"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert (done.returncode, done.stdout, done.stderr) == (0, f"over {host}\n", "")
+        proc.send_signal(signal.SIGTERM)
+        stats = _read_json(proc)
+        assert proc.wait(timeout=10) == 0
+    assert stats["accepted"] == 2
+
+
 def test_rudp_echo_send_to_a_closed_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -248,7 +248,7 @@ async def _serve_rudp(
         raise UsageError("--unix and --tls-cert are for --proto tcp")
     async with netlib.open_reliable_udp_server(
         handler,
-        args.host or "0.0.0.0",
+        args.host,  # None ('*'): IPv4 and IPv6, on one dual-stack socket
         args.port,
         max_connections=args.max_connections or 10_000,
         max_connections_per_host=args.max_connections_per_host or 10_000,
