@@ -24,6 +24,7 @@ from netlib.errors import (
     PeerTimedOut,
     ProtocolError,
     RequestRefused,
+    ServiceUnavailable,
     SlowConsumer,
     WouldBlock,
 )
@@ -35,6 +36,7 @@ from netlib.files import (
     open_file_server,
     serve_files,
 )
+from netlib.nats_server import LocalNatsServer, find_nats_server
 from netlib.rudp import (
     ReliableConfig,
     ReliableUDPServer,
@@ -73,7 +75,8 @@ from netlib.services.echo import (
     upper_echo_handler,
 )
 from netlib.services.files import FileService, FileServiceLimits, FileServiceStatistics
-from netlib.services.hub import Hub, MemoryHub, Subscriber
+from netlib.services.hub import ClusterNode, Directory, Hub, MemoryHub, Subscriber
+from netlib.services.nats_hub import NatsHub, NatsHubConfig, NatsHubStatistics
 from netlib.streams import Datagram, DatagramEndpoint, DatagramHandler, Handler, MessageStream
 from netlib.udp import (
     DatagramServer,
@@ -92,6 +95,7 @@ __all__ = [
     "ChatService",
     "ChatServiceStatistics",
     "ClosedResourceError",
+    "ClusterNode",
     "Datagram",
     "DatagramChatProtocol",
     "DatagramEchoProtocol",
@@ -102,6 +106,7 @@ __all__ = [
     "DatagramServerStatistics",
     "DatagramStatistics",
     "DigestMismatch",
+    "Directory",
     "DownloadResult",
     "EchoMode",
     "EchoProtocol",
@@ -118,8 +123,12 @@ __all__ = [
     "LengthPrefixFraming",
     "LimitExceeded",
     "LineFraming",
+    "LocalNatsServer",
     "MemoryHub",
     "MessageStream",
+    "NatsHub",
+    "NatsHubConfig",
+    "NatsHubStatistics",
     "NetlibError",
     "PeerTimedOut",
     "ProtocolError",
@@ -132,6 +141,7 @@ __all__ = [
     "RequestRefused",
     "Server",
     "ServerStatistics",
+    "ServiceUnavailable",
     "SlowConsumer",
     "Subscriber",
     "UpperEchoProtocol",
@@ -141,6 +151,7 @@ __all__ = [
     "connect_tcp",
     "download_file",
     "echo_handler",
+    "find_nats_server",
     "list_files",
     "loop_factory",
     "make_chat_handler",

@@ -23,6 +23,7 @@ LAYERS = {
     "netlib.rudp": 5,
     "netlib.chat": 5,
     "netlib.files": 5,
+    "netlib.nats_server": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
@@ -167,6 +168,7 @@ _SUBMODULES = {
     "rudp",
     "chat",
     "chat_client",
+    "nats_server",
     "files",
     "testing",
 }
