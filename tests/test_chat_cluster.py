@@ -78,16 +78,24 @@ def said_in(line: str) -> str | None:
     return line.split("> ", 1)[1] if "> " in line and line.startswith("[#") else None
 
 
-async def read_said(client: LineClient, count: int, timeout: float = 5.0) -> list[str]:
-    """The next ``count`` lines said by others, skipping notices (kept in ``seen``)."""
-    said: list[str] = []
-    async with asyncio.timeout(timeout):
-        while len(said) < count:
-            line = await client.lines.get()
-            assert line is not None, f"closed after {said}"
-            client.seen.append(line)
-            if (text := said_in(line)) is not None:
-                said.append(text)
+async def read_said(
+    client: LineClient, count: int, timeout: float = 5.0, since: int | None = None
+) -> list[str]:
+    """The next ``count`` lines said by others, skipping notices (kept in ``seen``); with
+    ``since``, counting those in ``client.seen[since:]`` (read by an ``expect``) first."""
+    said = [] if since is None else [t for t in map(said_in, client.seen[since:]) if t]
+    try:
+        async with asyncio.timeout(timeout):
+            while len(said) < count:
+                line = await client.lines.get()
+                assert line is not None, f"closed after {said}"
+                client.seen.append(line)
+                if (text := said_in(line)) is not None:
+                    said.append(text)
+    except TimeoutError:
+        raise AssertionError(
+            f"{len(said)} of {count} lines in {timeout} s: {client.seen}"
+        ) from None
     return said
 
 
@@ -137,7 +145,8 @@ async def test_who_list_and_private_messages_span_the_cluster(
 ) -> None:
     async with cluster(nats_server.url, 3) as servers:
         alice, bob, carol = [
-            await member(s, nick) for s, nick in zip(servers, ("alice", "bob", "carol"))
+            await member(s, nick)
+            for s, nick in zip(servers, ("alice", "bob", "carol"), strict=True)
         ]
         bob.send("/join #ops")
         await bob.expect("*** you joined #ops (1 member on this server)")

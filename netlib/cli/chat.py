@@ -292,7 +292,8 @@ async def _start_node(
     command = [
         *(sys.executable, "-m", "netlib", "chat", "serve", "--json", "--nats", url),
         *("--host", args.host or "127.0.0.1", "--port", str(port), "--proto", args.proto),
-        *("--nick-ttl", str(args.nick_ttl), "--loop", args.loop),
+        *("--nick-ttl", str(args.nick_ttl)),
+        *(("--loop", args.loop) if args.loop else ()),
     ]
     node = await asyncio.create_subprocess_exec(
         *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
@@ -304,6 +305,8 @@ async def _start_node(
                 event = json.loads(line)
                 if event.get("event") == "listening":
                     addresses: list[dict[str, str]] = event["addresses"]
+                    # the rest of its output (statistics) is read and dropped
+                    _DRAINS.add(asyncio.ensure_future(node.stdout.read()))
                     return node, addresses
     except (TimeoutError, ValueError):
         pass
@@ -322,6 +325,12 @@ async def _stop_nodes(nodes: list[asyncio.subprocess.Process]) -> None:
         except TimeoutError:
             node.kill()
             await node.wait()
+    drains = list(_DRAINS)
+    _DRAINS.clear()
+    await asyncio.gather(*drains, return_exceptions=True)
+
+
+_DRAINS: set[asyncio.Future[bytes]] = set()  # readers of the chat servers' stdout
 
 
 async def chat_join(args: argparse.Namespace, _signals: Signals) -> int:

@@ -187,6 +187,8 @@ release expires within ``nick_ttl``)."""
 CLOSE_FLUSH: Final = 2.0
 """Seconds a closing hub waits for its outbox to be confirmed."""
 
+MAX_NODES: Final = 1000
+"""Nodes a node keeps track of (heard from recently) at most."""
 _TICK: Final = 0.1  # housekeeping period: ack timeouts, expiry, heartbeats, watchdog
 _KV_CONCURRENCY: Final = 16
 _ORIGIN: Final = "Netlib-Origin"
@@ -349,11 +351,22 @@ class _Nick:
 
 @dataclass(slots=True)
 class _Query:
-    """A question to every node, waiting for answers."""
+    """A question to every node, waiting for the answers of every node it knows of: those
+    the asking node heard from, and those any answering node heard from."""
 
-    expected: int
-    answers: list[dict[str, Any]] = field(default_factory=list)
-    done: asyncio.Future[None] | None = None
+    expected: set[str]
+    done: asyncio.Future[None]
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> answer
+
+    def take(self, answer: dict[str, Any]) -> None:
+        node, known = answer.get("node"), answer.get("nodes")
+        if not isinstance(node, str) or node in self.answers:
+            return
+        self.answers[node] = answer
+        if isinstance(known, list):
+            self.expected.update(n for n in known[:MAX_NODES] if isinstance(n, str))
+        if self.expected <= self.answers.keys() and not self.done.done():
+            self.done.set_result(None)
 
 
 def nick_key(nick: str) -> str:
@@ -465,6 +478,7 @@ class NatsHub:
         self._lag = 0
         self._own_seen = 0.0
         self._ever_available = False
+        self._last_error: BaseException | None = None
         self._idle: asyncio.Event | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -508,7 +522,9 @@ class NatsHub:
         except (TimeoutError, OSError, ServiceUnavailable, self._nats.errors.Error) as exc:
             await self._abort()
             where = ", ".join(self.servers)
-            raise ServiceUnavailable(f"cannot use NATS at {where}: {_describe(exc)}") from exc
+            if isinstance(exc, self._nats.errors.NoServersError) and self._last_error:
+                exc = self._last_error  # why the servers could not be reached
+            raise ServiceUnavailable(f"cannot use NATS at {where}: {_reason(exc)}") from exc
         except BaseException:
             await self._abort()
             raise
@@ -637,12 +653,13 @@ class NatsHub:
         )
 
     async def _on_error(self, error: Exception) -> None:
+        self._last_error = error
         if isinstance(error, self._nats.errors.SlowConsumerError):
             self._counts["dropped"] += 1
             if self._log is not None:
                 self._log.warning("NATS dropped messages for this node: %s", error)
             return
-        if self._log is not None and not self._closing:
+        if self._log is not None and not self._closing and self._ever_available:
             self._log.warning("NATS: %s", _describe(error))
 
     async def _on_disconnected(self) -> None:
@@ -1164,9 +1181,15 @@ class NatsHub:
 
     async def _on_heartbeat(self, msg: Any) -> None:
         node = msg.data.decode("ascii", "replace")[:32]
+        new = node not in self._nodes
+        if new and len(self._nodes) >= MAX_NODES:
+            return
         self._nodes[node] = self._now()
         if node == self.node_id:
             self._own_seen = self._now()
+        elif new and self._connected:  # a node just started: let it know this one at once
+            with contextlib.suppress(Exception):
+                await self._nc.publish(f"{self._subjects}.node", self.node_id.encode())
 
     # -- the directory: nicks --------------------------------------------------------------
 
@@ -1364,7 +1387,7 @@ class NatsHub:
         expected = {node for node, seen in self._nodes.items() if now - seen <= horizon}
         expected.add(self.node_id)
         query_id = str(next(self._query_ids))
-        query = _Query(len(expected), done=self._loop.create_future())
+        query = _Query(expected, self._loop.create_future())
         self._queries[query_id] = query
         try:
             await self._nc.publish(
@@ -1374,35 +1397,27 @@ class NatsHub:
             )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.query_timeout):
-                    await query.done  # type: ignore[misc]
+                    await query.done
         except (self._nats.errors.Error, OSError) as exc:
             raise ServiceUnavailable(
                 f"the chat cluster did not answer ({_describe(exc)})"
             ) from exc
         finally:
             del self._queries[query_id]
-        answered = {answer.get("node") for answer in query.answers}
-        note = ""
-        if len(answered) < len(expected):
-            note = f"{len(answered)} of {len(expected)} servers answered"
-        return query.answers, note
+        answered, asked = len(query.answers), len(query.expected | query.answers.keys())
+        note = "" if answered >= asked else f"{answered} of {asked} servers answered"
+        return list(query.answers.values()), note
 
     async def _on_answer(self, msg: Any) -> None:
         query = self._queries.get(msg.subject.rpartition(".")[2])
-        if query is None:
-            return
-        try:
-            answer = json.loads(msg.data)
-        except ValueError:
-            return
-        if isinstance(answer, dict):
-            query.answers.append(answer)
-        if (
-            len(query.answers) >= query.expected
-            and query.done is not None
-            and not query.done.done()
-        ):
-            query.done.set_result(None)
+        if query is not None:
+            query.take(_json_object(msg.data))
+
+    def _known_nodes(self) -> list[str]:
+        """The nodes heard from in the last three heartbeats, this one included."""
+        now, horizon = self._now(), 3 * self.config.heartbeat
+        known = [node for node, seen in self._nodes.items() if now - seen <= horizon]
+        return [self.node_id, *(node for node in known if node != self.node_id)][:MAX_NODES]
 
     async def _on_who(self, msg: Any) -> None:
         request = _json_object(msg.data)
@@ -1410,14 +1425,19 @@ class NatsHub:
         if self._node is None or not isinstance(room, str) or not msg.reply:
             return
         count, nicks = self._node.who(room)
-        answer = {"node": self.node_id, "count": count, "nicks": nicks}
+        answer = {
+            "node": self.node_id,
+            "nodes": self._known_nodes(),
+            "count": count,
+            "nicks": nicks,
+        }
         with contextlib.suppress(Exception):
             await msg.respond(json.dumps(answer).encode())
 
     async def _on_list(self, msg: Any) -> None:
         if self._node is None or not msg.reply:
             return
-        answer = {"node": self.node_id, "rooms": self._node.rooms()}
+        answer = {"node": self.node_id, "nodes": self._known_nodes(), "rooms": self._node.rooms()}
         with contextlib.suppress(Exception):
             await msg.respond(json.dumps(answer).encode())
 
@@ -1502,6 +1522,15 @@ def _json_object(data: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _reason(error: BaseException) -> str:
+    """Why NATS could not be used, for a person: the system's words for an OSError."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    return _describe(error)
 
 
 def _describe(error: BaseException) -> str:
