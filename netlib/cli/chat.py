@@ -120,6 +120,9 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds a stopped server's nicks stay taken",
     )
+    cluster.add_argument(
+        "--json", action="store_true", help="the addresses as JSON lines (one per server)"
+    )
     cluster.set_defaults(run=chat_cluster, server=True)
 
     join = add_command(
