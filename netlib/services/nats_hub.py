@@ -80,12 +80,18 @@ from netlib.services.hub import ClusterNode, Subscriber
 __all__ = [
     "ACK_TIMEOUT",
     "API_TIMEOUT",
+    "CLOSE_FLUSH",
+    "CONNECT_TIMEOUT",
+    "CONSUMER_INACTIVE",
     "DEDUP_WINDOW",
     "DEFAULT_NATS_URL",
+    "DISCOVERY_WAIT",
     "GUEST_BLOCK",
     "HISTORY_BYTES",
     "HISTORY_LINES",
     "HISTORY_REPLAY",
+    "KV_BACKLOG",
+    "MAX_NODES",
     "NATS_URL_ENV",
     "NICK_TTL",
     "NODE_HEARTBEAT",
@@ -96,10 +102,16 @@ __all__ = [
     "PING_INTERVAL",
     "PUBLISH_WINDOW",
     "PULL_BATCH",
+    "PULL_EXPIRES",
+    "PULL_HEARTBEAT",
+    "QUERY_PENDING",
     "QUERY_TIMEOUT",
     "RECONNECT_WAIT",
+    "RETRY_DELAY",
+    "START_TIMEOUT",
     "STREAM_MAX_AGE",
     "STREAM_MAX_BYTES",
+    "STREAM_MAX_LINE",
     "STREAM_MAX_MSGS",
     "NatsHub",
     "NatsHubConfig",
@@ -184,6 +196,9 @@ KV_BACKLOG: Final = 10_000
 """Nick registrations and releases a node queues while the cluster is unreachable; past it
 the oldest are dropped (a dropped registration is made by the next renewal, a dropped
 release expires within ``nick_ttl``)."""
+DISCOVERY_WAIT: Final = 0.05
+"""Seconds a starting node waits (at least; four round trips to NATS if longer) for the
+other nodes to answer its first heartbeat, so that it knows them when it starts serving."""
 CLOSE_FLUSH: Final = 2.0
 """Seconds a closing hub waits for its outbox to be confirmed."""
 
@@ -479,6 +494,7 @@ class NatsHub:
         self._own_seen = 0.0
         self._ever_available = False
         self._last_error: BaseException | None = None
+        self._heard_self: asyncio.Future[None] | None = None
         self._idle: asyncio.Event | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -519,6 +535,7 @@ class NatsHub:
                 await self._start_consumer()
                 await self._take_guest_block()
                 await self._ready.wait()
+                await self._announce()
         except (TimeoutError, OSError, ServiceUnavailable, self._nats.errors.Error) as exc:
             await self._abort()
             where = ", ".join(self.servers)
@@ -1179,6 +1196,18 @@ class NatsHub:
             with contextlib.suppress(Exception):
                 await self._nc.publish(f"{self._subjects}.node", self.node_id.encode())
 
+    async def _announce(self) -> None:
+        """Say this node is up and learn who else is: the others answer a new node's
+        heartbeat at once. Waits for its own heartbeat to come back, then a few round
+        trips (at least ``DISCOVERY_WAIT``) for the others' answers."""
+        assert self._loop is not None
+        heard = self._heard_self = self._loop.create_future()
+        started = self._now()
+        await self._nc.publish(f"{self._subjects}.node", self.node_id.encode())
+        async with asyncio.timeout(API_TIMEOUT):
+            await heard
+        await asyncio.sleep(max(DISCOVERY_WAIT, 4 * (self._now() - started)))
+
     async def _on_heartbeat(self, msg: Any) -> None:
         node = msg.data.decode("ascii", "replace")[:32]
         new = node not in self._nodes
@@ -1187,6 +1216,8 @@ class NatsHub:
         self._nodes[node] = self._now()
         if node == self.node_id:
             self._own_seen = self._now()
+            if self._heard_self is not None and not self._heard_self.done():
+                self._heard_self.set_result(None)
         elif new and self._connected:  # a node just started: let it know this one at once
             with contextlib.suppress(Exception):
                 await self._nc.publish(f"{self._subjects}.node", self.node_id.encode())
