@@ -35,7 +35,10 @@ myst_heading_anchors = 3
 # names only.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(asyncio|ssl|socket|os|collections\.abc|typing|typing_extensions|enum)\..*"),
+    (
+        r"py:.*",
+        r"(asyncio|ssl|socket|os|pathlib|collections\.abc|typing|typing_extensions|enum)\..*",
+    ),
     # private names in signatures of classes netlib builds for you (Server, Datagram)
     (r"py:.*", r"(.*\.)?_\w+"),
 ]
@@ -47,6 +50,8 @@ nitpick_ignore = [
     ("py:class", "netlib.aio.datagram.DatagramEndpointProtocol"),
     # the type variable of run()'s signature
     ("py:class", "netlib.runner.T"),
+    # pathlib.Path as LocalNatsServer's annotations name it
+    ("py:class", "Path"),
 ]
 
 autodoc_member_order = "bysource"

@@ -24,6 +24,7 @@ from netlib.errors import (
     PeerTimedOut,
     ProtocolError,
     RequestRefused,
+    ServiceUnavailable,
     SlowConsumer,
     WouldBlock,
 )
@@ -35,6 +36,7 @@ from netlib.files import (
     open_file_server,
     serve_files,
 )
+from netlib.nats_server import LocalNatsServer, find_nats_server
 from netlib.rudp import (
     ReliableConfig,
     ReliableUDPServer,
@@ -73,7 +75,8 @@ from netlib.services.echo import (
     upper_echo_handler,
 )
 from netlib.services.files import FileService, FileServiceLimits, FileServiceStatistics
-from netlib.services.hub import Hub, MemoryHub, Subscriber
+from netlib.services.hub import ClusterNode, Directory, Hub, MemoryHub, Subscriber
+from netlib.services.nats_hub import NatsHub, NatsHubConfig, NatsHubStatistics
 from netlib.speedtest import (
     DatagramCounts,
     LatencySummary,
@@ -107,6 +110,7 @@ __all__ = [
     "ChatService",
     "ChatServiceStatistics",
     "ClosedResourceError",
+    "ClusterNode",
     "Datagram",
     "DatagramChatProtocol",
     "DatagramCounts",
@@ -118,6 +122,7 @@ __all__ = [
     "DatagramServerStatistics",
     "DatagramStatistics",
     "DigestMismatch",
+    "Directory",
     "DownloadResult",
     "EchoMode",
     "EchoProtocol",
@@ -135,8 +140,12 @@ __all__ = [
     "LengthPrefixFraming",
     "LimitExceeded",
     "LineFraming",
+    "LocalNatsServer",
     "MemoryHub",
     "MessageStream",
+    "NatsHub",
+    "NatsHubConfig",
+    "NatsHubStatistics",
     "NetlibError",
     "PeerTimedOut",
     "ProtocolError",
@@ -149,6 +158,7 @@ __all__ = [
     "RequestRefused",
     "Server",
     "ServerStatistics",
+    "ServiceUnavailable",
     "SlowConsumer",
     "SpeedtestLimits",
     "SpeedtestRequest",
@@ -165,6 +175,7 @@ __all__ = [
     "connect_tcp",
     "download_file",
     "echo_handler",
+    "find_nats_server",
     "format_speedtest_results",
     "list_files",
     "loop_factory",

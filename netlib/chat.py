@@ -6,13 +6,15 @@ The rooms live in a ``ChatService`` (``netlib.services.chat``); TCP clients are
 the same ``ChatProtocol`` on a reliable-UDP server (one line per message). One service can
 serve TCP and UDP at once, and they share its rooms.
 ``make_chat_handler(service)`` runs the same chat as a ``serve_tcp`` handler.
+``open_chat_server(nats=URL)`` makes the server one node of a chat cluster: its rooms,
+nicks, ``/who`` and ``/list`` are shared with every server on the same NATS (``NatsHub``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_ser
 from netlib.services.chat import ChatService, DatagramChatProtocol
 from netlib.services.chat.service import CHAT_CLOSE_GRACE, encode_line
 from netlib.services.chat.tcp import chat_framing, chat_protocol_factory, chat_stream_limits
+from netlib.services.nats_hub import NatsHub, NatsHubConfig
 
 __all__ = ["ChatServer", "open_chat_server", "serve_chat"]
 
@@ -59,6 +62,8 @@ class ChatServer:
     def summary(self) -> str:
         """The chat's, the TCP server's and the UDP endpoint's counters, as one line."""
         parts = [f"chat: {self.service.summary()}"]
+        if isinstance(self.service.hub, NatsHub):
+            parts.append(self.service.hub.summary())
         if self.tcp is not None:
             tcp = self.tcp.statistics()
             parts.append(
@@ -107,6 +112,8 @@ async def open_chat_server(
     service: ChatService | None = None,
     max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     reuse_port: bool = False,
+    nats: str | Sequence[str] | None = None,
+    nats_config: NatsHubConfig | None = None,
 ) -> AsyncIterator[ChatServer]:
     """Serve a chat on ``host``:``port`` (TCP and/or UDP) for the ``async with`` block.
 
@@ -121,12 +128,27 @@ async def open_chat_server(
             None: no cap, for members behind one proxy or NAT).
         reuse_port: bind TCP with SO_REUSEPORT, so several processes serve one port (their
             members share rooms only through a shared hub).
+        nats: NATS server URL(s): the server becomes a node of the chat cluster on that
+            NATS (a ``ChatService`` on a ``NatsHub``; needs ``netlib[nats]``).
+        nats_config: the cluster's names and limits (``NatsHubConfig``), with ``nats``.
+
+    Raises:
+        ServiceUnavailable: ``nats`` was given and NATS cannot be reached.
+        ValueError: both ``nats`` and ``service`` were given.
     """
+    if nats is not None and service is not None:
+        raise ValueError("give open_chat_server a service or a NATS URL, not both")
     loop = asyncio.get_running_loop()
     own_service = service is None
-    chat = service if service is not None else ChatService()
-    server = ChatServer(chat)
     async with AsyncExitStack() as stack:
+        if nats is not None:
+            hub = NatsHub(nats, config=nats_config)
+            await hub.start()
+            stack.push_async_callback(hub.aclose)
+            chat = ChatService(hub=hub)
+        else:
+            chat = service if service is not None else ChatService()
+        server = ChatServer(chat)
         # Runs last: the statistics of the whole run.
         stack.callback(lambda: logger.info("chat statistics: %s", server.summary()))
         if proto in ("tcp", "both"):
@@ -189,9 +211,10 @@ async def serve_chat(
     proto: ChatProto = "tcp",
     udp_port: int | None = None,
     service: ChatService | None = None,
+    nats: str | Sequence[str] | None = None,
 ) -> None:
     """Serve a chat until cancelled. Takes the same arguments as ``open_chat_server``."""
     async with open_chat_server(
-        host, port, proto=proto, udp_port=udp_port, service=service
+        host, port, proto=proto, udp_port=udp_port, service=service, nats=nats
     ) as server:
         await server.serve_forever()

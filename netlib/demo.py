@@ -4,10 +4,12 @@ Starts a TCP echo server and an upper-case echo server on free loopback ports, d
 with ``connect_tcp`` clients (one conversation, then several clients at once and one that
 vanishes mid-stream), then a UDP timestamp echo server driven by ``open_udp_endpoint``
 (an empty datagram included, and a flood the reply budget cuts down), then a short scripted
-chat between two TCP clients and a UDP client sharing one room, then a file download (a
-generated file served by netlib's file server and fetched by its client, with a progress bar
-on a terminal, verified against the server's SHA-256), and last a short speed test of TCP,
-UDP and reliable UDP side by side. It prints what happened and the servers' statistics, and
+chat between two TCP clients and a UDP client sharing one room, then a chat cluster (a
+nats-server with JetStream and two chat servers on it, with a client on each; skipped, in
+one line, when nats-server or nats-py is not installed), a file download (a generated file
+served by netlib's file server and fetched by its client, with a progress bar on a
+terminal, verified against the server's SHA-256), and last a short speed test of TCP, UDP
+and reliable UDP side by side. It prints what happened and the servers' statistics, and
 stops by itself.
 """
 
@@ -198,6 +200,46 @@ async def _files_demo() -> None:
     )
 
 
+async def _cluster_demo() -> None:
+    """Two chat servers sharing one chat through NATS JetStream, a client on each."""
+    try:
+        nats = netlib.LocalNatsServer()
+        nats.start()
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"\nchat cluster: skipped ({exc})")
+        return
+    try:
+        async with (
+            netlib.open_chat_server(nats=nats.url) as one,
+            netlib.open_chat_server(nats=nats.url) as two,
+        ):
+            ports = one.tcp_addresses[0][1], two.tcp_addresses[0][1]
+            print(f"\nchat cluster: nats-server (JetStream) on {nats.url}, chat servers on")
+            print(f"  127.0.0.1:{ports[0]} and 127.0.0.1:{ports[1]}, one chat between them")
+            alice, bob = await _tcp_user("alice", ports[0]), await _tcp_user("bob", ports[1])
+            await alice.say("/nick alice")
+            await bob.sees("is now known as alice")
+            await bob.say("/nick bob")
+            await alice.sees("is now known as bob")
+            await alice.say("hello from the first server")
+            await bob.sees("<alice> hello from the first server")
+            await bob.say("/who")
+            await bob.sees("*** #lobby (2 members)")
+            await bob.say("/msg alice and this is the second")
+            await alice.sees("-bob- and this is the second")
+            for user in (alice, bob):
+                assert user.writer is not None
+                user.writer.close()
+            hub = one.service.hub
+            if isinstance(hub, netlib.NatsHub):
+                stats = hub.statistics()
+                print(f"  first server: lines published={stats.published} read={stats.received}")
+    except (netlib.ServiceUnavailable, ModuleNotFoundError) as exc:
+        print(f"\nchat cluster: skipped ({exc})")
+    finally:
+        nats.close()
+
+
 async def run_demo() -> None:
     """Run the demo and print a transcript."""
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -219,6 +261,7 @@ async def run_demo() -> None:
         _show("upper", upper.statistics())
     await _udp_demo()
     await _chat_demo()
+    await _cluster_demo()
     await _files_demo()
     await _speedtest_demo()
     print("\nservers shut down; demo done")

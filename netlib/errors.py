@@ -13,6 +13,8 @@
     ├── BrokenResourceError(NetlibError, ConnectionError)  the connection is gone
     │   ├── PeerTimedOut(BrokenResourceError, TimeoutError)  a deadline passed
     │   └── SlowConsumer                              the peer read too slowly and was cut off
+    ├── ServiceUnavailable(NetlibError, ConnectionError)  a service netlib depends on (the
+    │                                                 chat cluster's broker) is out of reach
     ├── WouldBlock(NetlibError, BlockingIOError)      a *_nowait call cannot proceed now
     └── LimitExceeded(NetlibError, OverflowError)     a local, named limit stops the call
 
@@ -35,6 +37,7 @@ __all__ = [
     "PeerTimedOut",
     "ProtocolError",
     "RequestRefused",
+    "ServiceUnavailable",
     "SlowConsumer",
     "WouldBlock",
 ]
@@ -94,6 +97,11 @@ class PeerTimedOut(BrokenResourceError, TimeoutError):
 
 class SlowConsumer(BrokenResourceError):
     """The peer read too slowly and was disconnected to protect the others."""
+
+
+class ServiceUnavailable(NetlibError, ConnectionError):
+    """A service netlib depends on cannot be reached now (the message broker of a chat
+    cluster, say); the same call may succeed later."""
 
 
 class WouldBlock(NetlibError, BlockingIOError):

@@ -13,10 +13,13 @@ import gc
 import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+
+from netlib.nats_server import LocalNatsServer
 
 _handler_calls: list[dict[str, Any]] = []
 
@@ -101,3 +104,14 @@ def no_pending_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
             return
         loop.run_until_complete(asyncio.sleep(0))
     pytest.fail(f"tasks still pending after the test: {pending}")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[LocalNatsServer]:
+    """A real nats-server with JetStream on a free loopback port, its store in ``tmp_path``.
+
+    ``stop()`` and ``start()`` restart it on the same port with the same store (streams and
+    buckets survive), as a crash or a maintenance would; it is stopped after the test.
+    """
+    with LocalNatsServer(tmp_path / "nats") as server:
+        yield server

@@ -24,6 +24,7 @@ LAYERS = {
     "netlib.chat": 5,
     "netlib.files": 5,
     "netlib.speedtest": 5,
+    "netlib.nats_server": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
     "netlib": 6,  # __init__ re-exports
@@ -168,6 +169,7 @@ _SUBMODULES = {
     "rudp",
     "chat",
     "chat_client",
+    "nats_server",
     "files",
     "speedtest",
     "testing",

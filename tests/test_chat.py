@@ -747,11 +747,13 @@ class FailingHub(netlib.MemoryHub):
         super().__init__()
         self.fail_next = False
 
-    async def publish(self, room: str, line: bytes, origin: Hashable) -> None:
+    async def publish(
+        self, room: str, line: bytes, origin: Hashable, *, said: bool = False
+    ) -> None:
         if self.fail_next:
             self.fail_next = False
             raise ConnectionError("broker unavailable")
-        await super().publish(room, line, origin)
+        await super().publish(room, line, origin, said=said)
 
 
 async def test_a_failed_hub_publish_does_not_stop_the_chat(

@@ -149,6 +149,8 @@ def test_demo_runs_and_stops_by_itself(loop_name: str) -> None:
     assert "carol sees:  [#lobby] <alice> hi everyone" in done.stdout
     assert "alice sees:  -bob- psst, over here" in done.stdout
     assert "carol sees:  [#lobby] *** alice quit (see you)" in done.stdout
+    assert "bob sees:  [#lobby] <alice> hello from the first server" in done.stdout
+    assert "alice sees:  -bob- and this is the second" in done.stdout  # across NATS
     assert re.search(
         r"saved 8388608 bytes in [\d.]+s; SHA-256 [0-9a-f]{16}\.\.\. verified against the "
         r"server's Repr-Digest\n  identical to the file served: True; file server: "

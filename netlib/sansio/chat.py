@@ -31,6 +31,21 @@ Rules of this module:
   ``ValueError``; lines from an unknown client are ignored (``[]``), since an adapter may
   still hold lines read before a ``Close``.
 
+Cluster mode (``ChatCore(clustered=True)``): the core is one node of a chat spread over
+several processes, and what only the cluster knows becomes a question and an answer. Guest
+numbers come from ``guest_numbers`` (the cluster hands out unique ones); ``/nick`` checks the
+nick locally, then emits ``NickClaim`` and changes the nick only when ``nick_claimed``
+brings the cluster's answer (lines sent meanwhile go out under the old nick); every nick
+the core gives up is a ``NickRelease``; ``/who`` and ``/list`` emit ``WhoQuery`` and
+``ListQuery`` answered by ``who_answer`` and ``list_answer``; ``/msg`` to a nick that is not
+on this node emits ``PrivateQuery`` answered by ``private_answer``, and a private message
+from another node arrives through ``deliver_private``. ``nick_lost`` renames a member whose
+nick the cluster gave to someone else (after an outage longer than the nick's lifetime). A
+member joins a room's broadcasts (``Joined``) after its join notice and confirmation, so a
+hub that replays the room's last lines on ``join`` shows them right after the confirmation.
+Room limits (``MAX_ROOMS``, per host) and the announcement threshold count this node's
+members only.
+
 Theory of operation: a line is sanitised first (C0/C1 controls but tab, DEL, bidi overrides
 and line separators removed, trailing whitespace stripped), so nothing a client types can
 drive another client's terminal. ``/quit`` and ``over`` are honoured before flood control:
@@ -64,13 +79,15 @@ Line protocol (server to client), the reference for clients and tests::
     *** text                              information for you only (welcome, /list, /who,
                                           /help, confirmations, flood notices, goodbye)
     !!! text                              error: your line was refused or dropped
+    [#room] *** last 3 lines:             in a cluster, on joining a room: its last lines
+                                          follow (``history_notice``)
 """
 
 from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -98,7 +115,13 @@ __all__ = [
     "Effect",
     "Joined",
     "Left",
+    "ListQuery",
+    "NickClaim",
+    "NickRelease",
+    "PrivateQuery",
     "Send",
+    "WhoQuery",
+    "history_notice",
 ]
 
 DEFAULT_ROOM: Final = "#lobby"
@@ -192,11 +215,16 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """Deliver one line ``text`` to every member of ``room`` except ``exclude``."""
+    """Deliver one line ``text`` to every member of ``room`` except ``exclude``.
+
+    ``said`` marks what a member said (text, ``/me``), as opposed to a notice: a hub keeps
+    it in the room's history and tells ``exclude`` (its sender) if it cannot deliver it.
+    """
 
     room: str
     text: str
     exclude: int | None
+    said: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +253,68 @@ class Left:
     room: str
 
 
-Effect: TypeAlias = Send | Broadcast | Close | Joined | Left
+@dataclass(frozen=True, slots=True)
+class NickClaim:
+    """Cluster mode: ask the cluster for ``nick`` on behalf of ``client``; answer with
+    ``ChatCore.nick_claimed``. A ``guest`` nick (``guest_numbers`` made it unique) is only
+    registered: no answer is expected, and ``nick_lost`` reports the rare clash."""
+
+    client: int
+    nick: str
+    guest: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NickRelease:
+    """Cluster mode: this node no longer uses ``nick``; the cluster may give it away."""
+
+    nick: str
+
+
+@dataclass(frozen=True, slots=True)
+class WhoQuery:
+    """Cluster mode: ``client`` asked who is in ``room``; answer with ``who_answer``."""
+
+    client: int
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """Cluster mode: ``client`` asked for the rooms; answer with ``list_answer``."""
+
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateQuery:
+    """Cluster mode: ``client`` (nick ``sender``) sends ``text`` to ``nick``, who is not on
+    this node; answer with ``private_answer``."""
+
+    client: int
+    sender: str
+    nick: str
+    text: str
+
+
+Effect: TypeAlias = (
+    Send
+    | Broadcast
+    | Close
+    | Joined
+    | Left
+    | NickClaim
+    | NickRelease
+    | WhoQuery
+    | ListQuery
+    | PrivateQuery
+)
 """What the adapter must do, in the order the effects are returned."""
+
+
+def history_notice(room: str, count: int) -> str:
+    """The line that introduces the last ``count`` lines of ``room`` shown on joining it."""
+    return f"[{room}] *** last {_count(count, 'line')}:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +338,7 @@ class _Client:
     source: Hashable  # the host, for MAX_ROOMS_PER_HOST
     rooms: dict[str, None] = field(default_factory=dict)
     throttled_drops: int = 0  # lines dropped in the current throttled burst
+    claiming: str | None = None  # cluster mode: the nick asked for, until the answer
 
     @property
     def current(self) -> str:
@@ -275,6 +364,10 @@ class ChatCore:
         max_line_length: longest line accepted, in characters.
         max_line_bytes: longest line the adapter accepts on the wire, in bytes, if it has
             such a limit (stated in the welcome; ``receive_overlong`` reports it).
+        clustered: this core is one node of a cluster (see "Cluster mode" above).
+        guest_numbers: returns the number of the next guest nick (``guest<N>``), or None
+            when there is none to give (the connecting client is then refused); by default
+            1, 2, 3, ... A cluster passes numbers no other node uses.
 
     Raises:
         ValueError: a setting is out of range or ``default_room`` is not a valid room name.
@@ -296,6 +389,8 @@ class ChatCore:
         max_clients: int = MAX_CLIENTS,
         max_line_length: int = MAX_LINE_LENGTH,
         max_line_bytes: int | None = None,
+        clustered: bool = False,
+        guest_numbers: Callable[[], int | None] | None = None,
     ) -> None:
         room = _normalise_room(default_room)
         if room is None:
@@ -325,6 +420,9 @@ class ChatCore:
         self._rooms: dict[str, set[int]] = {}  # canonical room -> member ids
         self._creator: dict[str, Hashable] = {}  # created room -> source of its creator
         self._created: dict[Hashable, int] = {}  # source -> rooms it created that exist
+        self.clustered = clustered
+        self._guest_numbers = guest_numbers or self._next_guest
+        self._claims: dict[str, int] = {}  # cluster mode: casefolded nick asked for -> client
         self._guests = 0
         self._lines = self._flood_dropped = self._too_long = 0
 
@@ -345,10 +443,15 @@ class ChatCore:
         if len(self._clients) >= self.max_clients:
             full = f"!!! server full ({self.max_clients} clients): try again later"
             return [Send(client_id, full), Close(client_id, "server full")]
-        client = self._register(client_id, now, source)
-        effects = self._enter(client, self.default_room)
-        effects.append(Send(client_id, self._welcome(client)))
-        return effects
+        guest = self._guest_numbers()
+        if guest is None:
+            busy = "!!! the chat cannot take new members now: try again later"
+            return [Send(client_id, busy), Close(client_id, "no guest nick")]
+        client = self._register(client_id, now, source, guest)
+        effects: list[Effect] = []
+        if self.clustered:
+            effects.append(NickClaim(client_id, client.nick, guest=True))
+        return effects + self._enter(client, self.default_room, self._welcome)
 
     def receive_line(self, client_id: int, text: str, now: float) -> list[Effect]:
         """Handle one line of text from ``client_id``, received at ``now``."""
@@ -397,6 +500,111 @@ class ChatCore:
             return []
         return self._drop(client, _clean(reason).strip()[:MAX_REASON_LENGTH])
 
+    # -- cluster mode: answers and messages from the cluster ------------------------------
+
+    def nick_claimed(self, client_id: int, nick: str, refusal: str | None) -> list[Effect]:
+        """The cluster's answer to ``NickClaim(client_id, nick)``: None grants the nick,
+        else ``refusal`` says why not (``nick "x" is already taken``, ...)."""
+        folded = nick.casefold()
+        if self._claims.get(folded) == client_id:
+            del self._claims[folded]
+        client = self._clients.get(client_id)
+        if client is None or nick != client.claiming:
+            return [NickRelease(nick)] if refusal is None else []  # the client is gone
+        client.claiming = None
+        if refusal is not None:
+            return _error(client, refusal)
+        old = client.nick
+        return [*self._rename(client, nick), NickRelease(old)]
+
+    def nick_lost(self, nick: str) -> list[Effect]:
+        """The cluster gave ``nick`` to someone else (it expired while this node could not
+        renew it): its holder here becomes a guest, and is told why."""
+        client_id = self._nicks.get(nick.casefold())
+        if client_id is None:
+            return []
+        return self._lose_nick(self._clients[client_id])
+
+    def _lose_nick(self, client: _Client) -> list[Effect]:
+        lost = client.nick
+        guest = self._guest_numbers()
+        if guest is None:
+            notice = f"!!! your nick {lost} was given to someone else; no guest nick is free"
+            effects = self._drop(client, "nick lost")
+            return [*effects, Send(client.id, notice), Close(client.id, "nick lost", lost)]
+        nick = f"guest{guest}"
+        notice = (
+            f"!!! your nick {lost} was given to someone else while the chat was degraded; "
+            f"you are now {nick}"
+        )
+        return [NickClaim(client.id, nick, guest=True), *self._rename(client, nick, notice)]
+
+    def who_answer(
+        self, client_id: int, room: str, count: int, nicks: Sequence[str], note: str = ""
+    ) -> list[Effect]:
+        """Answer ``/who room``: ``count`` members, of which ``nicks`` (any order, at most
+        ``MAX_WHO_NICKS`` are shown); ``note`` is added in parentheses (an incomplete
+        answer, say)."""
+        if client_id not in self._clients:
+            return []
+        more = f" ({note})" if note else ""
+        if count == 0:
+            return [Send(client_id, f"!!! no such room {room}{more}")]
+        shown = heapq.nsmallest(MAX_WHO_NICKS, nicks, key=str.casefold)
+        hidden = _more(count - len(shown))
+        header = f"{room} ({_count(count, 'member')})"
+        return [Send(client_id, f"*** {header}: {' '.join(shown)}{hidden}{more}")]
+
+    def list_answer(
+        self, client_id: int, rooms: Mapping[str, int], note: str = ""
+    ) -> list[Effect]:
+        """Answer ``/list``: ``rooms`` maps each room to its member count; ``note`` is added
+        in parentheses."""
+        if client_id not in self._clients:
+            return []
+        names = sorted(rooms)
+        shown = ", ".join(f"{room} ({rooms[room]})" for room in names[:MAX_LIST_ROOMS])
+        more = _more(len(names) - MAX_LIST_ROOMS) + (f" ({note})" if note else "")
+        return [Send(client_id, f"*** {_count(len(names), 'room')}: {shown}{more}")]
+
+    def private_answer(
+        self, client_id: int, nick: str, text: str, delivered_to: str | None, refusal: str = ""
+    ) -> list[Effect]:
+        """Answer ``PrivateQuery``: the message reached ``delivered_to`` (the nick as its
+        holder spells it), or nobody (``refusal`` says why; default: no such nick)."""
+        if client_id not in self._clients:
+            return []
+        if delivered_to is None:
+            reason = refusal or f'no such nick "{nick}"'
+            return [Send(client_id, f"!!! {reason}")]
+        return [Send(client_id, f"-> {delivered_to}: {text}")]
+
+    def deliver_private(
+        self, sender: str, nick: str, text: str
+    ) -> tuple[str | None, list[Effect]]:
+        """A private message from ``sender`` on another node to ``nick``: the nick as its
+        holder here spells it and the effects, or ``(None, [])`` if nobody here has it."""
+        target = self._nicks.get(nick.casefold())
+        if target is None:
+            return None, []
+        line = f"-{_clean(sender)}- {_clean(text)}"
+        return self._clients[target].nick, [Send(target, line)]
+
+    def local_who(self, room: str) -> tuple[int, list[str]]:
+        """Members of ``room`` on this node: how many, and the first ``MAX_WHO_NICKS`` nicks
+        in case-insensitive order."""
+        members = self._rooms.get(_normalise_room(room) or "", ())
+        nicks = (self._clients[member].nick for member in members)
+        return len(members), heapq.nsmallest(MAX_WHO_NICKS, nicks, key=str.casefold)
+
+    def local_rooms(self) -> dict[str, int]:
+        """The rooms of this node and their member counts."""
+        return {room: len(members) for room, members in self._rooms.items()}
+
+    def clients(self) -> list[int]:
+        """The ids of the connected clients."""
+        return list(self._clients)
+
     # -- read-only queries --------------------------------------------------------------
 
     def nick_of(self, client_id: int) -> str | None:
@@ -430,9 +638,12 @@ class ChatCore:
 
     # -- sessions and membership --------------------------------------------------------
 
-    def _register(self, client_id: int, now: float, source: Hashable) -> _Client:
+    def _next_guest(self) -> int:
         self._guests += 1
-        nick = f"guest{self._guests}"
+        return self._guests
+
+    def _register(self, client_id: int, now: float, source: Hashable, guest: int) -> _Client:
+        nick = f"guest{guest}"
         bucket = TokenBucket(self.flood_rate, self.flood_burst, now)
         key = ("client", client_id) if source is None else source
         client = _Client(client_id, nick, bucket, key)
@@ -453,7 +664,12 @@ class ChatCore:
             f"/nick <name> to choose a nick, /help for commands; limits: {self.limits()}"
         )
 
-    def _enter(self, client: _Client, room: str) -> list[Effect]:
+    def _enter(
+        self, client: _Client, room: str, confirmation: Callable[[_Client], str]
+    ) -> list[Effect]:
+        """Join ``room``: the join notice, ``confirmation(client)`` to the client, and its
+        subscription (first on one node; last in a cluster, so a hub's replay of the
+        room's last lines follows the confirmation)."""
         members = self._rooms.get(room)
         if members is None:
             members = self._rooms[room] = set()
@@ -462,10 +678,15 @@ class ChatCore:
                 self._created[client.source] = self._created.get(client.source, 0) + 1
         members.add(client.id)
         client.rooms[room] = None
-        effects: list[Effect] = [Joined(client.id, room)]
+        effects: list[Effect] = []
         if len(members) <= self.announce_max_members:
             notice = f"[{room}] *** {client.nick} joined"
             effects.append(Broadcast(room, notice, exclude=client.id))
+        effects.append(Send(client.id, confirmation(client)))
+        if self.clustered:
+            effects.append(Joined(client.id, room))
+        else:
+            effects.insert(0, Joined(client.id, room))
         return effects
 
     def _exit(self, client: _Client, room: str, notice: str) -> list[Effect]:
@@ -498,6 +719,10 @@ class ChatCore:
             effects.extend(self._exit(client, room, notice))
         del self._clients[client.id]
         del self._nicks[client.nick.casefold()]
+        if self.clustered:
+            effects.append(NickRelease(client.nick))
+            if client.claiming is not None:  # its answer will find the client gone
+                client.claiming = None
         return effects
 
     def _quit(self, client: _Client, reason: str) -> list[Effect]:
@@ -540,7 +765,8 @@ class ChatCore:
 
     def _say(self, client: _Client, text: str) -> list[Effect]:
         room = client.current
-        return [Broadcast(room, f"[{room}] <{client.nick}> {text}", exclude=client.id)]
+        line = f"[{room}] <{client.nick}> {text}"
+        return [Broadcast(room, line, exclude=client.id, said=True)]
 
     def _command(self, client: _Client, body: str) -> list[Effect]:
         try:
@@ -559,17 +785,24 @@ class ChatCore:
         if nick == client.nick:
             return [Send(client.id, f"*** you are already known as {nick}")]
         self._check_nick(client, nick)
-        return self._rename(client, nick)
+        if not self.clustered:
+            return self._rename(client, nick)
+        if client.claiming is not None:
+            raise _Refused(f'your change to "{client.claiming}" is still being checked')
+        client.claiming = nick
+        self._claims[nick.casefold()] = client.id
+        return [NickClaim(client.id, nick)]
 
     def _check_nick(self, client: _Client, nick: str) -> None:
         if not _NICK.fullmatch(nick):
             raise _Refused(f'invalid nick "{nick}": use {_NICK_RULES}')
         if _GUEST.fullmatch(nick):
             raise _Refused(f'nick "{nick}" is reserved for guests')
-        if self._nicks.get(nick.casefold(), client.id) != client.id:
+        folded = nick.casefold()
+        if self._nicks.get(folded, self._claims.get(folded, client.id)) != client.id:
             raise _Refused(f'nick "{nick}" is already taken')
 
-    def _rename(self, client: _Client, nick: str) -> list[Effect]:
+    def _rename(self, client: _Client, nick: str, notice: str = "") -> list[Effect]:
         old = client.nick
         del self._nicks[old.casefold()]
         self._nicks[nick.casefold()] = client.id
@@ -579,7 +812,7 @@ class ChatCore:
             for room in client.rooms
             if len(self._rooms[room]) <= self.announce_max_members
         ]
-        effects.append(Send(client.id, f"*** you are now known as {nick}"))
+        effects.append(Send(client.id, notice or f"*** you are now known as {nick}"))
         return effects
 
     def _cmd_join(self, client: _Client, rest: str) -> list[Effect]:
@@ -589,10 +822,13 @@ class ChatCore:
             client.rooms[room] = None
             return [Send(client.id, f"*** plain text now goes to {room}")]
         self._check_join(client, room)
-        effects = self._enter(client, room)
-        members = _count(len(self._rooms[room]), "member")
-        effects.append(Send(client.id, f"*** you joined {room} ({members}); text goes there"))
-        return effects
+        here = " on this server" if self.clustered else ""
+
+        def confirmation(client: _Client) -> str:
+            members = _count(len(self._rooms[room]), "member")
+            return f"*** you joined {room} ({members}{here}); text goes there"
+
+        return self._enter(client, room, confirmation)
 
     def _check_join(self, client: _Client, room: str) -> None:
         if len(client.rooms) >= self.max_rooms_per_client:
@@ -623,20 +859,15 @@ class ChatCore:
     def _cmd_list(self, client: _Client, rest: str) -> list[Effect]:
         if rest:
             raise _Refused("usage: /list")
-        names = sorted(self._rooms)
-        shown = ", ".join(f"{room} ({len(self._rooms[room])})" for room in names[:MAX_LIST_ROOMS])
-        more = _more(len(names) - MAX_LIST_ROOMS)
-        return [Send(client.id, f"*** {_count(len(names), 'room')}: {shown}{more}")]
+        if self.clustered:
+            return [ListQuery(client.id)]
+        return self.list_answer(client.id, self.local_rooms())
 
     def _cmd_who(self, client: _Client, rest: str) -> list[Effect]:
         room = self._room_arg(client, rest, "/who [room]")
-        members = self._rooms.get(room)
-        if members is None:
-            raise _Refused(f"no such room {room}")
-        nicks = (self._clients[member].nick for member in members)
-        shown = " ".join(heapq.nsmallest(MAX_WHO_NICKS, nicks, key=str.casefold))
-        header = f"{room} ({_count(len(members), 'member')})"
-        return [Send(client.id, f"*** {header}: {shown}{_more(len(members) - MAX_WHO_NICKS)}")]
+        if self.clustered:
+            return [WhoQuery(client.id, room)]
+        return self.who_answer(client.id, room, *self.local_who(room))
 
     def _cmd_msg(self, client: _Client, rest: str) -> list[Effect]:
         parts = rest.split(None, 1)
@@ -644,6 +875,8 @@ class ChatCore:
             raise _Refused("usage: /msg <nick> <text>")
         nick, text = parts
         target = self._nicks.get(nick.casefold())
+        if target is None and self.clustered and _NICK.fullmatch(nick):
+            return [PrivateQuery(client.id, client.nick, nick, text)]
         if target is None:
             raise _Refused(f'no such nick "{nick}"')
         if target == client.id:
@@ -655,7 +888,7 @@ class ChatCore:
         if not rest:
             raise _Refused("usage: /me <action>")
         room = client.current
-        return [Broadcast(room, f"[{room}] * {client.nick} {rest}", exclude=client.id)]
+        return [Broadcast(room, f"[{room}] * {client.nick} {rest}", exclude=client.id, said=True)]
 
     def _cmd_help(self, client: _Client, rest: str) -> list[Effect]:
         return [Send(client.id, line) for line in _HELP]

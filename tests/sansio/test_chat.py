@@ -154,14 +154,14 @@ def test_lines_from_unknown_clients_are_ignored() -> None:
 def test_text_goes_to_the_room_but_not_back_to_the_sender() -> None:
     core = named(ChatCore(), alice=1, bob=2)
     assert say(core, 1, "hello  there") == [
-        Broadcast("#lobby", "[#lobby] <alice> hello  there", exclude=1)
+        Broadcast("#lobby", "[#lobby] <alice> hello  there", exclude=1, said=True)
     ]
 
 
 def test_trailing_whitespace_stripped_leading_kept() -> None:
     core = named(ChatCore(), alice=1)
     assert say(core, 1, "  indented \t \r") == [
-        Broadcast("#lobby", "[#lobby] <alice>   indented", exclude=1)
+        Broadcast("#lobby", "[#lobby] <alice>   indented", exclude=1, said=True)
     ]
 
 
@@ -175,14 +175,14 @@ def test_control_characters_are_removed_tab_kept() -> None:
     core = named(ChatCore(), alice=1)
     hostile = "\x1b[2J\x9b31mred\x07\tok\x7f\u202eevil\u2028x\x00"
     assert say(core, 1, hostile) == [
-        Broadcast("#lobby", "[#lobby] <alice> [2J31mred\tokevilx", exclude=1)
+        Broadcast("#lobby", "[#lobby] <alice> [2J31mred\tokevilx", exclude=1, said=True)
     ]
 
 
 def test_unicode_and_replacement_characters_pass() -> None:
     core = named(ChatCore(), alice=1)
     assert say(core, 1, "héllo \ufffd 😀") == [
-        Broadcast("#lobby", "[#lobby] <alice> héllo \ufffd 😀", exclude=1)
+        Broadcast("#lobby", "[#lobby] <alice> héllo \ufffd 😀", exclude=1, said=True)
     ]
 
 
@@ -205,7 +205,7 @@ def test_a_too_long_quit_line_is_not_a_quit() -> None:
 def test_double_slash_sends_a_literal_slash_line() -> None:
     core = named(ChatCore(), alice=1)
     assert say(core, 1, "//join is a command") == [
-        Broadcast("#lobby", "[#lobby] <alice> /join is a command", exclude=1)
+        Broadcast("#lobby", "[#lobby] <alice> /join is a command", exclude=1, said=True)
     ]
 
 
@@ -337,10 +337,12 @@ def test_room_names_are_case_insensitive_with_or_without_hash() -> None:
 def test_text_goes_to_the_current_room_and_join_switches() -> None:
     core = named(ChatCore(), alice=1)
     say(core, 1, "/join rust")
-    assert say(core, 1, "hi") == [Broadcast("#rust", "[#rust] <alice> hi", exclude=1)]
+    assert say(core, 1, "hi") == [Broadcast("#rust", "[#rust] <alice> hi", exclude=1, said=True)]
     assert reply(core, 1, "/join LOBBY") == "*** plain text now goes to #lobby"
     assert core.rooms_of(1) == ("#rust", "#lobby")
-    assert say(core, 1, "/me waves") == [Broadcast("#lobby", "[#lobby] * alice waves", exclude=1)]
+    assert say(core, 1, "/me waves") == [
+        Broadcast("#lobby", "[#lobby] * alice waves", exclude=1, said=True)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -484,7 +486,9 @@ def test_private_message_errors() -> None:
 
 def test_me_action_and_usage() -> None:
     core = named(ChatCore(), alice=1)
-    assert say(core, 1, "/me  waves  ") == [Broadcast("#lobby", "[#lobby] * alice waves", 1)]
+    assert say(core, 1, "/me  waves  ") == [
+        Broadcast("#lobby", "[#lobby] * alice waves", 1, said=True)
+    ]
     assert error(core, 1, "/me") == "!!! usage: /me <action>"
 
 
@@ -577,7 +581,7 @@ def test_flood_burst_then_one_notice_then_steady_rate() -> None:
     later = T0 + 1e-6  # keeps float rounding from landing just short of a whole token
     assert core.receive_line(1, "back", later + step) == [
         Send(1, "*** flood control lifted: 10 lines dropped"),
-        Broadcast("#a", "[#a] <alice> back", exclude=1),
+        Broadcast("#a", "[#a] <alice> back", exclude=1, said=True),
     ]
     for i in range(2, 20):  # the steady rate is never throttled
         assert len(core.receive_line(1, "steady", later + i * step)) == 1

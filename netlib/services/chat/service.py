@@ -14,6 +14,16 @@ or cuts the member off as a slow consumer, it never blocks. TCP members are sess
 ``netlib.services.chat.tcp`` (one session class under ``ChatProtocol`` and
 ``make_chat_handler``), UDP members of ``DatagramChatProtocol`` (``netlib.services.chat.udp``).
 
+**A node of a cluster.** When the hub is also a ``Directory`` (``NatsHub``), the service
+runs its core in cluster mode: what only the cluster knows (is a nick free? who is in a
+room on other nodes? where is the nick a private message goes to?) is asked of the
+directory in a task of its own, at most ``CHAT_CLUSTER_QUERIES`` at once, and the answer
+goes back into the core as a new input; the effects task never waits on the network, so
+delivery on this node never waits for the cluster. The directory calls back through a
+``ClusterNode`` (``_ClusterNode`` below): the local half of ``/who`` and ``/list``, private
+messages for members here, nicks lost, outages (every member is told), and lines that
+could not be delivered (their sender is told).
+
 The three line limits, from the wire inwards: a TCP line is at most
 ``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire (a longer one is refused with a notice and its
 bytes skipped, the connection stays), which is what ``MAX_LINE_LENGTH`` (4,096
@@ -25,6 +35,7 @@ character; the stream framing's own default (``DEFAULT_MAX_LINE``, 64 KiB) is fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import weakref
@@ -35,6 +46,7 @@ from typing import ClassVar, Final, Protocol
 
 from netlib.aio.logs import ThrottledLog
 from netlib.aio.sockets import format_address
+from netlib.errors import ServiceUnavailable
 from netlib.sansio.chat import (
     ANNOUNCE_MAX_MEMBERS,
     FLOOD_BURST,
@@ -47,12 +59,18 @@ from netlib.sansio.chat import (
     Effect,
     Joined,
     Left,
+    ListQuery,
+    NickClaim,
+    NickRelease,
+    PrivateQuery,
     Send,
+    WhoQuery,
 )
-from netlib.services.hub import Hub, MemoryHub
+from netlib.services.hub import Directory, Hub, MemoryHub
 
 __all__ = [
     "CHAT_CLOSE_GRACE",
+    "CHAT_CLUSTER_QUERIES",
     "CHAT_HARD_LIMIT",
     "CHAT_LINE_TIMEOUT",
     "CHAT_LOG_BURST",
@@ -98,6 +116,12 @@ CHAT_CLOSE_GRACE: Final = 5.0
 CHAT_LINE_TIMEOUT: Final = 10.0
 """Seconds a TCP chat line may take from its first byte to its end (a member who only reads
 is never timed out; one who trickles a line is)."""
+CHAT_CLUSTER_QUERIES: Final = 256
+"""Questions to the cluster (nick claims, cluster-wide ``/who`` and ``/list``, private
+messages to other nodes) one node has in flight at most; one more is answered at once as
+refused (``!!! ... busy``), counted in ``cluster_busy``."""
+UNDELIVERED_EXCERPT: Final = 80
+"""Characters of a line quoted back to its sender when it could not be delivered."""
 SLOW_CONSUMER: Final = "slow_consumer"
 """The reason a member cut off for reading too slowly is given (``quit (slow_consumer)``)."""
 SHUTDOWN_REASON: Final = "server shutting down"
@@ -139,6 +163,8 @@ class ChatServiceStatistics:
         flood_dropped: lines dropped by flood control (UDP; TCP members are paced).
         lines_too_long: lines refused as too long (characters, or bytes on the wire).
         effect_errors: effects that failed (a hub error, say), logged and skipped.
+        undelivered: lines the hub could not deliver, reported to their senders.
+        cluster_busy: questions to the cluster refused at ``CHAT_CLUSTER_QUERIES``.
     """
 
     sessions: int
@@ -148,6 +174,8 @@ class ChatServiceStatistics:
     flood_dropped: int
     lines_too_long: int
     effect_errors: int
+    undelivered: int = 0
+    cluster_busy: int = 0
 
 
 class Session(Protocol):
@@ -187,7 +215,8 @@ class ChatService:
     """One chat: a ``ChatCore``, a hub, and the sessions of this process.
 
     Args:
-        hub: room fan-out (default: a new ``MemoryHub``).
+        hub: room fan-out (default: a new ``MemoryHub``). A hub that is also a
+            ``Directory`` (``NatsHub``) makes this service a node of a chat cluster.
         limits: outbound limits and flood control.
 
     Use ``ChatProtocol(service)`` with ``loop.create_server`` and
@@ -202,24 +231,33 @@ class ChatService:
     def __init__(self, *, hub: Hub | None = None, limits: ChatLimits | None = None) -> None:
         self.limits = limits or ChatLimits()
         self.hub: Hub = hub if hub is not None else MemoryHub()
+        self.directory: Directory | None = hub if isinstance(hub, Directory) else None
         self.core = ChatCore(
             flood_rate=self.limits.flood_rate,
             flood_burst=self.limits.flood_burst,
             max_rooms_per_host=self.limits.max_rooms_per_host,
             announce_max_members=self.limits.announce_max_members,
             max_line_bytes=self.limits.max_line_bytes,
+            clustered=self.directory is not None,
+            guest_numbers=None if self.directory is None else self.directory.next_guest,
         )
+        self._queries: set[asyncio.Task[None]] = set()
+        self._cluster_notice = ""  # what a member joining during an outage is told
+        self.undelivered = self.cluster_busy = 0
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, Session] = {}
         self._gone: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._effects: deque[Effect | _Forget] = deque()
         self._wakeup: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._worker = self._loop.create_task(self._run())
         self._errors_log = ThrottledLog(logger, self._loop)
         self._joins_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
         self._quits_log = ThrottledLog(logger, self._loop, burst=CHAT_LOG_BURST)
         self.opened = self.slow_consumers = self._errors = 0
+        if self.directory is not None:
+            self.directory.attach(_ClusterNode(self))
 
     @classmethod
     def default(cls) -> ChatService:
@@ -248,6 +286,8 @@ class ChatService:
         nick = self.core.nick_of(session_id)
         if nick is not None:
             self._joins_log.info("join: %s from %s (session %d)", nick, address, session_id)
+            if self._cluster_notice:
+                self._schedule([Send(session_id, self._cluster_notice)])
         return session_id
 
     def receive(self, session_id: int, text: str) -> None:
@@ -284,6 +324,12 @@ class ChatService:
             f"{stats.lines_received} lines received, {stats.lines_too_long} too long, "
             f"{stats.flood_dropped} dropped by flood control, "
             f"{stats.slow_consumers} slow consumers, {stats.effect_errors} failed effects"
+            + (
+                f", {stats.undelivered} lines not delivered, "
+                f"{stats.cluster_busy} cluster questions refused as busy"
+                if self.directory is not None
+                else ""
+            )
         )
 
     def statistics(self) -> ChatServiceStatistics:
@@ -297,6 +343,8 @@ class ChatService:
             flood_dropped=core.lines_flood_dropped,
             lines_too_long=core.lines_too_long,
             effect_errors=self._errors,
+            undelivered=self.undelivered,
+            cluster_busy=self.cluster_busy,
         )
 
     async def close_sessions(self, grace: float = CHAT_CLOSE_GRACE) -> None:
@@ -317,10 +365,19 @@ class ChatService:
             await asyncio.wait(tasks)
 
     async def aclose(self) -> None:
-        """Close every session, stop carrying out effects and close the hub."""
+        """Close every session, carry out what their leaving caused (at most
+        ``CHAT_CLOSE_GRACE`` s: quit notices for other nodes), stop, close the hub."""
         await self.close_sessions()
-        self._worker.cancel()
-        await asyncio.wait([self._worker])
+        if self._effects and not self._worker.done():
+            self._drained = self._loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHAT_CLOSE_GRACE):
+                    await self._drained
+        tasks = {self._worker, *self._queries}
+        while tasks:  # again and again: Python 3.11's wait_for can swallow a cancellation
+            for task in tasks:
+                task.cancel()
+            _done, tasks = await asyncio.wait(tasks, timeout=0.1)
         await self.hub.aclose()
 
     # -- effects, in order ------------------------------------------------------------------
@@ -343,14 +400,16 @@ class ChatService:
                 except Exception:  # one failed effect (a hub error) must not stop the chat
                     self._errors += 1
                     self._errors_log.exception("chat effect %r failed", effect)
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
             self._wakeup = self._loop.create_future()
             await self._wakeup
             self._wakeup = None
 
     async def _carry_out(self, effect: Effect | _Forget) -> None:
         match effect:
-            case Broadcast(room, text, exclude):
-                await self.hub.publish(room, encode_line(text), exclude)
+            case Broadcast(room, text, exclude, said):
+                await self.hub.publish(room, encode_line(text), exclude, said=said)
             case Send(client, text):
                 session = self._sessions.get(client)
                 if session is not None:
@@ -366,11 +425,95 @@ class ChatService:
                     session.end(reason)
             case _Forget(client):
                 self._gone.pop(client, None)
+            case _:
+                self._ask_cluster(effect)
 
     def _log_quit(self, nick: str | None, session_id: int, reason: str, detail: str = "") -> None:
         who = nick if nick is not None else "a client"
         because = f"{reason} ({detail})" if detail else reason
         self._quits_log.info("quit: %s (session %d): %s", who, session_id, because)
+
+    # -- the cluster ------------------------------------------------------------------------
+
+    def _ask_cluster(
+        self, effect: NickClaim | NickRelease | WhoQuery | ListQuery | PrivateQuery
+    ) -> None:
+        """Carry out a cluster effect: registrations at once, questions in a task."""
+        directory = self.directory
+        assert directory is not None, "only a clustered core emits cluster effects"
+        match effect:
+            case NickClaim(_client, nick, guest=True):
+                directory.register(nick)
+            case NickRelease(nick):
+                directory.release(nick)
+            case _ if len(self._queries) >= CHAT_CLUSTER_QUERIES:
+                self.cluster_busy += 1
+                self._schedule(self._answer(effect, ServiceUnavailable("this server is busy")))
+            case _:
+                task = self._loop.create_task(self._question(directory, effect))
+                self._queries.add(task)
+                task.add_done_callback(self._queries.discard)
+
+    async def _question(
+        self, directory: Directory, effect: NickClaim | WhoQuery | ListQuery | PrivateQuery
+    ) -> None:
+        try:
+            match effect:
+                case NickClaim(client, nick):
+                    taken = not await directory.claim(nick)
+                    refusal = f'nick "{nick}" is already taken' if taken else None
+                    answer = self.core.nick_claimed(client, nick, refusal)
+                case WhoQuery(client, room):
+                    count, nicks, note = await directory.who(room)
+                    answer = self.core.who_answer(client, room, count, nicks, note)
+                case ListQuery(client):
+                    rooms, note = await directory.rooms()
+                    answer = self.core.list_answer(client, rooms, note)
+                case PrivateQuery(client, sender, nick, text):
+                    delivered = await directory.private(sender, nick, text)
+                    answer = self.core.private_answer(client, nick, text, delivered)
+        except Exception as exc:  # the member gets an answer whatever happened
+            if not isinstance(exc, ServiceUnavailable):
+                self._errors += 1
+                self._errors_log.exception("chat cluster question %r failed", effect)
+                exc = ServiceUnavailable("the chat cluster failed to answer")
+            answer = self._answer(effect, exc)
+        self._schedule(answer)
+
+    def _answer(
+        self, effect: NickClaim | WhoQuery | ListQuery | PrivateQuery, error: ServiceUnavailable
+    ) -> list[Effect]:
+        """The answer to a question the cluster could not answer: what this node knows."""
+        core = self.core
+        match effect:
+            case NickClaim(client, nick):
+                return core.nick_claimed(client, nick, f"cannot change your nick now: {error}")
+            case WhoQuery(client, room):
+                return core.who_answer(client, room, *core.local_who(room), _local_only(error))
+            case ListQuery(client):
+                return core.list_answer(client, core.local_rooms(), _local_only(error))
+            case PrivateQuery(client, _sender, nick, text):
+                refusal = f'not delivered to "{nick}": {error}'
+                return core.private_answer(client, nick, text, None, refusal)
+
+    def _cluster_changed(self, available: bool, detail: str) -> None:
+        """Tell every member the chat is degraded, or back to normal."""
+        text = f"*** chat {'back to normal' if available else 'degraded'}: {detail}"
+        self._cluster_notice = "" if available else text
+        line = encode_line(text)
+        for session in list(self._sessions.values()):
+            session.deliver(line, None)
+
+    def _undelivered(self, origin: Hashable, line: bytes, detail: str) -> None:
+        """Tell the sender of ``line`` it was not delivered."""
+        self.undelivered += 1
+        session = self._sessions.get(origin) if isinstance(origin, int) else None
+        if session is None:
+            return
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        if len(text) > UNDELIVERED_EXCERPT:
+            text = text[: UNDELIVERED_EXCERPT - 3] + "..."
+        session.deliver(encode_line(f"!!! not delivered ({detail}): {text}"), None)
 
     async def _subscription(self, client: int, room: str, *, join: bool) -> None:
         session = self._sessions.get(client) or self._gone.get(client)
@@ -380,3 +523,36 @@ class ChatService:
             await self.hub.join(room, session)
         else:
             await self.hub.leave(room, session)
+
+
+def _local_only(error: ServiceUnavailable) -> str:
+    return f"this server only: {error}"
+
+
+class _ClusterNode:
+    """What the cluster asks of this node's chat (``netlib.services.hub.ClusterNode``)."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+
+    def who(self, room: str) -> tuple[int, list[str]]:
+        return self._service.core.local_who(room)
+
+    def rooms(self) -> dict[str, int]:
+        return self._service.core.local_rooms()
+
+    def private(self, sender: str, nick: str, text: str) -> str | None:
+        delivered, effects = self._service.core.deliver_private(sender, nick, text)
+        self._service._schedule(effects)
+        return delivered
+
+    def nick_lost(self, nick: str) -> None:
+        self._service._schedule(self._service.core.nick_lost(nick))
+
+    def cluster_changed(self, available: bool, detail: str) -> None:
+        self._service._cluster_changed(available, detail)
+
+    def undelivered(self, origin: Hashable, line: bytes, detail: str) -> None:
+        self._service._undelivered(origin, line, detail)
