@@ -48,7 +48,9 @@ __all__ = [
     "ATTACH_TIMEOUT",
     "CONTROL_LINE_LIMIT",
     "CONTROL_TIMEOUT",
+    "COOKIE_SIZE",
     "DATAGRAM",
+    "DATAGRAM_MAGIC",
     "DEFAULT_DURATION",
     "DEFAULT_MAX_BITRATE",
     "DEFAULT_MAX_DURATION",
@@ -78,6 +80,8 @@ __all__ = [
     "ROLE_DATA",
     "ROLE_PROBE",
     "STREAM_HELLO",
+    "STREAM_MAGIC",
+    "VERSION",
     "DatagramCounts",
     "LatencySamples",
     "LatencySummary",
@@ -163,6 +167,7 @@ _WINDOW_MASK: Final = (1 << REORDER_WINDOW) - 1
 # -- wire formats -----------------------------------------------------------------------------
 
 VERSION: Final = 1
+"""The version of the speed test's wire formats, in every start and stream hello."""
 STREAM_MAGIC: Final = b"NLST"
 STREAM_HELLO: Final = struct.Struct("!4sBBH8s")
 """A stream's first bytes: magic, version, role, stream index, cookie (16 bytes)."""
