@@ -48,9 +48,15 @@ SMOKE_RUNS = {
 }
 
 
+RUN_ELSEWHERE = {"soak.py": "tests/test_soak.py"}  # its 2-minute version is a test of its own
+
+
 def test_every_benchmark_has_a_smoke_run() -> None:
     """Every script in benchmarks/ (the shared harness/ package aside) is smoke-run."""
-    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(SMOKE_RUNS)
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py"))
+    assert scripts == sorted([*SMOKE_RUNS, *RUN_ELSEWHERE])
+    root = BENCHMARKS.parent
+    assert all((root / test).is_file() for test in RUN_ELSEWHERE.values())
 
 
 @pytest.mark.slow
