@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test check lint typecheck pytest bench docs clean
+.PHONY: demo test check lint typecheck pytest bench soak docs clean
 
 # test + dev (ruff, mypy) + cli (prompt_toolkit for the interactive chat client, rich)
 $(STAMP): pyproject.toml
@@ -41,6 +41,9 @@ docs: $(DOCS_STAMP)  ## build the documentation site into docs/_build/html; warn
 
 bench: $(STAMP)  ## run the benchmarks (several minutes)
 	$(BIN)/python benchmarks/tcp_echo.py
+
+soak: $(STAMP)  ## robustness row R18: 30 minutes of mixed traffic, then the verdict
+	$(BIN)/python benchmarks/soak.py --minutes 30 --warmup 5
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis docs/_build

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import statistics
 import struct
@@ -116,7 +117,15 @@ async def serve(proto: str, host: str) -> None:
         rudp = await opened.__aenter__()
         port = rudp.addresses[0][1]
     print(port, flush=True)
-    await asyncio.Event().wait()  # until killed
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()  # until terminated: a rudp server reports its counters first
+    if proto not in ("tcp", "kcp"):
+        stats = rudp.statistics()
+        counters = {"retransmissions": stats.retransmissions}
+        counters["spurious_retransmissions"] = stats.spurious_retransmissions
+        counters["datagram_size"] = stats.datagram_size
+        print(json.dumps(counters), flush=True)
 
 
 # -- clients ------------------------------------------------------------------------------------
@@ -160,6 +169,7 @@ async def client(proto: str, host: str, port: int, count: int, size: int, interv
     loop = asyncio.get_running_loop()
     recorder = _Recorder(count, size)
     linger = 5.0
+    counters: dict[str, int] = {}
     if proto == "tcp":
         reader, writer = await asyncio.open_connection(host, port)
 
@@ -215,7 +225,11 @@ async def client(proto: str, host: str, port: int, count: int, size: int, interv
             reading = asyncio.create_task(read_rudp())
             await _open_loop(recorder, stream.send, interval, linger)
             reading.cancel()
-    print(json.dumps({"rtts": list(recorder.rtts.values())}), flush=True)
+            stats = stream.extra("reliable_statistics")
+            counters = {"retransmissions": stats.retransmissions}
+            counters["spurious_retransmissions"] = stats.spurious_retransmissions
+            counters["datagram_size"] = stats.datagram_size
+    print(json.dumps({"rtts": list(recorder.rtts.values()), **counters}), flush=True)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -246,13 +260,16 @@ def measure(pair: Namespaces, proto: str, args: argparse.Namespace) -> dict[str,
             timeout=args.count * args.interval + 60,
         )
         packets = pair.packets_sent() - before
+        server.terminate()  # a rudp server prints its counters on SIGTERM
+        rest, _ = server.communicate(timeout=10)
     finally:
         server.kill()
         server.wait(10)
     if done.returncode != 0:
         raise RuntimeError(f"the {proto} client failed: {done.stderr[-2000:]}")
-    rtts: list[float] = json.loads(done.stdout.splitlines()[-1])["rtts"]
-    return {
+    result = json.loads(done.stdout.splitlines()[-1])
+    rtts: list[float] = result["rtts"]
+    row = {
         "proto": proto,
         "delivered": len(rtts),
         "sent": args.count,
@@ -261,16 +278,31 @@ def measure(pair: Namespaces, proto: str, args: argparse.Namespace) -> dict[str,
         "max_ms": max(rtts) if rtts else None,
         "packets_per_message": packets / args.count,
     }
+    if proto == "rudp":  # both sides' counters: fragments acknowledged twice (a lower bound)
+        served = json.loads(rest.strip().splitlines()[-1])
+        spurious = result["spurious_retransmissions"] + served["spurious_retransmissions"]
+        row["retransmissions"] = result["retransmissions"] + served["retransmissions"]
+        row["spurious_retransmissions"] = spurious
+        row["spurious_share"] = spurious / (2 * args.count)  # of the messages, both ways
+        row["datagram_size"] = max(result["datagram_size"], served["datagram_size"])
+    return row
 
 
 def _line(row: dict[str, Any]) -> str:
     if not row["delivered"]:
         return f"loss {row['loss_pct']:>4g}% {row['proto']:<5} delivered nothing"
-    return (
+    line = (
         f"loss {row['loss_pct']:>4g}% {row['proto']:<5} delivered {row['delivered']}/"
         f"{row['sent']}  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
         f"max {row['max_ms']:.1f} ms  packets/msg {row['packets_per_message']:.2f}"
     )
+    if "spurious_retransmissions" in row:
+        line += (
+            f"  retransmitted {row['retransmissions']}, spurious"
+            f" {row['spurious_retransmissions']} ({100 * row['spurious_share']:.2f}%)"
+            f"  datagrams up to {row['datagram_size']} B"
+        )
+    return line
 
 
 def _kcp_available() -> bool:
@@ -350,6 +382,9 @@ def check_goals(rows: list[dict[str, Any]]) -> list[str]:
         ratio = None if rudp is None or not tcp else rudp / tcp
         goal(f"rudp p99 / tcp p99 at {loss:g}% loss", ratio, 1.1, "x")
     goal("rudp packets per echoed message at 0% loss", packets.get(("rudp", 0.0)), 3.0)
+    spurious = [r["spurious_share"] for r in rows if "spurious_share" in r]
+    worst = 100 * max(spurious) if spurious else None
+    goal("rudp spurious retransmissions, % of messages (worst loss level)", worst, 2.0, "%")
     return lines
 
 

@@ -111,6 +111,7 @@ async def open_chat_server(
     udp_port: int | None = None,
     service: ChatService | None = None,
     max_connections_per_host: int | None = DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    reuse_port: bool = False,
     nats: str | Sequence[str] | None = None,
     nats_config: NatsHubConfig | None = None,
 ) -> AsyncIterator[ChatServer]:
@@ -125,6 +126,8 @@ async def open_chat_server(
         service: the chat to serve (default: a new ``ChatService`` with a ``MemoryHub``).
         max_connections_per_host: cap on TCP members from one IP address (default 256;
             None: no cap, for members behind one proxy or NAT).
+        reuse_port: bind TCP with SO_REUSEPORT, so several processes serve one port (their
+            members share rooms only through a shared hub).
         nats: NATS server URL(s): the server becomes a node of the chat cluster on that
             NATS (a ``ChatService`` on a ``NatsHub``; needs ``netlib[nats]``).
         nats_config: the cluster's names and limits (``NatsHubConfig``), with ``nats``.
@@ -165,6 +168,7 @@ async def open_chat_server(
                     shutdown_grace=CHAT_CLOSE_GRACE,
                     max_connections_per_host=max_connections_per_host,
                     reject_notice=_reject_notice,
+                    reuse_port=reuse_port,
                 )
             )
             server.tcp = tcp
@@ -173,7 +177,7 @@ async def open_chat_server(
             rudp = await stack.enter_async_context(
                 open_reliable_udp_server(
                     None,
-                    host or "0.0.0.0",
+                    host,  # None: IPv4 and IPv6, on one dual-stack socket
                     port,
                     protocol=chat_protocol_factory(chat),
                     framing=chat_framing(chat.limits),

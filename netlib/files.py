@@ -14,10 +14,11 @@ import asyncio
 import hashlib
 import json
 import os
+import ssl as _ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Final
 from urllib.parse import quote, unquote, urlsplit
 
@@ -67,10 +68,12 @@ class FileServer:
     Attributes:
         server: the TCP ``Server`` (connection statistics, ``addresses``).
         service: the file service (``statistics()``: requests, bytes sent, ...).
+        tls: whether it serves TLS (HTTPS).
     """
 
     server: Server
     service: FileService
+    tls: bool = False
 
     @property
     def addresses(self) -> list[Any]:
@@ -78,8 +81,9 @@ class FileServer:
 
     @property
     def url(self) -> str:
-        """The URL of the root on the first bound address."""
-        return f"http://{format_address(self.server.addresses[0])}/"
+        """The URL of the root on the first bound address (``https://`` with TLS)."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{format_address(self.server.addresses[0])}/"
 
     def statistics(self) -> FileServiceStatistics:
         return self.service.statistics()
@@ -102,10 +106,10 @@ async def open_file_server(
         host, port: where to listen (default loopback; port 0 picks a free one).
         limits: the service's limits (header size, requests per connection, keep-alive
             and request timeouts, concurrent downloads): ``FileServiceLimits``.
-        options: ``open_tcp_server`` options. By default the first-message deadline is
-            the request timeout, there is no idle deadline (the service times idle
-            kept-alive connections itself) and a client that stops reading for
-            ``DEFAULT_FILE_SEND_TIMEOUT`` seconds is cut off.
+        options: ``open_tcp_server`` options (``ssl=`` a server ``SSLContext`` serves
+            HTTPS). By default the first-message deadline is the request timeout, there is
+            no idle deadline (the service times idle kept-alive connections itself) and a
+            client that stops reading for ``DEFAULT_FILE_SEND_TIMEOUT`` seconds is cut off.
 
     Raises:
         NotADirectoryError, FileNotFoundError, PermissionError: ``root`` cannot be served.
@@ -117,7 +121,7 @@ async def open_file_server(
     options["framing"] = "raw"
     try:
         async with open_tcp_server(service.handle, host, port, **options) as server:
-            yield FileServer(server, service)
+            yield FileServer(server, service, tls=options.get("ssl") is not None)
     finally:
         service.close()
 
@@ -175,11 +179,15 @@ Progress = Callable[[int, int | None], object]
 """``progress(done, total)``: bytes of the file on disk so far, and its size if known."""
 
 
-def file_url(name_or_url: str, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """``name_or_url`` if it is an http URL, else the URL of that name on ``host:port``."""
+def file_url(
+    name_or_url: str, host: str = "127.0.0.1", port: int = 8000, *, tls: bool = False
+) -> str:
+    """``name_or_url`` if it is an http(s) URL, else the URL of that name on ``host:port``
+    (``https://`` with ``tls``)."""
     if name_or_url.startswith(("http://", "https://")):
         return name_or_url
-    return f"http://{format_address((host, port))}/{quote(name_or_url.lstrip('/'))}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://{format_address((host, port))}/{quote(name_or_url.lstrip('/'))}"
 
 
 async def download_file(
@@ -189,24 +197,34 @@ async def download_file(
     resume: bool = True,
     progress: Progress | None = None,
     read_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    ssl: _ssl.SSLContext | None = None,
 ) -> DownloadResult:
-    """Download ``url`` (``http://``) to ``path`` (default: the URL's last name).
+    """Download ``url`` (``http://`` or ``https://``) to ``path`` (default: the URL's last
+    name).
 
     The bytes go to ``PATH.part`` (its validator, the ``ETag`` or ``Last-Modified``, to
     ``PATH.part.json``), which becomes ``PATH`` when complete and verified. With
     ``resume``, an existing ``PATH.part`` is continued with ``Range`` and ``If-Range``:
     the server sends the rest only if the file is unchanged, else the whole file, and the
-    download starts over (``restarted``).
+    download starts over (``restarted``). The body is received straight into 1 MiB
+    buffers and hashed in a worker thread as it comes (``MessageStream.receive_file``).
+
+    ``ssl`` is the client context for an ``https://`` URL (default: the system's
+    certificate authorities, ``ssl.create_default_context()``); the certificate must
+    name the URL's host.
 
     Raises:
         RequestRefused: the server answered with an error (404, 403, ...).
         BrokenResourceError: the connection was lost (``PATH.part`` stays, to resume).
         PeerTimedOut: no bytes came for ``read_timeout`` seconds.
         DigestMismatch: the file does not match the server's SHA-256 (it is removed).
-        OSError: the connection failed, or the file cannot be written.
-        ValueError: ``url`` is not an http URL with a file name.
+        OSError: the connection failed, or the file cannot be written (``ssl.SSLError``:
+            the TLS handshake failed, the certificate was not trusted).
+        ValueError: ``url`` is not an http(s) URL with a file name, or ``ssl`` is given
+            for an ``http://`` URL.
     """
-    host, port, target = _split_url(url)
+    where = _split_url(url, ssl)
+    target = where.target
     if path is None:
         path = unquote(target.split("?", 1)[0].rstrip("/").rpartition("/")[2])
         if not path or path in (".", ".."):
@@ -225,7 +243,10 @@ async def download_file(
     else:
         offset = 0
     mismatch = False
-    async with _request(host, port, target, headers, read_timeout) as response:
+    received: int | None = None
+    expected: bytes | None = None
+    sha: Any = None  # a hashlib object, when the server sends a digest
+    async with _request(where, headers, read_timeout) as response:
         status = response.status
         restarted = False
         if status == 416 and offset:  # the part is longer than the file: fetch it whole
@@ -234,41 +255,35 @@ async def download_file(
             raise RequestRefused(status, await response.reason_line())
         else:
             size = response.length
-            overlap = 0
             if status == 206:
                 start, total = _content_range(response.header("content-range"))
                 if not offset or start != offset - 1:
                     raise ProtocolError(f"asked for bytes from {offset - 1}, got from {start}")
-                size, overlap = total, 1
+                size = total
             else:
                 restarted = offset > 0
-                offset = 0
+                offset, last = 0, b""
+            expected = parse_repr_digest(response.header("repr-digest"))
             _write_meta(meta, url, _validator(response))
-            received = 0
+            sha = None
+            if expected is not None:  # hashed as it comes, from what the part has so far
+                sha = await asyncio.to_thread(_prefix_sha256, part, offset)
             with _open_part(part, append=status == 206) as out:
-                if progress is not None:
-                    progress(offset, size)
-                async for chunk in response.body():
-                    if overlap:
-                        if chunk[:1] != last:
-                            mismatch = True  # unchanged, says the validator: but not so
-                            break
-                        chunk, overlap = chunk[1:], 0
-                    out.write(chunk)
-                    received += len(chunk)
-                    if progress is not None:
-                        progress(offset + received, size)
+                received = await _save_body(
+                    response, out.fileno(), offset, size, last, sha, progress
+                )
+            mismatch = received is None
     if mismatch:  # the part is no prefix of this file: fetch it whole
         _remove(part, meta)
         result = await download_file(
-            url, path, resume=False, progress=progress, read_timeout=read_timeout
+            url, path, resume=False, progress=progress, read_timeout=read_timeout, ssl=ssl
         )
         result.restarted = True
         return result
-    expected = parse_repr_digest(response.header("repr-digest"))
+    assert received is not None
     sha256: str | None = None
-    if expected is not None:
-        actual = await asyncio.to_thread(_file_sha256, part)
+    if sha is not None and expected is not None:
+        actual = sha.digest()
         sha256 = actual.hex()
         if actual != expected:
             _remove(part, meta)
@@ -285,26 +300,90 @@ async def download_file(
         resumed_from=offset,
         restarted=restarted,
         sha256=sha256,
-        verified=expected is not None,
+        verified=sha is not None,
         seconds=time.monotonic() - started,
         headers=response.headers,
     )
 
 
+async def _save_body(
+    response: _Response,
+    fd: int,
+    offset: int,
+    size: int | None,
+    last: bytes,
+    sha: Any,
+    progress: Progress | None,
+) -> int | None:
+    """Write the body of ``response`` to ``fd`` (the part, at byte ``offset``); returns the
+    bytes written, or None if the body's first byte is not ``last`` (a resume's overlap).
+
+    h11 reads the head and whatever it holds of the body; a body with a Content-Length
+    is then received with ``MessageStream.receive_file`` (large buffers straight from the
+    transport, hashed in a thread as they come), any other (chunked, or up to the close)
+    through h11.
+    """
+    received = 0
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(offset + received + done, size)
+
+    report(0)
+    seen = 0  # body bytes h11 handed over, the overlap included
+    while True:
+        chunk = await response.next_data(read=bool(last))
+        if chunk is None:
+            break
+        seen += len(chunk)
+        if last:
+            if chunk[:1] != last:
+                return None  # unchanged, says the validator: but not so
+            chunk, last = chunk[1:], b""
+        if chunk:
+            _write_all(fd, chunk)
+            if sha is not None:
+                sha.update(chunk)
+            received += len(chunk)
+            report(0)
+    if response.complete:
+        return received
+    if response.length is None or response.chunked:
+        async for chunk in response.body():
+            _write_all(fd, chunk)
+            if sha is not None:
+                sha.update(chunk)
+            received += len(chunk)
+            report(0)
+        return received
+    left = response.length - seen
+    try:
+        received += await response.stream.receive_file(
+            fd, left, digest=sha, progress=report, idle_timeout=response.timeout
+        )
+    except PeerTimedOut:
+        raise PeerTimedOut(f"no data from the server for {response.timeout:g}s") from None
+    except BrokenResourceError:
+        raise BrokenResourceError("the connection closed before the end of the file") from None
+    return received
+
+
 async def list_files(
-    url: str, *, read_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    url: str, *, read_timeout: float = DEFAULT_CLIENT_TIMEOUT, ssl: _ssl.SSLContext | None = None
 ) -> list[dict[str, Any]]:
     """The entries of the directory at ``url`` on a netlib file server: dicts with
-    ``name``, ``type`` (``file`` or ``directory``), ``size`` and ``mtime``.
+    ``name``, ``type`` (``file`` or ``directory``), ``size`` and ``mtime``. ``ssl``: as
+    for ``download_file``.
 
     Raises:
         RequestRefused: the server answered with an error, or not with a JSON listing.
     """
-    host, port, target = _split_url(url)
+    where = _split_url(url, ssl)
+    target = where.target
     if not target.split("?", 1)[0].endswith("/"):
         target = target.replace("?", "/?", 1) if "?" in target else target + "/"
     headers = [(b"accept", b"application/json")]
-    async with _request(host, port, target, headers, read_timeout) as response:
+    async with _request(replace(where, target=target), headers, read_timeout) as response:
         if response.status != 200:
             raise RequestRefused(response.status, await response.reason_line())
         body = b"".join([chunk async for chunk in response.body()])
@@ -333,6 +412,43 @@ class _Response:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
+
+    @property
+    def stream(self) -> MessageStream:
+        return self._stream
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def chunked(self) -> bool:
+        return "transfer-encoding" in self.headers
+
+    @property
+    def complete(self) -> bool:
+        """Whether h11 has seen the end of the body."""
+        return self._conn.their_state is not h11.SEND_BODY
+
+    async def next_data(self, *, read: bool) -> bytes | None:
+        """The next piece of the body h11 holds (with ``read``, reading for one if it holds
+        none); None when it holds none (or the body is complete)."""
+        if self.complete:
+            return None
+        if read:
+            event = await _client_event(self._conn, self._stream, self._timeout)
+        else:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolError(f"the server broke HTTP/1.1: {exc}") from None
+            if event is h11.NEED_DATA:
+                return None
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            return None
+        raise BrokenResourceError("the connection closed before the end of the file")
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
@@ -372,16 +488,25 @@ _STATUS_TEXT: Final = {
 }
 
 
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    target: str  # the request target: path and query
+    ssl: _ssl.SSLContext | None  # https
+
+
 @asynccontextmanager
 async def _request(
-    host: str, port: int, target: str, headers: list[tuple[bytes, bytes]], read_timeout: float
+    where: _Target, headers: list[tuple[bytes, bytes]], read_timeout: float
 ) -> AsyncIterator[_Response]:
-    async with _connect(host, port, read_timeout) as stream:
+    host, port = where.host, where.port
+    async with _connect(where, read_timeout) as stream:
         conn = h11.Connection(h11.CLIENT)
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = h11.Request(
             method="GET",
-            target=target.encode(),
+            target=where.target.encode(),
             headers=[
                 (b"host", authority.encode()),
                 (b"user-agent", b"netlib"),
@@ -401,14 +526,18 @@ async def _request(
 
 
 @asynccontextmanager
-async def _connect(host: str, port: int, connect_timeout: float) -> AsyncIterator[MessageStream]:
-    """A raw stream to ``host:port`` (what ``connect_tcp`` does; the public verbs do not
-    import each other)."""
+async def _connect(where: _Target, connect_timeout: float) -> AsyncIterator[MessageStream]:
+    """A raw stream to the target's host and port, over TLS for https (what
+    ``connect_tcp`` does; the public verbs do not import each other)."""
     protocol = StreamProtocol(RawFraming(), StreamLimits())
     loop = asyncio.get_running_loop()
+    tls: dict[str, Any] = {}
+    if where.ssl is not None:
+        tls = {"ssl": where.ssl, "server_hostname": where.host}
+        tls["ssl_handshake_timeout"] = connect_timeout
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: protocol, host, port)
+            await loop.create_connection(lambda: protocol, where.host, where.port, **tls)
     except BaseException:
         protocol.abort()
         raise
@@ -444,18 +573,23 @@ def _ended(conn: h11.Connection) -> bool:
     return conn.trailing_data[1]
 
 
-def _split_url(url: str) -> tuple[str, int, str]:
+def _split_url(url: str, context: _ssl.SSLContext | None) -> _Target:
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"not an http:// URL: {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http:// or https:// URL: {url!r}")
+    https = parts.scheme == "https"
+    if context is not None and not https:
+        raise ValueError(f"a TLS context was given for {url!r}: use an https:// URL")
     try:
-        port = parts.port or 80
+        port = parts.port or (443 if https else 80)
     except ValueError:
         raise ValueError(f"bad port in {url!r}") from None
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    return parts.hostname, port, target
+    if https and context is None:
+        context = _ssl.create_default_context()
+    return _Target(parts.hostname, port, target, context)
 
 
 def _partial(part: str, meta: str, url: str) -> tuple[int, str | None]:
@@ -501,17 +635,27 @@ def _write_meta(meta: str, url: str, validator: str | None) -> None:
 
 
 def _open_part(part: str, *, append: bool) -> BinaryIO:
-    """Unbuffered: what was received is on disk at once, so even a killed client leaves a
+    """Unbuffered: what was received is written within ``RECEIVE_FILE_FLUSH_DELAY`` (0.1 s;
+    at once on an error or a cancellation), and in order, so even a killed client leaves a
     part that is a prefix of the file, ready to resume."""
     return open(part, "ab" if append else "wb", buffering=0)
 
 
-def _file_sha256(path: str) -> bytes:
+def _prefix_sha256(path: str, size: int) -> Any:
+    """A SHA-256 object fed the first ``size`` bytes of ``path``."""
     sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            sha.update(chunk)
-    return sha.digest()
+    if size:
+        with open(path, "rb") as file:
+            while size and (chunk := file.read(min(_CHUNK, size))):
+                sha.update(chunk)
+                size -= len(chunk)
+    return sha
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _remove(*paths: str) -> None:

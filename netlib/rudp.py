@@ -18,7 +18,11 @@ from typing import Any, Final, TypedDict
 from typing_extensions import Unpack
 
 from netlib.aio.reliable import HANDSHAKE_RATE, ReliableEndpoint, ReliableTransport
-from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
+from netlib.aio.sockets import (
+    DatagramSocketOptions,
+    open_datagram_socket,
+    open_dual_stack_datagram_socket,
+)
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import PeerTimedOut
 from netlib.sansio.budget import DEFAULT_MEMORY_BUDGET
@@ -79,6 +83,8 @@ class ReliableUDPServerStatistics:
         unknown_dropped: datagrams for no connection (or from the wrong address).
         rate_limited: connection attempts dropped by the per-source rate limit.
         send_dropped: datagrams the socket's send buffer refused (resent like losses).
+        datagram_size: the largest datagram size (bytes) a connection reached by path MTU
+            discovery (1,200 until a probe proves more; ``ReliableConfig.max_datagram``).
     """
 
     accepted: int
@@ -100,6 +106,7 @@ class ReliableUDPServerStatistics:
     unknown_dropped: int
     rate_limited: int
     send_dropped: int
+    datagram_size: int
 
 
 class ReliableUDPServer:
@@ -110,11 +117,14 @@ class ReliableUDPServer:
     connection cleanly (its data delivered, CLOSE acknowledged), then aborts the rest.
     """
 
-    def __init__(self, server: Server, endpoint: ReliableEndpoint) -> None:
+    def __init__(
+        self, server: Server, endpoint: ReliableEndpoint, addresses: list[Any] | None = None
+    ) -> None:
         self._server = server
         self._endpoint = endpoint
-        self.addresses: list[Any] = [endpoint.sockname]
-        """The bound address (with the real port when bound to port 0)."""
+        self.addresses: list[Any] = addresses or [endpoint.sockname]
+        """The bound address, with the real port when bound to port 0; for a dual-stack
+        socket (``host=None``) IPv4's and IPv6's every-interface addresses."""
 
     def statistics(self) -> ReliableUDPServerStatistics:
         """Return a snapshot of the counters."""
@@ -132,6 +142,7 @@ class ReliableUDPServer:
         )
         rtts: list[float] = []
         min_rtt = totals.min_rtt
+        datagram_size = totals.datagram_size
         for conn in endpoint.connections():
             stats = conn.statistics()
             sent += stats.datagrams_sent
@@ -139,6 +150,7 @@ class ReliableUDPServer:
             retransmitted += stats.retransmissions
             spurious += stats.spurious_retransmissions
             losses += stats.losses_detected
+            datagram_size = max(datagram_size, stats.datagram_size)
             if stats.min_rtt:
                 rtts.append(stats.smoothed_rtt)
                 min_rtt = stats.min_rtt if not min_rtt else min(min_rtt, stats.min_rtt)
@@ -162,6 +174,7 @@ class ReliableUDPServer:
             unknown_dropped=core.unknown_dropped + core.small_hello_dropped,
             rate_limited=totals.rate_limited,
             send_dropped=endpoint.send_dropped,
+            datagram_size=datagram_size,
         )
 
     @property
@@ -215,7 +228,7 @@ def _accept_with(server_of: Callable[[], Server]) -> Callable[[ReliableTransport
 @asynccontextmanager
 async def open_reliable_udp_server(
     handler: Handler | None,
-    host: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
     port: int = 0,
     *,
     protocol: ProtocolFactory | None = None,
@@ -241,14 +254,17 @@ async def open_reliable_udp_server(
 
     Args:
         handler: ``async def handler(stream: MessageStream)``, run once per connection.
-        host: address to bind (default loopback).
+        host: address to bind (default loopback). None binds every interface, IPv4 and IPv6,
+            on one dual-stack socket (IPv4 peers appear as ``::ffff:a.b.c.d``; IPv4 alone
+            where the platform has no dual-stack sockets), so one core, one set of caps and
+            one handshake limiter serve both.
         port: UDP port (0 picks a free one: see ``addresses``).
         protocol: with ``handler=None``, a ``StreamProtocol`` factory (as for
             ``open_tcp_server``) that serves each connection itself.
         framing: ``"raw"`` (default: one message per ``send()``), ``"line"``, ``"length"``
             or a ``Framing`` object, applied to the bytes the messages carry.
         config: the reliable connections' knobs (``ReliableConfig``: ack delay, idle
-            timeout, keepalive, buffers, largest message).
+            timeout, keepalive, buffers, largest message, largest datagram).
         max_connections: connections at once (verified handshakes beyond it are refused).
         max_connections_per_host: connections from one IP address at once.
         handshake_rate: connection attempts one source address may make per second; more
@@ -295,12 +311,20 @@ async def open_reliable_udp_server(
         max_sessions_per_host=max_connections_per_host,
         handshake_rate=handshake_rate,
     )
+    addresses: list[Any] | None = None
     try:
-        endpoint.open(await open_datagram_socket(DatagramSocketOptions(local=(host, port))))
+        sock = open_dual_stack_datagram_socket(port) if host is None else None
+        if sock is None:
+            local = (host or "0.0.0.0", port)
+            sock = await open_datagram_socket(DatagramSocketOptions(local=local))
+        else:
+            bound = sock.getsockname()[1]
+            addresses = [("0.0.0.0", bound), ("::", bound, 0, 0)]
+        endpoint.open(sock)
     except BaseException:
         server.close()
         raise
-    rudp = ReliableUDPServer(server, endpoint)
+    rudp = ReliableUDPServer(server, endpoint, addresses)
     try:
         yield rudp
     finally:
@@ -330,7 +354,7 @@ class ReliableUDPServerOptions(TypedDict, total=False):
 
 async def serve_reliable_udp(
     handler: Handler | None,
-    host: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
     port: int = 0,
     **options: Unpack[ReliableUDPServerOptions],
 ) -> None:

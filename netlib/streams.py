@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol, Self, TypeAlias
 
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramStatistics, address_key
 from netlib.aio.sockets import extra_info
-from netlib.aio.stream import StreamProtocol
+from netlib.aio.stream import Digest, StreamProtocol
 from netlib.errors import ClosedResourceError, PeerTimedOut, WouldBlock
 
 __all__ = [
@@ -60,6 +60,10 @@ def as_bytes(data: object) -> bytes:
     if isinstance(data, str):
         raise TypeError("send() takes bytes, not str: encode text first, as in text.encode()")
     raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+
+
+def _ignore(_nbytes: int) -> None:
+    pass
 
 
 class MessageStream:
@@ -114,6 +118,21 @@ class MessageStream:
                 raise conn.end_error()
             await waiter
         return self._protocol.take()
+
+    async def discard(self, count: Callable[[int], object] | None = None) -> None:
+        """Read and drop everything until the peer finishes, keeping nothing.
+
+        ``count(nbytes)`` is called with the size of each read (messages already received
+        first). The bytes are counted where the kernel put them: no copy, no queue, and
+        no wake-up of this task per read, so a sink keeps up with the socket (the speed
+        test's TCP receiver is one). Meant for raw framing: nothing is decoded.
+
+        Raises:
+            PeerTimedOut, BrokenResourceError: the connection failed before its end.
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        await self._protocol.sink(count or _ignore)
 
     def __aiter__(self) -> Self:
         return self
@@ -190,10 +209,11 @@ class MessageStream:
         """Send ``count`` bytes of the file open on descriptor ``fd``, from ``offset``, as
         they are (no framing: for raw streams).
 
-        The kernel copies the bytes with ``loop.sendfile`` where the loop has it (asyncio,
-        without TLS); elsewhere (uvloop, TLS) the file is read 64 KiB at a time and each
-        piece written once the peer has taken the previous ones, so a download holds at
-        most the write buffer's high mark plus 64 KiB whatever the peer's pace. The
+        The kernel copies the bytes: with ``loop.sendfile`` where the loop has it
+        (asyncio), with ``os.sendfile`` on the socket where it does not (uvloop; 64 KiB go
+        through the transport when the socket is full). With TLS the file is read 64 KiB
+        at a time and each piece written once the peer has taken the previous ones. Either
+        way a download holds at most about 128 KiB whatever the peer's pace. The
         descriptor stays the caller's to close. Returns the bytes sent (fewer if the file
         is shorter).
 
@@ -206,6 +226,44 @@ class MessageStream:
         if self._protocol.lost:
             raise self._protocol.lost_error()
         return await self._protocol.sendfile(fd, offset, count)
+
+    async def receive_file(
+        self,
+        fd: int,
+        count: int,
+        *,
+        digest: Digest | None = None,
+        progress: Callable[[int], object] | None = None,
+        idle_timeout: float | None = None,
+    ) -> int:
+        """Receive exactly ``count`` bytes as they are (no framing: for raw streams) and
+        write them to the file open on descriptor ``fd``, at its current position.
+
+        The counterpart of ``sendfile``: the transport reads straight into buffers of 1 MiB
+        (``aio.stream.RECEIVE_FILE_BUFFER``), each written with one ``os.write``; with a
+        ``digest`` (a ``hashlib`` object) each buffer is hashed in a worker thread while
+        the next one fills. At most 4 MiB are held (``RECEIVE_FILE_BUFFERS``): reading
+        pauses until the digest frees a buffer. Messages already received go first; bytes
+        past ``count`` are not read, and stay for ``receive()``. ``progress(n)`` is called
+        with the bytes written so far after each write. The descriptor stays the caller's
+        to close. Returns ``count``.
+
+        Whatever ends the call, the bytes received are in the file: an interrupted
+        transfer leaves a prefix of it. After an error or a cancellation the connection is
+        aborted (its input stopped in the middle of the bytes).
+
+        Raises:
+            BrokenResourceError: the connection closed or was lost first.
+            PeerTimedOut: no byte came for ``idle_timeout`` seconds.
+            OSError: the file could not be written.
+            ClosedResourceError: this stream was closed with ``aclose()``.
+        """
+        self._check_open()
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        return await self._protocol.receive_file(
+            fd, count, digest=digest, progress=progress, idle_timeout=idle_timeout
+        )
 
     def end_input(self) -> None:
         """Stop receiving: messages already received stay readable, then iteration ends.

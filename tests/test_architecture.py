@@ -23,6 +23,7 @@ LAYERS = {
     "netlib.rudp": 5,
     "netlib.chat": 5,
     "netlib.files": 5,
+    "netlib.speedtest": 5,
     "netlib.nats_server": 5,
     "netlib.runner": 5,
     "netlib.testing": 5,
@@ -170,5 +171,6 @@ _SUBMODULES = {
     "chat_client",
     "nats_server",
     "files",
+    "speedtest",
     "testing",
 }

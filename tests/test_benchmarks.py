@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -44,12 +45,21 @@ SMOKE_RUNS = {
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
     "rudp_bulk.py": ["--mib", "2", "--runs", "1"],
+    "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
+    "speedtest.py": ["--duration", "1", "--runs", "1", "--loops", "uvloop"],
+    "files.py": ["--quick", "--mib", "4"],
 }
+
+
+RUN_ELSEWHERE = {"soak.py": "tests/test_soak.py"}  # its 2-minute version is a test of its own
 
 
 def test_every_benchmark_has_a_smoke_run() -> None:
     """Every script in benchmarks/ (the shared harness/ package aside) is smoke-run."""
-    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(SMOKE_RUNS)
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py"))
+    assert scripts == sorted([*SMOKE_RUNS, *RUN_ELSEWHERE])
+    root = BENCHMARKS.parent
+    assert all((root / test).is_file() for test in RUN_ELSEWHERE.values())
 
 
 @pytest.mark.slow
@@ -70,10 +80,43 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         for proto in ("tcp", "rudp"):
             assert re.search(rf"loss +5% {proto} +delivered 60/60", done.stdout), done.stdout
         assert "goal: rudp p99 at 5% loss <= 20 ms:" in done.stdout
+        assert re.search(r"loss +5% rudp .* spurious \d+ \(\d+\.\d\d%\)", done.stdout)
+        assert "goal: rudp spurious retransmissions" in done.stdout
         return
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):
             assert re.search(rf"goal: {loop} rudp goodput >= 0.5x tcp: (PASS|FAIL)", done.stdout)
+        return
+    if script == "workers.py":  # every server echoed, with no error
+        assert re.search(r"--workers N against one process: \d+\.\d\dx", done.stdout)
+        rows = [line for line in done.stdout.splitlines() if line.startswith("netlib echo")]
+        assert len(rows) == 2
+        assert all(re.search(r" 0 +1( D)?$", row) for row in rows), rows  # errors, rounds
+        return
+    if script == "speedtest.py":  # iperf3 is the baseline where it is installed
+        assert re.search(r"netlib uvloop +\d+\.\d\d Gbit/s", done.stdout), done.stdout
+        if shutil.which("iperf3"):
+            assert re.search(r"goal: netlib uvloop tcp >= 0.5x iperf3: (PASS|FAIL)", done.stdout)
+        else:
+            assert "iperf3 is not installed" in done.stdout
+        return
+    if script == "files.py":  # each row ran its client: only netlib's verify a digest
+        checks = {
+            "curl -o /dev/null <- netlib uvloop": "-",
+            "curl -o FILE <- os.sendfile": "-",
+            "download_file (uvloop) <- netlib uvloop": "verified",
+            "download_file (asyncio) <- os.sendfile": "verified",
+            "netlib files get (uvloop) <- netlib uvloop": "verified",
+            "download_file (uvloop) <- http.server": "-",
+        }
+        for row, checked in checks.items():
+            if row.startswith("curl") and shutil.which("curl") is None:
+                continue
+            line = rf"^{re.escape(row)} +\d+ +(\d\.\d\d|-) +\d+\.\d\d +\d+\.\d\d +{checked}(?!\S)"
+            assert re.search(line, done.stdout, re.MULTILINE), (row, done.stdout)
+        for loop in ("uvloop", "asyncio"):
+            verdict = rf"(PASS|FAIL): netlib's client receives and verifies \({loop},"
+            assert re.search(verdict, done.stdout), done.stdout
         return
     if script == "handler_costs.py":  # explains, checks nothing
         assert re.search(r"serve_tcp / raw idle memory: \d+\.\d\dx", done.stdout)

@@ -151,7 +151,13 @@ def test_demo_runs_and_stops_by_itself(loop_name: str) -> None:
     assert "carol sees:  [#lobby] *** alice quit (see you)" in done.stdout
     assert "bob sees:  [#lobby] <alice> hello from the first server" in done.stdout
     assert "alice sees:  -bob- and this is the second" in done.stdout  # across NATS
-    assert "demo done" in done.stdout
+    assert re.search(
+        r"saved 8388608 bytes in [\d.]+s; SHA-256 [0-9a-f]{16}\.\.\. verified against the "
+        r"server's Repr-Digest\n  identical to the file served: True; file server: "
+        r"requests=1 bytes_sent=8388608\n",
+        done.stdout,
+    )
+    assert done.stdout.rstrip().endswith("demo done")
 
 
 def test_udp_echo_serve_and_send_timestamp(loop_name: str) -> None:
@@ -727,6 +733,31 @@ def test_rudp_echo_serve_and_send_and_statistics_at_the_end(loop_name: str) -> N
     assert stats["cookies_sent"] == 1
 
 
+def test_rudp_on_every_interface_means_ipv4_and_ipv6(loop_name: str) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::", 0))  # a port free for both families (a dual-stack socket)
+        port = probe.getsockname()[1]
+    argv = ("--loop", loop_name, "echo", "serve", "--proto", "rudp", "--host", "*")
+    with running(*argv, "--port", str(port)) as (proc, listening):
+        assert sorted(listening["addresses"]) == sorted([f"0.0.0.0:{port}", f"[::]:{port}"])
+        for host in ("127.0.0.1", "::1"):
+            done = subprocess.run(
+                [
+                    *NETLIB,
+                    *("--loop", loop_name, "echo", "send", "--proto", "rudp"),
+                    *("--host", host, "--port", str(port), f"over {host}"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert (done.returncode, done.stdout, done.stderr) == (0, f"over {host}\n", "")
+        proc.send_signal(signal.SIGTERM)
+        stats = _read_json(proc)
+        assert proc.wait(timeout=10) == 0
+    assert stats["accepted"] == 2
+
+
 def test_rudp_echo_send_to_a_closed_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -762,9 +793,11 @@ def test_chat_serve_and_join_over_rudp(loop_name: str) -> None:
 
 
 @contextmanager
-def files_server(loop_name: str, root: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def files_server(
+    loop_name: str, root: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc = subprocess.Popen(
-        [*NETLIB, "--loop", loop_name, "files", "serve", str(root), "--port", "0"],
+        [*NETLIB, "--loop", loop_name, "files", "serve", str(root), "--port", "0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -801,7 +834,10 @@ def files_root(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["files", "get", "ftp://example.org/x"], "only http:// URLs are supported"),
+        (["files", "get", "ftp://example.org/x"], "only http:// and https:// URLs are"),
+        (["files", "get", "http://127.0.0.1:9/x", "--cacert", "ca.pem"], "for https:// URLs"),
+        (["files", "serve", ".", "--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
+        (["files", "get", "x", "--tls", "--cacert", "/no/such/ca.pem"], "cannot load --cacert"),
         (["files", "serve", "/no/such/directory"], "not a directory"),
         (["files", "get", "x", "--port", "70000"], "invalid port 70000"),
         (["files", "get", "http://127.0.0.1:9/"], "names no file"),
@@ -837,6 +873,41 @@ def test_files_serve_get_and_ls(loop_name: str, files_root: Path, tmp_path: Path
         listing = _files("ls", "--port", str(port), cwd=tmp_path)
         assert listing.returncode == 0, listing.stderr
         assert listing.stdout.split() == ["3145728", "data.bin", "-", "sub/"]
+
+
+def test_files_over_tls(loop_name: str, files_root: Path, tmp_path: Path) -> None:
+    """``files serve --tls-cert`` serves https; ``files get`` and ``ls`` trust it with
+    --cacert, refuse it without (one line, exit 1), and --insecure skips the check."""
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    data = (files_root / "data.bin").read_bytes()
+    server_pem = str(tmp_path / "server.pem")
+    with files_server(loop_name, files_root, "--tls-cert", server_pem) as (_proc, port):
+        url = f"https://127.0.0.1:{port}/data.bin"
+        cacert = ("--cacert", str(tmp_path / "ca.pem"))
+        got = _files("get", url, *cacert, "--json", "--loop", loop_name, cwd=tmp_path)
+        assert got.returncode == 0, got.stderr
+        summary = json.loads(got.stdout)
+        assert (summary["url"], summary["verified"]) == (url, True)
+        assert (tmp_path / "data.bin").read_bytes() == data
+        by_name = _files("get", "sub/a.txt", "--port", str(port), *cacert, cwd=tmp_path)
+        assert by_name.returncode == 0, by_name.stderr
+        assert (tmp_path / "a.txt").read_text() == "a\n"
+        listing = _files("ls", "--port", str(port), *cacert, cwd=tmp_path)
+        assert listing.stdout.split() == ["3145728", "data.bin", "-", "sub/"]
+        untrusted = _files("get", url, "-o", "x.bin", cwd=tmp_path)
+        assert untrusted.returncode == 1
+        assert untrusted.stderr == (
+            f"netlib: error: TLS with 127.0.0.1:{port} failed: certificate verify failed\n"
+        )
+        assert not (tmp_path / "x.bin.part").exists()
+        insecure = _files("get", "data.bin", "--port", str(port), "--insecure", "-o", "y.bin",
+                          cwd=tmp_path)  # fmt: skip
+        assert insecure.returncode == 0, insecure.stderr
+        assert (tmp_path / "y.bin").read_bytes() == data
 
 
 def test_files_get_errors_are_one_line_exit_1(files_root: Path, tmp_path: Path) -> None:

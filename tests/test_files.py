@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -18,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ import pytest
 import trustme
 
 import netlib
+from netlib.aio.stream import RECEIVE_FILE_BUFFER, RECEIVE_FILE_BUFFERS
 from netlib.files import FileServer
 from netlib.sansio.files import repr_digest
 from tests.helpers import wait_until
@@ -459,7 +462,7 @@ async def test_r17b_200_non_reading_clients_stay_within_the_per_connection_bound
             await loop.sock_sendall(sock, _get("/big.bin"))
         await wait_until(lambda: server.statistics().downloads == 200, 10.0)
         connections = list(server.server._connections.values())  # what each one holds
-        # each one waits: on the transport's buffer (chunked) or in the kernel (sendfile)
+        # each one waits: on the transport's buffer (uvloop) or in the kernel (loop.sendfile)
         await wait_until(lambda: all(_waiting(p) for p in connections if p is not None), 5.0)
         held = [p.buffered_size() for p in connections if p is not None]
         rss_growth = process.memory_info().rss - rss_before
@@ -474,7 +477,7 @@ async def test_r17b_200_non_reading_clients_stay_within_the_per_connection_bound
 
 
 async def test_r17c_the_same_sha256_on_each_loop(server: FileServer, tmp_path: Path) -> None:
-    """Runs on asyncio (loop.sendfile) and on uvloop (the chunked path)."""
+    """Runs on asyncio (loop.sendfile) and on uvloop (os.sendfile on the socket)."""
     result = await netlib.download_file(server.url + "big.bin", tmp_path / "big.bin")
     expected = hashlib.sha256(_pattern(64 * MiB, 1)).hexdigest()
     assert result.verified
@@ -748,3 +751,248 @@ async def test_the_client_downloads_from_python_http_server(
     with pytest.raises(netlib.RequestRefused):
         listing = await netlib.list_files(f"http://127.0.0.1:{http_server}/")
     assert listing is None
+
+
+# -- MessageStream.receive_file ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _sender(
+    data: bytes, *, then: str = "wait", ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[int, list[netlib.MessageStream]]]:
+    """A raw server sending ``data`` to each client, then: ``wait`` (for the client to
+    close), ``close`` (EOF), or ``stall`` (nothing more, the connection stays open)."""
+    streams: list[netlib.MessageStream] = []
+    done = asyncio.Event()
+
+    async def send(stream: netlib.MessageStream) -> None:
+        streams.append(stream)
+        await stream.send(data)
+        if then == "close":
+            return
+        with contextlib.suppress(netlib.NetlibError):
+            async for _ in stream:
+                pass
+        if then == "stall":
+            await done.wait()
+
+    async with netlib.open_tcp_server(send, ssl=ssl_context, idle_timeout=None) as server:
+        try:
+            yield server.addresses[0][1], streams
+        finally:
+            done.set()
+
+
+def _open_out(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+async def test_receive_file_writes_exactly_count_and_leaves_the_rest(tmp_path: Path) -> None:
+    """The file gets ``count`` bytes (hashed on the way, in buffers handed to a thread),
+    the bytes after them stay for receive()."""
+    data = _pattern(5 * MiB + 123, 7)
+    tail = b"the next message"
+    out = tmp_path / "out.bin"
+    seen: list[int] = []
+    async with (
+        _sender(data + tail) as (port, _),
+        netlib.connect_tcp("127.0.0.1", port) as stream,
+    ):
+        fd = _open_out(out)
+        try:
+            sha = hashlib.sha256()
+            count = await stream.receive_file(fd, len(data), digest=sha, progress=seen.append)
+        finally:
+            os.close(fd)
+        rest = b""
+        while len(rest) < len(tail):
+            rest += await stream.receive()
+    assert count == len(data)
+    assert out.read_bytes() == data
+    assert sha.digest() == hashlib.sha256(data).digest()
+    assert rest == tail
+    assert seen == sorted(seen)
+    assert seen[-1] == len(data)
+
+
+async def test_receive_file_over_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    data = _pattern(3 * MiB, 8)
+    out = tmp_path / "out.bin"
+    async with (
+        _sender(data + b"!", ssl_context=server_context) as (port, _),
+        netlib.connect_tcp(
+            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+        ) as stream,
+    ):
+        fd = _open_out(out)
+        try:
+            sha = hashlib.sha256()
+            assert await stream.receive_file(fd, len(data), digest=sha) == len(data)
+        finally:
+            os.close(fd)
+        assert await stream.receive() == b"!"
+    assert out.read_bytes() == data
+    assert sha.digest() == hashlib.sha256(data).digest()
+
+
+async def test_receive_file_holds_at_most_its_buffers(tmp_path: Path) -> None:
+    """A digest that does not keep up (blocked here) stops the reading once every buffer
+    waits for it: the transport stops reading with 4 buffers in the file; released, the
+    rest comes, in order."""
+    limit = RECEIVE_FILE_BUFFERS * RECEIVE_FILE_BUFFER
+    data = _pattern(limit + 4 * MiB, 9)
+    release = threading.Event()
+
+    class SlowDigest:
+        def __init__(self) -> None:
+            self.sha = hashlib.sha256()
+
+        def update(self, view: bytes | memoryview, /) -> None:
+            release.wait(10)
+            self.sha.update(view)
+
+    out = tmp_path / "out.bin"
+    seen: list[int] = []
+    digest = SlowDigest()
+    async with (
+        _sender(data) as (port, _),
+        netlib.connect_tcp("127.0.0.1", port) as stream,
+    ):
+        transport = stream._protocol.transport
+        assert transport is not None
+        fd = _open_out(out)
+        task = asyncio.create_task(
+            stream.receive_file(fd, len(data), digest=digest, progress=seen.append)
+        )
+        try:
+            await wait_until(lambda: not transport.is_reading(), 10)
+            assert seen[-1] == limit  # every buffer written, none free: reading paused
+            release.set()
+            assert await task == len(data)
+            assert transport.is_reading()  # handed back to the stream, reading
+        finally:
+            release.set()
+            with contextlib.suppress(Exception):
+                await task
+            os.close(fd)
+    assert out.read_bytes() == data
+    assert digest.sha.digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("end", ["close", "stall", "cancel"])
+async def test_receive_file_keeps_what_came_when_it_ends_early(tmp_path: Path, end: str) -> None:
+    """The peer closes (BrokenResourceError), stops sending (PeerTimedOut), or the call
+    is cancelled: the file holds every byte received, and the connection is done."""
+    data = _pattern(2 * MiB + 5, 10)
+    out = tmp_path / "out.bin"
+    seen: list[int] = []
+    async with (
+        _sender(data, then="close" if end == "close" else "stall") as (port, _),
+        netlib.connect_tcp("127.0.0.1", port) as stream,
+    ):
+        fd = _open_out(out)
+        try:
+            receiving = stream.receive_file(
+                fd, 4 * MiB, progress=seen.append, idle_timeout=0.3 if end == "stall" else None
+            )
+            if end == "cancel":
+                task = asyncio.create_task(receiving)
+                # the last piece is written within RECEIVE_FILE_FLUSH_DELAY of its arrival
+                await wait_until(lambda: bool(seen) and seen[-1] == len(data), 5)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                expected = netlib.PeerTimedOut if end == "stall" else netlib.BrokenResourceError
+                with pytest.raises(expected) as info:
+                    await receiving
+                if end == "close":
+                    assert f"after {len(data)} of {4 * MiB} bytes" in str(info.value)
+        finally:
+            os.close(fd)
+        with pytest.raises(netlib.NetlibError):  # aborted, or at its end: nothing more comes
+            await _receive_all(stream)
+    assert out.read_bytes() == data
+
+
+async def _receive_all(stream: netlib.MessageStream) -> None:
+    while True:
+        await stream.receive()
+
+
+async def test_receive_file_write_error_is_raised(tmp_path: Path) -> None:
+    (tmp_path / "ro.bin").write_bytes(b"")
+    fd = os.open(tmp_path / "ro.bin", os.O_RDONLY)
+    try:
+        async with (
+            _sender(_pattern(3 * MiB, 11)) as (port, _),
+            netlib.connect_tcp("127.0.0.1", port) as stream,
+        ):
+            with pytest.raises(OSError, match="Bad file descriptor") as info:
+                await stream.receive_file(fd, 3 * MiB)
+            assert info.value.errno == errno.EBADF
+            with pytest.raises(netlib.BrokenResourceError):
+                await stream.receive()
+    finally:
+        os.close(fd)
+
+
+# -- the client: other bodies, https ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+async def test_the_client_saves_bodies_without_a_length(tmp_path: Path, framing: str) -> None:
+    """A chunked body, and an HTTP/1.0 body that ends with the connection: through h11,
+    verified against the digest all the same."""
+    data = _pattern(3 * MiB + 17, 12)
+    digest = repr_digest(hashlib.sha256(data).digest())
+
+    async def answer(stream: netlib.MessageStream) -> None:
+        await stream.receive()
+        if framing == "chunked":
+            head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nrepr-digest: "
+            await stream.send(head + digest + b"\r\n\r\n")
+            for start in range(0, len(data), MiB):
+                piece = data[start : start + MiB]
+                await stream.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            await stream.send(b"0\r\n\r\n")
+        else:
+            await stream.send(b"HTTP/1.0 200 OK\r\nrepr-digest: " + digest + b"\r\n\r\n")
+            await stream.send(data)
+
+    async with netlib.open_tcp_server(answer) as server:
+        url = f"http://127.0.0.1:{server.addresses[0][1]}/f.bin"
+        result = await netlib.download_file(url, tmp_path / "f.bin")
+    assert result.verified
+    assert result.size == result.received == len(data)
+    assert (tmp_path / "f.bin").read_bytes() == data
+
+
+async def test_the_client_over_https(tree: Path, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with netlib.open_file_server(tree, ssl=server_context) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        result = await netlib.download_file(
+            server.url + "sub/a.txt", tmp_path / "a.txt", ssl=client_context
+        )
+        assert result.verified
+        assert (tmp_path / "a.txt").read_bytes() == b"a\n"
+        listing = await netlib.list_files(server.url + "sub/", ssl=client_context)
+        assert [entry["name"] for entry in listing] == ["a.txt"]
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system's CAs: not trusted
+            await netlib.download_file(server.url + "sub/a.txt", tmp_path / "b.txt")
+        with pytest.raises(ValueError, match="https://"):
+            await netlib.download_file(
+                server.url.replace("https", "http") + "sub/a.txt",
+                tmp_path / "c",
+                ssl=client_context,
+            )

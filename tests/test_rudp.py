@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import re
 import socket
 import sys
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -23,6 +26,7 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
+from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from tests.helpers import poll_until, wait_until
 
@@ -42,6 +46,145 @@ async def test_echo_handler_runs_unchanged_over_reliable_udp() -> None:
     assert stats.cookies_sent == 1
     assert stats.datagrams_received > 7
     assert stats.datagrams_sent > 7  # (uvloop's clock counts whole ms: a loopback RTT may be 0)
+
+
+@pytest.mark.parametrize(("host", "largest"), [("127.0.0.1", 65_507), ("::1", 65_488)])
+async def test_datagrams_grow_past_1200_on_loopback_and_bulk_data_arrives_intact(
+    host: str, largest: int
+) -> None:
+    """Path MTU discovery over real sockets: loopback's MTU is 65,536, so both sides end
+    at the largest UDP payload its IP version allows, and 8 MiB of 16 KiB messages cross
+    intact in about 130 datagrams, not 7,000 of 1,200 bytes. The same with the size pinned
+    to 1,200 (``ReliableConfig.max_datagram``): no datagram above it."""
+    digest = hashlib.sha256()
+    total = 8 * 1024 * 1024
+
+    async def sink(stream: MessageStream) -> None:
+        received = 0
+        async for message in stream:
+            digest.update(message)
+            received += len(message)
+            if received == total:
+                await stream.send(bytes(range(256)) * 1024)  # and 256 KiB back
+
+    sent = hashlib.sha256()
+    async with open_reliable_udp_server(sink, host) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp(host, port) as stream:
+            for i in range(total // 16384):
+                chunk = bytes([i % 251]) * 16384
+                sent.update(chunk)
+                await stream.send(chunk)
+            async with asyncio.timeout(30):
+                assert await stream.receive() == bytes(range(256)) * 1024
+        stats = server.statistics()
+    assert digest.digest() == sent.digest()
+    assert stats.datagram_size == largest
+    assert stats.datagrams_received < 1000
+
+    pinned = netlib.ReliableConfig(max_datagram=1200)
+    async with open_reliable_udp_server(echo_handler, host, config=pinned) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp(host, port) as stream:
+            await stream.send(b"y" * 200_000)
+            assert await stream.receive() == b"y" * 200_000
+        stats = server.statistics()
+    assert stats.datagram_size == 1200
+    assert stats.datagrams_received > 200_000 // 1200
+
+
+class _NarrowInterface:
+    """A UDP socket behind an interface that carries at most ``mtu`` bytes of payload: a
+    longer datagram fails with EMSGSIZE while fragmentation is forbidden, as Linux says,
+    and goes (fragmented by the host) once it is allowed again."""
+
+    def __init__(self, sock: socket.socket, mtu: int) -> None:
+        self._sock = sock
+        self._mtu = mtu
+        self.forbidden = False
+        self.refused = 0
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self._sock.setsockopt(level, option, value)
+        if (level, option) == (socket.IPPROTO_IP, 10):  # IP_MTU_DISCOVER
+            self.forbidden = value == 3  # IP_PMTUDISC_PROBE
+
+    def send(self, data: bytes) -> int:
+        if self.forbidden and len(data) > self._mtu:
+            self.refused += 1
+            raise OSError(errno.EMSGSIZE, "Message too long")
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+async def test_an_interface_too_narrow_for_the_base_size_lets_the_host_fragment() -> None:
+    """An MTU below 1,228 bytes cannot carry the 1,200-byte handshake whole: the endpoint
+    lets the host fragment again and keeps the connection at 1,200 bytes."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw.connect(("127.0.0.1", port))
+        raw.setblocking(False)
+        narrow = _NarrowInterface(raw, 1000)
+        endpoint = ReliableEndpoint(netlib.ReliableConfig())
+        endpoint.open(cast(socket.socket, narrow))
+        try:
+            assert narrow.forbidden
+            transport = endpoint.connect(raw.getpeername())
+            assert transport.connected is not None
+            async with asyncio.timeout(10):
+                await transport.connected  # the HELLO refused once, then resent
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+
+            class Sink(asyncio.Protocol):
+                def data_received(self, data: bytes) -> None:
+                    got.put_nowait(data)
+
+            transport.set_protocol(Sink())
+            transport.write(b"z" * 5000)
+            async with asyncio.timeout(10):
+                assert await got.get() == b"z" * 5000
+            assert narrow.refused == 1
+            assert not narrow.forbidden
+            assert transport.conn.datagram_size == 1200
+        finally:
+            endpoint.close()
+            await endpoint.wait_closed()
+
+
+async def test_host_none_serves_ipv4_and_ipv6_on_one_socket() -> None:
+    async with open_reliable_udp_server(echo_handler, None) as server:
+        port = server.addresses[0][1]
+        assert server.addresses == [("0.0.0.0", port), ("::", port, 0, 0)]
+        for host in ("127.0.0.1", "::1"):
+            async with connect_reliable_udp(host, port) as stream:
+                await stream.send(b"over " + host.encode())
+                assert await stream.receive() == b"over " + host.encode()
+                assert stream.extra("reliable_statistics").datagram_size > 1200
+        stats = server.statistics()
+    assert stats.accepted == 2
+    assert stats.datagram_size in (65_507, 65_488)  # IPv4 peers are IPv4 to the route
+
+
+async def test_a_writer_that_queues_a_burst_sends_it_before_yielding() -> None:
+    """Messages written within one loop iteration go out a burst at a time (BURST_BYTES) as
+    they are written, so the peer starts on them while the writer goes on."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"warm-up")  # the size search is over by the echo
+            assert await stream.receive() == b"warm-up"
+            transport = stream._protocol.transport  # the reliable transport under the stream
+            assert transport is not None
+            before = stream.extra("reliable_statistics").datagrams_sent
+            for _ in range(4 * BURST_BYTES // 16384):
+                transport.write(bytes(16384))  # no await: the loop does not run meanwhile
+            during = stream.extra("reliable_statistics").datagrams_sent - before
+            assert during >= 3  # three bursts went while writing; the rest at the flush
+            for _ in range(4 * BURST_BYTES // 16384):
+                assert await stream.receive() == bytes(16384)
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:

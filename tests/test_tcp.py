@@ -287,6 +287,54 @@ async def test_client_iteration_ends_at_eof_and_errors_after_close() -> None:
             await anext(aiter(stream))
 
 
+async def test_discard_counts_every_byte_until_the_end_and_keeps_none() -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    counted: list[int] = []
+    done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    async def sink(stream: MessageStream) -> None:
+        first = await stream.receive()  # a message taken the usual way first
+        await stream.discard(counted.append)
+        done.set_result((len(first), stream.buffered_size))
+        await stream.send(b"counted")
+
+    async with netlib.open_tcp_server(sink) as server:
+        reader, writer = await open_raw(*address_of(server))
+        writer.write(payload)
+        writer.write_eof()
+        first, _ = await asyncio.wait_for(done, 10)
+        assert await asyncio.wait_for(reader.read(), 5) == b"counted"  # replies still go
+        writer.close()
+        await writer.wait_closed()
+    assert first + sum(counted) == len(payload)
+    assert max(counted) <= 64 * 1024  # each read's size, as the kernel gave it
+
+
+async def test_discard_raises_what_ended_the_connection() -> None:
+    failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    async def sink(stream: MessageStream) -> None:
+        try:
+            await stream.discard()
+        except netlib.NetlibError as exc:
+            failed.set_result(exc)
+
+    async with netlib.open_tcp_server(sink) as server:
+        _reader, writer = await open_raw(*address_of(server))
+        writer.write(b"x" * 100_000)
+        await writer.drain()
+        reset(writer)
+        assert isinstance(await asyncio.wait_for(failed, 5), netlib.BrokenResourceError)
+        await wait_until(lambda: server.statistics().active == 0)
+    async with (
+        netlib.open_tcp_server(netlib.echo_handler) as server,
+        netlib.connect_tcp(*address_of(server)) as stream,
+    ):
+        await stream.aclose()
+        with pytest.raises(netlib.ClosedResourceError):
+            await stream.discard()
+
+
 async def test_client_idle_timeout_ends_a_silent_connection() -> None:
     async def silent(stream: MessageStream) -> None:
         async for _ in stream:  # never answers

@@ -19,11 +19,22 @@ limits, deadlines, the memory budget and ``MessageStream`` come with it.
   message through ``data_received``), then ``datagrams_to_send(now, BURST)`` goes to the
   socket. So acknowledgements for a batch of datagrams coalesce, and the replies a handler
   writes in the next iteration carry them.
-* **Bursts.** At most ``BURST`` datagrams per connection per iteration; a connection with
-  more to send is marked again for the next one, so a whole congestion window never lands
-  in the socket buffer at once, and other connections get their turn. A datagram the
-  socket's buffer refuses (``EAGAIN``) is dropped and counted, as the network would drop
-  it: the core's loss recovery resends it and its congestion control slows down.
+* **Bursts.** At most ``BURST`` datagrams, and ``BURST_BYTES`` bytes, per connection per
+  iteration; a connection with more to send is marked again for the next one, so a whole
+  congestion window never lands in the socket buffer at once, and other connections get
+  their turn. A datagram the socket's buffer refuses (``EAGAIN``) is dropped and counted,
+  as the network would drop it: the core's loss recovery resends it and its congestion
+  control slows down.
+* **Datagram size.** The socket forbids IP fragmentation (``forbid_fragmentation``:
+  ``IP_PMTUDISC_PROBE``, ``IPV6_DONTFRAG``), each connection is told what the local route
+  lets out (``route_payload_limit``: the interface MTU less the headers), and the core
+  probes for the path's size within it (``sansio/reliable/pmtu.py``). A datagram the stack
+  refuses as too long (``EMSGSIZE``) goes back to the core (``datagram_too_large``): a
+  failed probe, or a narrower interface. Where fragmentation cannot be forbidden, or the
+  interface refuses even a ``BASE_DATAGRAM`` (an MTU below 1,228 bytes), the socket lets
+  the host fragment and the connections keep to ``BASE_DATAGRAM`` (1,200 bytes). Reads ask for
+  ``config.max_datagram`` bytes: a longer datagram is cut, fails its checksum, and is
+  dropped.
 * **Timers.** One event-loop timer per endpoint, at the core's ``next_deadline()``; it is
   moved only when a deadline is earlier than the one armed (a timer that fires early finds
   nothing due and re-arms).
@@ -45,12 +56,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
 import socket
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from netlib.aio.sockets import allow_fragmentation, forbid_fragmentation, route_payload_limit
 from netlib.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -71,11 +84,14 @@ from netlib.sansio.reliable.connection import (
     ReliableStatistics,
 )
 from netlib.sansio.reliable.endpoint import ReliableServerCore
+from netlib.sansio.reliable.wire import BASE_DATAGRAM
 
 __all__ = [
     "BURST",
+    "BURST_BYTES",
     "HANDSHAKE_RATE",
     "RECV_BATCH",
+    "RECV_BYTES",
     "SOCKET_BUFFER",
     "ReliableEndpoint",
     "ReliableTotals",
@@ -84,11 +100,15 @@ __all__ = [
 
 BURST: Final = 32
 """Datagrams one connection sends at most per event-loop iteration (38 KiB at 1,200 bytes)."""
+BURST_BYTES: Final = 256 * 1024
+"""Bytes one connection sends at most per event-loop iteration (at least one datagram):
+four datagrams of 65,507 bytes on loopback."""
 RECV_BATCH: Final = 64
 """Datagrams read at most per wake-up, so one busy socket cannot starve the loop."""
-RECV_SIZE: Final = 2048
-"""Bytes asked per read: a datagram longer than ``MAX_DATAGRAM`` (1,200) is invalid anyway
-(truncated, its checksum fails)."""
+RECV_BYTES: Final = 256 * 1024
+"""Bytes read at most per wake-up (at least one datagram): the acknowledgements and the
+messages of what was read go at the end of the iteration, so a sender of large datagrams
+hears about the first ones while it is still sending, instead of after a whole batch."""
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 """Bytes asked for the socket's receive and send buffers (the kernel caps them at
 ``net.core.rmem_max`` / ``wmem_max``): a burst of every connection's window must fit, or
@@ -119,6 +139,7 @@ class ReliableTotals:
     """Counters of the connections an endpoint has had (the closed ones summed)."""
 
     __slots__ = (
+        "datagram_size",
         "datagrams_received",
         "datagrams_sent",
         "losses_detected",
@@ -133,6 +154,7 @@ class ReliableTotals:
         self.retransmissions = self.spurious_retransmissions = self.losses_detected = 0
         self.rate_limited = 0
         self.min_rtt = 0.0
+        self.datagram_size = 0  # the largest datagram size any connection reached
 
     def add(self, stats: ReliableStatistics) -> None:
         """Add one connection's counters."""
@@ -141,6 +163,7 @@ class ReliableTotals:
         self.retransmissions += stats.retransmissions
         self.spurious_retransmissions += stats.spurious_retransmissions
         self.losses_detected += stats.losses_detected
+        self.datagram_size = max(self.datagram_size, stats.datagram_size)
         if stats.min_rtt and (not self.min_rtt or stats.min_rtt < self.min_rtt):
             self.min_rtt = stats.min_rtt
 
@@ -163,6 +186,7 @@ class ReliableTransport(asyncio.Transport):
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._write_paused = False
+        self._unflushed = 0  # bytes written since the last flush
         self._reading_paused = False
         self._closing = False
         self.lost = False
@@ -170,6 +194,13 @@ class ReliableTransport(asyncio.Transport):
         self.connected: asyncio.Future[None] | None = None  # a client's handshake
 
     # -- asyncio.Transport ----------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``peername``, ``sockname``, or ``reliable_statistics``: the connection's
+        ``ReliableStatistics`` now (RTT, retransmissions, datagram size, ...)."""
+        if name == "reliable_statistics":
+            return self.conn.statistics()
+        return super().get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
@@ -203,6 +234,10 @@ class ReliableTransport(asyncio.Transport):
                 self._queue(message)
             except ClosedResourceError:  # the peer closed: what is written goes nowhere
                 return
+            self._unflushed += len(message)
+            if self._unflushed >= BURST_BYTES:  # a burst's worth within one iteration: it
+                self._unflushed = 0  # goes now, so the peer starts on it while we write on
+                self._endpoint.send_burst(self.conn)
         self._endpoint.mark(self.conn)
         if not self._write_paused and self.get_write_buffer_size() > self._high:
             self._write_paused = True
@@ -282,6 +317,7 @@ class ReliableTransport(asyncio.Transport):
 
     def pumped(self) -> None:
         """After the core took input: feed it the backlog and deliver its events."""
+        self._unflushed = 0
         if self._backlog:
             self._feed_backlog()
         protocol = self._protocol
@@ -391,6 +427,8 @@ class ReliableEndpoint:
         self._sources: dict[Any, TokenBucket] = {}
         self.accepting = True
         self._sock: socket.socket | None = None
+        self._whole = False  # the socket forbids IP fragmentation
+        self._recv_size = config.max_datagram
         self._peer: Any = None  # a client's server, or None on a server
         self.sockname: Any = None
         self.totals = ReliableTotals()
@@ -403,6 +441,7 @@ class ReliableEndpoint:
         endpoint owns it from now on and closes it in ``close()``."""
         self._sock = sock
         self.sockname = sock.getsockname()
+        self._whole = forbid_fragmentation(sock)
         with contextlib.suppress(OSError):
             self._peer = sock.getpeername()
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -418,17 +457,22 @@ class ReliableEndpoint:
             return
         receive = self.datagram_received
         recvfrom = sock.recvfrom
+        size = self._recv_size
+        budget = RECV_BYTES
         for _ in range(RECV_BATCH):
             try:
-                data, addr = recvfrom(RECV_SIZE)
+                data, addr = recvfrom(size)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # an ICMP error (a client's peer port is closed)
                 self.error_received(exc)
                 return
             receive(data, addr)
+            budget -= len(data)
+            if budget <= 0:
+                return
 
-    def _send(self, datagram: bytes, addr: Any) -> None:
+    def _send(self, datagram: bytes, addr: Any, conn: ReliableConnection | None = None) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -440,7 +484,23 @@ class ReliableEndpoint:
         except (BlockingIOError, InterruptedError):
             self.send_dropped += 1  # as if the network lost it: the core resends
         except OSError as exc:
-            self.error_received(exc)
+            if exc.errno != errno.EMSGSIZE:
+                self.error_received(exc)
+            elif len(datagram) <= BASE_DATAGRAM:
+                self._narrow_interface()  # the datagram is lost: the core resends it
+            elif conn is not None:
+                conn.datagram_too_large(datagram, self._loop.time())  # a probe, or narrower
+                self.mark(conn)
+
+    def _narrow_interface(self) -> None:
+        """The interface cannot carry even a base-size datagram whole (an MTU below 1,228
+        bytes): let the host fragment again, and keep every connection at the base size."""
+        if not self._whole or self._sock is None:
+            return
+        self._whole = False
+        allow_fragmentation(self._sock)
+        for conn in self._transports:
+            conn.limit_datagram(BASE_DATAGRAM)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = self._loop.time()
@@ -515,8 +575,21 @@ class ReliableEndpoint:
         transport = ReliableTransport(self, conn, peer)
         transport.connected = self._loop.create_future()
         self._transports[conn] = transport
+        self._limit_datagram(conn, peer)
         self.mark(conn)
         return transport
+
+    def _limit_datagram(self, conn: ReliableConnection, peer: Any) -> None:
+        """Tell ``conn`` what the local route to ``peer`` lets out (or the base size, where
+        the socket cannot forbid fragmentation)."""
+        if self.config.max_datagram <= BASE_DATAGRAM:
+            return
+        if not self._whole:
+            conn.limit_datagram(BASE_DATAGRAM)
+            return
+        limit = route_payload_limit(peer)
+        if limit is not None:
+            conn.limit_datagram(limit)
 
     def mark(self, conn: ReliableConnection) -> None:
         """``conn`` has something to send or deliver: pump it at the end of this iteration."""
@@ -532,7 +605,18 @@ class ReliableEndpoint:
         """Send what ``conn`` has at once (an abort's CLOSE)."""
         addr = conn.peer_address if self.core is not None else None
         for datagram in conn.datagrams_to_send(self._loop.time()):
-            self._send(datagram, addr)
+            self._send(datagram, addr, conn)
+
+    def send_burst(self, conn: ReliableConnection) -> None:
+        """Send one burst of ``conn``'s datagrams now, without waiting for the flush: a
+        writer that queued a burst's worth within one iteration. The flush that ``mark``
+        scheduled does the rest (events, timers, further bursts)."""
+        if self._sock is None:
+            return
+        burst = min(BURST, max(1, BURST_BYTES // conn.datagram_size))
+        addr = conn.peer_address if self.core is not None else None
+        for datagram in conn.datagrams_to_send(self._loop.time(), burst):
+            self._send(datagram, addr, conn)
 
     def flush(self) -> None:
         """Pump every marked connection, send the core's replies, re-arm the timer."""
@@ -552,6 +636,7 @@ class ReliableEndpoint:
 
     def _accept(self, conn: ReliableConnection) -> None:
         transport = self._transports[conn] = ReliableTransport(self, conn, conn.peer_address)
+        self._limit_datagram(conn, conn.peer_address)
         if not self.accepting:
             transport.abort()
             return
@@ -571,12 +656,13 @@ class ReliableEndpoint:
         if transport is not None:
             transport.pumped()
         if self._sock is not None:
-            out = conn.datagrams_to_send(now, BURST)
+            burst = min(BURST, max(1, BURST_BYTES // conn.datagram_size))
+            out = conn.datagrams_to_send(now, burst)
             addr = conn.peer_address if self.core is not None else None
             send = self._send
             for datagram in out:
-                send(datagram, addr)
-            if len(out) >= BURST:
+                send(datagram, addr, conn)
+            if len(out) >= burst:
                 self.mark(conn)
         if transport is not None and conn.state is _CLOSED and not transport.lost:
             transport.pumped()  # an end the sends above found

@@ -1,5 +1,6 @@
 """Datagram socket creation: resolve, bind or connect, and set the options netlib offers;
-sending empty datagrams, which neither loop's transport can; TCP keepalive.
+sending empty datagrams, which neither loop's transport can; TCP keepalive; forbidding IP
+fragmentation and reading a route's MTU (for path MTU discovery).
 
 netlib creates its datagram sockets itself and hands them to
 ``loop.create_datagram_endpoint(sock=...)``, so both loops get the same options: broadcast,
@@ -9,12 +10,14 @@ multicast membership (IPv4 and IPv6), SO_REUSEPORT, and Unix datagram sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import os
 import socket
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -27,11 +30,15 @@ __all__ = [
     "MAX_DATAGRAM_LIMIT",
     "DatagramSocketOptions",
     "EmptyDatagramSender",
+    "allow_fragmentation",
     "bind",
     "extra_info",
+    "forbid_fragmentation",
     "format_address",
     "open_datagram_socket",
+    "open_dual_stack_datagram_socket",
     "remove_socket_file",
+    "route_payload_limit",
     "set_tcp_keepalive",
 ]
 
@@ -72,6 +79,104 @@ def set_tcp_keepalive(sock: Any, *, idle: float, interval: float, count: int) ->
 
 def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds))
+
+
+_LINUX: Final = sys.platform.startswith("linux")
+# Linux's numbers (linux/in.h, linux/in6.h), which Python does not all export
+_IP_MTU_DISCOVER: Final = 10
+_IP_MTU: Final = 14
+_IPV6_MTU_DISCOVER: Final = 23
+_IPV6_MTU: Final = 24
+_PMTUDISC_WANT: Final = 1  # IP_PMTUDISC_WANT and IPV6_PMTUDISC_WANT: the default
+_PMTUDISC_PROBE: Final = 3  # IP_PMTUDISC_PROBE and IPV6_PMTUDISC_PROBE
+_IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
+_IP_DONTFRAG: Final = 28  # macOS and the BSDs
+_UDP_IPV4_LIMIT: Final = 65_507  # 65,535 less the IPv4 and UDP headers
+_UDP_IPV6_LIMIT: Final = 65_527  # 65,535 less the UDP header (the IPv6 header is apart)
+
+
+def forbid_fragmentation(sock: socket.socket) -> bool:
+    """Make every datagram ``sock`` sends go whole or not at all: IP never fragments it.
+
+    The Don't Fragment bit is set (IPv4) and the host does not fragment (IPv6), so a
+    datagram larger than the path carries is dropped on the way, and one larger than the
+    interface allows fails at once with ``EMSGSIZE``. On Linux the mode is
+    ``IP_PMTUDISC_PROBE``: the path MTU the kernel learnt from ICMP messages is not applied
+    (a forged ICMP cannot shrink the datagrams; the caller finds the path's size itself).
+    Return False where the platform offers no way (the caller then keeps to datagrams that
+    need no fragmentation).
+    """
+    return _fragmentation(sock, forbid=True)
+
+
+def allow_fragmentation(sock: socket.socket) -> None:
+    """Undo ``forbid_fragmentation``: the system's default again (the host fragments what
+    its interface cannot carry). For an interface too narrow for the smallest datagram the
+    caller sends."""
+    _fragmentation(sock, forbid=False)
+
+
+def _fragmentation(sock: socket.socket, *, forbid: bool) -> bool:
+    family = sock.family
+    mode = _PMTUDISC_PROBE if forbid else _PMTUDISC_WANT
+    try:
+        if _LINUX:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, mode)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, int(forbid))
+                with contextlib.suppress(OSError):  # its IPv4 peers, on a dual-stack socket
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, mode)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, mode)
+        elif family == socket.AF_INET6 and hasattr(socket, "IPV6_DONTFRAG"):
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, int(forbid))
+        elif family == socket.AF_INET and sys.platform == "darwin":
+            sock.setsockopt(socket.IPPROTO_IP, _IP_DONTFRAG, int(forbid))
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def route_payload_limit(address: Any) -> int | None:
+    """The largest UDP payload the local route to ``address`` lets out: the route's MTU
+    (the interface's, or a smaller one the kernel knows) less the IP and UDP headers, at
+    most what IP allows. None where the platform does not tell (Linux does, through
+    ``IP_MTU``/``IPV6_MTU`` on a socket connected to the address: no packet is sent)."""
+    if not _LINUX or not isinstance(address, tuple):
+        return None
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+    except ValueError:
+        return None
+    version = ip.version
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if mapped is not None:
+        version, address = 4, (str(mapped), address[1])
+    if version == 4:
+        family, level, option, header, limit = (
+            socket.AF_INET,
+            socket.IPPROTO_IP,
+            _IP_MTU,
+            28,
+            _UDP_IPV4_LIMIT,
+        )
+    else:
+        family, level, option, header, limit = (
+            socket.AF_INET6,
+            socket.IPPROTO_IPV6,
+            _IPV6_MTU,
+            48,
+            _UDP_IPV6_LIMIT,
+        )
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            mtu = probe.getsockopt(level, option)
+    except OSError:
+        return None
+    return min(mtu - header, limit)
 
 
 class _EmptySendOwner(Protocol):
@@ -178,6 +283,34 @@ async def open_datagram_socket(options: DatagramSocketOptions) -> socket.socket:
             bind(sock, local)
         if remote is not None:
             sock.connect(remote)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_dual_stack_datagram_socket(port: int) -> socket.socket | None:
+    """A non-blocking UDP socket on every interface, IPv4 and IPv6 at once: IPv6's ``::``
+    with ``IPV6_V6ONLY`` off, so IPv4 peers arrive as ``::ffff:a.b.c.d``. None where the
+    platform has no IPv6 or no dual-stack sockets (the caller binds IPv4 alone).
+
+    Raises:
+        OSError: the port is taken (the message names it).
+    """
+    if not socket.has_ipv6:
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except OSError:
+        sock.close()
+        return None
+    try:
+        bind(sock, ("::", port))
         sock.setblocking(False)
     except BaseException:
         sock.close()

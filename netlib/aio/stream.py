@@ -7,7 +7,8 @@ sans-I/O ``StreamConnection``; this adapter is the pump around it and the only c
 touches a stream transport:
 
 * **Reading.** The transport reads at most ``READ_SIZE`` bytes at a time into one buffer per
-  thread (``get_buffer``); ``buffer_updated`` copies them out into a ``bytes`` and
+  thread (``get_buffer``); ``buffer_updated`` copies them out into a ``bytes`` (or, for a
+  consumer that only counts what arrives, ``sink()``, hands over their size) and
   ``data_received`` feeds it to the connection (one decoder call per chunk, nothing per
   message) and then tells the consumer: ``messages_received()``, which a subclass may
   override to consume messages as callbacks (``ChatProtocol``), or by default resolves the
@@ -42,8 +43,10 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, cast
+from functools import partial
+from typing import Any, Final, Protocol, cast
 
 from netlib.aio.deadlines import DeadlineTimer, HasDeadlines, resolution_for
 from netlib.aio.flow import WriteFlowControl
@@ -52,6 +55,7 @@ from netlib.errors import (
     BrokenResourceError,
     EndOfStream,
     NetlibError,
+    PeerTimedOut,
     SlowConsumer,
 )
 from netlib.sansio.budget import MemoryBudget
@@ -59,10 +63,16 @@ from netlib.sansio.framing import Framing
 from netlib.sansio.stream import StreamConnection, StreamLimits, StreamState
 
 __all__ = [
+    "DIGEST_IN_THREAD_MIN",
     "OUTPUT_REPORT_STEP",
+    "RECEIVE_FILE_BUFFER",
+    "RECEIVE_FILE_BUFFERS",
+    "RECEIVE_FILE_FLUSH_DELAY",
     "REPORT_STEP",
     "SENDFILE_CHUNK",
     "SENDFILE_SLICE",
+    "SENDFILE_STEP",
+    "Digest",
     "StreamProtocol",
     "deadline_timer_for",
 ]
@@ -82,10 +92,29 @@ SENDFILE_SLICE: Final = 4 * 1024 * 1024
 """Bytes one ``loop.sendfile`` call sends at most: between slices the connection's idle
 clock moves on and a stalled peer's deadline is checked."""
 SENDFILE_CHUNK: Final = 64 * 1024
-"""Bytes read from the file at a time on the chunked path (no ``loop.sendfile``): with the
-write buffer's high mark this bounds what one download holds in user space."""
+"""Bytes read from the file at a time on the chunked path (TLS): with the write buffer's
+high mark this bounds what one download holds in user space. Also what the direct path
+(uvloop) hands the transport when the socket is full."""
+SENDFILE_STEP: Final = 1024 * 1024
+"""Bytes one ``os.sendfile`` call of the direct path (uvloop) sends at most before the
+other connections get their turn."""
 SENDFILE_STALL_TIMEOUT: Final = 60.0
 """Seconds one sendfile slice may take when the connection has no send or idle deadline."""
+RECEIVE_FILE_BUFFER: Final = 1024 * 1024
+"""Bytes ``receive_file`` reads into one buffer (the transport reads straight into it, as
+much as the socket holds) before writing them to the file with one ``os.write``."""
+RECEIVE_FILE_BUFFERS: Final = 4
+"""Buffers one ``receive_file`` uses at most: one being filled while full ones wait for the
+digest's worker thread. With ``RECEIVE_FILE_BUFFER`` this bounds what a receive holds in
+user space (4 MiB); when none is free, reading pauses until the digest returns one."""
+RECEIVE_FILE_FLUSH_DELAY: Final = 0.1
+"""Seconds received bytes wait at most in a buffer that is not full before ``receive_file``
+writes them (and reports them to its ``progress``): a slow or stalled transfer's file and
+progress keep up with what came."""
+DIGEST_IN_THREAD_MIN: Final = 64 * 1024
+"""Buffers at least this large are hashed in a worker thread, at the same time as the next
+one is received (hashlib releases the GIL while it hashes a large buffer); smaller ones at
+once, where a thread's hand-over would cost more than the hash."""
 
 _thread_buffers = threading.local()
 
@@ -127,6 +156,18 @@ def deadline_timer_for(limits: StreamLimits) -> DeadlineTimer:
     return DeadlineTimer(asyncio.get_running_loop(), resolution)
 
 
+class Digest(Protocol):
+    """What ``receive_file`` feeds the bytes to: a ``hashlib`` object, for one."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     """The asyncio Protocol of a message stream: pumps a ``StreamConnection``.
 
@@ -165,6 +206,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_read_view",
         "_sendfile_native",
         "_sendfile_task",
+        "_sink",
         "_waiter",
         "_waiter_takes",
         "conn",
@@ -214,6 +256,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._on_lost = on_lost
         self._sendfile_native = True  # until the loop or the transport says otherwise
         self._sendfile_task: asyncio.Task[int] | None = None
+        self._sink: Callable[[int], object] | None = None  # see sink()
 
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
 
@@ -228,10 +271,16 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._read_view[:nbytes].tobytes())
+        if self._sink is None:
+            self.data_received(self._read_view[:nbytes].tobytes())
+        else:  # counted where the kernel put it, never copied
+            self._sank(nbytes)
 
     def data_received(self, data: bytes) -> None:
         """Feed ``data`` read from the peer (``buffer_updated`` calls this for each read)."""
+        if self._sink is not None:
+            self._sank(len(data))
+            return
         conn = self.conn
         if conn.receive_data(data, self._loop.time()):
             if conn.state is _FAILED:
@@ -362,6 +411,29 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.flush()
         if self._input_reported:  # the consumer emptied a queue the budget counts
             self._report()
+
+    def _sank(self, nbytes: int) -> None:
+        self.conn.last_activity = self._loop.time()
+        self._sink(nbytes)  # type: ignore[misc]
+
+    async def sink(self, count: Callable[[int], object]) -> None:
+        """Read until the input ends, handing each read's size to ``count`` and keeping
+        nothing: messages already queued are counted first (by their sizes), later reads
+        are counted in the read buffer, with no copy, no queue and no wake-up of this
+        task per read. Returns at the peer's end of stream; raises what else ended it."""
+        conn = self.conn
+        while conn.frames:
+            count(len(self.take()))
+        self._sink = count
+        try:
+            self.resume()
+            while (waiter := self.readable_waiter()) is not None:
+                await waiter
+        finally:
+            self._sink = None
+        error = conn.end_error()
+        if not isinstance(error, EndOfStream):
+            raise error
 
     def readable_waiter(self) -> asyncio.Future[None] | None:
         """Flush what the consumer wrote, then return a future resolved when input arrives,
@@ -511,11 +583,12 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         """Send ``count`` bytes of the file open on descriptor ``fd`` from ``offset``.
 
         Uses ``loop.sendfile`` (the kernel copies the bytes; nothing is held in user space)
-        where the loop and transport support it, in slices of ``SENDFILE_SLICE``; otherwise
-        (uvloop, TLS) reads ``SENDFILE_CHUNK`` bytes at a time and writes each once the
-        transport's buffer is below its high mark, so one download holds at most
-        ``write_high`` plus one chunk. Returns the bytes sent, fewer than ``count`` if the
-        file ended first.
+        where the loop and transport support it, in slices of ``SENDFILE_SLICE``. Where the
+        loop has none (uvloop), ``os.sendfile`` straight to the socket while the
+        transport's buffer is empty (``_sendfile_direct``). With TLS, reads
+        ``SENDFILE_CHUNK`` bytes at a time and writes each once the transport's buffer is
+        below its high mark, so one download holds at most ``write_high`` plus one chunk.
+        Returns the bytes sent, fewer than ``count`` if the file ended first.
 
         Raises:
             BrokenResourceError: the connection was lost (or a deadline passed) meanwhile.
@@ -524,8 +597,11 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         loop = self._loop
         sent = 0
         native = self._sendfile_native
-        if native and extra_info(self.transport, "sslcontext") is not None:
+        tls = extra_info(self.transport, "sslcontext") is not None
+        if native and tls:
             native = self._sendfile_native = False  # TLS encrypts in user space
+        if not native and not tls:
+            return await self._sendfile_direct(fd, offset, count)
         with os.fdopen(os.dup(fd), "rb", buffering=0) as file:
             while sent < count and not self._gone():
                 if native:
@@ -534,6 +610,10 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                         done = await self._sendfile_slice(file, offset + sent, step)
                     except (NotImplementedError, asyncio.SendfileNotAvailableError):
                         native = self._sendfile_native = False
+                        if not tls:
+                            return sent + await self._sendfile_direct(
+                                fd, offset + sent, count - sent
+                            )
                         continue
                 else:
                     await self.drain()
@@ -545,6 +625,54 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                     break  # the file is shorter than it was
                 sent += done
                 self.conn.last_activity = loop.time()
+        if sent < count and self._gone():
+            raise self.lost_error()
+        return sent
+
+    async def _sendfile_direct(self, fd: int, offset: int, count: int) -> int:
+        """``os.sendfile`` straight to the socket, ``SENDFILE_STEP`` bytes at a time, only
+        while the transport holds nothing (so the bytes stay in order), yielding to the loop
+        between steps. When the socket is full, one ``SENDFILE_CHUNK`` goes through the
+        transport instead, which waits for room: the write buffer's marks are 0 meanwhile,
+        so ``drain()`` returns once it is empty (and the send deadline runs while it is
+        not). One download holds at most one chunk in user space."""
+        transport = self.transport
+        sock = extra_info(transport, "socket")
+        if transport is None or sock is None or not hasattr(os, "sendfile"):
+            raise self.lost_error()
+        sock_fd = sock.fileno()
+        loop = self._loop
+        sent = 0
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            while sent < count:
+                await self.drain()
+                if self._gone():
+                    break
+                step = min(SENDFILE_STEP, count - sent)
+                try:
+                    done = os.sendfile(sock_fd, fd, offset + sent, step)
+                except BlockingIOError:
+                    chunk = os.pread(fd, min(SENDFILE_CHUNK, step), offset + sent)
+                    done = len(chunk)
+                    if done:
+                        self.write(chunk)
+                        self.flush()
+                except OSError as exc:  # reset mid-file
+                    self._abort_transport()
+                    raise BrokenResourceError(
+                        f"connection lost while sending a file: {exc}"
+                    ) from None
+                else:
+                    await asyncio.sleep(0)  # the other connections' turn
+                if not done:
+                    break  # the file is shorter than it was
+                sent += done
+                self.conn.last_activity = loop.time()
+        finally:
+            if not self._gone():
+                limits = self._limits
+                transport.set_write_buffer_limits(high=limits.write_high, low=limits.write_low)
         if sent < count and self._gone():
             raise self.lost_error()
         return sent
@@ -591,6 +719,69 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self._abort_transport()
             raise BrokenResourceError(f"connection lost while sending a file: {exc}") from None
         return sent
+
+    async def receive_file(
+        self,
+        fd: int,
+        count: int,
+        *,
+        digest: Digest | None = None,
+        progress: Callable[[int], object] | None = None,
+        idle_timeout: float | None = None,
+    ) -> int:
+        """Receive exactly ``count`` bytes and write them to the file open on ``fd``
+        (at its current position), feeding them to ``digest`` on the way.
+
+        Bytes already received and queued go first. Then the transport reads straight into
+        ``RECEIVE_FILE_BUFFER``-byte buffers (no copy per read), each written with one
+        ``os.write`` when full, and hashed in a worker thread while the next one fills; at
+        most ``RECEIVE_FILE_BUFFERS`` are in use, then reading pauses. Nothing past
+        ``count`` is read: later bytes stay for ``receive()``. What was received is written
+        to the file whatever ends the call (an error, a cancellation). ``progress(n)`` is
+        called with the bytes written so far after each write.
+
+        Raises:
+            BrokenResourceError: the connection closed or was lost before ``count`` bytes.
+            PeerTimedOut: no byte came for ``idle_timeout`` seconds (the connection is aborted).
+            OSError: the file could not be written (the connection is aborted).
+        """
+        conn = self.conn
+        written = 0
+        while conn.frames and written < count:
+            chunk = self.take_up_to(count - written)
+            _write_all(fd, chunk)
+            if digest is not None:
+                digest.update(chunk)
+            written += len(chunk)
+            if progress is not None:
+                progress(written)
+        if written == count:
+            return written
+        transport = self.transport
+        if conn.state is not _OPEN or transport is None or self._gone():
+            error = conn.end_error()
+            if isinstance(error, EndOfStream):
+                raise BrokenResourceError(
+                    f"the connection closed after {written} of {count} bytes"
+                )
+            raise error
+        receiver = _FileReceiver(self, fd, written, count, digest, progress, idle_timeout)
+        transport.set_protocol(receiver)
+        if self.reading_paused:  # held: the receiver reads now (and hands it back reading)
+            self.reading_paused = False
+            transport.resume_reading()
+        try:
+            return await receiver.done
+        finally:
+            receiver.stop()
+
+    def take_up_to(self, limit: int) -> bytes:
+        """Take at most ``limit`` bytes of the next queued message (raw streams): the rest
+        of it stays first in the queue."""
+        frame = self.conn.take_up_to(limit)
+        if not self.conn.read_paused and self.reading_paused:
+            self.resume()
+        return frame
 
     def lost_error(self) -> BrokenResourceError:
         """The error a send after the loss raises."""
@@ -779,3 +970,229 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             if self.lost:
                 return
         self._schedule_deadlines()
+
+
+class _FileReceiver(asyncio.BufferedProtocol):
+    """The transport's protocol while ``StreamProtocol.receive_file`` runs.
+
+    The transport reads into the buffer being filled (never past the bytes still wanted);
+    a full buffer is written to the file at once and queued for the digest, which hashes
+    one buffer at a time in the default executor (in order), and hands it back when done.
+    When all the bytes are read, the stream's protocol gets the transport back at once (so
+    later bytes are its own); ``done`` resolves when they are written and hashed too.
+    Everything else the transport reports (EOF, loss, write flow control) is passed on to
+    the stream's protocol.
+    """
+
+    def __init__(
+        self,
+        stream: StreamProtocol,
+        fd: int,
+        written: int,
+        count: int,
+        digest: Digest | None,
+        progress: Callable[[int], object] | None,
+        timeout: float | None,
+    ) -> None:
+        self._stream = stream
+        self._loop = loop = stream._loop
+        self._transport = cast(asyncio.Transport, stream.transport)
+        self._fd = fd
+        self._written = written
+        self._count = count
+        self._left = count - written  # bytes not yet read
+        self._digest = digest
+        self._progress = progress
+        self._size = min(RECEIVE_FILE_BUFFER, self._left)
+        self._buffer: memoryview | None = memoryview(bytearray(self._size))
+        self._made = 1  # buffers allocated
+        self._free: list[memoryview] = []
+        self._fill = 0
+        self._to_hash: deque[tuple[memoryview, int]] = deque()
+        self._hashing = False
+        self._paused = False
+        self._reading = True
+        self._failed = False
+        self.done: asyncio.Future[int] = loop.create_future()
+        self._timeout = timeout
+        self._last_data = loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        if timeout is not None:
+            self._timer = loop.call_at(self._last_data + timeout, self._check_idle)
+
+    # -- the transport's callbacks ----------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer = self._buffer
+        assert buffer is not None  # reading is paused while no buffer is free
+        fill = self._fill
+        return buffer[fill : fill + min(self._size - fill, self._left)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._fill += nbytes
+        self._left -= nbytes
+        self._last_data = self._loop.time()
+        if self._fill == self._size or not self._left:
+            self._flush()
+            if not self._left:
+                self._end_reading()
+                self._maybe_done()
+        elif self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(RECEIVE_FILE_FLUSH_DELAY, self._flush)
+
+    def eof_received(self) -> bool:
+        keep_open = self._stream.eof_received()
+        self._ended()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream.connection_lost(exc)
+        self._ended()
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
+
+    # -- the bytes --------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write the filled part of the buffer and queue it for the digest."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        fill = self._fill
+        buffer = self._buffer
+        if not fill or buffer is None or self._failed:
+            return
+        self._fill = 0
+        view = buffer[:fill]
+        try:
+            _write_all(self._fd, view)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._written += fill
+        self._stream.conn.last_activity = self._last_data
+        if self._progress is not None:
+            try:
+                self._progress(self._written)
+            except Exception as exc:  # the caller's callback: its error ends the call
+                self._fail(exc)
+                return
+        if self._digest is None:
+            return  # the buffer is free again at once
+        self._to_hash.append((buffer, fill))
+        self._buffer = None
+        if self._free:
+            self._buffer = self._free.pop()
+        elif self._made < RECEIVE_FILE_BUFFERS:
+            self._made += 1
+            self._buffer = memoryview(bytearray(self._size))
+        elif self._reading and not self._stream.lost:
+            self._paused = True
+            self._transport.pause_reading()
+        self._hash_next()
+
+    def _hash_next(self) -> None:
+        digest = self._digest
+        while self._to_hash and not self._hashing and digest is not None:
+            buffer, fill = self._to_hash.popleft()
+            if fill < DIGEST_IN_THREAD_MIN:
+                digest.update(buffer[:fill])
+                self._hashed(buffer)
+                continue
+            self._hashing = True
+            job = self._loop.run_in_executor(None, digest.update, buffer[:fill])
+            job.add_done_callback(partial(self._job_done, buffer))
+
+    def _job_done(self, buffer: memoryview, job: asyncio.Future[None]) -> None:
+        self._hashing = False
+        if self._failed and not self._reading:
+            return  # receive_file has returned
+        if job.cancelled() or job.exception() is not None:  # the executor is shut down
+            self._fail(BrokenResourceError("the digest could not be computed"))
+            return
+        self._hashed(buffer)
+        self._hash_next()
+        self._maybe_done()
+
+    def _hashed(self, buffer: memoryview) -> None:
+        """A buffer is free: fill it next if reading waits for one."""
+        if self._buffer is None:
+            self._buffer = buffer
+            if self._paused:
+                self._paused = False
+                self._last_data = self._loop.time()  # the peer was not the one waiting
+                if self._reading:
+                    self._transport.resume_reading()
+        else:
+            self._free.append(buffer)
+
+    def _maybe_done(self) -> None:
+        if not self._left and not self._hashing and not self._to_hash and not self.done.done():
+            self.done.set_result(self._written)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _end_reading(self) -> None:
+        """Give the transport back to the stream's protocol (it is done with it, or the
+        transport is gone)."""
+        if self._reading:
+            self._reading = False
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._paused:
+                self._paused = False
+                if not self._stream.lost:
+                    self._transport.resume_reading()
+            self._transport.set_protocol(self._stream)
+
+    def _ended(self) -> None:
+        """The input ended (EOF, loss) before every byte came."""
+        self._flush()
+        self._end_reading()
+        if self._left and not self.done.done():
+            error = self._stream.conn.end_error()
+            if isinstance(error, EndOfStream):
+                received, count = self._count - self._left, self._count
+                error = BrokenResourceError(
+                    f"the connection closed after {received} of {count} bytes"
+                )
+            self.done.set_exception(error)
+
+    def _fail(self, error: Exception) -> None:
+        """Stop: the receive failed here (a write, the deadline, a cancellation): abort the
+        connection, whose input is now in the middle of the file."""
+        if self._failed:
+            return
+        self._flush()
+        self._failed = True
+        if not self.done.done():
+            self.done.set_exception(error)
+        self._end_reading()
+        if isinstance(error, NetlibError):
+            self._stream.fail(error)
+        else:
+            self._stream.fail(BrokenResourceError(f"receive_file failed: {error}"))
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if not self._reading or self._timeout is None:
+            return
+        now = self._loop.time()
+        if self._paused or now < self._last_data + self._timeout:
+            self._timer = self._loop.call_at(
+                max(now, self._last_data) + self._timeout, self._check_idle
+            )
+            return
+        self._fail(PeerTimedOut(f"no data for {self._timeout:g}s"))
+
+    def stop(self) -> None:
+        """``receive_file`` returns: on an early exit (cancelled), write what was received
+        and abort the connection. A hash still running in the executor finishes there."""
+        if self._reading:
+            self._fail(BrokenResourceError("receive_file was cancelled"))
+        self._failed = True

@@ -8,6 +8,7 @@
     netlib proxy               an impairment proxy (loss, delay, ...) for any server
     netlib files serve|get|ls  file server and client (HTTP/1.1: curl and wget work too)
     netlib files serve|get|ls  HTTP/1.1 file server and a resuming, verifying client
+    netlib speedtest [serve]   TCP, UDP and reliable UDP measured side by side (as iperf3)
     netlib demo                servers on loopback driven by clients, then stopped
 
 Options common to every command (``--loop``, ``-v``, ``-q``) are accepted before or after
@@ -18,6 +19,7 @@ the command. The conventions every command follows (exit codes, stdout and stder
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import netlib
@@ -34,6 +36,7 @@ from netlib.cli.chat import DEFAULT_CHAT_PORT, add_chat
 from netlib.cli.echo import DEFAULT_ECHO_PORT, add_echo
 from netlib.cli.files import add_files
 from netlib.cli.proxy import add_proxy
+from netlib.cli.speedtest import add_speedtest
 from netlib.runner import LOOP_CHOICES
 
 __all__ = ["DEFAULT_CHAT_PORT", "DEFAULT_ECHO_PORT", "build_parser", "main"]
@@ -46,6 +49,8 @@ examples:
   netlib chat join --nick alice
   netlib files serve . &                     # this directory on http://127.0.0.1:8000/
   netlib files get big.iso                   # resumes if interrupted, checks the SHA-256
+  netlib speedtest serve &                   # speed tests on 127.0.0.1:7201
+  netlib speedtest                           # tcp, udp and reliable udp, side by side
   netlib demo
 
 exit status: 0 done, 1 failed, 2 usage error, 130/143 a client interrupted by SIGINT/SIGTERM
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netlib",
         description="Fast, bounded, safe TCP and UDP networking for asyncio: ready-made "
-        "echo, chat and file services, their clients, and an impairment proxy.",
+        "echo, chat and file services, their clients, a speed test, and an impairment proxy.",
         epilog=EXAMPLES,
         parents=[_common_options()],
         formatter_class=Formatter,
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat(commands, common)
     add_proxy(commands, common)
     add_files(commands, common)
+    add_speedtest(commands, common)
     demo = commands.add_parser(
         "demo",
         help="run the demo: servers on loopback driven by clients",
@@ -125,7 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.quiet, server=args.server)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --workers to pass on
+    setup_logging(
+        args.verbose, args.quiet, server=args.server, worker=getattr(args, "worker_index", 0)
+    )
     try:
         status: int = run_command(args.run, args, server=args.server)
     except UsageError as exc:

@@ -32,6 +32,8 @@ from netlib.aio.sockets import format_address
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_USAGE",
+    "STOP_HINT",
+    "Command",
     "Formatter",
     "Signals",
     "UsageError",
@@ -42,9 +44,11 @@ __all__ = [
     "add_tls_server",
     "client_tls",
     "emit",
+    "error_reason",
     "fail",
     "format_address",
     "host_type",
+    "in_group",
     "port_type",
     "positive_float",
     "run_command",
@@ -53,12 +57,15 @@ __all__ = [
     "server_tls",
     "setup_logging",
     "show_statistics",
+    "statistics_text",
 ]
 
 logger = logging.getLogger("netlib.cli")
 
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+STOP_HINT: Final = "; Ctrl-C to stop"
+"""How a server's listening line ends."""
 ALL_INTERFACES: Final = ("*", "", "::")
 """``--host`` values that mean every interface, IPv4 and IPv6 (``::`` too, as Python's
 ``http.server`` does: people who type it expect IPv4 clients to reach the server)."""
@@ -233,7 +240,9 @@ def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate {cert!r}: {_reason(exc)}") from None
+        raise UsageError(
+            f"cannot load the TLS certificate {cert!r}: {error_reason(exc)}"
+        ) from None
     return context
 
 
@@ -243,14 +252,14 @@ def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     try:
         context = ssl.create_default_context(cafile=args.cacert)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load --cacert {args.cacert!r}: {_reason(exc)}") from None
+        raise UsageError(f"cannot load --cacert {args.cacert!r}: {error_reason(exc)}") from None
     if args.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
     if isinstance(exc, OSError) and exc.strerror:
@@ -269,17 +278,19 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def setup_logging(verbose: int, quiet: bool, *, server: bool) -> None:
+def setup_logging(verbose: int, quiet: bool, *, server: bool, worker: int = 0) -> None:
     """Logs go to stderr. Servers narrate at INFO (connections cut off by a limit, chat
     joins and quits); clients log only warnings, since their errors end the command with
     one line of their own. ``-q`` keeps warnings and errors; ``-v`` shows netlib's DEBUG
-    lines, ``-vv`` asyncio's too. Calling it again replaces the previous setup."""
+    lines, ``-vv`` asyncio's too. A worker of ``--workers`` (``worker`` > 0) says which
+    one it is on each line. Calling it again replaces the previous setup."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
     handler = _StderrHandler()
+    tag = f"[worker {worker}] " if worker else ""
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
+        logging.Formatter(f"%(asctime)s {tag}%(name)s %(levelname)s %(message)s", "%H:%M:%S")
     )
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
@@ -288,9 +299,19 @@ def setup_logging(verbose: int, quiet: bool, *, server: bool) -> None:
     logging.getLogger("netlib").setLevel(level)
 
 
+def in_group(args: argparse.Namespace) -> bool:
+    """Whether this process is one worker of a ``--workers N`` group (``cli/_workers.py``):
+    it binds with SO_REUSEPORT, reports to its supervisor in JSON lines and leaves the
+    statistics interval and the "stopping" line to it."""
+    return bool(getattr(args, "worker_index", 0))
+
+
 def emit(args: argparse.Namespace, text: str, **fields: Any) -> None:
-    """Print one result: ``text``, or with ``--json`` the fields as one JSON object."""
-    if getattr(args, "json", False):
+    """Print one result: ``text``, or with ``--json`` the fields as one JSON object (a
+    worker of a group sends its supervisor both: the fields and ``text``)."""
+    if in_group(args):
+        print(json.dumps({**fields, "text": text}, default=str), flush=True)
+    elif getattr(args, "json", False):
         print(json.dumps(fields, default=str), flush=True)
     else:
         print(text, flush=True)
@@ -308,11 +329,16 @@ def flatten(stats: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def statistics_text(flat: dict[str, Any]) -> str:
+    """The counters that are not zero, as ``name=value`` pairs."""
+    return " ".join(f"{key}={value}" for key, value in flat.items() if value)
+
+
 def show_statistics(args: argparse.Namespace, name: str, stats: Any) -> None:
     """One statistics line: the counters that are not zero (all of them with ``--json``)."""
     flat = flatten(stats)
-    shown = " ".join(f"{key}={value}" for key, value in flat.items() if value)
-    emit(args, f"{name} statistics: {shown or 'nothing happened'}", event="statistics", **flat)
+    shown = statistics_text(flat) or "nothing happened"
+    emit(args, f"{name} statistics: {shown}", event="statistics", **flat)
 
 
 async def serve_until_stopped(
@@ -339,13 +365,16 @@ async def serve_until_stopped(
             report()
 
     signals.on_report(report)
-    interval = args.stats_interval
+    worker = in_group(args)  # its supervisor keeps the interval and says it stops
+    interval = None if worker else args.stats_interval
     ticker = None if interval is None else asyncio.create_task(every(interval))
     try:
         await signals.stopped()
     finally:
         if ticker is not None:
             ticker.cancel()
+    if worker:
+        return
     active = open_connections()
     waits = (
         f": waiting up to {grace:g}s for {active} connection(s) to finish; press Ctrl-C "
@@ -366,10 +395,16 @@ class Signals:
     A server awaits ``stopped()`` and then shuts down gracefully; ``on_force`` callbacks
     (closing every connection at once) run on the second signal. A client is cancelled on
     the first signal. SIGUSR1 runs the ``on_report`` callbacks (statistics on request).
+
+    A supervisor (``--workers``) asks the same of its workers with ``stop()``, ``force()``
+    and ``report()``. Those are not signals: a worker that got a stop from both (Ctrl-C
+    reaches the whole process group, and the supervisor passes the stop on) stops
+    gracefully; only a second *signal*, or ``force()``, closes its connections at once.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._signals = 0  # SIGINT and SIGTERM received
         self._stop = asyncio.Event()
         self._force: list[Callable[[], object]] = []
         self._report: list[Callable[[], object]] = []
@@ -382,7 +417,7 @@ class Signals:
         self._cancel_task = cancel_task
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        loop.add_signal_handler(signal.SIGUSR1, self._on_report)
+        loop.add_signal_handler(signal.SIGUSR1, self.report)
         logger.debug("signal handlers ready")
 
     def remove(self) -> None:
@@ -399,22 +434,39 @@ class Signals:
     async def stopped(self) -> None:
         await self._stop.wait()
 
-    def _on_signal(self, signum: int) -> None:
-        first = self.received is None
-        self.received = signum
-        if not first:  # force: close what is left (or stop waiting, if nothing can)
-            for callback in self._force:
-                callback()
-            if not self._force and self._task is not None:
-                self._task.cancel()
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop as a first signal does (nothing if stopping already)."""
+        if self._stop.is_set():
             return
         self._stop.set()
         if self._cancel_task and self._task is not None:
             self._task.cancel()
 
-    def _on_report(self) -> None:
+    def force(self) -> None:
+        """Stop now, as a second signal does: close what is left (or stop waiting, if
+        nothing can)."""
+        self.stop()
+        logger.info("closing the remaining connections now")
+        for callback in self._force:
+            callback()
+        if not self._force and self._task is not None:
+            self._task.cancel()
+
+    def report(self) -> None:
         for callback in self._report:
             callback()
+
+    def _on_signal(self, signum: int) -> None:
+        self.received = signum
+        self._signals += 1
+        if self._signals > 1:
+            self.force()
+        else:
+            self.stop()
 
 
 Command = Callable[[argparse.Namespace, Signals], Coroutine[Any, Any, int]]
@@ -448,7 +500,7 @@ def run_command(command: Command, args: argparse.Namespace, *, server: bool) -> 
             raise UsageError(f"cannot resolve host {args.host!r}: {exc.strerror}") from None
         return fail(f"cannot resolve host {args.host!r} now: {exc.strerror}")
     except ssl.SSLError as exc:
-        return fail(f"TLS with {where(args) or 'the peer'} failed: {_reason(exc)}")
+        return fail(f"TLS with {where(args) or 'the peer'} failed: {error_reason(exc)}")
     except (OSError, netlib.NetlibError) as exc:
         return fail(describe(exc, args))
 

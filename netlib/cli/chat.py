@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
@@ -22,11 +23,13 @@ from netlib.cli._common import (
     fail,
     format_address,
     host_type,
+    in_group,
     port_type,
     positive_float,
     serve_until_stopped,
     show_statistics,
 )
+from netlib.cli._workers import add_workers
 from netlib.nats_server import LocalNatsServer
 from netlib.services.nats_hub import NATS_URL_ENV, NICK_TTL, NatsHubConfig, nats_servers
 
@@ -92,7 +95,8 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_cluster_options(serve)
     add_reporting(serve)
-    serve.set_defaults(run=chat_serve, server=True)
+    add_workers(serve, chat_serve, name="chat", check=_check_workers)
+    serve.set_defaults(server=True)
 
     cluster = add_command(
         actions,
@@ -208,6 +212,21 @@ def _nats_of(args: argparse.Namespace) -> list[str] | None:
         raise UsageError(f"${NATS_URL_ENV}: {exc}") from None
 
 
+def _check_workers(args: argparse.Namespace) -> None:
+    """Chat workers must share their rooms, or members of one worker could not talk with
+    those of another: they share them through NATS (``--nats URL`` or ``$NATS_URL``)."""
+    if not _nats_of(args):
+        raise UsageError(
+            "chat --workers needs --nats URL (or $NATS_URL): the workers share their rooms "
+            "through NATS (without it, members on different workers could not see each other)"
+        )
+    if args.proto != "tcp":
+        raise UsageError(
+            f"--workers serves TCP: add --proto tcp (--proto {args.proto} runs in one "
+            "process: a UDP member would move between workers when one restarts)"
+        )
+
+
 async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
     nats = _nats_of(args)
     try:
@@ -218,6 +237,7 @@ async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
             max_connections_per_host=args.max_connections_per_host,
             nats=nats,
             nats_config=None if nats is None else NatsHubConfig(nick_ttl=args.nick_ttl),
+            reuse_port=in_group(args),
         ) as server:
             await _serve(args, signals, server, nats)
     except (netlib.ServiceUnavailable, ModuleNotFoundError) as exc:
@@ -244,8 +264,8 @@ async def _serve(
     cluster = "" if nats is None else f" (a node of the chat cluster on {', '.join(nats)})"
     emit(
         args,
-        f"netlib chat server listening on {', '.join(a[0] for a in addresses)}{cluster}; "
-        "Ctrl-C to stop",
+        f"netlib chat server listening on {', '.join(a[0] for a in addresses)}{cluster}"
+        f"{STOP_HINT}",
         event="listening",
         addresses=[{"proto": kind, "address": address} for _, kind, address in addresses],
         nats=nats,

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
@@ -22,6 +23,7 @@ from netlib.cli._common import (
     emit,
     format_address,
     host_type,
+    in_group,
     port_type,
     positive_float,
     seconds_or_none,
@@ -29,6 +31,7 @@ from netlib.cli._common import (
     server_tls,
     show_statistics,
 )
+from netlib.cli._workers import add_workers
 
 __all__ = ["DEFAULT_ECHO_PORT", "add_echo"]
 
@@ -52,6 +55,7 @@ examples:
   netlib echo serve --host '*' --upper       # every interface, IPv4 and IPv6
   netlib echo serve --unix /tmp/echo.sock
   netlib echo serve --tls-cert cert.pem --tls-key key.pem
+  netlib echo serve --workers 2              # two processes on one port (Linux)
 """
 SEND_EXAMPLES = """\
 examples:
@@ -114,7 +118,8 @@ def add_echo(commands: Any, common: argparse.ArgumentParser) -> None:
     add_server_limits(serve)
     add_reporting(serve)
     add_tls_server(serve)
-    serve.set_defaults(run=echo_serve, server=True)
+    add_workers(serve, echo_serve, name="tcp echo", check=_check_workers)
+    serve.set_defaults(server=True)
 
     send = add_command(
         actions,
@@ -166,12 +171,22 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 # -- serve ------------------------------------------------------------------------------------
 
 
+def _check_workers(args: argparse.Namespace) -> None:
+    if args.proto != "tcp":
+        raise UsageError(
+            f"--workers serves TCP: --proto {args.proto} runs in one process (a datagram "
+            "server's peers would move between workers when one restarts)"
+        )
+    if args.unix:
+        raise UsageError("--workers serves a TCP port: a --unix socket runs in one process")
+
+
 def _announce(args: argparse.Namespace, mode: str, addresses: list[Any]) -> None:
     where = ", ".join(format_address(a) for a in addresses)
     name = {"echo": "echo", "upper": "upper-case echo", "timestamp": "timestamp echo"}[mode]
     emit(
         args,
-        f"netlib {name} server ({args.proto}) listening on {where}; Ctrl-C to stop",
+        f"netlib {name} server ({args.proto}) listening on {where}{STOP_HINT}",
         event="listening",
         proto=args.proto,
         mode=mode,
@@ -209,6 +224,7 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
         idle_timeout=args.idle_timeout,
         message_timeout=args.message_timeout,
         shutdown_grace=args.shutdown_grace,
+        reuse_port=in_group(args),
     ) as server:
         signals.on_force(server.close)
         _announce(args, mode, server.addresses)
@@ -232,7 +248,7 @@ async def _serve_rudp(
         raise UsageError("--unix and --tls-cert are for --proto tcp")
     async with netlib.open_reliable_udp_server(
         handler,
-        args.host or "0.0.0.0",
+        args.host,  # None ('*'): IPv4 and IPv6, on one dual-stack socket
         args.port,
         max_connections=args.max_connections or 10_000,
         max_connections_per_host=args.max_connections_per_host or 10_000,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any, Final
@@ -11,23 +12,31 @@ from urllib.parse import unquote, urlsplit
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
     add_reporting,
     add_server_limits,
+    add_tls_client,
+    add_tls_server,
+    client_tls,
     emit,
+    error_reason,
     fail,
     format_address,
     host_type,
+    in_group,
     port_type,
     positive_float,
     serve_until_stopped,
+    server_tls,
     show_statistics,
 )
+from netlib.cli._workers import add_workers
 from netlib.files import file_url
 
-__all__ = ["DEFAULT_FILES_PORT", "add_files"]
+__all__ = ["DEFAULT_FILES_PORT", "ProgressBar", "add_files"]
 
 DEFAULT_FILES_PORT: Final = 8000
 """The file server's port from the command line (the one Python's http.server uses)."""
@@ -36,13 +45,16 @@ SERVE_EXAMPLES = """\
 examples:
   netlib files serve .                       # this directory on http://127.0.0.1:8000/
   netlib files serve /srv/files --host '*' --port 8080
+  netlib files serve . --tls-cert cert.pem --tls-key key.pem   # https://
   curl -C - -O http://127.0.0.1:8000/big.iso # any HTTP client works, resuming too
+  netlib files serve . --workers auto        # one process per CPU on one port (Linux)
 """
 GET_EXAMPLES = """\
 examples:
   netlib files get big.iso                   # from 127.0.0.1:8000, saved as ./big.iso
   netlib files get http://example.org:8080/a/b.tar -o /tmp/b.tar
   netlib files get big.iso --json            # one JSON summary line
+  netlib files get https://127.0.0.1:8000/big.iso --cacert ca.pem
 
 An interrupted download stays in PATH.part: the same command continues it if the file is
 unchanged on the server, and fetches it whole (and says so) if it changed.
@@ -78,7 +90,9 @@ def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
     _add_address(serve)
     add_server_limits(serve)
     add_reporting(serve)
-    serve.set_defaults(run=files_serve, server=True)
+    add_tls_server(serve)
+    add_workers(serve, files_serve, name="files", check=lambda args: _check_root(args.root))
+    serve.set_defaults(server=True)
 
     get = add_command(
         actions,
@@ -87,7 +101,7 @@ def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
         help="download a file (resumes an interrupted download)",
         description="Download URL, or NAME from the server at --host/--port, to PATH (default "
         "the file's name here) through PATH.part, verified against the server's SHA-256 "
-        "when it sends one. Works with any HTTP/1.1 server.",
+        "when it sends one. Works with any HTTP/1.1 server, over TLS too (https://).",
         epilog=GET_EXAMPLES,
     )
     get.add_argument("target", metavar="URL-or-NAME", help="an http:// URL or a file's name")
@@ -104,6 +118,7 @@ def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
         help="seconds to wait for the server's next bytes",
     )
     get.add_argument("--json", action="store_true", help="one JSON summary line")
+    add_tls_client(get)
     get.set_defaults(run=files_get, server=False)
 
     ls = add_command(
@@ -119,6 +134,7 @@ def add_files(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_address(ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per entry")
+    add_tls_client(ls)
     ls.set_defaults(run=files_ls, server=False)
 
 
@@ -157,6 +173,8 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         max_connections=args.max_connections,
         max_connections_per_host=args.max_connections_per_host,
         shutdown_grace=args.shutdown_grace,
+        reuse_port=in_group(args),
+        ssl=server_tls(args),
     ) as running:
         server = running.server
         signals.on_force(server.close)
@@ -164,7 +182,7 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
         emit(
             args,
             f"netlib file server listening on {', '.join(where)}, serving {args.root} at "
-            f"{running.url}; Ctrl-C to stop",
+            f"{running.url}{STOP_HINT}",
             event="listening",
             addresses=where,
             root=running.service.root,
@@ -190,24 +208,27 @@ async def files_serve(args: argparse.Namespace, signals: Signals) -> int:
 
 
 def _url(args: argparse.Namespace, target: str) -> str:
-    if "://" in target and not target.startswith("http://"):
+    """The URL of ``target`` (a URL, or a name on --host/--port: https with a TLS option)."""
+    if "://" in target and not target.startswith(("http://", "https://")):
         scheme = target.split("://", 1)[0]
-        raise UsageError(f"only http:// URLs are supported, not {scheme}://")
+        raise UsageError(f"only http:// and https:// URLs are supported, not {scheme}://")
+    tls = bool(args.tls or args.cacert or args.insecure)
+    if tls and target.startswith("http://"):
+        raise UsageError("--tls, --cacert and --insecure are for https:// URLs")
     host = args.host if args.host is not None else "127.0.0.1"
-    url = file_url(target, host, args.port)
-    if not url.startswith("http://"):
-        raise UsageError(f"only http:// URLs are supported, not {url.split(':', 1)[0]}://")
-    return url
+    return file_url(target, host, args.port, tls=tls)
 
 
-class _Bar:
-    """A progress bar on stderr (bytes, rate, ETA), when stderr is a terminal, colour is
-    allowed and ``rich`` is installed; otherwise nothing."""
+class ProgressBar:
+    """A download's progress bar on stderr (bytes, rate, ETA), when stderr is a terminal,
+    colour is allowed and ``rich`` is installed (and not ``quiet``); otherwise nothing.
+    ``update`` is a ``download_file`` progress callback. A ``transient`` bar disappears
+    when it stops; otherwise its last state stays on the terminal."""
 
-    def __init__(self, args: argparse.Namespace, name: str) -> None:
+    def __init__(self, name: str, *, quiet: bool = False, transient: bool = True) -> None:
         self._progress: Any = None
         self._task: Any = None
-        if args.json or not sys.stderr.isatty() or "NO_COLOR" in os.environ:
+        if quiet or not sys.stderr.isatty() or "NO_COLOR" in os.environ:
             return
         try:
             from rich.console import Console
@@ -228,11 +249,16 @@ class _Bar:
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=Console(file=sys.stderr),
-            transient=True,
+            transient=transient,
         )
         self._task = self._progress.add_task(name, total=None)
 
-    def __enter__(self) -> _Bar:
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn (a terminal, rich installed, not quiet)."""
+        return self._progress is not None
+
+    def __enter__(self) -> ProgressBar:
         if self._progress is not None:
             self._progress.start()
         return self
@@ -254,7 +280,7 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
         if not name:
             raise UsageError(f"{url} names no file: give -o PATH")
         output = unquote(name)
-    with _Bar(args, os.path.basename(output)) as bar:
+    with ProgressBar(os.path.basename(output), quiet=args.json) as bar:
         try:
             result = await netlib.download_file(
                 url,
@@ -262,6 +288,7 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
                 resume=not args.no_resume,
                 progress=bar.update,
                 read_timeout=args.timeout,
+                ssl=client_tls(args),
             )
         except (netlib.NetlibError, OSError) as exc:
             return fail(_why(exc, args.target, urlsplit(url).netloc, output))
@@ -296,6 +323,8 @@ def _why(exc: BaseException, url: str, server: str, output: str) -> str:
     """One line for a failed request of ``url`` (the URL or name as the user gave it) to
     ``server`` (host:port)."""
     match exc:
+        case ssl.SSLError():
+            return f"TLS with {server} failed: {error_reason(exc)}"
         case netlib.RequestRefused(status=404):
             return f"no such file: {url} (404)"
         case netlib.RequestRefused(status=403 | 400 | 414):
@@ -341,7 +370,7 @@ def _human(rate: float) -> str:
 async def files_ls(args: argparse.Namespace, _signals: Signals) -> int:
     url = _url(args, args.target)
     try:
-        entries = await netlib.list_files(url)
+        entries = await netlib.list_files(url, ssl=client_tls(args))
     except (netlib.NetlibError, OSError) as exc:
         return fail(_why(exc, args.target or "/", urlsplit(url).netloc, ""))
     except ValueError as exc:

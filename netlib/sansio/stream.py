@@ -322,6 +322,15 @@ class StreamConnection:
             self.read_paused = False
         return frame
 
+    def take_up_to(self, limit: int) -> bytes:
+        """Pop at most ``limit`` bytes of the oldest queued message (``frames`` must not be
+        empty; raw streams, whose messages are chunks): the rest of it stays first."""
+        frame = self.frames[self.head]
+        if len(frame) <= limit:
+            return self.take()
+        self.frames[self.head] = frame[limit:]
+        return frame[:limit]
+
     @property
     def input_ended(self) -> bool:
         """True once no more messages will be queued (EOF, end of input, failure)."""

@@ -13,8 +13,8 @@ meanwhile. The last component is examined with ``lstat`` before it is opened: a 
 device or a socket is refused without being opened (a FIFO would block), and the file is
 opened ``O_NONBLOCK`` and checked again with ``fstat`` (it must be the same regular file).
 
-A file is sent with ``MessageStream.sendfile`` (the kernel's ``sendfile`` where the loop
-has it, bounded chunks elsewhere); ``Range`` (one range), ``If-Range`` and
+A file is sent with ``MessageStream.sendfile`` (the kernel's ``sendfile``; bounded chunks
+over TLS); ``Range`` (one range), ``If-Range`` and
 ``If-None-Match`` follow RFC 9110 with a strong ``ETag`` per file version, and every reply
 carries the SHA-256 of the whole file in ``Repr-Digest`` (RFC 9530), computed in a thread
 once per version and cached.

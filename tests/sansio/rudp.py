@@ -18,6 +18,7 @@ from netlib.sansio.reliable.simulation import LinkProfile, Simulation
 
 __all__ = [
     "CLIENT",
+    "ETHERNET",
     "KEY",
     "Recorder",
     "connected_pair",
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 KEY = bytes(range(16))
+ETHERNET = 1472
+"""The largest UDP payload over IPv4 on Ethernet (1,500 bytes less 28 of headers): the path
+MTU of the links that measure loss recovery in datagrams, as before path MTU discovery."""
 CLIENT: Hashable = ("192.0.2.10", 40000)
 _NUMBER = struct.Struct("!I")
 

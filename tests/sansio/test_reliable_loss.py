@@ -26,6 +26,7 @@ from netlib.sansio.reliable.simulation import LinkProfile, LossyLink, Simulation
 from netlib.sansio.reliable.wire import MAX_MESSAGE
 
 from .rudp import (
+    ETHERNET,
     KEY,
     Recorder,
     connected_pair,
@@ -63,7 +64,7 @@ def upload(sim: Simulation, client: ReliableConnection, server: Recorder, data: 
 
 def test_burst_loss_transfer_arrives_intact() -> None:
     """(a) 2% of datagrams start a burst of 3 drops (about 6% lost), 15 ms each way."""
-    link = LinkProfile(delay=0.015, loss=0.02, burst=3)
+    link = LinkProfile(delay=0.015, loss=0.02, burst=3, mtu=ETHERNET)
     server = Recorder()
     sim, client, _ = connected_pair(up=link, down=link, seed=11, server_events=server)
     upload(sim, client, server, payload(2 * MiB, 1))
@@ -158,7 +159,7 @@ def test_blackholes_transfer_completes_and_probes_back_off() -> None:
 def test_corrupt_datagrams_are_never_delivered() -> None:
     """(e) One bit flipped in 2% of datagrams, both ways: every message intact, every
     corrupt datagram dropped and counted."""
-    link = LinkProfile(delay=0.005, corrupt=0.02)
+    link = LinkProfile(delay=0.005, corrupt=0.02, mtu=ETHERNET)
     server = Recorder()
     sim, client, _ = connected_pair(up=link, down=link, seed=9, server_events=server)
     data = payload(MiB, 2)
@@ -273,7 +274,7 @@ def test_ordered_messages_wait_for_a_lost_one() -> None:
 
 def test_congestion_window_survives_random_loss() -> None:
     """10% random loss does not take the window below its floor or stall a transfer."""
-    link = LinkProfile(delay=0.005, loss=0.1)
+    link = LinkProfile(delay=0.005, loss=0.1, mtu=ETHERNET)
     server = Recorder()
     sim, client, _ = connected_pair(up=link, down=link, seed=2, server_events=server)
     data = payload(MiB // 2, 3)
@@ -287,7 +288,7 @@ def test_congestion_window_survives_random_loss() -> None:
 def test_a_bottleneck_is_filled_without_spurious_retransmissions(queue: int) -> None:
     """A 10 MB/s link with a drop-tail queue: every loss is a real overflow, none is
     declared while packets merely wait in the queue, and the transfer keeps the link busy."""
-    link = LinkProfile(delay=0.005, bandwidth=10e6, queue=queue)
+    link = LinkProfile(delay=0.005, bandwidth=10e6, queue=queue, mtu=ETHERNET)
     server = Recorder()
     sim, client, _ = connected_pair(up=link, down=LinkProfile(delay=0.005), server_events=server)
     messages = [numbered(i, 16 * 1024) for i in range(256)]
@@ -300,6 +301,9 @@ def test_a_bottleneck_is_filled_without_spurious_retransmissions(queue: int) -> 
     print(f"\nbottleneck 10 MB/s, queue {queue // 1024} KiB: {goodput / 1e6:.1f} MB/s goodput")
     assert goodput > 0.7 * 10e6
     assert sim.up.overflowed > 0  # the window probed the queue's size
-    assert stats.losses_detected == sim.up.overflowed
+    assert stats.datagram_size == ETHERNET
+    # every loss is an overflow; MTU probes lost to the queue are not counted as losses
+    probes_overflowed = stats.mtu_probes_lost - sim.up.too_big
+    assert stats.losses_detected + probes_overflowed == sim.up.overflowed
     assert stats.spurious_retransmissions == 0
     assert stats.spurious_losses == 0

@@ -10,6 +10,7 @@ from netlib.errors import ProtocolError
 from netlib.sansio.reliable.recovery import (
     INITIAL_WINDOW,
     MAX_PROBE_INTERVAL,
+    MIN_DATAGRAMS,
     MIN_PTO,
     MIN_WINDOW,
     CongestionWindow,
@@ -18,11 +19,17 @@ from netlib.sansio.reliable.recovery import (
 from netlib.sansio.reliable.simulation import LinkProfile, SplitMix64
 from netlib.sansio.reliable.wire import (
     ACK,
+    BASE_DATAGRAM,
+    HEADER,
+    HELLO,
     MAX_ACK_RANGES,
     MAX_DATAGRAM,
-    MAX_FRAGMENT,
+    MIN_HELLO_SIZE,
     MSG,
     OVERHEAD,
+    UNIT,
+    VERSION,
+    FrameType,
     PacketType,
     check_datagram,
     decode_ack,
@@ -31,12 +38,32 @@ from netlib.sansio.reliable.wire import (
     encode_close,
     encode_hello,
     encode_packet,
+    encode_probe,
 )
 
 
-def test_a_full_fragment_fits_a_datagram_with_an_ack() -> None:
-    assert OVERHEAD + ACK.size + 8 + MSG.size + MAX_FRAGMENT == MAX_DATAGRAM
-    assert MAX_FRAGMENT == 1156
+def test_a_full_unit_fits_a_base_datagram_with_an_ack() -> None:
+    assert OVERHEAD + ACK.size + 8 + MSG.size + UNIT == BASE_DATAGRAM == 1200
+    assert UNIT == 1156
+    assert MAX_DATAGRAM == 65535 - 8  # the largest UDP payload over IPv6
+    assert (MAX_DATAGRAM - OVERHEAD - MSG.size) // UNIT == 56  # units in one frame at most
+
+
+def test_hello_carries_the_largest_datagram_and_stays_at_the_base_size() -> None:
+    assert VERSION == 2
+    packet = encode_hello(7, 3, 100, 1000, 4096, b"token", 9000)
+    assert len(packet) == MIN_HELLO_SIZE == BASE_DATAGRAM
+    cid, delay, window, max_message, max_datagram, length = HELLO.unpack_from(packet, HEADER.size)
+    assert (cid, delay, window, max_message, max_datagram, length) == (7, 100, 1000, 4096, 9000, 5)
+
+
+@pytest.mark.parametrize("size", [BASE_DATAGRAM + 1, 1472, 8952, MAX_DATAGRAM])
+def test_a_probe_is_a_padded_ping_of_exactly_its_size(size: int) -> None:
+    probe = encode_probe(0xABCD, 77, size)
+    assert len(probe) == size
+    assert check_datagram(probe) == (PacketType.DATA, 0xABCD, 77)
+    assert probe[HEADER.size] == FrameType.PING
+    assert not any(probe[HEADER.size + 1 : -4])  # PADDING to the end
 
 
 def test_check_datagram_accepts_sound_packets_only() -> None:
@@ -44,7 +71,7 @@ def test_check_datagram_accepts_sound_packets_only() -> None:
     assert check_datagram(packet) == (PacketType.DATA, 0xDEADBEEF, 42)
     assert check_datagram(packet[:-1]) is None
     assert check_datagram(b"") is None
-    assert check_datagram(bytes([2]) + packet[1:]) is None  # version
+    assert check_datagram(bytes([1]) + packet[1:]) is None  # version 1 (or any other)
 
 
 def test_every_single_bit_flip_is_caught() -> None:
@@ -141,6 +168,25 @@ def test_congestion_window_reduces_once_per_round_and_keeps_a_floor() -> None:
     assert cc.window == MIN_WINDOW
     cc.on_acked(1200, 100.0)
     assert cc.window > MIN_WINDOW  # congestion avoidance grows it again
+    cc.on_persistent_congestion(200.0)
+    assert cc.window == MIN_WINDOW
+
+
+def test_congestion_window_floor_follows_the_datagram_size() -> None:
+    cc = CongestionWindow()
+    cc.set_datagram(65000)
+    assert cc.window == MIN_DATAGRAMS * 65000  # four datagrams of the new size may go
+    cc.on_acked(65000, 1.0)
+    assert cc.window == MIN_DATAGRAMS * 65000 + 65000  # slow start, in bytes
+    for t in range(20):
+        cc.on_lost(2.0 + t, 2.5 + t)
+    assert cc.window == MIN_DATAGRAMS * 65000
+    grown = cc.window
+    cc.on_acked(65000, 100.0)
+    assert cc.window == grown + 65000 * 65000 // grown  # one datagram per window acked
+    cc.set_datagram(BASE_DATAGRAM)  # a fallback: the floor comes down, the window stays
+    assert cc.minimum == MIN_WINDOW
+    assert cc.window > MIN_WINDOW
     cc.on_persistent_congestion(200.0)
     assert cc.window == MIN_WINDOW
 

@@ -14,20 +14,30 @@ Rules of this module:
   closes the connection with ``CloseCode.PROTOCOL_ERROR``; a corrupt datagram is dropped and
   counted. Local misuse raises: ``LimitExceeded`` above the message limit, ``WouldBlock``
   when the send buffer is full, ``ClosedResourceError`` after close.
-* Every buffer is bounded and charged ``bytes + FRAGMENT_CHARGE`` per fragment: the send
+* Every buffer is bounded and charged ``bytes + FRAGMENT_CHARGE`` per unit: the send
   buffer by ``send_buffer`` (one message is always accepted into an empty buffer), received
   data (out of order, being reassembled, or delivered but not yet taken with
   ``next_event()``) by ``receive_buffer``, through the flow-control window.
 
 Theory of operation
 -------------------
-*Sending.* ``send()`` cuts a message into fragments of at most ``MAX_FRAGMENT`` bytes with
-consecutive data sequence numbers (dseq). Each datagram built by ``datagrams_to_send`` gets
-a new packet number and carries, in order: an ACK frame whenever something received is not
-yet acknowledged (acknowledgements ride on data), fragments to retransmit, new fragments (up
-to the peer's window and the congestion window), then PING or CLOSE frames when due. A
-packet with any frame but ACK is ack-eliciting and is remembered until acknowledged or
-declared lost.
+*Sending.* ``send()`` gives a message consecutive data sequence numbers (dseq), one per
+``UNIT`` (1,156) bytes, and queues it whole. Each datagram built by ``datagrams_to_send``
+gets a new packet number and carries, in order: an ACK frame whenever something received is
+not yet acknowledged (acknowledgements ride on data), runs to retransmit, new runs cut off
+the front of the queued messages to fill the datagram (up to the peer's window and the
+congestion window), then PING or CLOSE frames when due. A run is a frame of consecutive
+whole units of one message (the last one may be short); the objects called fragments here
+are runs. A packet with any frame but ACK is ack-eliciting and is remembered until
+acknowledged or declared lost. The packet that empties the queue while more than
+``_DRAIN_PING`` bytes are in flight carries a PING, so the peer acknowledges it at once.
+
+*Datagram size.* Datagrams are at most ``BASE_DATAGRAM`` (1,200) bytes until path MTU
+discovery (``pmtu.PathMtu``) proves a larger size: after the handshake the connection sends
+probes (a padded PING, then a PING) outside the congestion window, reports their fate and
+the losses of its other packets, and takes up the size ``PathMtu`` settles on. A run to
+resend that no longer fits after the size fell is cut in place. Packets sent on the probe
+timer stay at the base size.
 
 *Acknowledging.* The receiver remembers received packet numbers as at most
 ``MAX_ACK_RANGES`` ranges. It acknowledges at once when an ack-eliciting packet arrives
@@ -58,16 +68,18 @@ retransmission.
 
 *Flow and congestion control.* The receiver grants credit in dseq units: the peer may send
 fragments below ``window``, carried in every ACK. The window is the first dseq not received
-plus the free receive buffer divided by the charge of a full fragment, and it never
+plus the free receive buffer divided by the charge of a full unit, and it never
 shrinks, so what is buffered never exceeds ``receive_buffer``. A sender blocked by the window
 with nothing in flight keeps probing on the PTO timer (a persist timer). The congestion
 window (``recovery.CongestionWindow``) limits bytes in flight.
 
-*Reassembly and channels.* A fragment is a duplicate if its dseq is below the first one not
-received or already held: each message is delivered exactly once. Ordered messages are
-delivered when every fragment up to their last has arrived, so they come out in the order
-they were sent; an unordered message is delivered as soon as its own fragments are all
-there.
+*Reassembly and channels.* A unit is a duplicate if its dseq is below the first one not
+received or already held: each message is delivered exactly once. A run at the cumulative
+point is taken whole (units of it held already, from smaller runs, are dropped); one that
+arrives ahead of it is held one unit per entry, so runs cut differently overlap safely.
+Ordered messages are delivered when every unit up to their last has arrived, so they come
+out in the order they were sent; an unordered message is delivered as soon as its own
+units are all there.
 
 *Handshake* (client). HELLO (padded to 1,200 bytes) is repeated with back-off until a COOKIE
 or an ACCEPT arrives; the COOKIE's token goes into the next HELLO. ACCEPT carries the
@@ -98,6 +110,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from netlib.errors import ClosedResourceError, LimitExceeded, ProtocolError, WouldBlock
+from netlib.sansio.reliable.pmtu import PathMtu
 from netlib.sansio.reliable.recovery import (
     INITIAL_RTT,
     MIN_WINDOW,
@@ -106,6 +119,9 @@ from netlib.sansio.reliable.recovery import (
     RttEstimator,
 )
 from netlib.sansio.reliable.wire import (
+    ACK,
+    ACK_RANGE,
+    BASE_DATAGRAM,
     CLOSE,
     CRC,
     FLAG_FIRST,
@@ -114,11 +130,11 @@ from netlib.sansio.reliable.wire import (
     HEADER,
     MAX_ACK_RANGES,
     MAX_DATAGRAM,
-    MAX_FRAGMENT,
     MAX_MESSAGE,
     MSG,
     OVERHEAD,
     PARAMS,
+    UNIT,
     VERSION,
     FrameType,
     PacketType,
@@ -128,6 +144,7 @@ from netlib.sansio.reliable.wire import (
     encode_ack,
     encode_close,
     encode_hello,
+    encode_probe,
     seal,
 )
 
@@ -162,13 +179,13 @@ DEFAULT_KEEPALIVE: Final = 15.0
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 30.0
 """Seconds a client keeps trying to connect."""
 DEFAULT_SEND_BUFFER: Final = 2 * 1024 * 1024
-"""Bytes (plus fragment charges) of messages sent but not yet acknowledged."""
+"""Bytes (plus unit charges) of messages sent but not yet acknowledged."""
 DEFAULT_RECEIVE_BUFFER: Final = 2 * 1024 * 1024
-"""Bytes (plus fragment charges) received and not yet taken with ``next_event()``."""
+"""Bytes (plus unit charges) received and not yet taken with ``next_event()``."""
 FRAGMENT_CHARGE: Final = 64
-"""Bytes charged per fragment on top of its payload, for the objects that hold it: a flood
+"""Bytes charged per unit on top of its payload, for the objects that hold it: a flood
 of empty messages fills the buffers as surely as large ones."""
-_SLOT: Final = MAX_FRAGMENT + FRAGMENT_CHARGE
+_SLOT: Final = UNIT + FRAGMENT_CHARGE
 _ACK_DELAY_UNIT: Final = 1e-4  # ack delays travel in units of 100 us
 _MAX_PN: Final = 0xFFFF_FFFF
 _MAX_DSEQ: Final = 0xFFFF_FFFF
@@ -181,6 +198,13 @@ _IN_ORDER: Final = 1
 _DISORDER: Final = 2
 _FLAG_PING: Final = 1
 _FLAG_CLOSE: Final = 2
+_FLAG_PROBE: Final = 4  # a path MTU probe (its loss is no congestion; nothing is resent)
+_FIT: Final = OVERHEAD + ACK.size + MSG.size  # a packet's bytes around one run of units
+_ABSENT: Final = (0, b"")  # a marker: no entry
+_DRAIN_PING: Final = MIN_WINDOW  # bytes in flight above which the packet that empties the
+# send queue carries a PING: the peer acknowledges it at once instead of after its ack delay
+# (a bulk sender waiting for its buffer to drain would idle for that delay); below it, as
+# in a request-reply exchange, the acknowledgement rides on the reply
 _F_ACK: Final = int(FrameType.ACK)
 _F_MSG: Final = int(FrameType.MSG)
 _F_PING: Final = int(FrameType.PING)
@@ -283,6 +307,10 @@ class ReliableConfig:
         receive_buffer: cap of received data not yet taken.
         max_message: largest message sent or accepted (at most ``MAX_MESSAGE``).
         initial_rtt: RTT assumed before the first sample.
+        max_datagram: largest datagram (UDP payload bytes) sent or accepted, from
+            ``BASE_DATAGRAM`` (1,200: no path MTU discovery, every datagram that size at
+            most) to ``MAX_DATAGRAM`` (65,527, the default). The size actually used is
+            found by probing, within the smaller of the two sides' values.
     """
 
     max_ack_delay: float = DEFAULT_ACK_DELAY
@@ -293,6 +321,7 @@ class ReliableConfig:
     receive_buffer: int = DEFAULT_RECEIVE_BUFFER
     max_message: int = MAX_MESSAGE
     initial_rtt: float = INITIAL_RTT
+    max_datagram: int = MAX_DATAGRAM
 
     def __post_init__(self) -> None:
         if not 0 < self.max_ack_delay <= 1.0:
@@ -303,6 +332,10 @@ class ReliableConfig:
             raise ValueError("keepalive must be positive and below idle_timeout")
         if not 0 <= self.max_message <= MAX_MESSAGE:
             raise ValueError(f"max_message must be in 0..{MAX_MESSAGE}, got {self.max_message}")
+        if not BASE_DATAGRAM <= self.max_datagram <= MAX_DATAGRAM:
+            raise ValueError(
+                f"max_datagram must be in {BASE_DATAGRAM}..{MAX_DATAGRAM}, got {self.max_datagram}"
+            )
         need = _charge_of(self.max_message) + _SLOT
         if self.receive_buffer < need or self.send_buffer < need:
             raise ValueError(f"buffers must hold max_message and a fragment: {need} bytes")
@@ -313,9 +346,14 @@ class ReliableConfig:
         return self.receive_buffer // _SLOT
 
 
+def _units(size: int) -> int:
+    """Data sequence numbers taken by ``size`` bytes of a message (an empty one takes one)."""
+    return 1 if size <= UNIT else -(-size // UNIT)
+
+
 def _charge_of(size: int) -> int:
-    """Bytes charged for a message of ``size`` bytes: payload plus a charge per fragment."""
-    return size + max(1, -(-size // MAX_FRAGMENT)) * FRAGMENT_CHARGE
+    """Bytes charged for ``size`` bytes of a message: payload plus a charge per unit."""
+    return size + _units(size) * FRAGMENT_CHARGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,11 +369,17 @@ class ReliableStatistics:
         spurious_losses: packets declared lost and acknowledged later.
         losses_detected: packets declared lost.
         probes_sent: probe timeouts that expired (one probe each).
-        corrupt_dropped: datagrams whose checksum or version failed.
+        corrupt_dropped: datagrams whose checksum or version failed, or longer than
+            ``max_datagram``.
         duplicates_dropped: packets received twice; duplicate_fragments: fragments so.
         smoothed_rtt, rttvar, min_rtt, latest_rtt: RFC 9002 estimates.
         congestion_window, bytes_in_flight: bytes.
         send_buffered, receive_buffered: charged bytes held now.
+        datagram_size: the largest datagram this side sends now (path MTU discovery).
+        mtu_probes_sent, mtu_probes_lost: path MTU probes (lost ones: too large, or
+            lost like any packet).
+        datagram_fallbacks: times the datagram size fell back to ``BASE_DATAGRAM`` (a
+            black hole, persistent congestion, or a size the local stack refused).
     """
 
     datagrams_sent: int
@@ -360,14 +404,19 @@ class ReliableStatistics:
     bytes_in_flight: int
     send_buffered: int
     receive_buffered: int
+    datagram_size: int
+    mtu_probes_sent: int
+    mtu_probes_lost: int
+    datagram_fallbacks: int
 
 
 class _Fragment:
-    """A fragment waiting for its acknowledgement (``last_pn`` -1: queued to resend)."""
+    """A run of units of one message (``last_pn`` -1: queued to resend). Unsent, it holds
+    what is left of its message; ``payload`` may be a ``memoryview`` of the message."""
 
     __slots__ = ("acked", "dseq", "flags", "last_pn", "payload")
 
-    def __init__(self, dseq: int, flags: int, payload: bytes) -> None:
+    def __init__(self, dseq: int, flags: int, payload: bytes | memoryview) -> None:
         self.dseq = dseq
         self.flags = flags
         self.payload = payload
@@ -378,9 +427,12 @@ class _Fragment:
 class _Sent:
     """An ack-eliciting packet in flight."""
 
-    __slots__ = ("flags", "fragments", "size", "time")
+    __slots__ = ("flags", "fragments", "pn", "size", "time")
 
-    def __init__(self, time: float, size: int, fragments: list[_Fragment], flags: int) -> None:
+    def __init__(
+        self, pn: int, time: float, size: int, fragments: list[_Fragment], flags: int
+    ) -> None:
+        self.pn = pn
         self.time = time
         self.size = size
         self.fragments = fragments
@@ -421,6 +473,7 @@ class ReliableConnection:
         "_ack_now",
         "_ack_unsent",
         "_assembled",
+        "_assembled_charge",
         "_assembling",
         "_bytes_in_flight",
         "_cc",
@@ -431,6 +484,7 @@ class ReliableConnection:
         "_closed_reported",
         "_config",
         "_confirmed",
+        "_datagram",
         "_events",
         "_fresh",
         "_handshake_deadline",
@@ -456,7 +510,9 @@ class ReliableConnection:
         "_peer_max_message",
         "_pending_out",
         "_ping_pending",
+        "_pmtu",
         "_probe_pending",
+        "_probe_pn",
         "_pto_count",
         "_rcv_next",
         "_retransmit",
@@ -532,6 +588,9 @@ class ReliableConnection:
         self._close_deadline: float | None = None
         self._rtt = RttEstimator(config.initial_rtt)
         self._cc = CongestionWindow()
+        self._pmtu = PathMtu(config.max_datagram)
+        self._probe_pn = -1  # the MTU probe in flight
+        self._datagram = BASE_DATAGRAM
         # receiving
         self._rx_ranges: list[list[int]] = []
         self._largest_rx_time = now
@@ -549,7 +608,7 @@ class ReliableConnection:
         self._ooo: dict[int, tuple[int, bytes] | None] = {}
         self._ooo_bytes = 0
         self._assembling: list[bytes] = []
-        self._assembled = 0
+        self._assembled = self._assembled_charge = 0
         self._held = 0
         self._max_dseq = self._window_sent = config.window_slots
         # counters
@@ -581,6 +640,7 @@ class ReliableConnection:
         peer_max_message: int,
         hello_pn: int,
         peer_address: object,
+        peer_max_datagram: int = BASE_DATAGRAM,
     ) -> ReliableConnection:
         """The server side of a validated HELLO (``ReliableServerCore`` calls this)."""
         conn = cls(cid, now, config, client=False)
@@ -589,6 +649,7 @@ class ReliableConnection:
         conn._peer_ack_delay = peer_ack_delay
         conn._peer_max_dseq = peer_window
         conn._peer_max_message = peer_max_message
+        conn._pmtu.start(peer_max_datagram)
         conn._record_pn(hello_pn, now)
         conn._ack_now = True  # the ACCEPT goes at once, acknowledging the HELLO
         conn._events.append((Connected(), 0))
@@ -619,25 +680,17 @@ class ReliableConnection:
             raise WouldBlock(
                 f"send buffer full: {self._send_buffered} + {charge} bytes > {cap} bytes"
             )
-        flags = FLAG_UNORDERED if channel else 0
+        flags = (FLAG_UNORDERED if channel else 0) | FLAG_FIRST | FLAG_LAST
         dseq = self._next_dseq
-        if dseq + size // MAX_FRAGMENT + 1 > _MAX_DSEQ:
+        units = _units(size)
+        if dseq + units > _MAX_DSEQ:
             self._abort(CloseCode.EXHAUSTED, "data sequence numbers exhausted")
             raise ClosedResourceError("the connection used up its data sequence numbers")
-        unsent = self._unsent
-        if size <= MAX_FRAGMENT:
-            unsent.append(_Fragment(dseq, flags | FLAG_FIRST | FLAG_LAST, bytes(message)))
-            dseq += 1
-        else:
-            view = memoryview(message)
-            for start in range(0, size, MAX_FRAGMENT):
-                piece = view[start : start + MAX_FRAGMENT]
-                edge = (FLAG_FIRST if start == 0 else 0) | (
-                    FLAG_LAST if start + MAX_FRAGMENT >= size else 0
-                )
-                unsent.append(_Fragment(dseq, flags | edge, bytes(piece)))
-                dseq += 1
-        self._next_dseq = dseq
+        data = bytes(message)
+        # a message goes whole into the queue; packets take runs of units off its front
+        payload = data if units == 1 else memoryview(data)
+        self._unsent.append(_Fragment(dseq, flags, payload))
+        self._next_dseq = dseq + units
         self._send_buffered += charge
         self.messages_sent += 1
 
@@ -685,6 +738,43 @@ class ReliableConnection:
         """The first data sequence number the peer does not accept yet."""
         return self._peer_max_dseq
 
+    @property
+    def datagram_size(self) -> int:
+        """The largest datagram this side sends now (``BASE_DATAGRAM`` until a larger size
+        is proved by a probe)."""
+        return self._datagram
+
+    def limit_datagram(self, size: int) -> None:
+        """Send no datagram above ``size`` bytes (at least ``BASE_DATAGRAM``): the adapter
+        calls it with what the local interface allows (its MTU less the IP and UDP
+        headers), or ``BASE_DATAGRAM`` when it cannot forbid IP fragmentation."""
+        if self._pmtu.limit(size):
+            self._set_datagram()
+
+    def datagram_too_large(self, datagram: bytes, now: float) -> None:
+        """The local stack refused to send ``datagram`` (``EMSGSIZE``): it is larger than
+        the interface allows. A probe has failed; data goes again in smaller datagrams."""
+        header = check_datagram(datagram)
+        if header is None or self.state is _CLOSED:
+            return
+        pn = header[2]
+        record = self._sent.pop(pn, None)
+        if record is None:
+            return
+        if record.flags & _FLAG_PROBE:
+            if self._pmtu.probe_lost(record.size, refused=True):
+                self._set_datagram()
+            return
+        self._bytes_in_flight -= record.size
+        for fragment in record.fragments:  # as if lost, with no congestion response
+            if not fragment.acked and fragment.last_pn == pn:
+                fragment.last_pn = -1
+                self._retransmit.append(fragment)
+        if record.flags & _FLAG_CLOSE:
+            self._close_pending = True
+        if self._pmtu.refused(record.size):
+            self._set_datagram()
+
     # -- the adapter's side -------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, now: float) -> None:
@@ -701,6 +791,9 @@ class ReliableConnection:
 
     def packet_received(self, data: bytes, ptype: int, pn: int, now: float) -> None:
         """Take a datagram whose checksum, version and destination were checked already."""
+        if len(data) > self._config.max_datagram:
+            self.corrupt_dropped += 1  # larger than this side announced it accepts
+            return
         self.datagrams_received += 1
         self.bytes_received += len(data)
         state = self.state
@@ -780,6 +873,12 @@ class ReliableConnection:
             out.append(packet)
             first = False
             budget -= 1
+        if budget and state is _ESTABLISHED and self._confirmed and not self._pmtu.probe:
+            size = self._pmtu.next_probe(now)
+            if size:
+                out.append(self._mtu_probe(now, size))
+                if self.state is not _CLOSED:
+                    out.append(self._ping_packet(now))
         if self._pending_out:  # the connection failed while building (numbers ran out)
             out += self._pending_out
             self._pending_out = []
@@ -863,6 +962,10 @@ class ReliableConnection:
             bytes_in_flight=self._bytes_in_flight,
             send_buffered=self._send_buffered,
             receive_buffered=self.receive_buffered,
+            datagram_size=self._datagram,
+            mtu_probes_sent=self._pmtu.probes_sent,
+            mtu_probes_lost=self._pmtu.probes_lost,
+            datagram_fallbacks=self._pmtu.fallbacks,
         )
 
     # -- handshake ----------------------------------------------------------------------------
@@ -874,8 +977,15 @@ class ReliableConnection:
         if len(self._hello_times) >= 8:
             del self._hello_times[next(iter(self._hello_times))]
         self._hello_times[pn] = now
+        config = self._config
         packet = encode_hello(
-            self.cid, pn, self._delay_units, self._max_dseq, self._config.max_message, self._token
+            self.cid,
+            pn,
+            self._delay_units,
+            self._max_dseq,
+            config.max_message,
+            self._token,
+            config.max_datagram,
         )
         self._count_sent(packet)
         return packet
@@ -910,11 +1020,14 @@ class ReliableConnection:
                 return
             self._finish(ConnectionClosed(code, reason, by_peer=True))
 
-    def _establish(self, server_cid: int, ack_delay: int, window: int, max_message: int) -> None:
+    def _establish(
+        self, server_cid: int, ack_delay: int, window: int, max_message: int, max_datagram: int
+    ) -> None:
         self.peer_cid = server_cid
         self._peer_ack_delay = ack_delay * _ACK_DELAY_UNIT
         self._peer_max_dseq = max(self._peer_max_dseq, window)
         self._peer_max_message = max_message
+        self._pmtu.start(max_datagram)
         self.state = _ESTABLISHED
         self._ack_now = True  # tell the server at once that its cid is in use
         self._events.append((Connected(), 0))
@@ -1007,27 +1120,97 @@ class ReliableConnection:
         return eliciting
 
     def _on_fragment(self, flags: int, dseq: int, payload: bytes) -> None:
+        """A run of units (``dseq`` and on) of one message."""
         if self.state is _DRAINING:
             return
+        size = len(payload)
+        units = 1 if size <= UNIT else -(-size // UNIT)
+        if not flags & FLAG_LAST and size != units * UNIT:
+            raise ProtocolError("a MSG frame that does not end its message is not whole units")
+        end = dseq + units
         rcv_next = self._rcv_next
-        if dseq < rcv_next or dseq in self._ooo:
+        if end <= rcv_next:
             self.duplicate_fragments += 1
             return
-        if dseq >= self._max_dseq:
-            raise ProtocolError(f"fragment {dseq} beyond the window {self._max_dseq}")
-        if dseq == rcv_next and flags & 3 == 3 and not self._assembling:
-            self._rcv_next = rcv_next + 1  # the common case: a whole message, in order
-            self._deliver(payload, flags, len(payload) + FRAGMENT_CHARGE)
+        if end > self._max_dseq:
+            raise ProtocolError(f"fragment {end - 1} beyond the window {self._max_dseq}")
+        if dseq < rcv_next:  # its start came in a smaller run (resent after a fallback)
+            payload = payload[(rcv_next - dseq) * UNIT :]
+            flags &= ~FLAG_FIRST
+            dseq = rcv_next
+        if dseq == rcv_next:
+            if flags & 3 == 3 and not self._assembling and not self._ooo:
+                self._rcv_next = end  # the common case: a whole message, in order
+                self._deliver(payload, flags, len(payload) + units * FRAGMENT_CHARGE)
+                return
+            self._in_order(flags, payload, end)
             if self._ooo:
                 self._advance()
             return
-        charge = len(payload) + FRAGMENT_CHARGE
-        self._ooo[dseq] = (flags, payload)
-        self._ooo_bytes += charge
+        self._hold(flags, dseq, payload, end)
+
+    def _in_order(self, flags: int, payload: bytes, end: int) -> None:
+        """Take a run that starts at the cumulative point and ends before ``end``."""
+        start = self._rcv_next
+        self._rcv_next = end
+        ooo = self._ooo
+        if ooo and end - start > 1:  # units of this run held already, from smaller runs
+            for n in range(start + 1, end):
+                entry = ooo.pop(n, _ABSENT)
+                if entry is not _ABSENT and entry is not None:
+                    self._ooo_bytes -= len(entry[1]) + FRAGMENT_CHARGE
+        self._append(flags, payload, len(payload) + (end - start) * FRAGMENT_CHARGE)
+
+    def _append(self, flags: int, payload: bytes, charge: int) -> None:
+        """Add an in-order run to the message being assembled; deliver it when whole."""
+        assembling = self._assembling
+        if flags & 3 == 3 and not assembling:
+            self._deliver(payload, flags, charge)
+            return
+        if bool(flags & FLAG_FIRST) == bool(assembling):
+            raise ProtocolError("fragment flags do not frame a message")
+        self._held += charge
+        assembling.append(payload)
+        self._assembled += len(payload)
+        self._assembled_charge += charge
+        if self._assembled > self._config.max_message:
+            raise ProtocolError("message above max_message")
+        if flags & FLAG_LAST:
+            message = assembling[0] if len(assembling) == 1 else b"".join(assembling)
+            charge = self._assembled_charge
+            self._held -= charge
+            self._deliver(message, flags, charge)
+            assembling.clear()
+            self._assembled = self._assembled_charge = 0
+
+    def _hold(self, flags: int, dseq: int, payload: bytes, end: int) -> None:
+        """Keep a run that arrived ahead of the cumulative point, one entry per unit."""
+        ooo = self._ooo
+        if end - dseq == 1:
+            if dseq in ooo:
+                self.duplicate_fragments += 1
+                return
+            ooo[dseq] = (flags, payload)
+            self._ooo_bytes += len(payload) + FRAGMENT_CHARGE
+        else:
+            fresh = False
+            channel = flags & FLAG_UNORDERED
+            last = end - 1
+            for i, n in enumerate(range(dseq, end)):
+                if n in ooo:
+                    continue
+                piece = payload[i * UNIT : (i + 1) * UNIT]
+                edge = (flags & FLAG_FIRST if n == dseq else 0) | (
+                    flags & FLAG_LAST if n == last else 0
+                )
+                ooo[n] = (channel | edge, piece)
+                self._ooo_bytes += len(piece) + FRAGMENT_CHARGE
+                fresh = True
+            if not fresh:
+                self.duplicate_fragments += 1
+                return
         if flags & FLAG_UNORDERED:
             self._deliver_unordered(dseq)
-        if dseq == rcv_next:
-            self._advance()
 
     def _deliver(self, payload: bytes, flags: int, charge: int) -> None:
         self._held += charge
@@ -1036,10 +1219,9 @@ class ReliableConnection:
         self._events.append((MessageReceived(payload, channel), charge))
 
     def _advance(self) -> None:
-        """Move the cumulative point over fragments held, delivering whole messages."""
+        """Move the cumulative point over units held, delivering whole messages."""
         ooo = self._ooo
         n = self._rcv_next
-        assembling = self._assembling
         while n in ooo:
             entry = ooo.pop(n)
             n += 1
@@ -1048,21 +1230,8 @@ class ReliableConnection:
             flags, payload = entry
             charge = len(payload) + FRAGMENT_CHARGE
             self._ooo_bytes -= charge
-            self._held += charge
-            if bool(flags & FLAG_FIRST) == bool(assembling):
-                self._rcv_next = n
-                raise ProtocolError("fragment flags do not frame a message")
-            assembling.append(payload)
-            self._assembled += len(payload)
-            if self._assembled > self._config.max_message:
-                self._rcv_next = n
-                raise ProtocolError("message above max_message")
-            if flags & FLAG_LAST:
-                message = assembling[0] if len(assembling) == 1 else b"".join(assembling)
-                self._held -= self._assembled + len(assembling) * FRAGMENT_CHARGE
-                self._deliver(message, flags, self._assembled + len(assembling) * FRAGMENT_CHARGE)
-                assembling.clear()
-                self._assembled = 0
+            self._rcv_next = n
+            self._append(flags, payload, charge)
         self._rcv_next = n
 
     def _deliver_unordered(self, dseq: int) -> None:
@@ -1164,15 +1333,23 @@ class ReliableConnection:
         self._detect_losses(now, fresh=self._fresh and self._bytes_in_flight <= MIN_WINDOW)
 
     def _acked(self, record: _Sent) -> None:
-        self._bytes_in_flight -= record.size
-        self._cc.on_acked(record.size, record.time)
+        size = record.size
+        flags = record.flags
+        if flags & _FLAG_PROBE:  # outside the congestion window
+            if self._pmtu.probe_acked(size):
+                self._set_datagram()
+            return
+        self._bytes_in_flight -= size
+        self._cc.on_acked(size, record.time)
         for fragment in record.fragments:
             if fragment.acked:
                 self.spurious_retransmissions += 1
             else:
                 fragment.acked = True
-                self._send_buffered -= len(fragment.payload) + FRAGMENT_CHARGE
-        if record.flags & _FLAG_CLOSE and self.state is _CLOSING:
+                self._send_buffered -= _charge_of(len(fragment.payload))
+        if size > BASE_DATAGRAM:
+            self._pmtu.acked(record.pn, size)
+        if flags & _FLAG_CLOSE and self.state is _CLOSING:
             self._finish(ConnectionClosed(*self._close_code, by_peer=False))
 
     def _late_acks(self, ranges: list[tuple[int, int]]) -> None:
@@ -1181,13 +1358,17 @@ class ReliableConnection:
         late = [pn for pn in self._lost if lowest <= pn <= highest and _covered(pn, ranges)]
         for pn in late:
             record = self._lost.pop(pn)
+            if record.flags & _FLAG_PROBE:  # the size works after all
+                if self._pmtu.probe_acked(record.size):
+                    self._set_datagram()
+                continue
             self.spurious_losses += 1
             for fragment in record.fragments:
                 if fragment.acked:
                     self.spurious_retransmissions += 1
                 else:
                     fragment.acked = True
-                    self._send_buffered -= len(fragment.payload) + FRAGMENT_CHARGE
+                    self._send_buffered -= _charge_of(len(fragment.payload))
 
     def _detect_losses(self, now: float, *, fresh: bool = False) -> None:
         """Declare lost what the packet or time threshold says (RFC 9002 section 6.1).
@@ -1218,10 +1399,26 @@ class ReliableConnection:
             else:
                 self._loss_time = record.time + delay
                 break
+        probe = self._probe_pn  # lost once a packet sent after it is acknowledged: a PING
+        if 0 <= probe < largest and probe in sent and probe not in lost:  # follows each
+            lost.append(probe)
+        burst = []
         for pn in lost:
-            self._on_lost(pn, sent.pop(pn), now)
+            record = sent.pop(pn)
+            self._on_lost(pn, record, now)
+            if not record.flags & _FLAG_PROBE:
+                burst.append((pn, record.size))
+        if burst and self._datagram > BASE_DATAGRAM:
+            self._pmtu.loss_burst(burst)  # perhaps a black hole: see pmtu.py
 
     def _on_lost(self, pn: int, record: _Sent, now: float) -> None:
+        if record.flags & _FLAG_PROBE:  # too large, or lost like any packet: no congestion
+            if self._pmtu.probe_lost(record.size):
+                self._set_datagram()  # the current size failed its confirmation
+            self._lost[pn] = record  # a late acknowledgement still proves the size
+            if len(self._lost) > _MAX_LOST:
+                del self._lost[next(iter(self._lost))]
+            return
         self.losses_detected += 1
         self._last_lost = max(self._last_lost, pn)
         self._bytes_in_flight -= record.size
@@ -1278,6 +1475,8 @@ class ReliableConnection:
         self._last_eliciting = now
         if self._pto_count >= _PERSISTENT_CONGESTION:
             self._cc.on_persistent_congestion(now)
+            if self._pmtu.persistent_congestion():
+                self._set_datagram()  # perhaps only the large datagrams are dropped
         if not recovering or self._retransmit or not self._sent or self._pto_count < 2:
             return
         newest = self._sent[next(reversed(self._sent))]
@@ -1311,7 +1510,8 @@ class ReliableConnection:
         An ACK goes in whenever something received is unacknowledged; an acknowledgement
         the peer has not confirmed is repeated in the first packet of each batch that goes
         anyway. With data to follow, the ACK is cut to the ranges that leave room for the
-        next fragment.
+        next fragment. A probe timer's packet is at most ``BASE_DATAGRAM`` bytes, so that it
+        passes a path that stopped carrying large datagrams (and reveals the black hole).
         """
         data, control = self._wants(now)
         if not (data or control or self._ack_due(now)):
@@ -1320,18 +1520,28 @@ class ReliableConnection:
         if self.state is _CLOSED:
             return None
         parts, size = self._header(pn)
+        cap = BASE_DATAGRAM if self._probe_pending else self._datagram
         with_ack = self._ack_unsent or (
             first and (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
         )
         if with_ack:
-            ack = self._ack_frame(now, self._ack_space(size) if data else MAX_DATAGRAM - size)
+            ack = self._ack_frame(now, self._ack_space(size, cap) if data else cap - size)
             parts.append(ack)
             size += len(ack)
         bare = len(parts)
         fragments: list[_Fragment] = []
         if data:
-            size = self._fill(parts, fragments, size, pn)
-        flags = self._control_frames(parts, size, bool(fragments))
+            size = self._fill(parts, fragments, size, pn, cap)
+            if (
+                fragments
+                and not self._unsent
+                and not self._retransmit
+                and self._bytes_in_flight + size > _DRAIN_PING
+                and size < cap
+            ):
+                parts.append(_PING_FRAME)  # the last of a bulk: no delayed acknowledgement
+                size += 1
+        flags = self._control_frames(parts, size, bool(fragments), cap)
         if len(parts) == bare and not with_ack:
             return None  # nothing fitted (cannot happen with the sizes chosen): stop here
         self._probe_pending = False
@@ -1347,7 +1557,7 @@ class ReliableConnection:
         if self.state is _DRAINING:
             return False, False  # only acknowledgements, when due
         probe = self._probe_pending
-        if not (probe or self._bytes_in_flight + MAX_DATAGRAM <= self._cc.window):
+        if not (probe or self._bytes_in_flight + self._datagram <= self._cc.window):
             data = False
         else:
             unsent = self._unsent
@@ -1356,18 +1566,23 @@ class ReliableConnection:
             )
         return data, probe or self._ping_pending or self._close_pending
 
-    def _header(self, pn: int) -> tuple[list[bytes], int]:
+    def _header(self, pn: int) -> tuple[list[bytes | memoryview], int]:
         """The first parts of a packet and their size (an ACCEPT until confirmed)."""
         if self._confirmed:
             return [HEADER.pack(VERSION, _T_DATA, self.peer_cid, pn)], OVERHEAD
-        params = PARAMS.pack(self.cid, self._delay_units, self._max_dseq, self._config.max_message)
+        config = self._config
+        params = PARAMS.pack(
+            self.cid, self._delay_units, self._max_dseq, config.max_message, config.max_datagram
+        )
         return [HEADER.pack(VERSION, _T_ACCEPT, self.peer_cid, pn), params], OVERHEAD + len(params)
 
-    def _control_frames(self, parts: list[bytes], size: int, has_data: bool) -> int:
+    def _control_frames(
+        self, parts: list[bytes | memoryview], size: int, has_data: bool, cap: int
+    ) -> int:
         """Add CLOSE (if due and it fits), or a PING for a probe or keepalive; the flags."""
         flags = 0
         close = self._close_frame
-        if self._close_pending and close is not None and size + len(close) <= MAX_DATAGRAM:
+        if self._close_pending and close is not None and size + len(close) <= cap:
             parts.append(close)
             self._close_pending = False
             flags |= _FLAG_CLOSE
@@ -1390,7 +1605,7 @@ class ReliableConnection:
             self._ack_carrier = pn
             self._ack_confirmed = False
             self._ack_mark = self._rx_ranges[0][0]
-        self._sent[pn] = _Sent(now, len(packet), fragments, flags)
+        self._sent[pn] = _Sent(pn, now, len(packet), fragments, flags)
         self._bytes_in_flight += len(packet)
         self._last_eliciting = now
 
@@ -1404,12 +1619,12 @@ class ReliableConnection:
         while len(ranges) > 1 and ranges[-1][1] < mark:
             ranges.pop()
 
-    def _ack_space(self, size: int) -> int:
+    def _ack_space(self, size: int, cap: int) -> int:
         """Bytes an ACK may take in a packet of ``size`` bytes so far that will carry the
-        next fragment to send."""
+        next fragment to send (or one unit of it)."""
         queue = self._retransmit or self._unsent
-        payload = len(queue[0].payload) if queue else 0
-        return MAX_DATAGRAM - size - MSG.size - payload
+        payload = min(len(queue[0].payload), UNIT) if queue else 0
+        return cap - size - MSG.size - payload
 
     def _ack_frame(self, now: float, space: int) -> bytes:
         self._grow_window()
@@ -1422,8 +1637,21 @@ class ReliableConnection:
         self._ack_deadline = None
         return frame
 
-    def _fill(self, parts: list[bytes], fragments: list[_Fragment], size: int, pn: int) -> int:
-        """Add fragments to resend, then new ones, while they fit; return the size."""
+    def _fill(
+        self,
+        parts: list[bytes | memoryview],
+        fragments: list[_Fragment],
+        size: int,
+        pn: int,
+        cap: int,
+    ) -> int:
+        """Add runs to resend, then new ones, while they fit in ``cap`` bytes; return the
+        size.
+
+        New messages are cut to fill the packet (runs of whole units, up to the peer's
+        window); a run to resend goes as it went, unless the datagram size fell below it,
+        when it is cut in place into runs that fit (not for a probe timer's small packet).
+        """
         pack = MSG.pack
         retransmit = self._retransmit
         while retransmit:
@@ -1432,8 +1660,13 @@ class ReliableConnection:
                 retransmit.popleft()
                 continue
             need = MSG.size + len(fragment.payload)
-            if size + need > MAX_DATAGRAM:
-                return size
+            if size + need > cap:
+                if _FIT + len(fragment.payload) <= cap or cap < self._datagram:
+                    return size  # it fits the next packet
+                self._cut_retransmit(fragment)
+                need = MSG.size + len(fragment.payload)
+                if size + need > cap:
+                    return size
             retransmit.popleft()
             parts.append(pack(_F_MSG, fragment.flags, fragment.dseq, len(fragment.payload)))
             parts.append(fragment.payload)
@@ -1445,16 +1678,85 @@ class ReliableConnection:
         limit = self._peer_max_dseq
         while unsent:
             fragment = unsent[0]
-            need = MSG.size + len(fragment.payload)
-            if fragment.dseq >= limit or size + need > MAX_DATAGRAM:
+            dseq = fragment.dseq
+            if dseq >= limit:
                 return size
-            unsent.popleft()
-            parts.append(pack(_F_MSG, fragment.flags, fragment.dseq, len(fragment.payload)))
+            payload = fragment.payload
+            length = len(payload)
+            room = cap - size - MSG.size
+            if length <= room and (length <= UNIT or dseq + _units(length) <= limit):
+                unsent.popleft()
+            else:  # cut a run of whole units off the front of the message
+                units = min(room // UNIT, limit - dseq)
+                if units <= 0:
+                    return size
+                length = units * UNIT
+                piece = _Fragment(dseq, fragment.flags & ~FLAG_LAST, payload[:length])
+                fragment.dseq = dseq + units
+                fragment.flags &= ~FLAG_FIRST
+                fragment.payload = payload[length:]
+                fragment = piece
+            parts.append(pack(_F_MSG, fragment.flags, dseq, length))
             parts.append(fragment.payload)
             fragment.last_pn = pn
             fragments.append(fragment)
-            size += need
+            size += MSG.size + length
         return size
+
+    def _cut_retransmit(self, fragment: _Fragment) -> None:
+        """Cut a run queued to resend, which no longer fits a datagram, into runs that do:
+        ``fragment`` keeps the first, the others follow it in the queue. (An
+        acknowledgement of the whole run sent before then counts for the first only; the
+        others are resent, harmlessly.)"""
+        fit = max(1, (self._datagram - _FIT - 2 * ACK_RANGE.size) // UNIT) * UNIT
+        payload = fragment.payload
+        pieces = [
+            _Fragment(
+                fragment.dseq + start // UNIT,
+                fragment.flags & ~FLAG_FIRST,
+                payload[start : start + fit],
+            )
+            for start in range(fit, len(payload), fit)
+        ]
+        for piece in pieces[:-1]:
+            piece.flags &= ~FLAG_LAST
+        if pieces:
+            fragment.flags &= ~FLAG_LAST
+        fragment.payload = payload[:fit]
+        retransmit = self._retransmit
+        retransmit.popleft()  # ``fragment``, at the front
+        retransmit.extendleft(reversed(pieces))
+        retransmit.appendleft(fragment)
+
+    def _mtu_probe(self, now: float, size: int) -> bytes:
+        """A path MTU probe of ``size`` bytes: a PING padded, ack-eliciting, carrying no
+        data (see ``pmtu.py``). It is outside the congestion window (one at a time, and
+        neither its loss nor its acknowledgement moves the window), but in ``_sent``, so
+        the loss detection and probe timer that find every loss find its loss too."""
+        pn = self._probe_pn = self._take_pn()
+        packet = encode_probe(self.peer_cid, pn, size)
+        self._sent[pn] = _Sent(pn, now, size, [], _FLAG_PROBE)
+        self._last_eliciting = now
+        self._pmtu.probe_sent(size)
+        self._count_sent(packet)
+        return packet
+
+    def _ping_packet(self, now: float) -> bytes:
+        """A PING alone, right after an MTU probe: the peer acknowledges both at once, so
+        an acknowledgement of the PING without the probe shows the probe lost one round
+        trip after it went, not a probe timeout later."""
+        pn = self._take_pn()
+        parts, _ = self._header(pn)
+        parts.append(_PING_FRAME)
+        packet = seal(parts)
+        self._in_flight(now, pn, packet, [], _FLAG_PING, False)
+        self._count_sent(packet)
+        return packet
+
+    def _set_datagram(self) -> None:
+        """Take up the size path MTU discovery settled on (higher, or back to the base)."""
+        self._datagram = size = self._pmtu.size
+        self._cc.set_datagram(size)
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -1481,9 +1783,9 @@ class ReliableConnection:
             ptype = _T_DATA if self._confirmed else _T_ACCEPT
             pn = min(self._next_pn, _MAX_PN)  # the last number is kept for this CLOSE
             self._next_pn = pn + 1
-            parts = [HEADER.pack(VERSION, ptype, self.peer_cid, pn)]
+            parts: list[bytes | memoryview] = [HEADER.pack(VERSION, ptype, self.peer_cid, pn)]
             if ptype == _T_ACCEPT:
-                parts.append(PARAMS.pack(self.cid, 0, self._max_dseq, 0))
+                parts.append(PARAMS.pack(self.cid, 0, self._max_dseq, 0, BASE_DATAGRAM))
             parts.append(encode_close(code, reason))
             self._pending_out.append(seal(parts))
         self._finish(ConnectionClosed(code, reason, by_peer=False))

@@ -324,7 +324,7 @@ class ReliableServerCore:
         self, data: bytes, addr: Hashable, pn: int, now: float
     ) -> ReliableConnection | None:
         offset = HEADER.size
-        cid, ack_delay, window, max_message, length = HELLO.unpack_from(data, offset)
+        cid, ack_delay, window, max_message, max_datagram, length = HELLO.unpack_from(data, offset)
         offset += HELLO.size
         if cid == 0 or offset + length > len(data) - CRC.size:
             self.unknown_dropped += 1
@@ -341,12 +341,12 @@ class ReliableServerCore:
             self._reply(self._cookie_packet(addr, cid, pn, now), addr)
             self.cookies_sent += 1
             return None
-        return self._admit(addr, cid, pn, (ack_delay, window, max_message), now)
+        return self._admit(addr, cid, pn, (ack_delay, window, max_message, max_datagram), now)
 
     def _admit(
-        self, addr: Hashable, cid: int, pn: int, params: tuple[int, int, int], now: float
+        self, addr: Hashable, cid: int, pn: int, params: tuple[int, int, int, int], now: float
     ) -> ReliableConnection | None:
-        ack_delay, window, max_message = params
+        ack_delay, window, max_message, max_datagram = params
         host = _host_of(addr)
         if len(self._by_cid) >= self._max_sessions:
             self.refused_full += 1
@@ -366,6 +366,7 @@ class ReliableServerCore:
             peer_max_message=max_message,
             hello_pn=pn,
             peer_address=addr,
+            peer_max_datagram=max_datagram,
         )
         self._by_cid[conn.cid] = conn
         self._by_peer[(addr, cid)] = conn

@@ -34,16 +34,24 @@ random loss:
 * a loss reduces the window by ``LOSS_REDUCTION`` (0.7, CUBIC's beta, gentler than Reno's
   0.5) at most once per round trip: losses of packets sent before the reduction belong to
   the same event (the recovery period of RFC 9002 section 7.3.2);
-* the window never goes below ``MIN_WINDOW`` (4 datagrams), so random loss of a few
-  percent slows a bulk transfer but never stalls it, and a request-reply exchange (one or
-  two datagrams in flight) never feels the window at all;
+* the window never goes below ``MIN_DATAGRAMS`` (4) datagrams of the current size, so
+  random loss of a few percent slows a bulk transfer but never stalls it, and a
+  request-reply exchange (one or two datagrams in flight) never feels the window at all;
 * persistent congestion (three probe timeouts in a row: the path was dead) resets the
-  window to ``MIN_WINDOW`` and restarts slow start.
+  window to that minimum and restarts slow start.
+
+The window counts bytes, so it means the same whatever the datagram size; only its floor
+and the congestion-avoidance step (one datagram per window acknowledged) follow the
+datagram size, which path MTU discovery raises (``set_datagram``): when it rises, the
+window is raised to the new floor at least, so that four datagrams of the new size may be
+in flight (RFC 9002's minimum window is two).
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from netlib.sansio.reliable.wire import BASE_DATAGRAM
 
 __all__ = [
     "GRANULARITY",
@@ -51,6 +59,7 @@ __all__ = [
     "INITIAL_WINDOW",
     "LOSS_REDUCTION",
     "MAX_PROBE_INTERVAL",
+    "MIN_DATAGRAMS",
     "MIN_PTO",
     "MIN_WINDOW",
     "PACKET_THRESHOLD",
@@ -70,11 +79,13 @@ MAX_PROBE_INTERVAL: Final = 1.0
 PACKET_THRESHOLD: Final = 3
 """A packet is lost once a packet sent this many packets later is acknowledged."""
 _TIME_THRESHOLD: Final = 9 / 8
-_DATAGRAM: Final = 1200
+_DATAGRAM: Final = BASE_DATAGRAM
 INITIAL_WINDOW: Final = 10 * _DATAGRAM
-"""Congestion window at the start (bytes): ten full datagrams (RFC 9002)."""
-MIN_WINDOW: Final = 4 * _DATAGRAM
-"""Smallest congestion window (bytes): four full datagrams."""
+"""Congestion window at the start (bytes): ten datagrams of the base size (RFC 9002)."""
+MIN_DATAGRAMS: Final = 4
+"""Smallest congestion window, in datagrams of the current size."""
+MIN_WINDOW: Final = MIN_DATAGRAMS * _DATAGRAM
+"""Smallest congestion window at the base datagram size (bytes)."""
 LOSS_REDUCTION: Final = 0.7
 """Factor applied to the window on a loss event (at most once per round trip)."""
 
@@ -141,12 +152,21 @@ class RttEstimator:
 class CongestionWindow:
     """A loss-tolerant NewReno congestion window (bytes)."""
 
-    __slots__ = ("_recovery_start", "ssthresh", "window")
+    __slots__ = ("_recovery_start", "datagram", "minimum", "ssthresh", "window")
 
     def __init__(self) -> None:
         self.window = INITIAL_WINDOW
+        self.datagram = _DATAGRAM
+        self.minimum = MIN_WINDOW
         self.ssthresh = float("inf")
         self._recovery_start = float("-inf")
+
+    def set_datagram(self, size: int) -> None:
+        """The largest datagram is now ``size`` bytes: the floor follows, and the window is
+        raised to it if below."""
+        self.datagram = size
+        self.minimum = MIN_DATAGRAMS * size
+        self.window = max(self.window, self.minimum)
 
     def on_acked(self, size: int, sent_time: float) -> None:
         """A packet of ``size`` bytes sent at ``sent_time`` was acknowledged."""
@@ -155,18 +175,18 @@ class CongestionWindow:
         if self.window < self.ssthresh:
             self.window += size
         else:
-            self.window += _DATAGRAM * size // self.window
+            self.window += self.datagram * size // self.window
 
     def on_lost(self, sent_time: float, now: float) -> bool:
         """A packet sent at ``sent_time`` was lost; return True if the window was reduced."""
         if sent_time <= self._recovery_start:
             return False  # the same loss event as the last reduction
         self._recovery_start = now
-        self.window = max(int(self.window * LOSS_REDUCTION), MIN_WINDOW)
+        self.window = max(int(self.window * LOSS_REDUCTION), self.minimum)
         self.ssthresh = self.window
         return True
 
     def on_persistent_congestion(self, now: float) -> None:
         """The path was dead for several probe timeouts: start again from the minimum."""
         self._recovery_start = now
-        self.window = MIN_WINDOW
+        self.window = self.minimum

@@ -14,12 +14,14 @@ Theory of operation
 ``LossyLink`` is one direction of a path. Each datagram draws once against the profile's
 shares (drop, duplicate, extra delay; the rest is delivered after ``delay`` plus up to
 ``jitter``); a drop starts a burst of ``burst`` datagrams. Independently, ``corrupt`` flips
-one random bit, ``blackhole`` periods drop everything, and with a ``bandwidth`` datagrams
-queue behind each other (up to ``queue`` bytes, beyond which they are dropped: congestion
-loss). ``Simulation`` keeps the
-datagrams in flight and the application's scheduled calls in one heap ordered by time, and
-each step runs everything due at the current instant, so datagrams that arrive together are
-processed together and acknowledged together, as in an event loop.
+one random bit, ``blackhole`` periods drop everything, a datagram above the path's ``mtu``
+(UDP payload bytes; ``mtu_after`` lowers it at ``mtu_change``, a route change) is dropped
+as a router does with fragmentation forbidden, and with a ``bandwidth`` datagrams queue
+behind each other (up to ``queue`` bytes, beyond which they are dropped: congestion loss).
+``Simulation`` keeps the datagrams in flight and the application's scheduled calls in one
+heap ordered by time, and each step runs everything due at the current instant, so
+datagrams that arrive together are processed together and acknowledged together, as in an
+event loop.
 
 This module is what ``netlib.testing`` will export for users' own tests of reliable-UDP
 services.
@@ -100,6 +102,10 @@ class LinkProfile:
             behind each other, so a burst builds a queue.
         queue: bytes that may wait for the link; a datagram that does not fit is dropped
             (drop-tail: congestion loss).
+        mtu: the largest datagram (UDP payload bytes) the path carries; larger ones are
+            dropped (None: no limit).
+        mtu_after, mtu_change: from virtual time ``mtu_change`` on, the path carries at
+            most ``mtu_after`` bytes (None: no change).
     """
 
     delay: float = 0.001
@@ -114,10 +120,19 @@ class LinkProfile:
     blackhole_start: float = 0.0
     bandwidth: float | None = None
     queue: int = 256 * 1024
+    mtu: int | None = None
+    mtu_after: int | None = None
+    mtu_change: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss + self.duplicate + self.late > 1 or min(self.delay, self.jitter) < 0:
             raise ValueError(f"impossible link profile: {self}")
+
+    def mtu_at(self, now: float) -> int | None:
+        """The largest datagram the path carries at ``now`` (None: no limit)."""
+        if self.mtu_after is not None and now >= self.mtu_change:
+            return self.mtu_after
+        return self.mtu
 
 
 class LossyLink:
@@ -139,6 +154,7 @@ class LossyLink:
         "duplicated",
         "overflowed",
         "sent",
+        "too_big",
     )
 
     def __init__(self, profile: LinkProfile, seed: int) -> None:
@@ -147,7 +163,7 @@ class LossyLink:
         self._burst_left = 0
         self._free_at = 0.0
         self.sent = self.dropped = self.duplicated = self.corrupted = self.blackholed = 0
-        self.overflowed = 0
+        self.overflowed = self.too_big = 0
 
     def in_blackhole(self, now: float) -> bool:
         """True if the link drops everything at ``now``."""
@@ -164,6 +180,10 @@ class LossyLink:
         rng = self._rng
         if self.in_blackhole(now):
             self.blackholed += 1
+            return []
+        mtu = p.mtu_at(now)
+        if mtu is not None and len(data) > mtu:
+            self.too_big += 1
             return []
         if self._burst_left:
             self._burst_left -= 1

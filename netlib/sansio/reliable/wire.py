@@ -29,13 +29,13 @@ lost proves that loss spurious.
 Packet types and bodies:
 
 * ``HELLO`` (client to server, destination cid 0): client cid, max ack delay, initial
-  window, largest message it accepts, then a cookie token (empty in the first HELLO),
-  padded with zeros to at least ``MIN_HELLO_SIZE`` bytes. A server answers nothing to a
-  smaller one.
+  window, largest message it accepts, largest datagram it accepts, then a cookie token
+  (empty in the first HELLO), padded with zeros to at least ``MIN_HELLO_SIZE`` bytes. A
+  server answers nothing to a smaller one.
 * ``COOKIE`` (server to client, stateless): the token. Its packet number echoes the HELLO's,
   so the client takes an exact RTT sample from it.
 * ``ACCEPT`` (server to client): server cid, max ack delay, initial window, largest message
-  it accepts, then frames.
+  it accepts, largest datagram it accepts, then frames.
   Every packet of a server connection is an ACCEPT until the client has used the server's
   cid, so an ACCEPT lost is repeated by the ordinary loss recovery.
 * ``DATA``: frames.
@@ -51,9 +51,20 @@ Frames (a type byte, then fixed fields)::
     CLOSE    code(2) reason_length(1) reason (UTF-8)
     PADDING  0x00: the rest of the packet is padding
 
-A message is cut into fragments of at most ``MAX_FRAGMENT`` bytes with consecutive data
-sequence numbers (``dseq``), FIRST on the first and LAST on the last. ``window`` in an ACK is
-the receiver's flow-control credit: the first ``dseq`` the sender may not send yet.
+Data sequence numbers (``dseq``) count units of ``UNIT`` (1,156) bytes of a message: a
+message of ``n`` bytes takes ``max(1, ceil(n / UNIT))`` consecutive numbers. A MSG frame
+carries a run of consecutive units of one message, its first number in ``dseq``: FIRST if
+the run starts the message, LAST if it ends it; a run that does not end its message is a
+whole number of units. So a frame is as large as the datagram allows (one unit at 1,200
+bytes, up to 56 in a 65,527-byte datagram), and a run that no longer fits after the
+datagram size fell is resent cut into smaller runs with the same numbers. ``window`` in an
+ACK is the receiver's flow-control credit: the first ``dseq`` the sender may not send yet.
+
+Datagram sizes. Every datagram is at most ``BASE_DATAGRAM`` (1,200) bytes, which any IPv6
+path carries, until path MTU discovery (``pmtu.py``) has proved a larger size with a probe:
+a DATA packet holding a PING, padded with PADDING to the size tried. Neither side ever
+sends more than the other accepts (its ``max_datagram`` parameter in HELLO and ACCEPT, at
+most ``MAX_DATAGRAM``). Version 1 had no datagram parameter and one unit per MSG frame.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ from netlib.errors import ProtocolError
 __all__ = [
     "ACK",
     "ACK_RANGE",
+    "BASE_DATAGRAM",
     "CLOSE",
     "CRC",
     "FLAG_FIRST",
@@ -77,13 +89,13 @@ __all__ = [
     "HELLO",
     "MAX_ACK_RANGES",
     "MAX_DATAGRAM",
-    "MAX_FRAGMENT",
     "MAX_MESSAGE",
     "MAX_REASON",
     "MIN_HELLO_SIZE",
     "MSG",
     "OVERHEAD",
     "PARAMS",
+    "UNIT",
     "VERSION",
     "FrameType",
     "PacketType",
@@ -94,14 +106,20 @@ __all__ = [
     "encode_close",
     "encode_hello",
     "encode_packet",
+    "encode_probe",
     "seal",
 ]
 
-VERSION: Final = 1
-"""Wire format version; a datagram with another version is dropped (and counted)."""
-MAX_DATAGRAM: Final = 1200
-"""Largest datagram sent (UDP payload bytes): fits the IPv6 minimum MTU (1,280) with the IP
-and UDP headers, so it is never fragmented by IP on any common path."""
+VERSION: Final = 2
+"""Wire format version; a datagram with another version is dropped (and counted). Version 2
+added the largest datagram to HELLO and ACCEPT, and MSG frames of several units."""
+BASE_DATAGRAM: Final = 1200
+"""Datagram size (UDP payload bytes) every connection starts with and falls back to: it
+fits the IPv6 minimum MTU (1,280) with the IP and UDP headers, so IP never fragments it on
+any common path. Larger sizes are used only once a probe of that size was acknowledged."""
+MAX_DATAGRAM: Final = 65527
+"""Largest datagram either side sends or accepts: the largest UDP payload IPv6 allows
+(65,535 less the 8-byte UDP header), QUIC's ``max_udp_payload_size`` limit."""
 MIN_HELLO_SIZE: Final = 1200
 """Smallest HELLO a server answers: its reply (a cookie, 35 bytes) is then far below 3x what
 the unverified address sent, so a forged source cannot use the server as an amplifier."""
@@ -113,9 +131,10 @@ HEADER: Final = struct.Struct("!BBII")
 CRC: Final = struct.Struct("!I")
 OVERHEAD: Final = HEADER.size + CRC.size
 """Bytes of header and trailer in every packet (14)."""
-PARAMS: Final = struct.Struct("!IHII")
-"""Transport parameters in ACCEPT: a cid, max ack delay (100 us units), window, max message."""
-HELLO: Final = struct.Struct("!IHIIB")
+PARAMS: Final = struct.Struct("!IHIIH")
+"""Transport parameters in ACCEPT: a cid, max ack delay (100 us units), window, max message,
+max datagram."""
+HELLO: Final = struct.Struct("!IHIIHB")
 """HELLO body: the transport parameters (``PARAMS``), then the token length and token."""
 ACK: Final = struct.Struct("!BIHIHB")
 """type, largest acknowledged, ack delay (100 us units), window, first range, range count."""
@@ -130,9 +149,9 @@ MAX_ACK_RANGES: Final = 32
 """Ranges of received packet numbers remembered and reported: older gaps are forgotten."""
 MAX_REASON: Final = 255
 """Bytes of a close reason on the wire (longer ones are cut at a character boundary)."""
-MAX_FRAGMENT: Final = MAX_DATAGRAM - OVERHEAD - MSG.size - ACK.size - 2 * ACK_RANGE.size
-"""Payload bytes per MSG frame (1,156): a full fragment fits one datagram with an ACK of up to
-three ranges, so acknowledgements ride on full-size data packets too."""
+UNIT: Final = BASE_DATAGRAM - OVERHEAD - MSG.size - ACK.size - 2 * ACK_RANGE.size
+"""Message bytes per data sequence number (1,156): one unit fits a ``BASE_DATAGRAM`` with an
+ACK of up to three ranges, so acknowledgements ride on full-size data packets too."""
 
 FLAG_FIRST: Final = 0x01
 FLAG_LAST: Final = 0x02
@@ -159,7 +178,7 @@ class FrameType(enum.IntEnum):
     CLOSE = 4
 
 
-def seal(parts: list[bytes]) -> bytes:
+def seal(parts: list[bytes | memoryview]) -> bytes:
     """Join the parts of a packet and append the CRC-32 of it."""
     crc = 0
     for part in parts:
@@ -191,16 +210,22 @@ def encode_packet(ptype: int, dcid: int, pn: int, body: bytes = b"") -> bytes:
 
 
 def encode_hello(
-    cid: int, pn: int, ack_delay: int, window: int, max_message: int, token: bytes
+    cid: int,
+    pn: int,
+    ack_delay: int,
+    window: int,
+    max_message: int,
+    token: bytes,
+    max_datagram: int = BASE_DATAGRAM,
 ) -> bytes:
     """A HELLO padded to ``MIN_HELLO_SIZE`` bytes (``ack_delay`` in 100 us units)."""
-    body = HELLO.pack(cid, ack_delay, window, max_message, len(token)) + token
+    body = HELLO.pack(cid, ack_delay, window, max_message, max_datagram, len(token)) + token
     padding = bytes(MIN_HELLO_SIZE - OVERHEAD - len(body))
     return encode_packet(PacketType.HELLO, 0, pn, body + padding)
 
 
 def encode_ack(
-    ranges: list[list[int]], delay: int, window: int, space: int = MAX_DATAGRAM
+    ranges: list[list[int]], delay: int, window: int, space: int = BASE_DATAGRAM
 ) -> bytes:
     """An ACK frame for ``ranges`` (descending ``[low, high]``), in at most ``space`` bytes.
 
@@ -245,6 +270,12 @@ def decode_ack(data: bytes, offset: int) -> tuple[int, int, int, list[tuple[int,
     if low < 0:
         raise ProtocolError("ACK frame acknowledges a negative packet number")
     return largest, delay, window, ranges, offset
+
+
+def encode_probe(dcid: int, pn: int, size: int) -> bytes:
+    """A path MTU probe of exactly ``size`` bytes: a DATA packet holding a PING, padded."""
+    padding = bytes(size - OVERHEAD - 1)
+    return encode_packet(PacketType.DATA, dcid, pn, bytes([FrameType.PING]) + padding)
 
 
 def encode_close(code: int, reason: str) -> bytes:

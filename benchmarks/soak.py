@@ -1,0 +1,757 @@
+"""Soak (robustness row R18): mixed traffic at half of measured capacity, checked for drift.
+
+``make soak`` runs it for 30 minutes; ``tests/test_soak.py`` runs a 2-minute version.
+
+One server process (``--serve``) runs netlib's services on loopback, in one event loop:
+a TCP echo server (line framing), a reliable-UDP echo server, a file server and a chat
+server. Every ``--sample`` seconds it prints one JSON line: its RSS, open descriptors,
+pending tasks, calls to the loop's exception handler and log records at ERROR level.
+
+The driver (this process, uvloop) first measures the echo capacity (closed loop, as fast
+as replies come), then offers, for ``--minutes``:
+
+* echo: half the capacity, as paced lines over ``ECHO_CONNECTIONS`` connections, every
+  reply checked (same bytes, in order) and its round trip recorded;
+* connection churn: ``CHURN_RATE`` connections a second, each one echo then a close;
+* reliable UDP: ``RUDP_CONNECTIONS`` connections at ``RUDP_RATE`` messages a second each;
+* downloads: a ``DOWNLOAD_SIZE`` file every ``DOWNLOAD_EVERY`` seconds, SHA-256 verified;
+* chat: ``CHAT_MEMBERS`` members of one room, ``CHAT_PUBLISHERS`` of them posting numbered
+  lines below the flood rate; every member checks every publisher's lines arrive once and
+  in order;
+* misbehaving clients, 1 % of the churn: in turn a malformed (over-long) line, a slowloris
+  trickle, and a reset with a large reply pending (rows R2, R4, R9).
+
+After the warm-up, the verdict (all must hold): RSS slope under 1 MiB per 10 minutes,
+descriptors within ±5 and pending tasks within ±5 (mean of the last third of the samples
+against the first third), echo p99 drift under 20 % (the median of the 5-second windows'
+p99 in the last third against the first third, counting only windows in which other
+processes used at most ``QUIET_FOREIGN`` of a core: on a shared 2-core machine another
+process's load moves a millisecond-scale p99 more than the soak does; with fewer than
+``MIN_QUIET_WINDOWS`` quiet windows per third the drift is reported as not judged),
+0 unexpected exceptions (exception-handler calls, ERROR log records, tracebacks on the
+server's stderr, failures in the driver), 0 lost acknowledged messages (echo and reliable
+UDP replies, downloads, chat lines). ``--json`` prints the figures for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+import netlib
+
+ECHO_CONNECTIONS = 16
+CAPACITY_SECONDS = 3.0
+LOAD_FRACTION = 0.5
+CHURN_RATE = 20.0
+MISBEHAVING_FRACTION = 0.01
+RUDP_CONNECTIONS = 4
+RUDP_RATE = 50.0
+DOWNLOAD_SIZE = 4 * 1024 * 1024
+DOWNLOAD_EVERY = 2.0
+CHAT_MEMBERS = 12
+CHAT_PUBLISHERS = 4
+CHAT_RATE = 4.0  # lines a second per publisher: below the chat's flood rate (5)
+MAX_OUTSTANDING = 10_000  # echo lines in flight on one connection before it counts a stall
+FIRST_FRAME_TIMEOUT = 2.0  # the soak server's first-line deadline: slowloris is cut at it
+RSS_SLOPE_LIMIT = 1.0  # MiB per 10 minutes
+FD_TOLERANCE = 5
+TASK_TOLERANCE = 5
+P99_DRIFT_LIMIT = 0.20
+P99_WINDOW = 5.0  # seconds of echo round trips per p99; the drift compares their medians
+QUIET_FOREIGN = 0.15  # cores other processes may use in a window that judges p99 drift
+MIN_QUIET_WINDOWS = 3  # quiet windows each third needs for the drift to be judged
+
+
+# --- the server process ------------------------------------------------------------------
+
+
+class _ErrorCount(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+async def _serve(root: str, sample: float) -> None:
+    loop = asyncio.get_running_loop()
+    exceptions = 0
+
+    def on_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal exceptions
+        exceptions += 1
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_exception)
+    errors = _ErrorCount()
+    logging.getLogger().addHandler(errors)
+    process = psutil.Process()
+    async with (
+        netlib.open_tcp_server(
+            netlib.echo_handler, framing="line", first_frame_timeout=FIRST_FRAME_TIMEOUT
+        ) as echo,
+        netlib.open_reliable_udp_server(netlib.echo_handler) as rudp,
+        netlib.open_file_server(root) as files,
+        netlib.open_chat_server() as chat,
+    ):
+        ports = {
+            "echo": echo.addresses[0][1],
+            "rudp": rudp.addresses[0][1],
+            "files": files.addresses[0][1],
+            "chat": chat.tcp_addresses[0][1],
+        }
+        print(json.dumps({"ports": ports}), flush=True)
+        while True:
+            record = {
+                "t": time.monotonic(),  # the same clock as the driver's (Linux)
+                "rss": process.memory_info().rss,
+                "fds": len(os.listdir("/proc/self/fd")),
+                "tasks": len(asyncio.all_tasks()),
+                "exceptions": exceptions,
+                "errors": errors.count,
+                "echo": asdict(echo.statistics()),
+            }
+            print(json.dumps(record), flush=True)
+            await asyncio.sleep(sample)  # a sampling period, not a wait for an event
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What the driver saw; every field but the latencies must end at 0 where it says so."""
+
+    echo_sent: int = 0
+    echo_replies: int = 0
+    echo_wrong: int = 0  # replies that differ from the line at the head of the queue
+    echo_stalls: int = 0
+    rudp_sent: int = 0
+    rudp_replies: int = 0
+    rudp_wrong: int = 0
+    churned: int = 0
+    churn_failed: int = 0
+    downloads: int = 0
+    downloads_failed: int = 0
+    chat_posted: int = 0
+    chat_delivered: int = 0
+    chat_irregular: int = 0  # a line out of order, duplicated or after a gap
+    misbehaved: int = 0
+    misbehaving_kept: int = 0  # misbehaving connections the server did not close
+    failures: list[str] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # round trips of the current window
+    window_end: float = 0.0
+    windows: list[Window] = field(default_factory=list)
+    cpu: Foreign | None = None
+
+    def round_trip(self, now: float, seconds: float) -> None:
+        """Record one echo round trip; every ``P99_WINDOW`` seconds keep only the p99 (and
+        the CPU other processes used meanwhile)."""
+        if now >= self.window_end:
+            foreign = self.cpu.cores() if self.cpu is not None else 0.0
+            if self.window:
+                self.windows.append(Window(self.window_end, _p99(self.window), foreign))
+            self.window = []
+            self.window_end = now + P99_WINDOW
+        self.window.append(seconds)
+
+
+@dataclass(frozen=True)
+class Window:
+    end: float
+    p99: float
+    foreign: float  # cores used by processes other than the soak's two
+
+
+class Foreign:
+    """CPU used on the machine by processes other than the soak's server and driver."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server = psutil.Process(server_pid)
+        self.driver = psutil.Process()
+        self.last = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        total = psutil.cpu_times()
+        busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+        own = sum(self.server.cpu_times()[:4]) + sum(self.driver.cpu_times()[:4])
+        return time.monotonic(), busy, own
+
+    def cores(self) -> float:
+        """Cores the others used since the last call."""
+        now = self._now()
+        (t0, busy0, own0), self.last = self.last, now
+        return max(0.0, (now[1] - busy0) - (now[2] - own0)) / max(1e-3, now[0] - t0)
+
+
+class Pacer:
+    """Wakes at a fixed rate, catching up without bursts beyond what was missed."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.next = time.monotonic()
+
+    async def tick(self) -> None:
+        self.next += self.interval
+        delay = self.next - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing: the send schedule, not a wait for an event
+
+
+async def _echo_connection(
+    port: int, rate: float | None, until: float, tally: Tally, record: bool
+) -> int:
+    """One echo connection; closed loop when ``rate`` is None. Returns replies received."""
+    pending: deque[tuple[bytes, float]] = deque()
+    done = asyncio.Event()
+    replies = 0
+    seq = 0
+    async with netlib.connect_tcp("127.0.0.1", port, framing="line") as stream:
+
+        async def send() -> None:
+            nonlocal seq
+            line = b"soak %d" % seq
+            seq += 1
+            pending.append((line, time.monotonic()))
+            if record:
+                tally.echo_sent += 1
+            await stream.send(line)
+
+        async def read() -> None:
+            nonlocal replies
+            async for reply in stream:
+                line, sent = pending.popleft()
+                now = time.monotonic()
+                replies += 1
+                if reply != line:
+                    tally.echo_wrong += 1
+                if record:
+                    tally.echo_replies += 1
+                    tally.round_trip(now, now - sent)
+                if not pending and done.is_set():
+                    return
+                if rate is None and now < until:
+                    await send()
+
+        reader = asyncio.create_task(read())
+        try:
+            if rate is None:
+                await send()  # one line in flight, as the paced load mostly has
+                await asyncio.wait({reader}, timeout=until - time.monotonic())
+            else:
+                pacer = Pacer(rate)
+                while time.monotonic() < until:
+                    await pacer.tick()
+                    if len(pending) > MAX_OUTSTANDING:
+                        tally.echo_stalls += 1
+                        continue
+                    await send()
+            done.set()
+            if pending:
+                await asyncio.wait_for(reader, timeout=10.0)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    return replies
+
+
+async def measure_capacity(port: int) -> float:
+    """Echo replies a second with ``ECHO_CONNECTIONS`` closed-loop connections."""
+    tally = Tally()
+    until = time.monotonic() + CAPACITY_SECONDS
+    start = time.monotonic()
+    counts = await asyncio.gather(
+        *(_echo_connection(port, None, until, tally, False) for _ in range(ECHO_CONNECTIONS))
+    )
+    return sum(counts) / (time.monotonic() - start)
+
+
+async def _churn(port: int, until: float, tally: Tally) -> None:
+    pacer = Pacer(CHURN_RATE)
+    every = round(1 / MISBEHAVING_FRACTION)
+    kinds = (_malformed, _slowloris, _reset_mid_write)
+    tasks: list[asyncio.Task[None]] = []
+    n = 0
+    while time.monotonic() < until:
+        await pacer.tick()
+        n += 1
+        if n % every == 0:
+            kind = kinds[(n // every) % len(kinds)]
+            task = asyncio.create_task(_misbehave(kind, port, tally))
+        else:
+            task = asyncio.create_task(_one_echo(port, tally))
+        tasks.append(task)
+    if tasks:
+        done, late = await asyncio.wait(tasks, timeout=FIRST_FRAME_TIMEOUT + 10)
+        for task in late:
+            task.cancel()
+            tally.failures.append("churn: a client still running 12 s after the load")
+        for task in done:
+            if task.exception() is not None:
+                tally.failures.append(f"churn: {task.exception()!r}")
+
+
+async def _one_echo(port: int, tally: Tally) -> None:
+    try:
+        async with netlib.connect_tcp("127.0.0.1", port, framing="line") as stream:
+            await stream.send(b"churn")
+            if await asyncio.wait_for(stream.receive(), 5.0) != b"churn":
+                tally.churn_failed += 1
+        tally.churned += 1
+    except (OSError, netlib.NetlibError, TimeoutError) as exc:
+        tally.churn_failed += 1
+        tally.failures.append(f"churn: {exc!r}")
+
+
+async def _misbehave(
+    kind: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]],
+    port: int,
+    tally: Tally,
+) -> None:
+    """Run one misbehaving client; count it, and count it as kept if the server did not
+    close it when it should have."""
+    tally.misbehaved += 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if not await kind(reader, writer):
+            tally.misbehaving_kept += 1
+    finally:
+        writer.transport.abort()
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """True when the server closes (or resets) the connection within ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # a reset is a close too
+    return True
+
+
+async def _malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """A line over the 64 KiB limit: the server must close the connection."""
+    writer.write(b"x" * (65 * 1024))
+    return await _closed_by_server(reader, 5.0)
+
+
+async def _slowloris(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """One byte every 0.2 s of a line that never ends: cut at the first-line deadline."""
+    deadline = time.monotonic() + FIRST_FRAME_TIMEOUT + 3.0
+    while time.monotonic() < deadline:
+        try:
+            writer.write(b"s")
+            if await _closed_by_server(reader, 0.2):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+async def _reset_mid_write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Ask for 4 MiB of replies, read none, reset (the caller aborts)."""
+    writer.write((b"y" * 1023 + b"\n") * 4096)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(writer.drain(), 2.0)
+    sock: socket.socket = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return True
+
+
+async def _rudp(port: int, until: float, tally: Tally) -> None:
+    async with netlib.connect_reliable_udp("127.0.0.1", port) as stream:
+        pacer = Pacer(RUDP_RATE)
+        seq = 0
+        while time.monotonic() < until:
+            await pacer.tick()
+            message = b"rudp %d" % seq
+            seq += 1
+            tally.rudp_sent += 1
+            await stream.send(message)
+            reply = await asyncio.wait_for(stream.receive(), 10.0)
+            tally.rudp_replies += 1
+            if reply != message:
+                tally.rudp_wrong += 1
+
+
+async def _downloads(port: int, until: float, digest: bytes, tally: Tally, out: str) -> None:
+    url = f"http://127.0.0.1:{port}/soak.bin"
+    pacer = Pacer(1 / DOWNLOAD_EVERY)
+    while time.monotonic() < until:
+        await pacer.tick()
+        path = os.path.join(out, "soak.bin")
+        try:
+            result = await netlib.download_file(url, path, resume=False)
+            ok = await asyncio.to_thread(_sha256, path) == digest
+            tally.downloads += 1
+            if not ok or result.size != DOWNLOAD_SIZE:
+                tally.downloads_failed += 1
+        except (OSError, netlib.NetlibError) as exc:
+            tally.downloads_failed += 1
+            tally.failures.append(f"download: {exc!r}")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def _sha256(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+class ChatMember:
+    """A raw TCP chat member that checks every publisher's numbered lines."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.expected: dict[int, int] = {}
+
+    async def read(self, tally: Tally) -> None:
+        while line := await self.reader.readline():
+            words = line.split()
+            if b"soakchat" not in words:
+                continue
+            at = words.index(b"soakchat")
+            publisher, seq = int(words[at + 1]), int(words[at + 2])
+            expected = self.expected.get(publisher)
+            if expected is not None and seq != expected:
+                tally.chat_irregular += 1
+            self.expected[publisher] = seq + 1
+            tally.chat_delivered += 1
+
+
+async def _chat(port: int, until: float, tally: Tally) -> None:
+    members = []
+    for _ in range(CHAT_MEMBERS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        members.append(ChatMember(reader, writer))
+    readers = [asyncio.create_task(m.read(tally)) for m in members]
+    try:
+        await asyncio.sleep(0.5)  # let every member's join settle before the first post
+
+        async def publish(index: int) -> None:
+            pacer = Pacer(CHAT_RATE)
+            seq = 0
+            writer = members[index].writer
+            while time.monotonic() < until:
+                await pacer.tick()
+                writer.write(b"soakchat %d %d\n" % (index, seq))
+                seq += 1
+                tally.chat_posted += 1
+
+        await asyncio.gather(*(publish(i) for i in range(CHAT_PUBLISHERS)))
+        expected = tally.chat_posted * (CHAT_MEMBERS - 1)  # a sender does not get its own
+        deadline = time.monotonic() + 10.0
+        while tally.chat_delivered < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # draining: the readers count; this bounds the wait
+    finally:
+        for member in members:
+            member.writer.close()
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+@dataclass
+class Verdict:
+    capacity: float
+    offered: float
+    minutes: float
+    rss_slope_mib_per_10min: float
+    fd_change: float
+    task_change: float
+    p99_first_ms: float
+    p99_last_ms: float
+    p99_drift: float
+    p99_judged: bool
+    p99_windows: int
+    p99_quiet_windows: tuple[int, int]
+    foreign_cores: tuple[float, float]
+    unexpected_exceptions: int
+    lost: int
+    tally: dict[str, Any]
+    samples: int
+    failed: list[str]
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    return statistics.linear_regression(xs, ys).slope
+
+
+def _thirds(values: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]]:
+    third = max(1, len(values) // 3)
+    return values[:third], values[-third:]
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def judge(
+    samples: list[dict[str, Any]],
+    tally: Tally,
+    warmup_end: float,
+    load_end: float,
+    capacity: float,
+    offered: float,
+    minutes: float,
+    server_stderr: str,
+) -> Verdict:
+    kept = [s for s in samples if warmup_end <= s["t"] <= load_end]
+    if len(kept) < 6:
+        raise RuntimeError(f"only {len(kept)} samples after the warm-up")
+    slope = _slope([(s["t"], s["rss"] / 2**20) for s in kept]) * 600
+    first, last = _thirds(kept)
+    fd_change = statistics.fmean(s["fds"] for s in last) - statistics.fmean(
+        s["fds"] for s in first
+    )
+    task_change = statistics.fmean(s["tasks"] for s in last) - statistics.fmean(
+        s["tasks"] for s in first
+    )
+    windows = [w for w in tally.windows if warmup_end <= w.end - P99_WINDOW and w.end <= load_end]
+    if len(windows) < 3:
+        raise RuntimeError(f"only {len(windows)} latency windows after the warm-up")
+    first_w, last_w = _thirds(windows)
+    quiet_first = [w.p99 for w in first_w if w.foreign <= QUIET_FOREIGN]
+    quiet_last = [w.p99 for w in last_w if w.foreign <= QUIET_FOREIGN]
+    judged = min(len(quiet_first), len(quiet_last)) >= MIN_QUIET_WINDOWS
+    if judged:
+        p99_first, p99_last = statistics.median(quiet_first), statistics.median(quiet_last)
+    else:
+        p99_first = statistics.median(w.p99 for w in first_w)
+        p99_last = statistics.median(w.p99 for w in last_w)
+    drift = (p99_last - p99_first) / p99_first
+    unexpected = (
+        samples[-1]["exceptions"]
+        + samples[-1]["errors"]
+        + server_stderr.count("Traceback")
+        + len(tally.failures)
+    )
+    lost = (
+        (tally.echo_sent - tally.echo_replies)
+        + tally.echo_wrong
+        + (tally.rudp_sent - tally.rudp_replies)
+        + tally.rudp_wrong
+        + tally.downloads_failed
+        + tally.churn_failed
+        + (tally.chat_posted * (CHAT_MEMBERS - 1) - tally.chat_delivered)
+        + tally.chat_irregular
+        + tally.misbehaving_kept
+    )
+    failed = []
+    if slope >= RSS_SLOPE_LIMIT:
+        failed.append(f"RSS slope {slope:.2f} MiB per 10 min (limit {RSS_SLOPE_LIMIT})")
+    if abs(fd_change) > FD_TOLERANCE:
+        failed.append(f"descriptors changed by {fd_change:+.1f} (limit ±{FD_TOLERANCE})")
+    if abs(task_change) > TASK_TOLERANCE:
+        failed.append(f"pending tasks changed by {task_change:+.1f} (limit ±{TASK_TOLERANCE})")
+    if judged and drift >= P99_DRIFT_LIMIT:
+        failed.append(f"p99 drifted {drift:+.0%} (limit {P99_DRIFT_LIMIT:.0%})")
+    if unexpected:
+        failed.append(f"{unexpected} unexpected exceptions")
+    if lost:
+        failed.append(f"{lost} acknowledged messages lost or wrong")
+    data = {k: v for k, v in vars(tally).items() if k not in ("window", "windows", "cpu")}
+    return Verdict(
+        capacity=capacity,
+        offered=offered,
+        minutes=minutes,
+        rss_slope_mib_per_10min=slope,
+        fd_change=fd_change,
+        task_change=task_change,
+        p99_first_ms=p99_first * 1000,
+        p99_last_ms=p99_last * 1000,
+        p99_drift=drift,
+        p99_judged=judged,
+        p99_windows=len(windows),
+        p99_quiet_windows=(len(quiet_first), len(quiet_last)),
+        foreign_cores=(
+            statistics.fmean(w.foreign for w in first_w),
+            statistics.fmean(w.foreign for w in last_w),
+        ),
+        unexpected_exceptions=unexpected,
+        lost=lost,
+        tally=data,
+        samples=len(kept),
+        failed=failed,
+    )
+
+
+def _write_download(root: str) -> bytes:
+    """The file the soak downloads; returns its SHA-256."""
+    payload = os.urandom(DOWNLOAD_SIZE)
+    with open(os.path.join(root, "soak.bin"), "wb") as f:
+        f.write(payload)
+    return hashlib.sha256(payload).digest()
+
+
+async def drive(args: argparse.Namespace) -> Verdict:
+    with tempfile.TemporaryDirectory(prefix="netlib-soak-") as root:
+        digest = _write_download(root)
+        out = os.path.join(root, "out")
+        os.mkdir(out)
+        command = [sys.executable, __file__, "--serve", root, "--loop", args.loop]
+        command += ["--sample", str(args.sample)]
+        server = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert server.stdout is not None
+        assert server.stderr is not None
+        samples: list[dict[str, Any]] = []
+        stderr = bytearray()
+        try:
+            first = await asyncio.wait_for(server.stdout.readline(), 30.0)
+            if not first:
+                await server.wait()
+                error = (await server.stderr.read()).decode(errors="replace")
+                raise RuntimeError(f"the soak server did not start:\n{error}")
+            ports = json.loads(first)["ports"]
+
+            async def collect() -> None:
+                assert server.stdout is not None
+                while line := await server.stdout.readline():
+                    samples.append(json.loads(line))
+
+            async def errors() -> None:
+                assert server.stderr is not None
+                while chunk := await server.stderr.read(65536):
+                    stderr.extend(chunk[: max(0, 1 << 20 - len(stderr))])
+
+            collector = asyncio.create_task(collect())
+            error_reader = asyncio.create_task(errors())
+            capacity = await measure_capacity(ports["echo"])
+            offered = capacity * LOAD_FRACTION
+            _say(args, f"echo capacity {capacity:,.0f} replies/s; offering {offered:,.0f}/s")
+            tally = Tally(cpu=Foreign(server.pid))
+            start = time.monotonic()
+            until = start + args.minutes * 60
+            warmup_end = start + args.warmup * 60
+            per_connection = offered / ECHO_CONNECTIONS
+            jobs = [
+                *(
+                    _echo_connection(ports["echo"], per_connection, until, tally, True)
+                    for _ in range(ECHO_CONNECTIONS)
+                ),
+                _churn(ports["echo"], until, tally),
+                *(_rudp(ports["rudp"], until, tally) for _ in range(RUDP_CONNECTIONS)),
+                _downloads(ports["files"], until, digest, tally, out),
+                _chat(ports["chat"], until, tally),
+                _progress(args, start, until, samples),
+            ]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    tally.failures.append(f"driver: {result!r}")
+            # one more sample after the load, so the last third ends at the end
+            count = len(samples)
+            while len(samples) == count:
+                await asyncio.sleep(args.sample / 4)  # polling the sampler's next line
+        finally:
+            if server.returncode is None:
+                server.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait(), 15.0)
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+        collector.cancel()
+        await asyncio.gather(collector, error_reader, return_exceptions=True)
+        return judge(
+            samples, tally, warmup_end, until, capacity, offered, args.minutes, stderr.decode()
+        )
+
+
+async def _progress(
+    args: argparse.Namespace, start: float, until: float, samples: list[Any]
+) -> None:
+    while (now := time.monotonic()) < until:
+        await asyncio.sleep(min(60.0, until - now))
+        if samples:
+            s = samples[-1]
+            _say(
+                args,
+                f"{(time.monotonic() - start) / 60:5.1f} min: rss {s['rss'] / 2**20:.1f} MiB, "
+                f"fds {s['fds']}, tasks {s['tasks']}",
+            )
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="length of the soak")
+    parser.add_argument("--warmup", type=float, default=5.0, help="minutes not judged")
+    parser.add_argument("--sample", type=float, default=2.0, help="seconds between samples")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    parser.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            netlib.run(_serve(args.serve, args.sample), loop=args.loop)
+        return 0
+    if args.warmup >= args.minutes:
+        parser.error("--warmup must be shorter than --minutes")
+    verdict = netlib.run(drive(args), loop="uvloop")
+    if args.json:
+        print(json.dumps(asdict(verdict)))
+    else:
+        print(
+            f"soak {verdict.minutes:g} min at {verdict.offered:,.0f} echo/s "
+            f"(capacity {verdict.capacity:,.0f}/s), {verdict.samples} samples after warm-up"
+        )
+        print(f"  RSS slope      {verdict.rss_slope_mib_per_10min:+.3f} MiB per 10 min")
+        print(f"  descriptors    {verdict.fd_change:+.1f}")
+        print(f"  pending tasks  {verdict.task_change:+.1f}")
+        quiet = "/".join(map(str, verdict.p99_quiet_windows))
+        others = " -> ".join(f"{c:.2f}" for c in verdict.foreign_cores)
+        print(
+            f"  echo p99       {verdict.p99_first_ms:.2f} -> {verdict.p99_last_ms:.2f} ms "
+            f"({verdict.p99_drift:+.0%}; quiet windows {quiet} of {verdict.p99_windows}, "
+            f"other processes {others} cores)"
+            + ("" if verdict.p99_judged else " NOT JUDGED: the machine was busy")
+        )
+        print(f"  unexpected     {verdict.unexpected_exceptions}")
+        print(f"  lost           {verdict.lost}")
+        print(f"  traffic        {verdict.tally}")
+        if verdict.failed:
+            print("FAIL: " + "; ".join(verdict.failed))
+        else:
+            print("PASS" if verdict.p99_judged else "PASS, but the p99 drift was not judged")
+    return 0 if not verdict.failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

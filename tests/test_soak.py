@@ -1,0 +1,63 @@
+"""Robustness row R18, the soak, in its 2-minute version (``make soak`` runs 30 minutes).
+
+``benchmarks/soak.py`` runs netlib's servers (TCP echo, reliable-UDP echo, files, chat) in
+one process and drives them from another with mixed traffic at half of the echo capacity it
+measures first, 1 % of its clients misbehaving (over-long lines, slowloris, resets with
+replies pending). This test runs it for 2 minutes with a 30-second warm-up and asserts the
+row's criteria on what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).parent.parent / "benchmarks" / "soak.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_minutes_of_mixed_traffic_leave_no_drift_and_lose_nothing() -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(SOAK),
+            "--minutes",
+            "2",
+            "--warmup",
+            "0.5",
+            "--sample",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert run.stdout, run.stderr
+    verdict = json.loads(run.stdout.splitlines()[-1])
+    traffic = verdict["tally"]
+    # the load was real, every kind of it
+    assert verdict["offered"] > 1000
+    assert traffic["echo_replies"] > 60 * verdict["offered"]
+    assert traffic["churned"] > 1000
+    assert traffic["rudp_replies"] > 10_000
+    assert traffic["downloads"] >= 50
+    assert traffic["chat_delivered"] > 10_000
+    assert traffic["misbehaved"] >= 20
+    # the row's criteria
+    assert verdict["rss_slope_mib_per_10min"] < 1.0
+    assert abs(verdict["fd_change"]) <= 5
+    assert abs(verdict["task_change"]) <= 5
+    assert verdict["p99_judged"], verdict  # the machine was quiet enough to judge the drift
+    assert verdict["p99_drift"] < 0.20, verdict
+    assert verdict["unexpected_exceptions"] == 0, traffic["failures"]
+    assert verdict["lost"] == 0, traffic
+    assert traffic["misbehaving_kept"] == 0
+    assert verdict["failed"] == []
+    assert run.returncode == 0
