@@ -32,9 +32,9 @@ limits, deadlines, the memory budget and ``MessageStream`` come with it.
   refuses as too long (``EMSGSIZE``) goes back to the core (``datagram_too_large``): a
   failed probe, or a narrower interface. Where fragmentation cannot be forbidden, or the
   interface refuses even a ``BASE_DATAGRAM`` (an MTU below 1,228 bytes), the socket lets
-  the host fragment and the connections keep to ``BASE_DATAGRAM`` (1,200 bytes). Reads ask for
-  ``config.max_datagram`` bytes: a longer datagram is cut, fails its checksum, and is
-  dropped.
+  the host fragment and the connections keep to ``BASE_DATAGRAM`` (1,200 bytes). Reads go
+  into one buffer of ``config.max_datagram`` bytes (a longer datagram is cut, fails its
+  checksum, and is dropped), and what was read is copied out.
 * **Timers.** One event-loop timer per endpoint, at the core's ``next_deadline()``; it is
   moved only when a deadline is earlier than the one armed (a timer that fires early finds
   nothing due and re-arms).
@@ -428,7 +428,12 @@ class ReliableEndpoint:
         self.accepting = True
         self._sock: socket.socket | None = None
         self._whole = False  # the socket forbids IP fragmentation
-        self._recv_size = config.max_datagram
+        # one read buffer per endpoint: ``recvfrom(65527)`` would allocate that much per
+        # datagram and shrink it, which spreads small datagrams kept for a while over the
+        # heap (measured: 3,000 held 100-byte datagrams cost 1.8 MiB of RSS that way, 0.5
+        # with one buffer and a copy of what was read)
+        self._buffer = bytearray(config.max_datagram)
+        self._view = memoryview(self._buffer)
         self._peer: Any = None  # a client's server, or None on a server
         self.sockname: Any = None
         self.totals = ReliableTotals()
@@ -456,19 +461,19 @@ class ReliableEndpoint:
         if sock is None:
             return
         receive = self.datagram_received
-        recvfrom = sock.recvfrom
-        size = self._recv_size
+        recvfrom_into = sock.recvfrom_into
+        buffer, view = self._buffer, self._view
         budget = RECV_BYTES
         for _ in range(RECV_BATCH):
             try:
-                data, addr = recvfrom(size)
+                size, addr = recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # an ICMP error (a client's peer port is closed)
                 self.error_received(exc)
                 return
-            receive(data, addr)
-            budget -= len(data)
+            receive(bytes(view[:size]), addr)
+            budget -= size
             if budget <= 0:
                 return
 
