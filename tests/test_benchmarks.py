@@ -41,6 +41,8 @@ SMOKE_RUNS = {
     "tcp_echo.py": ["--quick", "--only", "echo_protocol,serve_raw,line16k"],
     "udp_echo.py": ["--quick", "--only", "echo_protocol,in32"],
     "chat_fanout.py": ["--quick", "--clients", "100"],
+    # nats-server and 3 chat nodes; no retries: a smoke run need not wait for quiet CPUs
+    "chat_cluster.py": ["--quick", "--clients", "30", "--retries", "0"],
     "handler_costs.py": ["--quick"],
     # namespaces and iptables (root); kcp rows only with the bench extra
     "loss_latency.py": ["--count", "60", "--loss", "0,5", "--protos", "tcp,rudp,kcp"],
@@ -123,6 +125,10 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         return
     assert "acceptance check" in done.stdout
     assert "PASS" in done.stdout or "FAIL" in done.stdout
+    if script == "chat_cluster.py":  # R11 across nodes: every line, once, in order
+        assert "PASS: cluster gaps/dups/lost/disconnects = 0" in done.stdout, done.stdout
+        assert re.search(r"(PASS|FAIL): cross-node p99 delivery .*: [\d,]+ \(<= ", done.stdout)
+        assert re.search(r"NATS hub, summed .*: [\d,]+ resent, 0 undelivered, 0 lost", done.stdout)
     if script == "tcp_echo.py":  # serve_raw's workloads include the C-client pp64, cconnect
         if loadgen.compiler() is None and loadgen.build() is None:
             assert "SKIPPED" in done.stdout

@@ -7,8 +7,12 @@ gaps or duplicates, and records the delivery latency. A *delivery* is one line r
 one client. All clients live in the benchmark's process, on uvloop. A phase is either
 saturation (each publisher keeps a bounded window of lines that a few designated
 subscribers have not yet received) or a fixed offered rate; after every phase the
-publishers stop and the clients drain, and lines still missing then are lost. See
-``benchmarks/README.md``.
+publishers stop and the clients drain, and lines still missing then are lost.
+
+A room may span the nodes of a chat cluster: given several ports, client ``i`` connects to
+node ``i % len(ports)``, and the latency of a line is recorded apart when the publisher's
+node is not the receiver's (a *cross-node* delivery) and reported as ``cross_*`` beside
+the *same-node* ``same_*``. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from harness import CpuWatch, proc_cpu_seconds, wait_quiet_async
@@ -33,8 +38,9 @@ CONNECT_BATCH = 50  # connections opened at once
 class Client(asyncio.Protocol):
     """One chat connection: counts and checks the publishers' lines it receives."""
 
-    def __init__(self, room: Room) -> None:
+    def __init__(self, room: Room, node: int = 0) -> None:
         self.room = room
+        self.node = node  # index of the port (the cluster node) it is connected to
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.greeted = False
@@ -44,6 +50,7 @@ class Client(asyncio.Protocol):
         self.next: list[int] = []  # per publisher: the next sequence number expected
         self.patterns: list[tuple[int, re.Pattern[bytes]]] = []  # publishers but itself
         self.own = -1  # its publisher id, if it is a publisher
+        self.cross: list[bool] = []  # per publisher: on another node than this client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -77,7 +84,8 @@ class Client(asyncio.Protocol):
                     room.irregular(expected, pub, [seq])
                 got += 1
                 if room.recording:
-                    room.latencies.append(now - int(time_b))
+                    lats = room.cross_latencies if self.cross[pub] else room.latencies
+                    lats.append(now - int(time_b))
             patterns: list[tuple[int, re.Pattern[bytes]]] = []
         else:
             patterns = self.patterns
@@ -95,7 +103,8 @@ class Client(asyncio.Protocol):
                 room.irregular(expected, pub, seqs)
             got += count
             if room.recording:
-                room.latencies.extend(map(now.__sub__, map(int, times_b)))
+                lats = room.cross_latencies if self.cross[pub] else room.latencies
+                lats.extend(map(now.__sub__, map(int, times_b)))
         self.received += got
         room.delivered += got
         if self.acker and room.windowed:
@@ -127,11 +136,24 @@ class Publisher:
 
 
 class Room:
-    """N clients of one server, M of them publishers."""
+    """N clients of one server (or spread over the nodes of a cluster), M of them publishers.
 
-    def __init__(self, name: str, port: int, clients: int, publishers: int) -> None:
+    ``port``: the server's port, or the ports of the cluster's nodes (client ``i`` on node
+    ``i % len(ports)``). ``max_window``: the most lines per publisher the saturation window
+    may hold (default: ``--inflight`` alone sets it).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        port: int | Sequence[int],
+        clients: int,
+        publishers: int,
+        max_window: int | None = None,
+    ) -> None:
         self.name = name
-        self.port = port
+        self.ports = [port] if isinstance(port, int) else list(port)
+        self.max_window = max_window
         self.size = clients
         self.clients: list[Client] = []
         self.publishers: list[Publisher] = []
@@ -140,7 +162,8 @@ class Room:
         self.raw_bytes = 0
         self.delivered = 0
         self.recording = False
-        self.latencies: list[int] = []
+        self.latencies: list[int] = []  # same-node deliveries (every one, on one server)
+        self.cross_latencies: list[int] = []  # publisher and receiver on different nodes
         self.windowed = False
         self.window = 1
         self.gaps = 0
@@ -152,15 +175,16 @@ class Room:
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
 
-        async def one() -> Client:
+        async def one(i: int) -> Client:
+            node = i % len(self.ports)
             _transport, client = await loop.create_connection(
-                lambda: Client(self), HOST, self.port
+                lambda: Client(self, node), HOST, self.ports[node]
             )
             return client
 
         for start in range(0, self.size, CONNECT_BATCH):  # within the listen backlog (100)
-            batch = min(CONNECT_BATCH, self.size - start)
-            clients = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(batch))), 10)
+            batch = range(start, min(start + CONNECT_BATCH, self.size))
+            clients = await asyncio.wait_for(asyncio.gather(*(one(i) for i in batch)), 10)
             self.clients.extend(clients)
         # publishers spread over the room; a few other clients pace the saturation window
         step = self.size / self.pub_count
@@ -176,6 +200,7 @@ class Room:
             client.patterns = [(p, pat) for p, pat in patterns if p != own]
             client.own = own
             client.next = [0] * self.pub_count
+            client.cross = [pub.client.node != client.node for pub in self.publishers]
         # wait for every welcome line, then for the join notices to stop flowing
         deadline = time.monotonic() + 30
         while not all(c.greeted for c in self.clients):
@@ -260,13 +285,16 @@ class Room:
         if rate is None:
             recipients = self.size - 1
             self.window = max(2, round(args.inflight / recipients / len(self.publishers)))
+            if self.max_window is not None:
+                self.window = min(self.window, self.max_window)
             self.windowed = True
             self.refill()
         else:
             pacer = asyncio.create_task(self._pace(rate, stop))
         try:
             await asyncio.sleep(args.warmup)
-            self.latencies = []
+            self.latencies.clear()
+            self.cross_latencies.clear()
             self.recording = rate is not None
             watch = CpuWatch(proc, args.cpus)
             d0, p0 = self.delivered, self.published()
@@ -317,12 +345,21 @@ class Room:
         else:
             result["offered_lines_per_s"] = rate
             result["offered_deliveries_per_s"] = rate * (self.size - 1)
-            lat = sorted(self.latencies)
-            self.latencies = []
+            same, cross = sorted(self.latencies), sorted(self.cross_latencies)
+            self.latencies.clear()
+            self.cross_latencies.clear()
+            lat = sorted(same + cross) if cross else same
             result["latency_samples"] = len(lat)
             result["p50_us"] = quantile(lat, 0.50) / 1000 if lat else None
             result["p99_us"] = quantile(lat, 0.99) / 1000 if lat else None
             result["max_us"] = lat[-1] / 1000 if lat else None
+            if len(self.ports) > 1:
+                for kind, found in (("same", same), ("cross", cross)):
+                    result[f"{kind}_samples"] = len(found)
+                    for q, name in ((0.50, "p50"), (0.99, "p99")):
+                        value = quantile(found, q) / 1000 if found else None
+                        result[f"{kind}_{name}_us"] = value
+                    result[f"{kind}_max_us"] = found[-1] / 1000 if found else None
         return result
 
     def published(self) -> int:
@@ -362,14 +399,21 @@ async def quiet_phase(
 
 
 async def measure_pair(
-    ports: dict[str, int],
+    ports: Mapping[str, int | Sequence[int]],
     procs: dict[str, Any],
     n: int,
     order: list[str],
     args: argparse.Namespace,
+    *,
+    max_window: int | None = None,
+    fixed_rate: Callable[[dict[str, dict[str, Any]]], float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Both servers of one (room size, loop), in ``order``: saturation, then fixed rate."""
-    rooms = {name: Room(name, ports[name], n, args.publishers) for name in order}
+    """Both servers of one (room size, loop), in ``order``: saturation, then fixed rate.
+
+    The fixed rate, in deliveries/s, is ``fixed_rate(results)`` of the saturation results
+    (default: ``--fixed-share`` of the ``baseline`` server's). ``max_window``: see ``Room``.
+    """
+    rooms = {name: Room(name, ports[name], n, args.publishers, max_window) for name in order}
     try:
         for room in rooms.values():
             await room.connect()
@@ -378,8 +422,11 @@ async def measure_pair(
             sat = await quiet_phase(rooms[name], procs[name], args, None)
             results[name].update({f"sat_{k}": v for k, v in sat.items()})
             await asyncio.sleep(0.2)
-        base = results["baseline"]["sat_deliveries_per_s"]
-        rate = args.fixed_share * base / (n - 1)  # lines/s
+        if fixed_rate is None:
+            deliveries = args.fixed_share * results["baseline"]["sat_deliveries_per_s"]
+        else:
+            deliveries = fixed_rate(results)
+        rate = deliveries / (n - 1)  # lines/s
         for name in order:
             fixed = await quiet_phase(rooms[name], procs[name], args, rate)
             results[name].update({f"fix_{k}": v for k, v in fixed.items()})
