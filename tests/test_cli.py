@@ -157,7 +157,12 @@ def test_demo_runs_and_stops_by_itself(loop_name: str) -> None:
         r"requests=1 bytes_sent=8388608\n",
         done.stdout,
     )
-    assert done.stdout.rstrip().endswith("demo done")
+    # the last section: the speed test's table, one row per protocol, before the sign-off
+    tail = done.stdout.rstrip().splitlines()[-6:]
+    assert tail[0].split()[:3] == ["proto", "sent", "received"]
+    assert [row.split()[0] for row in tail[1:4]] == ["tcp", "udp", "rudp"]
+    assert re.search(r"  0/\d+ \(0%\)  ", tail[2])  # udp on loopback: nothing lost
+    assert tail[-1] == "servers shut down; demo done"
 
 
 def test_udp_echo_serve_and_send_timestamp(loop_name: str) -> None:
