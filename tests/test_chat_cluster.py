@@ -293,3 +293,18 @@ def test_nats_servers_are_found_as_the_nats_command_line_finds_them(
         with pytest.raises(ValueError, match="NATS URL"):
             nats_servers(bad)
     assert os.environ[NATS_URL_ENV] == "nats://a:4223, b ,tls://c"
+
+
+async def test_a_stream_deleted_under_the_cluster_is_made_again_and_lines_go_through(
+    nats_server: LocalNatsServer,
+) -> None:
+    async with cluster(nats_server.url, 2) as (one, two):
+        alice, bob = await member(one, "alice"), await member(two, "bob")
+        tamper = await nats.connect(nats_server.url)
+        await tamper.jetstream().delete_stream("netlib_chat")
+        await tamper.close()
+        alice.send("after the stream was deleted")  # refused at first, then sent again
+        assert await read_said(bob, 1) == ["after the stream was deleted"]
+        assert hub(one).statistics().resent >= 1
+        for client in (alice, bob):
+            await client.aclose()

