@@ -32,8 +32,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Tests that time nothing run three at a time (they wait on subprocesses as much as they
+# compute); the ones marked serial (they measure time, memory or CPU) run alone after
+# them. compileall first: the tests start netlib in hundreds of subprocesses, and
+# PYTHONDONTWRITEBYTECODE would have each of them compile it again.
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/python -m compileall -q netlib benchmarks tests > /dev/null
+	$(BIN)/pytest -q -n 3 -m "not serial"
+	$(BIN)/pytest -q -m serial
 
 docs: $(DOCS_STAMP)  ## build the documentation site into docs/_build/html; warnings are errors
 	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html

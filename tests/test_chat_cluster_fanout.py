@@ -27,6 +27,8 @@ import netlib
 from netlib import LocalNatsServer
 from tests.test_chat_fanout import p99_ms
 
+pytestmark = pytest.mark.serial  # p99 delivery latency
+
 NODES = 3
 SUBSCRIBERS = 60
 SLOW = SUBSCRIBERS // 10

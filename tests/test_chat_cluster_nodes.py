@@ -137,6 +137,7 @@ async def test_three_node_processes_make_one_chat_in_one_order(
             await client.aclose()
 
 
+@pytest.mark.serial  # timed
 async def test_a_killed_node_frees_its_nicks_within_their_lifetime(
     nats_server: LocalNatsServer, tmp_path: Path
 ) -> None:
@@ -187,6 +188,7 @@ async def test_nats_killed_and_restarted_mid_conversation_loses_and_doubles_noth
             await client.aclose()
 
 
+@pytest.mark.serial  # timed
 async def test_a_frozen_node_does_not_slow_the_others_and_catches_up(
     nats_server: LocalNatsServer, tmp_path: Path
 ) -> None:

@@ -23,6 +23,8 @@ import pytest
 
 import netlib
 
+pytestmark = pytest.mark.serial  # p99 delivery latency
+
 SUBSCRIBERS = 200
 SLOW = SUBSCRIBERS // 10
 PUBLISHERS = 4

@@ -248,6 +248,7 @@ async def test_downloads_above_the_limit_get_503(tree: Path) -> None:
         assert server.statistics().busy == 1
 
 
+@pytest.mark.serial  # timed
 async def test_idle_keep_alive_and_trickled_heads_are_closed(tree: Path) -> None:
     limits = netlib.FileServiceLimits(keepalive_timeout=0.2, request_timeout=0.3)
     async with netlib.open_file_server(tree, limits=limits) as server:
@@ -273,6 +274,7 @@ async def test_idle_keep_alive_and_trickled_heads_are_closed(tree: Path) -> None
         assert 0.15 <= head_closed < 1.0  # the wait began at the accept, a little earlier
 
 
+@pytest.mark.serial  # timed
 async def test_shutdown_cuts_off_a_stalled_download_within_its_grace(tree: Path) -> None:
     async with netlib.open_file_server(tree, shutdown_grace=0.3) as server:
         port = _port(server)
@@ -370,6 +372,7 @@ def test_the_corpus_has_at_least_60_payloads() -> None:
     assert len(set(HOSTILE)) == len(HOSTILE) >= 60
 
 
+@pytest.mark.serial  # timed
 async def test_r16_hostile_paths_get_a_clean_4xx_fast_and_no_byte_from_outside(
     server: FileServer,
 ) -> None:

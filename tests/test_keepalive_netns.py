@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytestmark = pytest.mark.serial  # keepalive deadlines against the clock
+
 SERVER_ADDRESS = "10.231.0.1"
 CLIENT_ADDRESS = "10.231.0.2"
 IDLE, INTERVAL, COUNT = 1, 1, 2

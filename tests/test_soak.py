@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.serial  # p99 drift and RSS slope over 2 minutes
+
 SOAK = Path(__file__).parent.parent / "benchmarks" / "soak.py"
 
 

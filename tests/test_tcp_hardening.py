@@ -19,6 +19,8 @@ import netlib
 from netlib import MessageStream
 from tests.helpers import address_of, open_raw, wait_until
 
+pytestmark = pytest.mark.serial  # deadlines measured against the clock
+
 
 async def _connect_and_wait_for_close(host: str, port: int) -> None:
     reader, writer = await open_raw(host, port)

@@ -86,6 +86,7 @@ async def test_line_one_byte_too_long_closes_the_connection() -> None:
 # -- deadlines and caps ---------------------------------------------------------------------
 
 
+@pytest.mark.serial  # timed
 async def test_first_frame_deadline_is_not_extended_by_trickled_bytes() -> None:
     deadline = 0.5
     async with netlib.open_tcp_server(
@@ -101,6 +102,7 @@ async def test_first_frame_deadline_is_not_extended_by_trickled_bytes() -> None:
         assert server.statistics().timeouts == 1
 
 
+@pytest.mark.serial  # timed
 async def test_first_frame_in_time_lifts_the_deadline() -> None:
     async with netlib.open_tcp_server(
         netlib.echo_handler, framing="line", first_frame_timeout=0.2, idle_timeout=None
@@ -113,6 +115,7 @@ async def test_first_frame_in_time_lifts_the_deadline() -> None:
         await close_raw(writer)
 
 
+@pytest.mark.serial  # timed
 async def test_idle_timeout_counts_from_last_activity() -> None:
     idle = 0.3
     async with netlib.open_tcp_server(
@@ -129,6 +132,7 @@ async def test_idle_timeout_counts_from_last_activity() -> None:
         assert server.statistics().timeouts == 1
 
 
+@pytest.mark.serial  # timed
 async def test_many_connections_share_the_deadline_timer() -> None:
     idle = 0.3
     async with netlib.open_tcp_server(
@@ -444,6 +448,7 @@ def _idle_connection_count() -> int:
     return min(IDLE_CONNECTIONS, soft - 200)
 
 
+@pytest.mark.serial  # timed
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_idle_connections_cost_little_memory_and_no_latency() -> None:
@@ -524,6 +529,7 @@ async def _run_script(script: str, *args: object) -> list[str]:
     return out.decode().split()
 
 
+@pytest.mark.serial  # timed
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_connection_churn_does_not_stall_an_established_client() -> None:
@@ -550,6 +556,7 @@ async def test_connection_churn_does_not_stall_an_established_client() -> None:
 # -- graceful shutdown (robustness row R10 in docs/robustness.md) -----------------------------
 
 
+@pytest.mark.serial  # timed
 async def test_graceful_shutdown_loses_no_acknowledged_message() -> None:
     grace = 2.0
     processed: dict[int, list[int]] = {}
@@ -642,6 +649,7 @@ netlib.run({"echo": echo, "chat": chat}[sys.argv[2]](), loop=sys.argv[1])
 """
 
 
+@pytest.mark.serial  # timed
 @pytest.mark.slow
 @pytest.mark.parametrize("service", ["echo", "chat"])
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -693,6 +701,7 @@ async def _emfile_scenario(loop_name: str, service: str) -> None:
 # -- malformed frames (robustness row R2 in docs/robustness.md) -------------------------------
 
 
+@pytest.mark.serial  # timed
 @pytest.mark.parametrize(
     "junk",
     [
@@ -754,6 +763,7 @@ print(len(closed), min(closed.values(), default=0), max(closed.values(), default
 """
 
 
+@pytest.mark.serial  # timed
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_slowloris_connections_are_closed_at_the_deadline() -> None:
