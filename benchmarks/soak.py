@@ -3,34 +3,41 @@
 ``make soak`` runs it for 30 minutes; ``tests/test_soak.py`` runs a 2-minute version.
 
 One server process (``--serve``) runs netlib's services on loopback, in one event loop:
-a TCP echo server (line framing), a reliable-UDP echo server, a file server and a chat
-server. Every ``--sample`` seconds it prints one JSON line: its RSS, open descriptors,
-pending tasks, calls to the loop's exception handler and log records at ERROR level.
+a TCP echo server (line framing), a reliable-UDP echo server, a file server, a chat
+server on the in-memory hub, and two chat nodes of one cluster on a nats-server it starts
+(JetStream, a free loopback port). Every ``--sample`` seconds it prints one JSON line: its
+RSS, open descriptors, pending tasks, calls to the loop's exception handler and log
+records at ERROR level.
 
 The driver (this process, uvloop) first measures the echo capacity (closed loop, as fast
-as replies come), then offers, for ``--minutes``:
+as replies come), then offers, for ``--minutes``, echo at half the capacity, as paced
+lines over ``ECHO_CONNECTIONS`` connections, every reply checked (same bytes, in order)
+and its round trip recorded. A load process (``--load``, uvloop) offers the rest at the
+same time, so that its own bursts (hashing a download, reading a chat line's fan-out) do
+not show as the server's latency:
 
-* echo: half the capacity, as paced lines over ``ECHO_CONNECTIONS`` connections, every
-  reply checked (same bytes, in order) and its round trip recorded;
 * connection churn: ``CHURN_RATE`` connections a second, each one echo then a close;
 * reliable UDP: ``RUDP_CONNECTIONS`` connections at ``RUDP_RATE`` messages a second each;
 * downloads: a ``DOWNLOAD_SIZE`` file every ``DOWNLOAD_EVERY`` seconds, SHA-256 verified;
 * chat: ``CHAT_MEMBERS`` members of one room, ``CHAT_PUBLISHERS`` of them posting numbered
   lines below the flood rate; every member checks every publisher's lines arrive once and
-  in order;
+  in order; the same again across the two cluster nodes, members and publishers spread
+  over both, so every line crosses NATS to half of its readers;
 * misbehaving clients, 1 % of the churn: in turn a malformed (over-long) line, a slowloris
   trickle, and a reset with a large reply pending (rows R2, R4, R9).
 
 After the warm-up, the verdict (all must hold): RSS slope under 1 MiB per 10 minutes,
 descriptors within ±5 and pending tasks within ±5 (mean of the last third of the samples
-against the first third), echo p99 drift under 20 % (the median of the 5-second windows'
-p99 in the last third against the first third, counting only windows in which other
+against the first third), echo p99 drift under 20 % (the median of the one-second windows'
+p99 in the last third against the first third: a stall of a few milliseconds moves the
+p99 of the window it falls in, not the median; counting only windows in which other
 processes used at most ``QUIET_FOREIGN`` of a core: on a shared 2-core machine another
 process's load moves a millisecond-scale p99 more than the soak does; with fewer than
 ``MIN_QUIET_WINDOWS`` quiet windows per third the drift is reported as not judged),
 0 unexpected exceptions (exception-handler calls, ERROR log records, tracebacks on the
-server's stderr, failures in the driver), 0 lost acknowledged messages (echo and reliable
-UDP replies, downloads, chat lines). ``--json`` prints the figures for scripts.
+server's stderr, failures in the driver or the load process), 0 lost acknowledged
+messages (echo and reliable UDP replies, downloads, chat lines on one node and across
+nodes). ``--json`` prints the figures for scripts.
 """
 
 from __future__ import annotations
@@ -77,9 +84,9 @@ RSS_SLOPE_LIMIT = 1.0  # MiB per 10 minutes
 FD_TOLERANCE = 5
 TASK_TOLERANCE = 5
 P99_DRIFT_LIMIT = 0.20
-P99_WINDOW = 5.0  # seconds of echo round trips per p99; the drift compares their medians
+P99_WINDOW = 1.0  # seconds of echo round trips per p99; the drift compares their medians
 QUIET_FOREIGN = 0.15  # cores other processes may use in a window that judges p99 drift
-MIN_QUIET_WINDOWS = 3  # quiet windows each third needs for the drift to be judged
+MIN_QUIET_WINDOWS = 10  # quiet windows each third needs for the drift to be judged
 
 
 # --- the server process ------------------------------------------------------------------
@@ -107,33 +114,56 @@ async def _serve(root: str, sample: float) -> None:
     errors = _ErrorCount()
     logging.getLogger().addHandler(errors)
     process = psutil.Process()
-    async with (
-        netlib.open_tcp_server(
-            netlib.echo_handler, framing="line", first_frame_timeout=FIRST_FRAME_TIMEOUT
-        ) as echo,
-        netlib.open_reliable_udp_server(netlib.echo_handler) as rudp,
-        netlib.open_file_server(root) as files,
-        netlib.open_chat_server() as chat,
-    ):
-        ports = {
-            "echo": echo.addresses[0][1],
-            "rudp": rudp.addresses[0][1],
-            "files": files.addresses[0][1],
-            "chat": chat.tcp_addresses[0][1],
-        }
-        print(json.dumps({"ports": ports}), flush=True)
-        while True:
-            record = {
-                "t": time.monotonic(),  # the same clock as the driver's (Linux)
-                "rss": process.memory_info().rss,
-                "fds": len(os.listdir("/proc/self/fd")),
-                "tasks": len(asyncio.all_tasks()),
-                "exceptions": exceptions,
-                "errors": errors.count,
-                "echo": asdict(echo.statistics()),
+    with netlib.LocalNatsServer() as nats:
+        async with (
+            netlib.open_tcp_server(
+                netlib.echo_handler, framing="line", first_frame_timeout=FIRST_FRAME_TIMEOUT
+            ) as echo,
+            netlib.open_reliable_udp_server(netlib.echo_handler) as rudp,
+            netlib.open_file_server(root) as files,
+            netlib.open_chat_server() as chat,
+            netlib.open_chat_server(nats=nats.url) as node_a,
+            netlib.open_chat_server(nats=nats.url) as node_b,
+        ):
+            nodes = (node_a, node_b)
+            while not all(_nodes_heard(node) == len(nodes) for node in nodes):
+                await asyncio.sleep(0.05)  # polling the hubs' heartbeat count (ready in ~0.1 s)
+            ports = {
+                "echo": echo.addresses[0][1],
+                "rudp": rudp.addresses[0][1],
+                "files": files.addresses[0][1],
+                "chat": chat.tcp_addresses[0][1],
+                "cluster": [node.tcp_addresses[0][1] for node in nodes],
             }
-            print(json.dumps(record), flush=True)
-            await asyncio.sleep(sample)  # a sampling period, not a wait for an event
+            print(json.dumps({"ports": ports, "nats_pid": nats.pid}), flush=True)
+            await _sample(process, sample, echo, lambda: exceptions, errors)
+
+
+def _nodes_heard(node: netlib.ChatServer) -> int:
+    hub = node.service.hub
+    assert isinstance(hub, netlib.NatsHub)
+    return hub.statistics().nodes
+
+
+async def _sample(
+    process: psutil.Process,
+    sample: float,
+    echo: netlib.Server,
+    exceptions: Callable[[], int],
+    errors: _ErrorCount,
+) -> None:
+    while True:
+        record = {
+            "t": time.monotonic(),  # the same clock as the driver's (Linux)
+            "rss": process.memory_info().rss,
+            "fds": len(os.listdir("/proc/self/fd")),
+            "tasks": len(asyncio.all_tasks()),
+            "exceptions": exceptions(),
+            "errors": errors.count,
+            "echo": asdict(echo.statistics()),
+        }
+        print(json.dumps(record), flush=True)
+        await asyncio.sleep(sample)  # a sampling period, not a wait for an event
 
 
 # --- the driver --------------------------------------------------------------------------
@@ -154,9 +184,8 @@ class Tally:
     churn_failed: int = 0
     downloads: int = 0
     downloads_failed: int = 0
-    chat_posted: int = 0
-    chat_delivered: int = 0
-    chat_irregular: int = 0  # a line out of order, duplicated or after a gap
+    chat: ChatCount = field(default_factory=lambda: ChatCount())
+    cluster_chat: ChatCount = field(default_factory=lambda: ChatCount())
     misbehaved: int = 0
     misbehaving_kept: int = 0  # misbehaving connections the server did not close
     failures: list[str] = field(default_factory=list)
@@ -164,6 +193,16 @@ class Tally:
     window_end: float = 0.0
     windows: list[Window] = field(default_factory=list)
     cpu: Foreign | None = None
+
+    def add_load(self, counted: dict[str, Any]) -> None:
+        """Take in what the load process counted (its ``LOAD_FIELDS``)."""
+        for name in LOAD_FIELDS:
+            value = counted[name]
+            if name in ("chat", "cluster_chat"):
+                value = ChatCount(**value)
+            elif name == "failures":
+                value = self.failures + value
+            setattr(self, name, value)
 
     def round_trip(self, now: float, seconds: float) -> None:
         """Record one echo round trip; every ``P99_WINDOW`` seconds keep only the p99 (and
@@ -177,25 +216,46 @@ class Tally:
         self.window.append(seconds)
 
 
+LOAD_FIELDS = (
+    *("rudp_sent", "rudp_replies", "rudp_wrong", "churned", "churn_failed", "downloads"),
+    *("downloads_failed", "chat", "cluster_chat", "misbehaved", "misbehaving_kept", "failures"),
+)
+"""The counts of the load process (everything but echo), reported to the driver."""
+
+
+@dataclass
+class ChatCount:
+    """One chat's lines: every member but the poster should get each one once, in order."""
+
+    members: int = 0
+    posted: int = 0
+    delivered: int = 0
+    irregular: int = 0  # a line out of order, duplicated or after a gap
+
+    @property
+    def missing(self) -> int:
+        return self.posted * (self.members - 1) - self.delivered
+
+
 @dataclass(frozen=True)
 class Window:
     end: float
     p99: float
-    foreign: float  # cores used by processes other than the soak's two
+    foreign: float  # cores used by processes other than the soak's own
 
 
 class Foreign:
-    """CPU used on the machine by processes other than the soak's server and driver."""
+    """CPU used on the machine by processes other than the soak's own (server, driver,
+    nats-server)."""
 
-    def __init__(self, server_pid: int) -> None:
-        self.server = psutil.Process(server_pid)
-        self.driver = psutil.Process()
+    def __init__(self, *pids: int) -> None:
+        self.own = [psutil.Process(pid) for pid in pids] + [psutil.Process()]
         self.last = self._now()
 
     def _now(self) -> tuple[float, float, float]:
         total = psutil.cpu_times()
         busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
-        own = sum(self.server.cpu_times()[:4]) + sum(self.driver.cpu_times()[:4])
+        own = sum(sum(process.cpu_times()[:4]) for process in self.own)
         return time.monotonic(), busy, own
 
     def cores(self) -> float:
@@ -431,7 +491,19 @@ class ChatMember:
         self.reader, self.writer = reader, writer
         self.expected: dict[int, int] = {}
 
-    async def read(self, tally: Tally) -> None:
+    @classmethod
+    async def join(cls, port: int, nick: str) -> ChatMember:
+        """Connect and take ``nick``: once the server says so, the member is in the room."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"/nick %s\n" % nick.encode())
+        granted = b"*** you are now known as %s\n" % nick.encode()
+        async with asyncio.timeout(10.0):
+            while (line := await reader.readline()) != granted:
+                if not line:
+                    raise ConnectionError(f"chat on port {port} closed before {nick} joined")
+        return cls(reader, writer)
+
+    async def read(self, count: ChatCount) -> None:
         while line := await self.reader.readline():
             words = line.split()
             if b"soakchat" not in words:
@@ -440,19 +512,20 @@ class ChatMember:
             publisher, seq = int(words[at + 1]), int(words[at + 2])
             expected = self.expected.get(publisher)
             if expected is not None and seq != expected:
-                tally.chat_irregular += 1
+                count.irregular += 1
             self.expected[publisher] = seq + 1
-            tally.chat_delivered += 1
+            count.delivered += 1
 
 
-async def _chat(port: int, until: float, tally: Tally) -> None:
-    members = []
-    for _ in range(CHAT_MEMBERS):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        members.append(ChatMember(reader, writer))
-    readers = [asyncio.create_task(m.read(tally)) for m in members]
+async def _chat(ports: Sequence[int], until: float, count: ChatCount, name: str) -> None:
+    """``CHAT_MEMBERS`` members spread over ``ports`` (the nodes of one chat) in turn, the
+    first ``CHAT_PUBLISHERS`` of them posting."""
+    members = [
+        await ChatMember.join(ports[i % len(ports)], f"{name}{i}") for i in range(CHAT_MEMBERS)
+    ]
+    count.members = len(members)
+    readers = [asyncio.create_task(m.read(count)) for m in members]
     try:
-        await asyncio.sleep(0.5)  # let every member's join settle before the first post
 
         async def publish(index: int) -> None:
             pacer = Pacer(CHAT_RATE)
@@ -462,12 +535,11 @@ async def _chat(port: int, until: float, tally: Tally) -> None:
                 await pacer.tick()
                 writer.write(b"soakchat %d %d\n" % (index, seq))
                 seq += 1
-                tally.chat_posted += 1
+                count.posted += 1
 
         await asyncio.gather(*(publish(i) for i in range(CHAT_PUBLISHERS)))
-        expected = tally.chat_posted * (CHAT_MEMBERS - 1)  # a sender does not get its own
         deadline = time.monotonic() + 10.0
-        while tally.chat_delivered < expected and time.monotonic() < deadline:
+        while count.missing > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # draining: the readers count; this bounds the wait
     finally:
         for member in members:
@@ -563,8 +635,7 @@ def judge(
         + tally.rudp_wrong
         + tally.downloads_failed
         + tally.churn_failed
-        + (tally.chat_posted * (CHAT_MEMBERS - 1) - tally.chat_delivered)
-        + tally.chat_irregular
+        + sum(chat.missing + chat.irregular for chat in (tally.chat, tally.cluster_chat))
         + tally.misbehaving_kept
     )
     failed = []
@@ -581,6 +652,8 @@ def judge(
     if lost:
         failed.append(f"{lost} acknowledged messages lost or wrong")
     data = {k: v for k, v in vars(tally).items() if k not in ("window", "windows", "cpu")}
+    for chat in ("chat", "cluster_chat"):
+        data[chat] = asdict(data[chat])
     return Verdict(
         capacity=capacity,
         offered=offered,
@@ -606,19 +679,35 @@ def judge(
     )
 
 
-def _write_download(root: str) -> bytes:
-    """The file the soak downloads; returns its SHA-256."""
-    payload = os.urandom(DOWNLOAD_SIZE)
+def _write_download(root: str) -> None:
+    """The file the soak downloads."""
     with open(os.path.join(root, "soak.bin"), "wb") as f:
-        f.write(payload)
-    return hashlib.sha256(payload).digest()
+        f.write(os.urandom(DOWNLOAD_SIZE))
+
+
+async def _load(ports: dict[str, Any], until: float, root: str) -> Tally:
+    """Everything but the measured echo: churn and misbehaving clients, reliable UDP,
+    downloads and the two chats, in a process of its own so that its bursts (a download's
+    hashing, a chat line's fan-out) do not delay the driver's echo round trips."""
+    tally = Tally()
+    digest = await asyncio.to_thread(_sha256, os.path.join(root, "soak.bin"))
+    with tempfile.TemporaryDirectory(prefix="netlib-soak-out-") as out:
+        jobs = [
+            _churn(ports["echo"], until, tally),
+            *(_rudp(ports["rudp"], until, tally) for _ in range(RUDP_CONNECTIONS)),
+            _downloads(ports["files"], until, digest, tally, out),
+            _chat([ports["chat"]], until, tally.chat, "soak"),
+            _chat(ports["cluster"], until, tally.cluster_chat, "node"),
+        ]
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                tally.failures.append(f"load: {result!r}")
+    return tally
 
 
 async def drive(args: argparse.Namespace) -> Verdict:
     with tempfile.TemporaryDirectory(prefix="netlib-soak-") as root:
-        digest = _write_download(root)
-        out = os.path.join(root, "out")
-        os.mkdir(out)
+        _write_download(root)
         command = [sys.executable, __file__, "--serve", root, "--loop", args.loop]
         command += ["--sample", str(args.sample)]
         server = await asyncio.create_subprocess_exec(
@@ -634,7 +723,8 @@ async def drive(args: argparse.Namespace) -> Verdict:
                 await server.wait()
                 error = (await server.stderr.read()).decode(errors="replace")
                 raise RuntimeError(f"the soak server did not start:\n{error}")
-            ports = json.loads(first)["ports"]
+            started = json.loads(first)
+            ports = started["ports"]
 
             async def collect() -> None:
                 assert server.stdout is not None
@@ -651,26 +741,32 @@ async def drive(args: argparse.Namespace) -> Verdict:
             capacity = await measure_capacity(ports["echo"])
             offered = capacity * LOAD_FRACTION
             _say(args, f"echo capacity {capacity:,.0f} replies/s; offering {offered:,.0f}/s")
-            tally = Tally(cpu=Foreign(server.pid))
+            tally = Tally()
             start = time.monotonic()
             until = start + args.minutes * 60
             warmup_end = start + args.warmup * 60
             per_connection = offered / ECHO_CONNECTIONS
+            command = [sys.executable, __file__, "--load", json.dumps(ports), "--until"]
+            load = await asyncio.create_subprocess_exec(
+                *command, str(until), root, stdout=subprocess.PIPE
+            )
+            assert load.stdout is not None
+            tally.cpu = Foreign(server.pid, started["nats_pid"], load.pid)
             jobs = [
                 *(
                     _echo_connection(ports["echo"], per_connection, until, tally, True)
                     for _ in range(ECHO_CONNECTIONS)
                 ),
-                _churn(ports["echo"], until, tally),
-                *(_rudp(ports["rudp"], until, tally) for _ in range(RUDP_CONNECTIONS)),
-                _downloads(ports["files"], until, digest, tally, out),
-                _chat(ports["chat"], until, tally),
                 _progress(args, start, until, samples),
             ]
             results = await asyncio.gather(*jobs, return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     tally.failures.append(f"driver: {result!r}")
+            counted, _ = await asyncio.wait_for(load.communicate(), 60.0)
+            if load.returncode != 0 or not counted:
+                raise RuntimeError(f"the load process failed (exit {load.returncode})")
+            tally.add_load(json.loads(counted))
             # one more sample after the load, so the last third ends at the end
             count = len(samples)
             while len(samples) == count:
@@ -717,10 +813,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
     parser.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--load", metavar="PORTS", help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("root", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         with contextlib.suppress(KeyboardInterrupt):
             netlib.run(_serve(args.serve, args.sample), loop=args.loop)
+        return 0
+    if args.load:
+        tally = netlib.run(_load(json.loads(args.load), args.until, args.root), loop="uvloop")
+        print(json.dumps({name: getattr(tally, name) for name in LOAD_FIELDS}, default=asdict))
         return 0
     if args.warmup >= args.minutes:
         parser.error("--warmup must be shorter than --minutes")
