@@ -227,6 +227,7 @@ def test_chat_cluster_starts_nats_and_three_servers_that_share_one_chat() -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job is
     )
     assert proc.stdout is not None
     try:
@@ -249,10 +250,13 @@ def test_chat_cluster_starts_nats_and_three_servers_that_share_one_chat() -> Non
             while (line := carol.readline()) and b"<alice>" not in line:
                 pass
             assert line == b"[#lobby] <alice> hello, third server\n"
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=30)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group gets SIGINT
+            _out, err = proc.communicate(timeout=30)
+            # one graceful stop: members are told, not cut off as by a second signal
+            assert b"*** server shutting down\n" in carol.read()  # then the close
         assert proc.returncode == 0, err
         assert "Traceback" not in err
+        assert "closing the remaining connections now" not in err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -28,6 +28,7 @@ from netlib import (
 )
 from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
+from netlib.testing import LinkProfile, open_udp_proxy
 from tests.helpers import poll_until, wait_until
 
 
@@ -236,6 +237,38 @@ async def test_the_chat_handler_runs_over_reliable_udp() -> None:
             assert all(b"goodbye" not in line for line in rest)
             await expect(bob, b"alice quit")
     await service.aclose()
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_an_unordered_sender_is_not_held_back_by_a_lost_message(ordered: bool) -> None:
+    """``ReliableConfig(ordered=False)`` (the unordered channel): through a proxy that drops
+    10 % of the datagrams each way, every message arrives exactly once, and those sent
+    after a lost one are delivered before its retransmission; ordered, in order."""
+    count = 200
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(stream: netlib.MessageStream) -> None:
+        async for message in stream:
+            got.append(message)
+            if len(got) == count:
+                done.set()
+
+    lossy = LinkProfile(delay=0.001, loss=0.1)
+    # datagrams of at most 1,200 bytes, messages of 1,000: one message per datagram, so
+    # a loss takes one message and the ones after it are not lost with it
+    config = netlib.ReliableConfig(ordered=ordered, max_datagram=1200)
+    sent = [b"%d " % i + b"x" * 1000 for i in range(count)]
+    async with (
+        netlib.open_reliable_udp_server(collect) as server,
+        open_udp_proxy(*server.addresses[0][:2], up=lossy, seed=7) as proxy,
+        netlib.connect_reliable_udp(*proxy.addresses[0][:2], config=config) as stream,
+    ):
+        for message in sent:
+            await stream.send(message)
+        await asyncio.wait_for(done.wait(), 20)
+    assert sorted(got, key=lambda m: int(m.split()[0])) == sent  # each exactly once
+    assert (got == sent) is ordered
 
 
 async def test_many_connections_share_one_server_socket() -> None:

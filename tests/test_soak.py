@@ -1,10 +1,11 @@
 """Robustness row R18, the soak, in its 2-minute version (``make soak`` runs 30 minutes).
 
 ``benchmarks/soak.py`` runs netlib's servers (TCP echo, reliable-UDP echo, files, chat on
-one node and across two nodes of a NATS cluster) in one process and drives them from another with mixed traffic at half of the echo capacity it
-measures first, 1 % of its clients misbehaving (over-long lines, slowloris, resets with
-replies pending). This test runs it for 2 minutes with a 30-second warm-up and asserts the
-row's criteria on what it measured.
+one node and across two nodes of a NATS cluster) in one process and drives them from two
+others with mixed traffic at half of the echo capacity it measures first, 1 % of its
+clients misbehaving (over-long lines, slowloris, resets with replies pending). This test
+runs it for 2 minutes with a 30-second warm-up and asserts the row's criteria on what it
+measured.
 """
 
 from __future__ import annotations

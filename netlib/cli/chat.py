@@ -318,8 +318,16 @@ async def _start_node(
         *("--nick-ttl", str(args.nick_ttl)),
         *(("--loop", args.loop) if args.loop else ()),
     ]
+    # A session of its own: Ctrl-C on a terminal reaches only this process, whose one
+    # SIGTERM then stops each server gracefully (SIGINT and SIGTERM both would be a second
+    # signal, which closes the members' connections at once). On Linux a server also gets
+    # SIGTERM when this process dies, even by SIGKILL.
     node = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
     )
     assert node.stdout is not None
     try:
@@ -335,6 +343,14 @@ async def _start_node(
         pass
     await _stop_nodes([node])
     raise RuntimeError(f"a chat server did not start on port {port} (its log is above)")
+
+
+def _stop_with_parent() -> None:
+    """In a chat server started by ``chat cluster`` (Linux): SIGTERM when its parent dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def _stop_nodes(nodes: list[asyncio.subprocess.Process]) -> None:

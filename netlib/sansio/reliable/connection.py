@@ -311,6 +311,11 @@ class ReliableConfig:
             ``BASE_DATAGRAM`` (1,200: no path MTU discovery, every datagram that size at
             most) to ``MAX_DATAGRAM`` (65,527, the default). The size actually used is
             found by probing, within the smaller of the two sides' values.
+        ordered: True (the default): the messages this side sends are delivered in the
+            order they were sent (the ordered channel). False: each is delivered as soon
+            as it is complete, not held back behind an earlier one still being
+            retransmitted (the unordered channel: still every message exactly once, and
+            intact). ``send()`` can choose the channel per message.
     """
 
     max_ack_delay: float = DEFAULT_ACK_DELAY
@@ -322,6 +327,7 @@ class ReliableConfig:
     max_message: int = MAX_MESSAGE
     initial_rtt: float = INITIAL_RTT
     max_datagram: int = MAX_DATAGRAM
+    ordered: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.max_ack_delay <= 1.0:
@@ -657,8 +663,9 @@ class ReliableConnection:
 
     # -- the application's side ---------------------------------------------------------------
 
-    def send(self, message: bytes, channel: Channel = Channel.ORDERED) -> None:
-        """Queue ``message`` for reliable delivery on ``channel``.
+    def send(self, message: bytes, channel: Channel | None = None) -> None:
+        """Queue ``message`` for reliable delivery on ``channel`` (default: the one
+        ``ReliableConfig.ordered`` names).
 
         Raises:
             LimitExceeded: the message is larger than ``max_message``, or than the peer's
@@ -680,6 +687,8 @@ class ReliableConnection:
             raise WouldBlock(
                 f"send buffer full: {self._send_buffered} + {charge} bytes > {cap} bytes"
             )
+        if channel is None:
+            channel = Channel.ORDERED if self._config.ordered else Channel.UNORDERED
         flags = (FLAG_UNORDERED if channel else 0) | FLAG_FIRST | FLAG_LAST
         dseq = self._next_dseq
         units = _units(size)
