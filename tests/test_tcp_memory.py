@@ -19,6 +19,8 @@ import netlib
 from netlib.sansio.budget import DEFAULT_MEMORY_BUDGET
 from tests.helpers import address_of, non_readers, poll_until, wait_until
 
+pytestmark = pytest.mark.serial  # a thousand connections each, RSS measured
+
 CAP = 2 * 1024 * 1024
 CLIENTS = 16
 
