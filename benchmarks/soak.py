@@ -170,6 +170,20 @@ async def _sample(
 
 
 @dataclass
+class ChatCount:
+    """One chat's lines: every member but the poster should get each one once, in order."""
+
+    members: int = 0
+    posted: int = 0
+    delivered: int = 0
+    irregular: int = 0  # a line out of order, duplicated or after a gap
+
+    @property
+    def missing(self) -> int:
+        return self.posted * (self.members - 1) - self.delivered
+
+
+@dataclass
 class Tally:
     """What the driver saw; every field but the latencies must end at 0 where it says so."""
 
@@ -184,8 +198,8 @@ class Tally:
     churn_failed: int = 0
     downloads: int = 0
     downloads_failed: int = 0
-    chat: ChatCount = field(default_factory=lambda: ChatCount())
-    cluster_chat: ChatCount = field(default_factory=lambda: ChatCount())
+    chat: ChatCount = field(default_factory=ChatCount)
+    cluster_chat: ChatCount = field(default_factory=ChatCount)
     misbehaved: int = 0
     misbehaving_kept: int = 0  # misbehaving connections the server did not close
     failures: list[str] = field(default_factory=list)
@@ -221,20 +235,6 @@ LOAD_FIELDS = (
     *("downloads_failed", "chat", "cluster_chat", "misbehaved", "misbehaving_kept", "failures"),
 )
 """The counts of the load process (everything but echo), reported to the driver."""
-
-
-@dataclass
-class ChatCount:
-    """One chat's lines: every member but the poster should get each one once, in order."""
-
-    members: int = 0
-    posted: int = 0
-    delivered: int = 0
-    irregular: int = 0  # a line out of order, duplicated or after a gap
-
-    @property
-    def missing(self) -> int:
-        return self.posted * (self.members - 1) - self.delivered
 
 
 @dataclass(frozen=True)
@@ -746,11 +746,10 @@ async def drive(args: argparse.Namespace) -> Verdict:
             until = start + args.minutes * 60
             warmup_end = start + args.warmup * 60
             per_connection = offered / ECHO_CONNECTIONS
-            command = [sys.executable, __file__, "--load", json.dumps(ports), "--until"]
+            command = [sys.executable, __file__, "--load", json.dumps(ports), "--root", root]
             load = await asyncio.create_subprocess_exec(
-                *command, str(until), root, stdout=subprocess.PIPE
+                *command, "--until", str(until), stdout=subprocess.PIPE
             )
-            assert load.stdout is not None
             tally.cpu = Foreign(server.pid, started["nats_pid"], load.pid)
             jobs = [
                 *(
@@ -815,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--load", metavar="PORTS", help=argparse.SUPPRESS)
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("root", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         with contextlib.suppress(KeyboardInterrupt):
