@@ -253,9 +253,10 @@ async def run_demo() -> None:
         print(f"\nTCP upper-case echo server on 127.0.0.1:{_port(upper)}")
         await _conversation(_port(upper), [b"hello", b"shout it"])
         print("\n20 clients at once, 100 messages each, while one client vanishes mid-line:")
-        clients = asyncio.gather(*(_client(_port(echo), n) for n in range(20)))
-        await _vanish(_port(echo))
-        print(f"  {sum(await clients)} of 2000 echoes correct")
+        async with asyncio.TaskGroup() as clients:  # an interrupt cancels and awaits them all
+            correct = [clients.create_task(_client(_port(echo), n)) for n in range(20)]
+            await _vanish(_port(echo))
+        print(f"  {sum(task.result() for task in correct)} of 2000 echoes correct")
         print("\nserver statistics:")
         _show("echo ", echo.statistics())
         _show("upper", upper.statistics())
