@@ -186,6 +186,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     """
 
     __slots__ = (
+        "_aborted",
         "_budget",
         "_closed",
         "_consumer_done",
@@ -252,6 +253,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self._holding = 0  # see drain()
         self._last_write = 0  # bytes of the last transport write, see held()
         self._consumer_done = False
+        self._aborted = False  # see buffered_size()
         self._read_view = _read_buffer()
         self._on_lost = on_lost
         self._sendfile_native = True  # until the loop or the transport says otherwise
@@ -551,9 +553,16 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self._report()
 
     def buffered_size(self) -> int:
-        """Bytes written but not yet handed to the kernel: pending plus transport buffer."""
+        """Bytes written but not yet handed to the kernel: pending plus transport buffer.
+
+        Once the transport is aborted its buffer counts no more: it will never be sent, and
+        the loop frees it (asyncio at once, uvloop as the handle closes, an iteration later).
+        Counted, each connection the memory budget evicts would still seem to hold its
+        buffer, and the next report would evict another, then another: all 16 of 16 stalled
+        connections cut where 7 were enough.
+        """
         transport = self.transport
-        if transport is None or self.lost:
+        if transport is None or self.lost or self._aborted:
             return self._pending_size
         return self._pending_size + transport.get_write_buffer_size()
 
@@ -864,6 +873,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 with contextlib.suppress(RuntimeError):  # the task has not started yet:
                     self._loop.remove_writer(sock.fileno())  # the transport owns the fd
         if self.transport is not None and not self.lost:
+            self._aborted = True
             self.transport.abort()
 
     def close(self) -> None:
