@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,11 +53,34 @@ def test_a_full_unit_fits_a_base_datagram_with_an_ack() -> None:
 
 
 def test_hello_carries_the_largest_datagram_and_stays_at_the_base_size() -> None:
-    assert VERSION == 2
+    assert VERSION == 3
     packet = encode_hello(7, 3, 100, 1000, 4096, b"token", 9000)
     assert len(packet) == MIN_HELLO_SIZE == BASE_DATAGRAM
     cid, delay, window, max_message, max_datagram, length = HELLO.unpack_from(packet, HEADER.size)
     assert (cid, delay, window, max_message, max_datagram, length) == (7, 100, 1000, 4096, 9000, 5)
+
+
+def test_the_trailer_is_the_crc32c_of_the_packet() -> None:
+    packet = encode_packet(PacketType.DATA, 0xABCD, 77, b"123456789")
+    header = packet[: HEADER.size]
+    body = packet[HEADER.size : -4]
+    assert body == b"123456789"
+    # CRC-32C of "123456789" is 0xE3069283 (RFC 3720's check value); over the whole packet:
+    assert struct.unpack("!I", packet[-4:])[0] == _crc32c_reference(header + body)
+    assert _crc32c_reference(b"123456789") == 0xE3069283
+    assert check_datagram(packet) == (PacketType.DATA, 0xABCD, 77)
+    ieee = header + body + struct.pack("!I", zlib.crc32(header + body))  # version 2's trailer
+    assert check_datagram(ieee) is None
+
+
+def _crc32c_reference(data: bytes) -> int:
+    """CRC-32C bit by bit (reflected polynomial 0x82F63B78), to check the fast one."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("size", [BASE_DATAGRAM + 1, 1472, 8952, MAX_DATAGRAM])
