@@ -77,8 +77,6 @@ import enum
 import struct
 from typing import Final
 
-from crc32c import crc32c
-
 from netlib.errors import ProtocolError
 
 __all__ = [
@@ -182,6 +180,20 @@ class FrameType(enum.IntEnum):
     MSG = 2
     PING = 3
     CLOSE = 4
+
+
+def _load_crc32c(data: bytes | memoryview, value: int = 0) -> int:
+    """The first CRC: import ``crc32c`` (its package imports ``importlib.metadata``, 45 ms,
+    which every ``import netlib`` and every CLI start would otherwise pay), then use it."""
+    global crc32c
+    from crc32c import crc32c as hardware
+
+    crc32c = hardware
+    return hardware(data, value)
+
+
+crc32c = _load_crc32c
+"""The CRC-32C of a bytes-like object, continuing from ``value``."""
 
 
 def seal(parts: list[bytes | memoryview]) -> bytes:
