@@ -8,7 +8,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Final
 
 import netlib
@@ -327,7 +328,7 @@ async def _start_node(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+        preexec_fn=_stop_with_parent(),
     )
     assert node.stdout is not None
     try:
@@ -345,12 +346,21 @@ async def _start_node(
     raise RuntimeError(f"a chat server did not start on port {port} (its log is above)")
 
 
-def _stop_with_parent() -> None:
-    """In a chat server started by ``chat cluster`` (Linux): SIGTERM when its parent dies."""
+def _stop_with_parent() -> Callable[[], object] | None:
+    """For a chat server started by ``chat cluster``: a function to run in the child that
+    asks for SIGTERM when its parent dies (Linux's ``PR_SET_PDEATHSIG``); None elsewhere.
+
+    ``ctypes`` is imported and libc looked up here, in the parent: between fork and exec
+    the child only makes the call (an import there could wait forever on a lock another
+    thread of the parent held at the fork).
+    """
+    if sys.platform != "linux":
+        return None
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return partial(prctl, pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def _stop_nodes(nodes: list[asyncio.subprocess.Process]) -> None:
