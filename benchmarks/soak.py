@@ -87,6 +87,7 @@ P99_DRIFT_LIMIT = 0.20
 P99_WINDOW = 1.0  # seconds of echo round trips per p99; the drift compares their medians
 QUIET_FOREIGN = 0.15  # cores other processes may use in a window that judges p99 drift
 MIN_QUIET_WINDOWS = 10  # quiet windows each third needs for the drift to be judged
+NODES_READY_TIMEOUT = 30.0  # seconds the two cluster nodes may take to hear each other
 
 
 # --- the server process ------------------------------------------------------------------
@@ -126,8 +127,9 @@ async def _serve(root: str, sample: float) -> None:
             netlib.open_chat_server(nats=nats.url) as node_b,
         ):
             nodes = (node_a, node_b)
-            while not all(_nodes_heard(node) == len(nodes) for node in nodes):
-                await asyncio.sleep(0.05)  # polling the hubs' heartbeat count (ready in ~0.1 s)
+            async with asyncio.timeout(NODES_READY_TIMEOUT):
+                while not all(_nodes_heard(node) == len(nodes) for node in nodes):
+                    await asyncio.sleep(0.05)  # polling the hubs' heartbeats (ready in ~0.1 s)
             ports = {
                 "echo": echo.addresses[0][1],
                 "rudp": rudp.addresses[0][1],
