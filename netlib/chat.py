@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from netlib.aio.sockets import DatagramSocketOptions, open_datagram_socket
 from netlib.rudp import ReliableUDPServer, open_reliable_udp_server
+from netlib.sansio.stream import StreamLimits
 from netlib.server import DEFAULT_MAX_CONNECTIONS_PER_HOST, Server, open_tcp_server
 from netlib.services.chat import ChatService, DatagramChatProtocol
 from netlib.services.chat.service import CHAT_CLOSE_GRACE, encode_line
@@ -95,6 +96,14 @@ class ChatServer:
     async def serve_forever(self) -> None:
         """Wait until ``close()`` (or cancel this)."""
         await self._closed.wait()
+
+
+def _rudp_limits(limits: StreamLimits) -> dict[str, Any]:
+    """``limits`` as ``open_reliable_udp_server`` arguments: its transport queues messages
+    by reference already, so it has no ``transport_high``."""
+    options = asdict(limits)
+    del options["transport_high"]
+    return options
 
 
 def _reject_notice(reason: str) -> bytes:
@@ -181,7 +190,7 @@ async def open_chat_server(
                     port,
                     protocol=chat_protocol_factory(chat),
                     framing=chat_framing(chat.limits),
-                    **asdict(chat_stream_limits(chat.limits)),
+                    **_rudp_limits(chat_stream_limits(chat.limits)),
                     shutdown_grace=CHAT_CLOSE_GRACE,
                 )
             )

@@ -806,6 +806,7 @@ async def open_tcp_server(
     tls_handshake_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT,
     write_high: int = DEFAULT_WRITE_HIGH,
     write_low: int = DEFAULT_WRITE_LOW,
+    transport_high: int | None = None,
     read_limit: int = DEFAULT_READ_LIMIT,
     backlog: int = DEFAULT_BACKLOG,
     reuse_port: bool = False,
@@ -840,8 +841,8 @@ async def open_tcp_server(
             partial frames, unsent output, a message a handler waits to send; default
             256 MiB, None: no bound); past it the largest holders are cut off as
             ``SlowConsumer``. RSS runs above it by the server's own overhead (measured:
-            +250 to +280 MiB of RSS with 1,000 stalled connections at the default; row
-            R5b of docs/robustness.md).
+            +250 to +280 MiB of RSS with 1,000 stalled echo connections at the default;
+            row R5b of docs/robustness.md).
         keepalive_idle: TCP keepalive on accepted TCP sockets: seconds of silence before
             the kernel probes the peer (default 30; None: no keepalive).
         keepalive_interval: seconds between keepalive probes (default 5).
@@ -849,7 +850,11 @@ async def open_tcp_server(
             peer is noticed after idle + count x interval seconds (50 s by default).
             Timings are whole seconds (rounded up).
         tls_handshake_timeout: seconds for the TLS handshake.
-        write_high, write_low: transport write-buffer marks for backpressure.
+        write_high, write_low: write-buffer marks for backpressure (and the send deadline).
+        transport_high: for fan-out services (``send_framed`` of one message to many
+            connections): a lower high mark for the transport alone; past it the messages
+            wait as references, not copied into each transport's buffer (see
+            ``StreamLimits``; the chat uses 64 KiB).
         read_limit: unconsumed received bytes above which reading pauses.
         backlog: listen backlog.
         reuse_port: set SO_REUSEPORT, so several processes can serve one port.
@@ -873,6 +878,7 @@ async def open_tcp_server(
             send_timeout=send_timeout,
             write_high=write_high,
             write_low=write_low,
+            transport_high=transport_high,
             read_limit=read_limit,
         ),
         ssl=ssl,
@@ -922,6 +928,7 @@ class TCPServerOptions(TypedDict, total=False):
     tls_handshake_timeout: float
     write_high: int
     write_low: int
+    transport_high: int | None
     read_limit: int
     backlog: int
     reuse_port: bool

@@ -265,7 +265,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
-        transport.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
+        self._set_transport_marks(transport)
         self.conn.last_activity = self._loop.time()
         self._schedule_deadlines()
 
@@ -352,16 +352,43 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self.conn.writing_paused(self._loop.time())
-        if self.conn.rearm:
-            self._schedule_deadlines()
+        if self._limits.transport_high is None:
+            self._send_deadline_starts()
+        else:
+            self._check_send_deadline()
         self._report()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.conn.writing_resumed()
-        self.flush()  # what write_soon() held while paused
+        if self._limits.transport_high is None:
+            self.conn.writing_resumed()
+            self.flush()  # what write_soon() held while paused
+        else:
+            self.flush()
+            self._check_send_deadline()
         self._report()
+
+    def _set_transport_marks(self, transport: asyncio.WriteTransport) -> None:
+        limits = self._limits
+        high = limits.transport_high
+        if high is None:
+            transport.set_write_buffer_limits(high=limits.write_high, low=limits.write_low)
+        else:
+            transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def _send_deadline_starts(self) -> None:
+        self.conn.writing_paused(self._loop.time())
+        if self.conn.rearm:
+            self._schedule_deadlines()
+
+    def _check_send_deadline(self) -> None:
+        """With a ``transport_high`` mark, the send deadline follows the bytes queued in the
+        pending list and the transport together, against ``write_high`` and ``write_low``."""
+        size = self.buffered_size()
+        if size > self._limits.write_high:
+            self._send_deadline_starts()
+        elif size <= self._limits.write_low:
+            self.conn.writing_resumed()
 
     @staticmethod
     def _resolve(future: asyncio.Future[None] | None) -> None:
@@ -525,13 +552,22 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
 
-    def flush(self) -> None:
-        """Hand the pending writes to the transport in one call."""
+    def flush(self, *, whole: bool = False) -> None:
+        """Hand the pending writes to the transport in one call.
+
+        With a ``transport_high`` mark, unless ``whole`` (before a close, an EOF or a
+        file), only while the transport takes more (it is not paused), ``transport_high``
+        bytes a call: the rest waits for ``resume_writing``.
+        """
         self._flush_handle = None
         pending = self._pending
         if not pending:
             return
         transport = self.transport
+        batch = self._limits.transport_high
+        if batch is not None and not whole and transport is not None:
+            self._flush_batches(pending, transport, batch)
+            return
         if transport is not None and not transport.is_closing():
             self._last_write = self._pending_size
             if len(pending) == 1:
@@ -544,9 +580,33 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         if self.write_paused:
             self._output_grew()
 
+    def _flush_batches(
+        self, pending: list[bytes], transport: asyncio.WriteTransport, batch: int
+    ) -> None:
+        """``flush(whole=False)`` with a ``transport_high`` mark of ``batch`` bytes."""
+        if transport.is_closing():
+            pending.clear()
+            self._pending_size = 0
+            return
+        while pending and not self.write_paused:
+            count, size = 0, 0
+            while count < len(pending) and size < batch:
+                size += len(pending[count])
+                count += 1
+            self._last_write = size
+            if count == 1:
+                transport.write(pending[0])
+            else:
+                transport.writelines(pending[:count])
+            del pending[:count]
+            self._pending_size -= size
+            self.conn.last_activity = self._loop.time()
+
     def _output_grew(self) -> None:
         """Writing is paused and more was queued anyway (a fan-out service bounds its
         consumers itself, e.g. the chat's hard limit): report each ``OUTPUT_REPORT_STEP``."""
+        if self._limits.transport_high is not None:
+            self._check_send_deadline()
         if self._budget is not None and (
             self.buffered_size() >= self._output_reported + OUTPUT_REPORT_STEP
         ):
@@ -602,7 +662,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         Raises:
             BrokenResourceError: the connection was lost (or a deadline passed) meanwhile.
         """
-        self.flush()
+        self.flush(whole=True)
         loop = self._loop
         sent = 0
         native = self._sendfile_native
@@ -666,7 +726,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                     done = len(chunk)
                     if done:
                         self.write(chunk)
-                        self.flush()
+                        self.flush(whole=True)
                 except OSError as exc:  # reset mid-file
                     self._abort_transport()
                     raise BrokenResourceError(
@@ -680,8 +740,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 self.conn.last_activity = loop.time()
         finally:
             if not self._gone():
-                limits = self._limits
-                transport.set_write_buffer_limits(high=limits.write_high, low=limits.write_low)
+                self._set_transport_marks(transport)
         if sent < count and self._gone():
             raise self.lost_error()
         return sent
@@ -878,7 +937,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """Flush pending writes and close the transport (the transport drains its buffer)."""
-        self.flush()
+        self.flush(whole=True)
         self._cancel_deadlines()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -898,7 +957,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 if linger and not self.conn.peer_eof and self._can_write_eof():
                     self.conn.start_linger()
                     self.resume()
-                    self.flush()
+                    self.flush(whole=True)
                     self._peer_done = self._loop.create_future()
                     self.transport.write_eof()  # type: ignore[union-attr]
                     await self._peer_done  # the peer's EOF, or the connection's end

@@ -87,7 +87,16 @@ class StreamLimits:
             covers the first message).
         send_timeout: seconds the write buffer may stay above ``write_high`` (the peer does
             not read) before the connection fails with ``SlowConsumer``.
-        write_high, write_low: transport write-buffer marks for backpressure.
+        write_high, write_low: write-buffer marks for backpressure: above ``write_high``
+            senders wait and the send deadline runs, until the buffer is down to
+            ``write_low``.
+        transport_high: None (the default), or a lower high mark for the transport alone
+            (its low mark a quarter of it), for fan-out services that queue the same message
+            to many connections: past it the writes wait in the connection's own list, as
+            references to the one message, instead of as a copy in each transport's buffer
+            (asyncio's is a ``bytearray`` before Python 3.12). Senders then wait at this mark;
+            ``write_high`` and ``write_low``, counted over the list and the transport
+            together, still start and lift the send deadline.
         read_limit: unconsumed received bytes above which reading pauses.
     """
 
@@ -97,11 +106,14 @@ class StreamLimits:
     send_timeout: float | None = None
     write_high: int = DEFAULT_WRITE_HIGH
     write_low: int = DEFAULT_WRITE_LOW
+    transport_high: int | None = None
     read_limit: int = DEFAULT_READ_LIMIT
 
     def __post_init__(self) -> None:
         if not 0 <= self.write_low <= self.write_high:
             raise ValueError(f"need 0 <= write_low <= write_high, got {self}")
+        if self.transport_high is not None and not 0 < self.transport_high <= self.write_high:
+            raise ValueError(f"need 0 < transport_high <= write_high, got {self}")
         if self.read_limit < 1:
             raise ValueError(f"read_limit must be >= 1, got {self.read_limit}")
 

@@ -178,6 +178,95 @@ async def test_fan_out_writes_wait_in_the_list_while_paused_and_go_on_resume() -
     assert transport.written == [line] * 50
 
 
+class HoldingTransport(FakeTransport):
+    """A transport whose peer reads nothing until ``drain()``: it buffers what it is given
+    and pauses its protocol above its high mark, as asyncio's and uvloop's do."""
+
+    def __init__(self, protocol: StreamProtocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.buffered = 0
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        self._grew(len(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        list_of_data = list(list_of_data)
+        super().writelines(list_of_data)
+        self._grew(sum(map(len, list_of_data)))
+
+    def _grew(self, size: int) -> None:
+        self.buffered += size
+        if not self.paused and self.buffered > self.limits[1]:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        self.closing = True
+
+    def drain(self) -> None:
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
+            self.protocol.resume_writing()
+
+
+def make_holding(**limits: Any) -> tuple[StreamProtocol, HoldingTransport]:
+    protocol = StreamProtocol(LineFraming(max_size=100), StreamLimits(**limits))
+    transport = HoldingTransport(protocol)
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def test_a_transport_mark_keeps_fan_out_writes_as_references_past_it() -> None:
+    protocol, transport = make_holding(
+        write_high=1000, write_low=500, transport_high=100, send_timeout=5.0
+    )
+    assert transport.limits == (25, 100)  # the transport's own marks
+    line = b"a shared line of the room\n"  # 26 bytes, one object for every member
+    for _ in range(30):
+        protocol.write_soon(line, limit=10_000)
+    await asyncio.sleep(0)  # the end-of-iteration flush
+    assert 100 < transport.buffered <= 100 + 4 * len(line)  # a batch of transport_high
+    assert protocol.buffered_size() == 30 * len(line)  # the rest waits in the list
+    assert all(item is line for item in protocol._pending or [])  # references, no copies
+    assert protocol.conn.next_deadline() is None  # under write_high: no send deadline
+    for _ in range(20):
+        protocol.write_soon(line, limit=10_000)
+    assert protocol.buffered_size() == 50 * len(line) > 1000
+    assert protocol.conn.next_deadline() is not None  # above write_high: it runs
+    while transport.buffered:  # the member reads: one batch per resume
+        writes, waiting = transport.writes, bool(protocol._pending)
+        transport.drain()
+        assert transport.writes == writes + waiting
+        assert transport.buffered <= 100 + 4 * len(line)
+    assert protocol.buffered_size() == 0
+    assert protocol.conn.next_deadline() is None  # below write_low: lifted
+    assert b"".join(transport.written) == line * 50
+
+
+async def test_close_hands_the_whole_list_to_a_transport_with_a_mark() -> None:
+    protocol, transport = make_holding(write_high=1000, write_low=500, transport_high=100)
+    for index in range(40):
+        protocol.write_soon(b"%02d\n" % index, limit=10_000)
+    protocol.flush()
+    assert protocol.buffered_size() > transport.buffered  # some wait in the list
+    protocol.close()
+    assert b"".join(transport.written) == b"".join(b"%02d\n" % i for i in range(40))
+
+
+def test_the_transport_mark_is_at_most_the_high_mark() -> None:
+    with pytest.raises(ValueError, match="transport_high"):
+        StreamLimits(write_high=100, write_low=10, transport_high=200)
+    with pytest.raises(ValueError, match="transport_high"):
+        StreamLimits(transport_high=0)
+
+
 async def test_a_cancelled_iteration_takes_no_message() -> None:
     protocol, _transport = make()
     waiter = protocol.message_waiter()
