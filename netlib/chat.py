@@ -158,8 +158,13 @@ async def open_chat_server(
         else:
             chat = service if service is not None else ChatService()
         server = ChatServer(chat)
-        # Runs last: the statistics of the whole run.
-        stack.callback(lambda: logger.info("chat statistics: %s", server.summary()))
+        served = False
+
+        def log_statistics() -> None:  # runs last: the statistics of the whole run
+            if served:  # not for a server that could not start (a port in use, say)
+                logger.info("chat statistics: %s", server.summary())
+
+        stack.callback(log_statistics)
         if proto in ("tcp", "both"):
             # Members are ChatProtocol connections on netlib's Server: lines are handled
             # as callbacks (no task per member), with the accept loop, caps, memory
@@ -210,6 +215,7 @@ async def open_chat_server(
             # before their transport closes.
             stack.push_async_callback(chat.close_sessions)
             server.udp_addresses = [transport.get_extra_info("sockname")]
+        served = True
         yield server
 
 

@@ -1070,3 +1070,25 @@ def _read_all(fd: int) -> str:
             break
         chunks.append(chunk)
     return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "command", [["echo", "serve"], ["chat", "serve"], ["files", "serve", "."]]
+)
+def test_a_server_whose_port_is_taken_says_so_in_one_line(command: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*NETLIB, *command, "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    # the address once, and nothing else: no statistics of a chat that never started
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"netlib: error: cannot bind 127.0.0.1:{port}: Address already in use\n",
+    )

@@ -534,6 +534,8 @@ def describe(exc: BaseException, args: argparse.Namespace) -> str:
             return f"{peer}: {exc or 'timed out'}"
         case netlib.EndOfStream():
             return f"{peer} closed the connection"
+        case OSError() if exc.strerror and peer in exc.strerror:
+            return exc.strerror  # it names the address itself ("cannot bind ...")
         case OSError() if exc.strerror:
             return f"{peer}: {exc.strerror}"
     return f"{peer}: {exc}"
