@@ -22,6 +22,7 @@ import pytest
 import netlib
 from netlib.cli import main
 from netlib.sansio import speedtest as st
+from netlib.services.speedtest import _all
 from netlib.testing import LinkProfile, open_udp_proxy
 from tests.helpers import wait_until
 
@@ -446,3 +447,23 @@ def test_nothing_listening_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[
         port = closed.getsockname()[1]
     assert main(["speedtest", "--port", str(port), "--proto", "tcp"]) == 1
     assert capsys.readouterr().err == f"netlib: error: connection refused by 127.0.0.1:{port}\n"
+
+
+async def test_a_failed_sender_stops_its_siblings_and_its_error_is_raised() -> None:
+    sibling_cancelled = asyncio.Event()
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise netlib.BrokenResourceError("connection lost")
+
+    async def sends_on() -> None:
+        try:
+            await asyncio.Event().wait()  # a sender of a long test
+        except asyncio.CancelledError:
+            sibling_cancelled.set()
+            raise
+
+    with pytest.raises(netlib.BrokenResourceError, match="connection lost"):
+        await _all([sends_on(), fails(), sends_on()])
+    assert sibling_cancelled.is_set()
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()

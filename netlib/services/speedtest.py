@@ -916,26 +916,38 @@ async def _measure(test: _ClientTest, lines: _Lines) -> SpeedtestResult:
     )
 
 
+async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coroutines`` together; the first error cancels the others (and is raised as
+    it is, not in an exception group), and none is left running."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _send_all(test: _ClientTest) -> TransferTotals:
     request = test.request
     if request.protocol == "udp":
         assert test.endpoint is not None
         endpoint = test.endpoint
-        await asyncio.gather(
-            *(
+        await _all(
+            [
                 _send_datagrams(endpoint, None, request, (test.cookie, i), tally, test.start)
                 for i, tally in enumerate(test.tallies)
-            )
+            ]
         )
         return TransferTotals.of(test.tallies, test.start)
     streams = test.streams[:-1]
-    await asyncio.gather(
-        *(
+    await _all(
+        [
             _send_messages(stream, request, tally, test.start)
             for stream, tally in zip(streams, test.tallies, strict=True)
-        )
+        ]
     )
-    await asyncio.gather(*(stream.aclose() for stream in streams))  # flushed, then EOF
+    await _all([stream.aclose() for stream in streams])  # flushed, then EOF
     return TransferTotals.of(test.tallies, test.start)
 
 
