@@ -30,6 +30,7 @@ from netlib.rudp import ReliableUDPServer, connect_reliable_udp, open_reliable_u
 from netlib.sansio.framing import RawFraming
 from netlib.sansio.speedtest import (
     CONTROL_TIMEOUT,
+    DEFAULT_SPEEDTEST_PORT,
     MAX_UDP_SIZE,
     DatagramCounts,
     LatencySummary,
@@ -70,9 +71,6 @@ __all__ = [
     "table_rows",
 ]
 
-DEFAULT_SPEEDTEST_PORT: Final = 7201
-"""The speed-test server's TCP port (control and TCP streams) and UDP port; reliable UDP
-listens on the next one."""
 STREAM_WRITE_HIGH: Final = 4 * 1024 * 1024
 """Bytes a TCP stream of a test may hold unsent before its sender waits, on uvloop (both
 ends): with netlib's default 64 KiB each 128 KiB write paused the sender, and the test ran

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import netlib
@@ -174,3 +177,42 @@ _SUBMODULES = {
     "speedtest",
     "testing",
 }
+
+
+def _type_checking_imports() -> dict[str, str]:
+    """The names ``netlib/__init__.py`` imports under ``TYPE_CHECKING``, with their modules."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    guarded = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+    ]
+    assert len(guarded) == 1
+    return {
+        alias.name: str(node.module)
+        for node in ast.walk(guarded[0])
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+
+
+def test_the_lazy_table_matches_the_typed_imports_and_the_public_names() -> None:
+    homes = netlib._HOMES
+    assert homes == _type_checking_imports()
+    assert set(homes) == set(netlib.__all__) - {"__version__"}
+    for name, home in homes.items():
+        assert getattr(netlib, name) is getattr(importlib.import_module(home), name), name
+
+
+def test_import_netlib_loads_no_service_until_one_is_used() -> None:
+    probe = (
+        "import sys, netlib\n"
+        "heavy = ('netlib.files', 'netlib.chat', 'netlib.rudp', 'h11', 'asyncio')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "netlib.connect_tcp\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout.splitlines() == ["[]", "['asyncio']"]

@@ -34,7 +34,6 @@ from netlib.cli._common import (
     show_statistics,
 )
 from netlib.cli._workers import add_workers
-from netlib.files import file_url
 
 __all__ = ["DEFAULT_FILES_PORT", "ProgressBar", "add_files"]
 
@@ -216,6 +215,8 @@ def _url(args: argparse.Namespace, target: str) -> str:
     if tls and target.startswith("http://"):
         raise UsageError("--tls, --cacert and --insecure are for https:// URLs")
     host = args.host if args.host is not None else "127.0.0.1"
+    from netlib.files import file_url  # loaded when used: see cli/__init__
+
     return file_url(target, host, args.port, tls=tls)
 
 

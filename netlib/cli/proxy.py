@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from netlib.cli._common import (
     Signals,
@@ -17,7 +17,9 @@ from netlib.cli._common import (
     serve_until_stopped,
     show_statistics,
 )
-from netlib.testing import LinkProfile, ProxyServer, open_tcp_proxy, open_udp_proxy
+
+if TYPE_CHECKING:
+    from netlib.testing import LinkProfile, ProxyServer
 
 __all__ = ["add_proxy"]
 
@@ -117,6 +119,8 @@ def add_proxy(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _profile(args: argparse.Namespace) -> LinkProfile:
+    from netlib.testing import LinkProfile  # loaded when used: see cli/__init__
+
     if args.burst < 1:
         raise UsageError(f"--burst must be >= 1, got {args.burst}")
     if args.loss + args.duplicate + args.reorder > 1:
@@ -135,6 +139,8 @@ def _profile(args: argparse.Namespace) -> LinkProfile:
 
 
 async def run_proxy(args: argparse.Namespace, signals: Signals) -> int:
+    from netlib.testing import open_tcp_proxy, open_udp_proxy  # loaded when used: see cli/__init__
+
     profile = _profile(args)
     host, port = args.listen
     target_host, target_port = args.target

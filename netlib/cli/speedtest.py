@@ -31,19 +31,12 @@ from netlib.sansio.speedtest import (
     DEFAULT_MAX_PARALLEL,
     DEFAULT_MAX_SIZE,
     DEFAULT_MAX_TESTS,
+    DEFAULT_SPEEDTEST_PORT,
     MAX_PARALLEL,
     PROTOCOLS,
     SpeedtestLimits,
     SpeedtestRequest,
     SpeedtestResult,
-)
-from netlib.speedtest import (
-    COLUMNS,
-    DEFAULT_SPEEDTEST_PORT,
-    format_speedtest_results,
-    open_speedtest_server,
-    run_speedtest,
-    table_rows,
 )
 
 __all__ = ["add_speedtest"]
@@ -247,7 +240,7 @@ async def speedtest_serve(args: argparse.Namespace, signals: Signals) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    async with open_speedtest_server(
+    async with netlib.open_speedtest_server(
         args.host,
         args.port,
         udp_port=args.udp_port,
@@ -352,6 +345,8 @@ def _print_table(title: str, results: list[SpeedtestResult]) -> None:
         except ImportError:
             pass
         else:
+            from netlib.speedtest import COLUMNS, table_rows  # loaded when used: see cli/__init__
+
             rows = table_rows(results)
             table = Table(box=box.SIMPLE_HEAD)
             table.add_column("")
@@ -364,7 +359,7 @@ def _print_table(title: str, results: list[SpeedtestResult]) -> None:
             console.print(table)
             return
     print(title)
-    print(format_speedtest_results(results), flush=True)
+    print(netlib.format_speedtest_results(results), flush=True)
 
 
 async def speedtest_client(args: argparse.Namespace, _signals: Signals) -> int:
@@ -376,7 +371,7 @@ async def speedtest_client(args: argparse.Namespace, _signals: Signals) -> int:
         for request in requests:
             status.update(f"measuring {request.protocol} for {request.duration:g} s ...")
             try:
-                result = await run_speedtest(
+                result = await netlib.run_speedtest(
                     host,
                     args.port,
                     protocol=request.protocol,

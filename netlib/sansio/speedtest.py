@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "DEFAULT_MAX_TESTS",
     "DEFAULT_SIZES",
+    "DEFAULT_SPEEDTEST_PORT",
     "DEFAULT_UDP_BITRATE",
     "END_TIMEOUT",
     "HANDSHAKE_RETRY",
@@ -105,6 +106,9 @@ __all__ = [
 
 PROTOCOLS: Final = ("tcp", "udp", "rudp")
 """The protocols a test measures: TCP, plain UDP, and netlib's reliable UDP."""
+DEFAULT_SPEEDTEST_PORT: Final = 7201
+"""The speed-test server's TCP port (control and TCP streams) and UDP port; reliable UDP
+listens on the next one."""
 DEFAULT_DURATION: Final = 3.0
 """Seconds each protocol's test sends for."""
 DEFAULT_SIZES: Final = {"tcp": 128 * 1024, "udp": 1400, "rudp": 16 * 1024}
