@@ -64,7 +64,7 @@ CHAT_TRANSPORT_HIGH: Final = 64 * 1024
 has not taken wait in its connection's list as references to the room's one copy of each
 line: asyncio before Python 3.12 copies what a transport holds into a ``bytearray`` per
 connection, and at the 256 KiB soft limit 1,000 silent members held about 250 MiB of copies
-(RSS +243 to +304 MiB against the 300 MiB row; +77 to +136 MiB with this mark)."""
+(RSS +243 to +304 MiB against the 300 MiB row; +73 to +133 MiB with this mark)."""
 
 
 def peer_host(stream: MessageStream) -> str | None:
