@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from netlib import Server
 
@@ -17,6 +18,7 @@ __all__ = [
     "address_of",
     "non_readers",
     "open_raw",
+    "paced_lines",
     "poll_until",
     "reset",
     "wait_for_eof",
@@ -120,3 +122,20 @@ async def non_readers(
             await asyncio.wait([client.pump for client in clients])
         for sock in socks:
             sock.close()
+
+
+async def paced_lines(
+    transport: asyncio.BaseTransport, publisher: int, count: int, rate: float, size: int
+) -> None:
+    """Write ``count`` chat lines of ``size`` bytes at ``rate`` a second, each starting
+    ``publisher seq send-time-ns`` (so a receiver can check order and measure latency)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    pad = b"x" * size
+    write = cast(asyncio.Transport, transport).write
+    for seq in range(count):
+        delay = start + seq / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the publisher at its rate
+        head = b"%d %d %d " % (publisher, seq, time.monotonic_ns())
+        write(head + pad[: size - len(head)] + b"\n")

@@ -19,12 +19,12 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 import netlib
 from netlib import LocalNatsServer
+from tests.helpers import paced_lines
 from tests.test_chat_fanout import p99_ms
 
 pytestmark = pytest.mark.serial  # p99 delivery latency
@@ -119,18 +119,6 @@ class Member(Welcomed):
             self.slow_quits.add(line.split()[2])
 
 
-async def publish(transport: asyncio.BaseTransport, publisher: int, count: int) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    pad = b"x" * MESSAGE_SIZE
-    for seq in range(count):
-        delay = start + seq / RATE - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)  # pacing the publisher at its rate
-        head = b"%d %d %d " % (publisher, seq, time.monotonic_ns())
-        cast(asyncio.Transport, transport).write(head + pad[: MESSAGE_SIZE - len(head)] + b"\n")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -188,7 +176,9 @@ async def _fanout(loop_name: str, url: str) -> None:
             while any(k.joins < everyone_else - i for i, k in enumerate(keepers)):
                 await asyncio.sleep(0.01)  # polling counters until every member joined
         count = int(RATE * PUBLISH_SECONDS)
-        await asyncio.gather(*(publish(t, p, count) for p, t in enumerate(publishers)))
+        await asyncio.gather(
+            *(paced_lines(t, p, count, RATE, MESSAGE_SIZE) for p, t in enumerate(publishers))
+        )
         expected = PUBLISHERS * count
         async with asyncio.timeout(10):
             while any(k.received < expected for k in keepers):

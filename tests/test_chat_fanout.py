@@ -22,6 +22,7 @@ from typing import cast
 import pytest
 
 import netlib
+from tests.helpers import paced_lines
 
 pytestmark = pytest.mark.serial  # p99 delivery latency
 
@@ -108,18 +109,6 @@ def p99_ms(histogram: list[int]) -> float:
     return float("inf")
 
 
-async def publish(transport: asyncio.BaseTransport, publisher: int, count: int) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    pad = b"x" * MESSAGE_SIZE
-    for seq in range(count):
-        delay = start + seq / RATE - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)  # pacing the publisher at its rate
-        head = b"%d %d %d " % (publisher, seq, time.monotonic_ns())
-        cast(asyncio.Transport, transport).write(head + pad[: MESSAGE_SIZE - len(head)] + b"\n")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -168,7 +157,9 @@ async def _fanout(loop_name: str) -> None:
             while keepers[0].joins < everyone_else:
                 await asyncio.sleep(0.01)  # polling a counter until every client joined
         count = int(RATE * PUBLISH_SECONDS)
-        await asyncio.gather(*(publish(t, p, count) for p, t in enumerate(publishers)))
+        await asyncio.gather(
+            *(paced_lines(t, p, count, RATE, MESSAGE_SIZE) for p, t in enumerate(publishers))
+        )
         expected = PUBLISHERS * count
         async with asyncio.timeout(10):
             while any(k.received < expected for k in keepers):
