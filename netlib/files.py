@@ -206,7 +206,7 @@ async def download_file(
     ``PATH.part.json``), which becomes ``PATH`` when complete and verified. With
     ``resume``, an existing ``PATH.part`` is continued with ``Range`` and ``If-Range``:
     the server sends the rest only if the file is unchanged, else the whole file, and the
-    download starts over (``restarted``). The body is received straight into 1 MiB
+    download starts over (``restarted``). The body is received straight into 4 MiB
     buffers and hashed in a worker thread as it comes (``MessageStream.receive_file``).
 
     ``ssl`` is the client context for an ``https://`` URL (default: the system's

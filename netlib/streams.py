@@ -239,10 +239,10 @@ class MessageStream:
         """Receive exactly ``count`` bytes as they are (no framing: for raw streams) and
         write them to the file open on descriptor ``fd``, at its current position.
 
-        The counterpart of ``sendfile``: the transport reads straight into buffers of 1 MiB
+        The counterpart of ``sendfile``: the transport reads straight into buffers of 4 MiB
         (``aio.stream.RECEIVE_FILE_BUFFER``), each written with one ``os.write``; with a
         ``digest`` (a ``hashlib`` object) each buffer is hashed in a worker thread while
-        the next one fills. At most 4 MiB are held (``RECEIVE_FILE_BUFFERS``): reading
+        the next one fills. At most 16 MiB are held (``RECEIVE_FILE_BUFFERS``): reading
         pauses until the digest frees a buffer. Messages already received go first; bytes
         past ``count`` are not read, and stay for ``receive()``. ``progress(n)`` is called
         with the bytes written so far after each write. The descriptor stays the caller's
