@@ -568,11 +568,11 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         if not pending:
             return
         transport = self.transport
-        batch = self._limits.transport_high
-        if batch is not None and not whole and transport is not None:
-            self._flush_batches(pending, transport, batch)
-            return
         if transport is not None and not transport.is_closing():
+            batch = self._limits.transport_high
+            if batch is not None and not whole:
+                self._flush_batches(pending, transport, batch)
+                return
             self._last_write = self._pending_size
             if len(pending) == 1:
                 transport.write(pending[0])
@@ -588,10 +588,6 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         self, pending: list[bytes], transport: asyncio.WriteTransport, batch: int
     ) -> None:
         """``flush(whole=False)`` with a ``transport_high`` mark of ``batch`` bytes."""
-        if transport.is_closing():
-            pending.clear()
-            self._pending_size = 0
-            return
         while pending and not self.write_paused:
             count, size = 0, 0
             while count < len(pending) and size < batch:
