@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import ssl
 import sys
@@ -281,8 +282,8 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
         if not name:
             raise UsageError(f"{url} names no file: give -o PATH")
         output = unquote(name)
-    with ProgressBar(os.path.basename(output), quiet=args.json) as bar:
-        try:
+    try:
+        with ProgressBar(os.path.basename(output), quiet=args.json) as bar:
             result = await netlib.download_file(
                 url,
                 output,
@@ -291,10 +292,19 @@ async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
                 read_timeout=args.timeout,
                 ssl=client_tls(args),
             )
-        except (netlib.NetlibError, OSError) as exc:
-            return fail(_why(exc, args.target, urlsplit(url).netloc, output))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    except (netlib.NetlibError, OSError) as exc:
+        return fail(_why(exc, args.target, urlsplit(url).netloc, output))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM: say what is kept for a resume
+        if kept := _size(output + ".part"):
+            print(
+                f"netlib: interrupted: {kept} bytes kept in {output}.part;"
+                " run the command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     rate = result.received / result.seconds if result.seconds > 0 else 0.0
     notes = []
     if result.restarted:
