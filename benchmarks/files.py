@@ -27,7 +27,11 @@ Three clients, each a separate process, the file fetched whole each time:
   ``time_total``.
 
 Files are written to ``--dest`` (default ``/dev/shm``, a tmpfs, when it exists): the
-benchmark measures the network path and the client, not the disk. Nothing is pinned: the
+benchmark measures the network path and the client, not the disk. What writing the file
+alone costs there is printed first, on memory left idle for two seconds and at once again:
+on a virtual machine that hands idle free memory back to its host, the first can be much
+slower (every page faulted in again: 596 against 1,642 MiB/s in one run here, 1,589 and
+1,600 in the next), and the clients' write costs what it costs then. Nothing is pinned: the
 client's digest thread and the loopback's softirq work use whichever core is free, as they
 would for a user. Each round measures every pair once, in alternating order (forward, then
 reversed); a sample during which other processes used more than ``--max-foreign`` cores is
@@ -475,6 +479,38 @@ def default_dest() -> str:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
+def write_new_file(dest: str, size: int) -> float:
+    """Write ``size`` bytes to a new file in ``dest`` in 4 MiB writes, as the clients do,
+    and remove it; return the seconds the writes took (the network left out)."""
+    block = memoryview(bytearray(4 * MiB))
+    path = Path(dest) / f"netlib-bench-{os.getpid()}.write"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        started = time.perf_counter()
+        left = size
+        while left:
+            left -= os.write(fd, block[: min(left, len(block))])
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def destination_cost(args: argparse.Namespace) -> str:
+    """What writing the file alone costs at ``--dest``: on memory left idle for two
+    seconds, and at once again, on the memory the first write just freed. (On a virtual
+    machine that hands idle free memory back to its host, the first is much slower: every
+    page is faulted in again.)"""
+    time.sleep(2.0)
+    cold = write_new_file(args.dest, args.size)
+    warm = write_new_file(args.dest, args.size)
+    mib = args.size / MiB
+    return (
+        f"writing the file alone to {args.dest} (no network): {mib / cold:.0f} MiB/s on"
+        f" memory left idle 2 s, {mib / warm:.0f} MiB/s at once after"
+    )
+
+
 def parse_args() -> argparse.Namespace:
     p = new_parser(__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=None, help="file size in MiB (1024; 16 --quick)")
@@ -521,6 +557,7 @@ def main() -> int:
     )
     if not curl:
         print("curl not found: its rows are SKIPPED")
+    print(destination_cost(args), flush=True)
     budget = args.retry_budget
     started = time.monotonic()
     rounds: list[dict[str, Any]] = []
