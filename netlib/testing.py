@@ -113,6 +113,21 @@ async def open_udp_proxy(
         proxy.close()
 
 
+def _packet_effects(profile: LinkProfile) -> list[str]:
+    """What ``profile`` does to packets that a TCP stream cannot suffer (their knobs
+    that only refine those, such as ``burst`` or ``late_delay``, left out)."""
+    effects = {
+        "loss": profile.loss,
+        "duplication": profile.duplicate,
+        "reordering": profile.late,
+        "corruption": profile.corrupt,
+        "blackholes": profile.blackhole,
+        "a bandwidth limit": profile.bandwidth,
+        "an MTU": profile.mtu is not None or profile.mtu_after is not None,
+    }
+    return [name for name, value in effects.items() if value]
+
+
 @asynccontextmanager
 async def open_tcp_proxy(
     target_host: str,
@@ -136,10 +151,10 @@ async def open_tcp_proxy(
     up = up or LinkProfile(delay=0.0)
     down = down or up
     for profile in (up, down):
-        if profile != LinkProfile(delay=profile.delay, jitter=profile.jitter):
+        if asked := _packet_effects(profile):
             raise ValueError(
-                "a TCP proxy can only delay (delay, jitter): loss, duplication, "
-                "reordering and corruption happen to packets, below TCP"
+                f"a TCP proxy can only delay (delay, jitter), not {', '.join(asked)}: loss,"
+                " duplication, reordering and corruption happen to packets, below TCP"
             )
     loop = asyncio.get_running_loop()
     _family, target = await _target(target_host, target_port, socket.SOCK_STREAM)

@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -689,46 +688,6 @@ async def test_wget_continues_a_download(interop_root: Path, tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr
         assert server.statistics().partial == 1
     assert out.read_bytes() == data
-
-
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-async def test_an_interrupted_download_says_what_it_kept(
-    tmp_path: Path, signum: int, status: int
-) -> None:
-    """Ctrl-C (or SIGTERM) in the middle of a download: the bytes that came are in the
-    part file, and one line says so and how to go on, with no traceback. (The client runs
-    on the kind of loop the test runs on.)"""
-    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
-    loop = "uvloop" if uvloop else "asyncio"
-
-    async def stalls_after_1_mib(stream: netlib.MessageStream) -> None:
-        await stream.receive()
-        head = b'HTTP/1.1 200 OK\r\ncontent-length: %d\r\netag: "v1"\r\n\r\n' % (4 * MiB)
-        await stream.send(head + _pattern(MiB, 13))
-        await stream.receive()  # nothing more comes: the client is stopped meanwhile
-
-    part = tmp_path / "f.bin.part"
-    async with netlib.open_tcp_server(stalls_after_1_mib) as server:
-        url = f"http://127.0.0.1:{server.addresses[0][1]}/f.bin"
-        proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "netlib", "--loop", loop, "files", "get", url],
-            cwd=tmp_path,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            await wait_until(lambda: part.exists() and part.stat().st_size == MiB, 10.0)
-            proc.send_signal(signum)
-            _, err = await asyncio.wait_for(proc.communicate(), 10.0)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == status
-    text = err.decode()
-    assert f"netlib: interrupted: {MiB} bytes kept in f.bin.part;" in text
-    assert "run the command again to resume" in text
-    assert "Traceback" not in text
-    assert part.read_bytes() == _pattern(MiB, 13)
 
 
 @pytest.fixture

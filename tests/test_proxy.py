@@ -93,9 +93,13 @@ async def test_tcp_proxy_delays_and_keeps_every_byte_in_order() -> None:
 
 
 async def test_tcp_proxy_refuses_what_only_packets_can_suffer() -> None:
-    with pytest.raises(ValueError, match="a TCP proxy can only delay"):
-        async with open_tcp_proxy("127.0.0.1", 9, up=LinkProfile(loss=0.1)):
+    with pytest.raises(ValueError, match=r"only delay \(delay, jitter\), not loss, reordering:"):
+        async with open_tcp_proxy("127.0.0.1", 9, up=LinkProfile(loss=0.1, late=0.1)):
             pass
+    # the knobs that only refine an effect do not count without it
+    quiet = LinkProfile(delay=0.0, burst=3, late_delay=0.05)
+    async with open_tcp_proxy("127.0.0.1", 9, up=quiet) as proxy:
+        assert proxy.addresses
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -124,6 +128,37 @@ def test_the_proxy_command_forwards_and_reports(loop_name: str) -> None:
     assert (stats["up.received"], stats["down.received"], stats["clients_total"]) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_the_tcp_proxy_command_delays_each_way(loop_name: str) -> None:
+    """``netlib proxy --proto tcp --delay 20ms`` (the CLI's defaults for the packet knobs
+    included) in front of a TCP echo server: a round trip takes both delays."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        argv = ["--loop", loop_name, "proxy", "--proto", "tcp", "--target", target]
+        proc = subprocess.Popen(
+            [*NETLIB, *argv, "--delay", "20ms", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=10)[1]
+        port = int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            started = time.perf_counter()
+            client.sendall(b"through")
+            server, _ = listener.accept()
+            with server:
+                server.settimeout(10)
+                server.sendall(server.recv(100).upper())
+                assert client.recv(100) == b"THROUGH"
+            assert time.perf_counter() - started >= 0.04 - 2 * TIMER_SLACK
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)
+    assert (proc.returncode, err) == (0, "netlib: stopping\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -131,7 +166,8 @@ def test_the_proxy_command_forwards_and_reports(loop_name: str) -> None:
         (["--target", "127.0.0.1:7", "--delay", "soon"], "invalid duration 'soon'"),
         (["--target", "nowhere"], "invalid address 'nowhere': expected HOST:PORT"),
         (["--target", "127.0.0.1:7", "--blackhole", "5s"], "expected ON/OFF"),
-        (["--proto", "tcp", "--target", "127.0.0.1:7", "--loss", "5%"], "can only delay"),
+        (["--proto", "tcp", "--target", "127.0.0.1:7", "--loss", "5%"], "not loss"),
+        (["--target", "nowhere.invalid:7"], "cannot resolve host 'nowhere.invalid'"),
         (["--target", "127.0.0.1:7", "--loss", "60%", "--duplicate", "50%"], "exceed 100%"),
     ],
 )

@@ -496,13 +496,34 @@ def run_command(command: Command, args: argparse.Namespace, *, server: bool) -> 
             return 0
         return 128 + (signals.received or signal.SIGINT)
     except socket.gaierror as exc:
+        names = " or ".join(repr(name) for name in host_names(args)) or "a name"
         if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-            raise UsageError(f"cannot resolve host {args.host!r}: {exc.strerror}") from None
-        return fail(f"cannot resolve host {args.host!r} now: {exc.strerror}")
+            raise UsageError(f"cannot resolve host {names}: {exc.strerror}") from None
+        return fail(f"cannot resolve host {names} now: {exc.strerror}")
     except ssl.SSLError as exc:
         return fail(f"TLS with {where(args) or 'the peer'} failed: {error_reason(exc)}")
     except (OSError, netlib.NetlibError) as exc:
         return fail(describe(exc, args))
+
+
+def host_names(args: argparse.Namespace) -> list[str]:
+    """The host names a command was given (``--host``; a proxy's ``--listen`` and
+    ``--target``), leaving out IP addresses, which need no resolver."""
+    given = [getattr(args, "host", None)]
+    given += [
+        address[0]
+        for address in (getattr(args, "listen", None), getattr(args, "target", None))
+        if address
+    ]
+    names: list[str] = []
+    for name in given:
+        if not name or name in names:
+            continue
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            names.append(name)
+    return names
 
 
 def where(args: argparse.Namespace) -> str:
