@@ -31,8 +31,7 @@ from netlib.cli._common import (
     show_statistics,
 )
 from netlib.cli._workers import add_workers
-from netlib.nats_server import LocalNatsServer
-from netlib.services.nats_hub import NATS_URL_ENV, NICK_TTL, NatsHubConfig, nats_servers
+from netlib.sansio.nats import NATS_URL_ENV, NICK_TTL, parse_nats_servers
 
 __all__ = ["DEFAULT_CHAT_PORT", "add_chat"]
 
@@ -165,7 +164,7 @@ def _nodes_type(value: str) -> int:
 
 def _nats_type(value: str) -> list[str]:
     try:
-        return nats_servers(value)
+        return parse_nats_servers(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -203,12 +202,13 @@ def _add_address(parser: argparse.ArgumentParser, protos: tuple[str, ...], proto
 def _nats_of(args: argparse.Namespace) -> list[str] | None:
     """``--nats``, else ``$NATS_URL`` (as the ``nats`` command line reads it), else None."""
     if args.nats is not None:
-        servers: list[str] = args.nats
-        return servers
-    if not os.environ.get(NATS_URL_ENV):
+        given: list[str] = args.nats
+        return given
+    named = os.environ.get(NATS_URL_ENV)
+    if not named:
         return None
     try:
-        return nats_servers()
+        return parse_nats_servers(named)
     except ValueError as exc:
         raise UsageError(f"${NATS_URL_ENV}: {exc}") from None
 
@@ -229,6 +229,8 @@ def _check_workers(args: argparse.Namespace) -> None:
 
 
 async def chat_serve(args: argparse.Namespace, signals: Signals) -> int:
+    from netlib.services.nats_hub import NatsHubConfig  # loaded when used: see cli/__init__
+
     nats = _nats_of(args)
     try:
         async with netlib.open_chat_server(
@@ -276,6 +278,8 @@ async def _serve(
 
 async def chat_cluster(args: argparse.Namespace, signals: Signals) -> int:
     """nats-server and ``--nodes`` chat servers as child processes, until a signal."""
+    from netlib.nats_server import LocalNatsServer  # loaded when used: see cli/__init__
+
     try:
         nats = LocalNatsServer(host="127.0.0.1")
     except FileNotFoundError as exc:

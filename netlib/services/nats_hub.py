@@ -70,11 +70,11 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from netlib.aio.logs import ThrottledLog
 from netlib.errors import ServiceUnavailable
 from netlib.sansio.chat import history_notice
+from netlib.sansio.nats import DEFAULT_NATS_URL, NATS_URL_ENV, NICK_TTL, parse_nats_servers
 from netlib.services.hub import ClusterNode, Subscriber
 
 __all__ = [
@@ -121,12 +121,6 @@ __all__ = [
 
 logger = logging.getLogger("netlib.chat.nats")
 
-NATS_URL_ENV: Final = "NATS_URL"
-"""The environment variable naming the NATS servers when none are given, as the ``nats``
-command line reads it: one URL or several separated by commas."""
-DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
-"""The server used when neither an argument nor ``NATS_URL`` names one."""
-
 HISTORY_LINES: Final = 20
 """Lines said in a room that a member joining it gets first (per room, on every node)."""
 HISTORY_BYTES: Final = 4 * 1024 * 1024
@@ -134,9 +128,6 @@ HISTORY_BYTES: Final = 4 * 1024 * 1024
 theirs."""
 HISTORY_REPLAY: Final = 10_000
 """Lines of the stream a starting node reads (delivering none) to learn the rooms' history."""
-NICK_TTL: Final = 30.0
-"""Seconds a nick outlives the last renewal by its node: a node that dies frees its nicks
-within this time. Fixed by the node that creates the bucket."""
 NODE_HEARTBEAT: Final = 1.0
 """Seconds between a node's heartbeats; a node not heard for three is not waited for."""
 OUTBOX_LINES: Final = 1000
@@ -226,27 +217,7 @@ def nats_servers(servers: str | Sequence[str] | None = None) -> list[str]:
     """
     if servers is None:
         servers = os.environ.get(NATS_URL_ENV) or DEFAULT_NATS_URL
-    items = servers.split(",") if isinstance(servers, str) else list(servers)
-    urls = [_nats_url(item.strip()) for item in items if item.strip()]
-    if not urls:
-        raise ValueError("no NATS URL given")
-    return urls
-
-
-def _nats_url(text: str) -> str:
-    url = text if "://" in text else f"nats://{text}"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"invalid NATS URL {text!r}: {exc}") from None
-    if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-        raise ValueError(f"invalid NATS URL {text!r}: use nats://host:port")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"invalid NATS URL {text!r}: use nats://host:port")
-    if port is None and parts.scheme in ("nats", "tls"):
-        url = f"{url.rstrip('/')}:4222"
-    return url
+    return parse_nats_servers(servers)
 
 
 @dataclass(frozen=True, slots=True)
