@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any, Final
 
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
@@ -167,7 +168,7 @@ async def _serve(args: argparse.Namespace, signals: Signals, proxy: ProxyServer)
     emit(
         args,
         f"netlib {args.proto} proxy listening on {where}, forwarding to "
-        f"{format_address(proxy.target)}; Ctrl-C to stop",
+        f"{format_address(proxy.target)}{STOP_HINT}",
         event="listening",
         proto=args.proto,
         addresses=[format_address(a) for a in proxy.addresses],

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import netlib
 from netlib.cli._common import (
+    STOP_HINT,
     Signals,
     UsageError,
     add_command,
@@ -260,7 +261,7 @@ async def speedtest_serve(args: argparse.Namespace, signals: Signals) -> int:
         emit(
             args,
             f"netlib speed test server listening on {', '.join(tcp)} (tcp), {udp} (udp), "
-            f"{rudp} (rudp); Ctrl-C to stop",
+            f"{rudp} (rudp){STOP_HINT}",
             event="listening",
             addresses=tcp,
             udp=udp,
