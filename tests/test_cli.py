@@ -919,7 +919,18 @@ def test_files_get_errors_are_one_line_exit_1(files_root: Path, tmp_path: Path) 
     with files_server("asyncio", files_root) as (_proc, port):
         missing = _files("get", "nothing.bin", "--port", str(port), cwd=tmp_path)
         refused = _files("get", f"http://127.0.0.1:{port}/%2e%2e/etc/passwd", cwd=tmp_path)
-    for done, fragment in [(missing, "no such file"), (refused, "the server refused")]:
+        directory = _files("get", "sub", "--port", str(port), cwd=tmp_path)
+        named = _files("get", "sub/", "--port", str(port), cwd=tmp_path)
+    assert (named.returncode, named.stderr.splitlines()[0]) == (
+        2,
+        "netlib: error: sub/ names a directory: netlib files ls sub/ lists it",
+    )
+    assert not (tmp_path / "sub").exists()  # nothing saved for either
+    for done, fragment in [
+        (missing, "no such file"),
+        (refused, "the server refused"),
+        (directory, "sub is a directory: netlib files ls sub lists it"),
+    ]:
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1
         assert done.stderr.startswith("netlib: error: ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import ssl
 import sys
 from dataclasses import dataclass
@@ -275,6 +276,8 @@ class ProgressBar:
 
 
 async def files_get(args: argparse.Namespace, _signals: Signals) -> int:
+    if "://" not in args.target and args.target.endswith("/"):
+        raise UsageError(f"{args.target} names a directory: {_ls_hint(args.target)}")
     url = _url(args, args.target)
     output = args.output
     if output is None:
@@ -338,6 +341,8 @@ def _why(exc: BaseException, url: str, server: str, output: str) -> str:
             return f"TLS with {server} failed: {error_reason(exc)}"
         case netlib.RequestRefused(status=404):
             return f"no such file: {url} (404)"
+        case netlib.RequestRefused(status=301 | 308) if "://" not in url:  # netlib's server
+            return f"{url} is a directory: {_ls_hint(url)}"
         case netlib.RequestRefused(status=403 | 400 | 414):
             return f"the server refused {url}: {exc.reason.split(': ', 1)[-1]} ({exc.status})"
         case netlib.RequestRefused():
@@ -358,6 +363,10 @@ def _why(exc: BaseException, url: str, server: str, output: str) -> str:
         case OSError() if exc.strerror:
             return f"{url}: {exc.strerror}"
     return f"{url}: {exc}"
+
+
+def _ls_hint(name: str) -> str:
+    return f"netlib files ls {shlex.quote(name)} lists it"
 
 
 def _size(path: str) -> int:
