@@ -10,6 +10,7 @@ loop. See docs/reliable-udp.md.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -383,23 +384,19 @@ async def connect_reliable_udp(
     """Connect to a reliable-UDP server; yield a ``MessageStream`` for the ``async with``.
 
     Leaving the block closes the connection cleanly (what was sent is delivered first,
-    within ``close_timeout`` seconds) and the socket.
+    within ``close_timeout`` seconds) and the socket. A name's addresses are tried in
+    turn, as a TCP client does: one whose port is closed passes to the next.
 
     Raises:
-        ConnectionRefusedError: the port is closed (ICMP) or the server is full.
+        ConnectionRefusedError: the port is closed (ICMP; at every address) or the
+            server is full.
         PeerTimedOut: no handshake within ``connect_timeout`` seconds.
         OSError: the name does not resolve, or the socket cannot be made.
     """
-    endpoint = ReliableEndpoint(config or ReliableConfig())
-    sock = await open_datagram_socket(DatagramSocketOptions(remote=(host, port)))
-    endpoint.open(sock)
+    endpoint, transport = await _handshake(
+        await _peers(host, port), config or ReliableConfig(), connect_timeout
+    )
     try:
-        transport = endpoint.connect(sock.getpeername())
-        try:
-            async with asyncio.timeout(connect_timeout):
-                await transport.connected  # type: ignore[misc]
-        except TimeoutError:
-            raise PeerTimedOut(f"no handshake within {connect_timeout}s") from None
         limits = StreamLimits(
             idle_timeout=idle_timeout,
             write_high=write_high,
@@ -417,3 +414,47 @@ async def connect_reliable_udp(
     finally:
         endpoint.close()
         await endpoint.wait_closed()
+
+
+async def _peers(host: str, port: int) -> list[tuple[str, int]]:
+    """The addresses ``host`` resolves to for UDP, in the resolver's order, each once."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    peers: list[tuple[str, int]] = []
+    for *_, address in infos:
+        peer = (str(address[0]), int(address[1]))
+        if peer not in peers:
+            peers.append(peer)
+    return peers
+
+
+async def _handshake(
+    peers: list[tuple[str, int]], config: ReliableConfig, connect_timeout: float
+) -> tuple[ReliableEndpoint, ReliableTransport]:
+    """Connect to the first of ``peers`` that answers, as a TCP client tries each address
+    of a name: an address whose port is closed (ICMP) passes to the next; a server's
+    refusal (full), or silence until ``connect_timeout`` (for them all), ends it. Returns
+    the open endpoint and its connection."""
+    deadline = asyncio.get_running_loop().time() + connect_timeout
+    for index, peer in enumerate(peers):
+        endpoint = ReliableEndpoint(config)
+        try:
+            sock = await open_datagram_socket(DatagramSocketOptions(remote=peer))
+            endpoint.open(sock)
+            transport = endpoint.connect(sock.getpeername())
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await transport.connected  # type: ignore[misc]
+            except TimeoutError:
+                raise PeerTimedOut(f"no handshake within {connect_timeout}s") from None
+        except ConnectionRefusedError as exc:
+            endpoint.close()
+            await endpoint.wait_closed()
+            if exc.errno is None or index == len(peers) - 1:  # the server said no, or last
+                raise
+            continue
+        except BaseException:
+            endpoint.close()
+            await endpoint.wait_closed()
+            raise
+        return endpoint, transport
+    raise OSError(f"no address to connect to ({len(peers)} resolved)")

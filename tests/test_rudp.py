@@ -383,6 +383,33 @@ async def test_a_closed_port_fails_the_connect_cleanly() -> None:
         await connect()
 
 
+async def test_a_name_s_addresses_are_tried_in_turn_as_tcp_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name that resolves to 127.0.0.1 first and ::1 second (as ``localhost`` does on
+    many systems), the server on ::1 only: 127.0.0.1 refuses the HELLO (ICMP), and the
+    client connects over ::1. A server's own refusal (full) is not passed over."""
+    async with open_reliable_udp_server(echo_handler, "::1", 0, max_connections=1) as server:
+        port = server.addresses[0][1]
+        peers = [("127.0.0.1", port), ("::1", port)]
+        names: list[str] = []
+
+        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+            names.append(host)
+            return peers
+
+        monkeypatch.setattr(netlib.rudp, "_peers", resolve)
+        async with connect_reliable_udp("dual.test", port) as stream:
+            await stream.send(b"over ::1")
+            assert await stream.receive() == b"over ::1"
+            assert stream.extra("peername")[0] == "::1"
+            peers.reverse()  # ::1 first now: it is full, so that refusal ends the connect
+            with pytest.raises(ConnectionRefusedError, match="refused by the server"):
+                async with connect_reliable_udp("dual.test", port, connect_timeout=5):
+                    pass
+    assert names == ["dual.test", "dual.test"]
+
+
 async def test_a_message_above_the_limit_is_limit_exceeded() -> None:
     async with open_reliable_udp_server(echo_handler) as server:
         port = server.addresses[0][1]
