@@ -417,11 +417,15 @@ async def connect_reliable_udp(
 
 
 async def _peers(host: str, port: int) -> list[tuple[str, int]]:
-    """The addresses ``host`` resolves to for UDP, in the resolver's order, each once."""
+    """The addresses ``host`` resolves to for UDP, in the resolver's order, each once (an
+    IPv6 link-local one keeps its scope: ``fe80::1%2``)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     peers: list[tuple[str, int]] = []
     for *_, address in infos:
-        peer = (str(address[0]), int(address[1]))
+        ip = str(address[0])
+        if len(address) == 4 and address[3]:
+            ip = f"{ip}%{address[3]}"
+        peer = (ip, int(address[1]))
         if peer not in peers:
             peers.append(peer)
     return peers
@@ -446,15 +450,12 @@ async def _handshake(
                     await transport.connected  # type: ignore[misc]
             except TimeoutError:
                 raise PeerTimedOut(f"no handshake within {connect_timeout}s") from None
-        except ConnectionRefusedError as exc:
+        except BaseException as exc:
             endpoint.close()
             await endpoint.wait_closed()
-            if exc.errno is None or index == len(peers) - 1:  # the server said no, or last
+            port_closed = isinstance(exc, ConnectionRefusedError) and exc.errno is not None
+            if not port_closed or index == len(peers) - 1:  # the server said no, or last
                 raise
             continue
-        except BaseException:
-            endpoint.close()
-            await endpoint.wait_closed()
-            raise
         return endpoint, transport
     raise OSError(f"no address to connect to ({len(peers)} resolved)")

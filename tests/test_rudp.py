@@ -410,6 +410,17 @@ async def test_a_name_s_addresses_are_tried_in_turn_as_tcp_does(
     assert names == ["dual.test", "dual.test"]
 
 
+async def test_a_link_local_peer_keeps_its_scope() -> None:
+    """The addresses tried are the resolver's, each once; an IPv6 link-local one with the
+    interface the resolver gives it (scope 1, the loopback's index), which the socket needs
+    to reach it. (uvloop's resolver drops the scope: there it is 0, and so is ours.)"""
+    infos = await asyncio.get_running_loop().getaddrinfo("fe80::1%1", 7, type=socket.SOCK_DGRAM)
+    sockaddr: tuple[Any, ...] = infos[0][4]
+    scoped = "fe80::1%1" if sockaddr[3] else "fe80::1"
+    assert await netlib.rudp._peers("fe80::1%1", 7) == [(scoped, 7)]
+    assert await netlib.rudp._peers("127.0.0.1", 7) == [("127.0.0.1", 7)]
+
+
 async def test_a_message_above_the_limit_is_limit_exceeded() -> None:
     async with open_reliable_udp_server(echo_handler) as server:
         port = server.addresses[0][1]
