@@ -499,7 +499,7 @@ def write_new_file(dest: str, size: int) -> float:
 def destination_cost(args: argparse.Namespace) -> str:
     """What writing the file alone costs at ``--dest``: on memory left idle for two
     seconds, and at once again, on the memory the first write just freed. (On a virtual
-    machine that hands idle free memory back to its host, the first is much slower: every
+    machine that hands idle free memory back to its host, the first can be much slower: every
     page is faulted in again.)"""
     time.sleep(2.0)
     cold = write_new_file(args.dest, args.size)
