@@ -27,6 +27,7 @@ from netlib import (
     open_reliable_udp_server,
 )
 from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
+from netlib.sansio.reliable import wire
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from netlib.testing import LinkProfile, open_udp_proxy
 from tests.helpers import poll_until, wait_until
@@ -47,6 +48,16 @@ async def test_echo_handler_runs_unchanged_over_reliable_udp() -> None:
     assert stats.cookies_sent == 1
     assert stats.datagrams_received > 7
     assert stats.datagrams_sent > 7  # (uvloop's clock counts whole ms: a loopback RTT may be 0)
+
+
+async def test_a_server_loads_its_checksum_before_the_first_datagram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``crc32c`` import (about 45 ms) happens when the socket opens, not in the first
+    client's handshake."""
+    monkeypatch.setattr(wire, "crc32c", wire._load_crc32c)
+    async with open_reliable_udp_server(echo_handler):
+        assert wire.crc32c is not wire._load_crc32c
 
 
 @pytest.mark.parametrize(("host", "largest"), [("127.0.0.1", 65_507), ("::1", 65_488)])

@@ -84,7 +84,7 @@ from netlib.sansio.reliable.connection import (
     ReliableStatistics,
 )
 from netlib.sansio.reliable.endpoint import ReliableServerCore
-from netlib.sansio.reliable.wire import BASE_DATAGRAM
+from netlib.sansio.reliable.wire import BASE_DATAGRAM, load_checksum
 
 __all__ = [
     "BURST",
@@ -444,6 +444,7 @@ class ReliableEndpoint:
     def open(self, sock: socket.socket) -> None:
         """Serve on ``sock`` (a non-blocking UDP socket, connected on a client): the
         endpoint owns it from now on and closes it in ``close()``."""
+        load_checksum()
         self._sock = sock
         self.sockname = sock.getsockname()
         self._whole = forbid_fragmentation(sock)
