@@ -7,6 +7,7 @@ socket it was connecting, and once a transport exists netlib aborts it before re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import ssl as _ssl
 import tempfile
@@ -23,6 +24,7 @@ from netlib.aio.datagram import (
 from netlib.aio.sockets import (
     DEFAULT_MAX_DATAGRAM,
     DatagramSocketOptions,
+    datagram_peers,
     open_datagram_socket,
     remove_socket_file,
 )
@@ -148,13 +150,14 @@ async def open_udp_endpoint(
         OSError: resolution, bind or connect failed.
     """
     unix = path is not None or remote_path is not None
+    peers = [] if unix or host is None or port is None else await datagram_peers(host, port)
     private_dir = None
     if remote_path is not None and path is None:
         # A Unix client must be bound to receive replies. Not to an abstract address: uvloop
         # pads those with NULs when replying, so the reply goes nowhere.
         private_dir = tempfile.mkdtemp(prefix="netlib-")
         path = os.path.join(private_dir, "endpoint.sock")
-    remote = (host, port) if host is not None and port is not None else None
+    remote = peers.pop(0) if peers else None
     options = DatagramSocketOptions(
         local=None if unix or remote else (local_host, local_port),
         remote=None if unix else remote,
@@ -187,7 +190,27 @@ async def open_udp_endpoint(
         sock.close()
         _remove(path, private_dir)
         raise
-    endpoint = DatagramEndpoint(protocol)
+
+    async def next_address() -> bool:
+        """The port is closed at this address: connect to the name's next one, a new
+        socket under the same protocol (its queue and counters go on)."""
+        if not peers:
+            return False
+        sock = await open_datagram_socket(dataclasses.replace(options, remote=peers.pop(0)))
+        old = protocol.transport
+        try:
+            await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        if old is not None:
+            old.set_protocol(asyncio.DatagramProtocol())  # its end is not the endpoint's
+            old.close()
+        if protocol.write_paused:
+            protocol.resume_writing()
+        return True
+
+    endpoint = DatagramEndpoint(protocol, next_address if peers else None)
     try:
         yield endpoint
     finally:

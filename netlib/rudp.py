@@ -10,7 +10,6 @@ loop. See docs/reliable-udp.md.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing_extensions import Unpack
 from netlib.aio.reliable import HANDSHAKE_RATE, ReliableEndpoint, ReliableTransport
 from netlib.aio.sockets import (
     DatagramSocketOptions,
+    datagram_peers,
     open_datagram_socket,
     open_dual_stack_datagram_socket,
 )
@@ -394,7 +394,7 @@ async def connect_reliable_udp(
         OSError: the name does not resolve, or the socket cannot be made.
     """
     endpoint, transport = await _handshake(
-        await _peers(host, port), config or ReliableConfig(), connect_timeout
+        await datagram_peers(host, port), config or ReliableConfig(), connect_timeout
     )
     try:
         limits = StreamLimits(
@@ -414,21 +414,6 @@ async def connect_reliable_udp(
     finally:
         endpoint.close()
         await endpoint.wait_closed()
-
-
-async def _peers(host: str, port: int) -> list[tuple[str, int]]:
-    """The addresses ``host`` resolves to for UDP, in the resolver's order, each once (an
-    IPv6 link-local one keeps its scope: ``fe80::1%2``)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    peers: list[tuple[str, int]] = []
-    for *_, address in infos:
-        ip = str(address[0])
-        if len(address) == 4 and address[3]:
-            ip = f"{ip}%{address[3]}"
-        peer = (ip, int(address[1]))
-        if peer not in peers:
-            peers.append(peer)
-    return peers
 
 
 async def _handshake(

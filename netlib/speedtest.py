@@ -285,6 +285,14 @@ async def _connect_rudp(host: str, port: int, within: float) -> AsyncIterator[Me
         yield stream
 
 
+def _address_of(peer: Any) -> str | None:
+    """The IP address of a TCP peer, with an IPv6 link-local address's scope."""
+    if not isinstance(peer, tuple):
+        return None
+    ip = str(peer[0])
+    return f"{ip}%{peer[3]}" if len(peer) == 4 and peer[3] else ip
+
+
 async def run_speedtest(
     host: str = "127.0.0.1",
     port: int = DEFAULT_SPEEDTEST_PORT,
@@ -329,17 +337,23 @@ async def run_speedtest(
         reverse=reverse,
     )
 
+    data_host = host  # the address the control connection reached, once it has
+
     def open_stream(kind: str, at: int) -> contextlib.AbstractAsyncContextManager[MessageStream]:
         if kind == "tcp":
-            return _connect(host, at or port, connect_timeout)
-        return _connect_rudp(host, at, connect_timeout)
+            return _connect(data_host, at or port, connect_timeout)
+        return _connect_rudp(data_host, at, connect_timeout)
 
     def open_datagrams(
         at: int, consumer: Callable[[bytes, Any], bool], on_error: Callable[[Exception], None]
     ) -> contextlib.AbstractAsyncContextManager[DatagramEndpointProtocol]:
-        return _datagram_endpoint(DatagramSocketOptions(remote=(host, at)), consumer, on_error)
+        options = DatagramSocketOptions(remote=(data_host, at))
+        return _datagram_endpoint(options, consumer, on_error)
 
     async with _connect(host, port, connect_timeout) as control:
+        # a name with several addresses (localhost: ::1, 127.0.0.1): the test's streams
+        # and datagrams go where the control connection got through, not to the first
+        data_host = _address_of(control.remote_address) or host
         return await run_test(
             control,
             request,

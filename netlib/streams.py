@@ -345,12 +345,21 @@ class DatagramEndpoint:
 
     Created by ``open_udp_endpoint``. Datagrams are unreliable: they may be lost, duplicated
     or reordered by the network; ``request()`` adds timeouts and retries for request/reply.
+
+    ``next_address``, given by ``open_udp_endpoint`` for a name with several addresses,
+    connects the endpoint to the name's next address and returns False when none is left:
+    ``request()`` calls it when the port is closed (ICMP) where nothing has answered yet.
     """
 
-    __slots__ = ("_closed", "_lock", "_protocol")
+    __slots__ = ("_closed", "_lock", "_next_address", "_protocol")
 
-    def __init__(self, protocol: DatagramEndpointProtocol) -> None:
+    def __init__(
+        self,
+        protocol: DatagramEndpointProtocol,
+        next_address: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         self._protocol = protocol
+        self._next_address = next_address
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -419,20 +428,40 @@ class DatagramEndpoint:
         stay queued for ``receive()``. A late reply to an earlier attempt counts as the
         reply: protocols that must tell replies apart carry their own request ids.
 
+        An endpoint connected by a name with several addresses (``localhost``: ::1 and
+        127.0.0.1) moves to the next one when the port is closed at the first (ICMP) and
+        nothing has come from it yet, as a TCP client tries each address in turn.
+
         Raises:
             PeerTimedOut: no reply after ``retries + 1`` attempts.
-            ConnectionRefusedError: the peer's port is closed (ICMP, connected endpoints).
+            ConnectionRefusedError: the peer's port is closed (ICMP, connected endpoints;
+                at every address of its name).
             LimitExceeded: ``data`` is larger than ``max_size``.
         """
         peer = address_key(addr if addr is not None else self.remote_address)
         if peer is None:
             raise ValueError("request() needs addr on an endpoint without a remote address")
         async with self._lock:
-            for _attempt in range(retries + 1):
-                reply = await self._attempt(data, addr, peer, timeout)
+            attempts = 0
+            while attempts <= retries:
+                try:
+                    reply = await self._attempt(data, addr, peer, timeout)
+                except ConnectionRefusedError:
+                    if addr is not None or not await self._moved_on():
+                        raise
+                    peer = address_key(self.remote_address)
+                    continue
                 if reply is not None:
                     return reply
+                attempts += 1
         raise PeerTimedOut(f"no reply from {peer!r} after {retries + 1} attempts")
+
+    async def _moved_on(self) -> bool:
+        """Connect to the name's next address, if there is one and nothing came from this
+        one (a peer that answered and then closed its port is not passed over)."""
+        if self._next_address is None or self._protocol.received:
+            return False
+        return await self._next_address()
 
     async def _attempt(self, data: bytes, addr: Any, peer: Any, wait: float) -> bytes | None:
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

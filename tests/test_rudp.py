@@ -27,6 +27,7 @@ from netlib import (
     open_reliable_udp_server,
 )
 from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
+from netlib.aio.sockets import datagram_peers
 from netlib.sansio.reliable import wire
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from netlib.testing import LinkProfile, open_udp_proxy
@@ -409,7 +410,7 @@ async def test_a_name_s_addresses_are_tried_in_turn_as_tcp_does(
             names.append(host)
             return peers
 
-        monkeypatch.setattr(netlib.rudp, "_peers", resolve)
+        monkeypatch.setattr(netlib.rudp, "datagram_peers", resolve)
         async with connect_reliable_udp("dual.test", port) as stream:
             await stream.send(b"over ::1")
             assert await stream.receive() == b"over ::1"
@@ -428,8 +429,8 @@ async def test_a_link_local_peer_keeps_its_scope() -> None:
     infos = await asyncio.get_running_loop().getaddrinfo("fe80::1%1", 7, type=socket.SOCK_DGRAM)
     sockaddr: tuple[Any, ...] = infos[0][4]
     scoped = "fe80::1%1" if sockaddr[3] else "fe80::1"
-    assert await netlib.rudp._peers("fe80::1%1", 7) == [(scoped, 7)]
-    assert await netlib.rudp._peers("127.0.0.1", 7) == [("127.0.0.1", 7)]
+    assert await datagram_peers("fe80::1%1", 7) == [(scoped, 7)]
+    assert await datagram_peers("127.0.0.1", 7) == [("127.0.0.1", 7)]
 
 
 async def test_a_message_above_the_limit_is_limit_exceeded() -> None:

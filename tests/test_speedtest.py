@@ -93,6 +93,27 @@ async def test_ipv6_loopback() -> None:
             assert result.received.messages == result.sent.messages > 0
 
 
+async def test_the_test_s_traffic_goes_where_the_control_connection_got_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name with several addresses (``localhost``: ::1 and 127.0.0.1) reaches the server
+    at one of them over TCP; the UDP datagrams and reliable-UDP streams go to that one,
+    not to the name's first address. Here the control connection of ``dual.test`` (a name
+    no resolver knows) gets through to 127.0.0.1: the data can only follow it."""
+    connect = netlib.speedtest._connect
+
+    def control_through_ipv4(host: str, port: int, timeout: float) -> Any:
+        return connect("127.0.0.1" if host == "dual.test" else host, port, timeout)
+
+    monkeypatch.setattr(netlib.speedtest, "_connect", control_through_ipv4)
+    async with _server() as server:
+        for protocol in ("udp", "rudp"):
+            result = await netlib.run_speedtest(
+                "dual.test", _port(server), protocol=protocol, duration=0.1, bitrate=4e6
+            )
+            assert result.received.messages == result.sent.messages > 0
+
+
 async def test_udp_is_paced_to_the_bitrate() -> None:
     async with _server() as server:
         result = await netlib.run_speedtest(

@@ -278,6 +278,35 @@ async def test_icmp_errors_never_break_a_connected_endpoint() -> None:
         assert endpoint.statistics().sent >= 102
 
 
+async def test_a_request_passes_over_an_address_whose_port_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name that resolves to ::1 first and 127.0.0.1 second (``localhost`` on many
+    systems), the server on 127.0.0.1 only: ::1 refuses the request (ICMP), and the
+    endpoint moves to 127.0.0.1, as a TCP client tries each address in turn."""
+    async with netlib.open_udp_server(netlib.udp_echo_handler, "127.0.0.1", 0) as server:
+        port = server.addresses[0][1]
+        closed = free_udp_port()
+        peers = [("::1", port), ("127.0.0.1", port)]
+
+        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+            assert host == "dual.test"
+            return list(peers)
+
+        monkeypatch.setattr(netlib.client, "datagram_peers", resolve)
+        async with netlib.open_udp_endpoint("dual.test", port) as endpoint:
+            assert endpoint.remote_address[0] == "::1"
+            assert await endpoint.request(b"over IPv4", timeout=2.0) == b"over IPv4"
+            assert endpoint.remote_address[0] == "127.0.0.1"
+            assert endpoint.statistics().errors_received == 1
+            assert await endpoint.request(b"again", timeout=2.0) == b"again"
+        peers[:] = [("127.0.0.1", closed), ("::1", closed)]  # closed at every address
+        async with netlib.open_udp_endpoint("dual.test", closed) as endpoint:
+            with pytest.raises(ConnectionRefusedError):
+                await endpoint.request(b"anyone?", timeout=2.0)
+            assert endpoint.remote_address[0] == "::1"
+
+
 async def test_request_retries_through_loss_and_times_out() -> None:
     arrivals: list[bytes] = []
 

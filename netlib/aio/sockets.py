@@ -32,6 +32,7 @@ __all__ = [
     "EmptyDatagramSender",
     "allow_fragmentation",
     "bind",
+    "datagram_peers",
     "extra_info",
     "forbid_fragmentation",
     "format_address",
@@ -361,6 +362,22 @@ def _unix_socket(options: DatagramSocketOptions) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def datagram_peers(host: str, port: int) -> list[tuple[str, int]]:
+    """The addresses ``host`` resolves to for UDP, in the resolver's order, each once (an
+    IPv6 link-local one keeps its scope: ``fe80::1%2``), for a client that tries them in
+    turn as a TCP client does."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    peers: list[tuple[str, int]] = []
+    for *_, address in infos:
+        ip = str(address[0])
+        if len(address) == 4 and address[3]:
+            ip = f"{ip}%{address[3]}"
+        peer = (ip, int(address[1]))
+        if peer not in peers:
+            peers.append(peer)
+    return peers
 
 
 async def _resolve(
