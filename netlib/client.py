@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import ssl as _ssl
 import tempfile
 from collections.abc import AsyncIterator
@@ -128,6 +129,8 @@ async def open_udp_endpoint(
 
     With ``host`` and ``port`` the endpoint is *connected*: ``send(data)`` goes there, only
     that peer's datagrams are received, and ICMP errors (a closed port) reach ``request()``.
+    A name with several addresses connects to the first one this host can reach, and
+    ``request()`` moves to the next when the port is closed where nothing answered yet.
     Without them it is bound to ``local_host``:``local_port`` and sends with
     ``send(data, addr)``.
 
@@ -170,8 +173,21 @@ async def open_udp_endpoint(
         reuse_port=reuse_port,
     )
     limits = DatagramLimits(max_size=max_size, queue_size=queue_size, queue_bytes=queue_bytes)
+
+    async def open_socket() -> socket.socket:
+        """A socket for ``options``; connected, to the first of the name's addresses this
+        host can reach (one of a family it lacks is passed over, as a TCP client does)."""
+        nonlocal options
+        while True:
+            try:
+                return await open_datagram_socket(options)
+            except OSError:
+                if not peers:
+                    raise
+                options = dataclasses.replace(options, remote=peers.pop(0))
+
     try:
-        sock = await open_datagram_socket(options)
+        sock = await open_socket()
     except BaseException:
         _remove(path, private_dir)
         raise
@@ -194,9 +210,11 @@ async def open_udp_endpoint(
     async def next_address() -> bool:
         """The port is closed at this address: connect to the name's next one, a new
         socket under the same protocol (its queue and counters go on)."""
+        nonlocal options
         if not peers:
             return False
-        sock = await open_datagram_socket(dataclasses.replace(options, remote=peers.pop(0)))
+        options = dataclasses.replace(options, remote=peers.pop(0))
+        sock = await open_socket()
         old = protocol.transport
         try:
             await loop.create_datagram_endpoint(lambda: protocol, sock=sock)

@@ -305,6 +305,16 @@ async def test_a_request_passes_over_an_address_whose_port_is_closed(
             with pytest.raises(ConnectionRefusedError):
                 await endpoint.request(b"anyone?", timeout=2.0)
             assert endpoint.remote_address[0] == "::1"
+        # an address this host cannot reach (link-local without an interface: EINVAL) is
+        # passed over when the endpoint opens
+        peers[:] = [("fe80::1", port), ("127.0.0.1", port)]
+        async with netlib.open_udp_endpoint("dual.test", port) as endpoint:
+            assert endpoint.remote_address[0] == "127.0.0.1"
+            assert await endpoint.request(b"v4", timeout=2.0) == b"v4"
+        peers[:] = [("fe80::1", port)]
+        with pytest.raises(OSError, match="Invalid argument"):
+            async with netlib.open_udp_endpoint("dual.test", port):
+                pass
 
 
 async def test_request_retries_through_loss_and_times_out() -> None:
