@@ -66,8 +66,8 @@ NOT_RUN: dict[tuple[str, str], str] = {
     "that each line installs this project's distribution name with extras it defines",
     (
         "README.md",
-        "make demo   # creates .venv, installs netlib, runs TCP/UDP echo and a chat "
-        "driven by clients",
+        "make demo   # creates .venv, installs netlib, runs echo, chat, a download and a "
+        "speed test",
     ): "the make targets (re)install .venv and `make test` runs this "
     "suite: checked with `make -n` (the targets exist and their recipes parse)",
 }
