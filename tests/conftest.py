@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -104,6 +105,19 @@ def no_pending_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
             return
         loop.run_until_complete(asyncio.sleep(0))
     pytest.fail(f"tasks still pending after the test: {pending}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs ``main()`` in this process sets up logging as the command line
+    does (a stderr handler, netlib at INFO for a server): undo it, so that no later test
+    in this worker sees log lines on its stderr."""
+    root, package = logging.getLogger(), logging.getLogger("netlib")
+    saved = (list(root.handlers), root.level, package.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    package.setLevel(saved[2])
 
 
 @pytest.fixture

@@ -152,7 +152,6 @@ async def test_who_list_and_private_messages_span_the_cluster(
         await bob.expect("*** you joined #ops (1 member on this server)")
         carol.send("/join ops")
         await bob.expect("[#ops] *** carol joined")
-        # questions to the cluster are answered in any order: ask one at a time
         alice.send("/who #ops")
         assert await alice.expect("*** #ops") == "*** #ops (2 members): bob carol"
         alice.send("/who")
@@ -165,6 +164,32 @@ async def test_who_list_and_private_messages_span_the_cluster(
         alice.send("/msg nobody hello")
         assert await alice.expect("!!!") == '!!! no such nick "nobody"'
         for client in (alice, bob, carol):
+            await client.aclose()
+
+
+async def test_a_member_s_lines_keep_their_order_around_its_cluster_questions(
+    nats_server: LocalNatsServer,
+) -> None:
+    """Lines sent at once, as a script or a paste sends them: a line after ``/nick`` is said
+    under the new nick, and the answers to ``/who``, ``/list`` and ``/msg`` (questions to
+    the cluster) come in order, before the goodbye of the ``/quit`` after them."""
+    async with cluster(nats_server.url, 2) as (one, two):
+        watcher = await member(two, "watcher")
+        ann = await LineClient.connect(port(one))
+        ann.send("/nick ann", "hi, I am ann")
+        assert await watcher.expect("> hi") == "[#lobby] <ann> hi, I am ann"
+        await ann.expect("*** you are now known as ann")
+        ann.send("/who", "/list", "/msg watcher psst", "/quit")
+        replies = [await ann.expect(mark) for mark in ("***", "***", "->", "***")]
+        assert replies == [
+            "*** #lobby (2 members): ann watcher",
+            "*** 1 room: #lobby (2)",
+            "-> watcher: psst",
+            "*** goodbye",
+        ]
+        assert await watcher.expect("-ann-") == "-ann- psst"
+        await ann.closed()
+        for client in (ann, watcher):
             await client.aclose()
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import netlib
 import netlib.nats_server
 from netlib import LocalNatsServer
 from netlib.cli import main
@@ -264,6 +265,48 @@ def test_chat_cluster_starts_nats_and_three_servers_that_share_one_chat() -> Non
     for port in ports:  # every server stopped with it
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
+async def test_chat_cluster_over_reliable_udp_shares_one_chat() -> None:
+    """``netlib chat cluster --proto rudp``: two nodes serving reliable UDP, one chat."""
+    proc = await asyncio.create_subprocess_exec(
+        *NETLIB,
+        "chat",
+        "cluster",
+        "--proto",
+        "rudp",
+        "--nodes",
+        "2",
+        "--port",
+        "0",
+        "--json",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        events = [json.loads(await proc.stdout.readline()) for _ in range(4)]
+        assert [e["event"] for e in events] == ["nats", "node", "node", "ready"]
+        found = [e["addresses"] for e in events[1:3]]
+        assert all(a[0]["proto"] == "rudp" for a in found)
+        ports = [int(a[0]["address"].rpartition(":")[2]) for a in found]
+        async with (
+            netlib.connect_reliable_udp("127.0.0.1", ports[0], framing="line") as ann,
+            netlib.connect_reliable_udp("127.0.0.1", ports[1], framing="line") as bob,
+        ):
+            for stream in (ann, bob):
+                assert (await stream.receive()).startswith(b"*** welcome")
+            await ann.send(b"/nick ann")
+            await ann.send(b"over reliable udp")
+            async with asyncio.timeout(10):
+                while b"<ann>" not in (line := await bob.receive()):
+                    pass
+            assert line == b"[#lobby] <ann> over reliable udp"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
 
 
 @pytest.mark.parametrize(

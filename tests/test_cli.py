@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import pty
 import re
@@ -27,17 +26,6 @@ from netlib.cli import build_parser, main
 from tests.helpers import wait_until
 
 NETLIB = [sys.executable, "-m", "netlib"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main()`` run in this process sets up logging as the command line does: undo it."""
-    root, package = logging.getLogger(), logging.getLogger("netlib")
-    saved = (list(root.handlers), root.level, package.level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    package.setLevel(saved[2])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -328,17 +327,6 @@ async def test_reverse_udp_sends_only_to_a_confirmed_address() -> None:
 
 
 # -- the command line -------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main()`` run in this process sets up logging as the command line does: undo it."""
-    root, package = logging.getLogger(), logging.getLogger("netlib")
-    saved = (list(root.handlers), root.level, package.level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    package.setLevel(saved[2])
 
 
 @contextmanager

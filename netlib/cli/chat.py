@@ -116,7 +116,7 @@ def add_chat(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"chat servers to start (1-{CLUSTER_NODES_MAX})",
     )
-    _add_address(cluster, ("tcp", "udp", "both"), "tcp")
+    _add_address(cluster, ("tcp", "udp", "both", "rudp"), "tcp")
     cluster.add_argument(
         "--nick-ttl",
         type=positive_float,

@@ -19,10 +19,14 @@ runs its core in cluster mode: what only the cluster knows (is a nick free? who 
 room on other nodes? where is the nick a private message goes to?) is asked of the
 directory in a task of its own, at most ``CHAT_CLUSTER_QUERIES`` at once, and the answer
 goes back into the core as a new input; the effects task never waits on the network, so
-delivery on this node never waits for the cluster. The directory calls back through a
-``ClusterNode`` (``_ClusterNode`` below): the local half of ``/who`` and ``/list``, private
-messages for members here, nicks lost, outages (every member is told), and lines that
-could not be delivered (their sender is told).
+delivery on this node never waits for the cluster. A member's own lines stay in order
+around a question: while one of its questions is out, its next lines wait (at most
+``CHAT_HELD_LINES``) and are taken after the answer, and a member who leaves meanwhile
+leaves after them, so ``/nick ann`` then ``hi`` says ``hi`` as ann, and ``/who`` then
+``/quit`` gets its answer before the goodbye, as on a single server. The directory calls
+back through a ``ClusterNode`` (``_ClusterNode`` below): the local half of ``/who`` and
+``/list``, private messages for members here, nicks lost, outages (every member is told),
+and lines that could not be delivered (their sender is told).
 
 The three line limits, from the wire inwards: a TCP line is at most
 ``CHAT_MAX_LINE_BYTES`` (16 KiB) on the wire (a longer one is refused with a notice and its
@@ -72,6 +76,7 @@ __all__ = [
     "CHAT_CLOSE_GRACE",
     "CHAT_CLUSTER_QUERIES",
     "CHAT_HARD_LIMIT",
+    "CHAT_HELD_LINES",
     "CHAT_LINE_TIMEOUT",
     "CHAT_LOG_BURST",
     "CHAT_MAX_LINE_BYTES",
@@ -120,6 +125,10 @@ CHAT_CLUSTER_QUERIES: Final = 256
 """Questions to the cluster (nick claims, cluster-wide ``/who`` and ``/list``, private
 messages to other nodes) one node has in flight at most; one more is answered at once as
 refused (``!!! ... busy``), counted in ``cluster_busy``."""
+CHAT_HELD_LINES: Final = 64
+"""Lines of one member that wait while its question to the cluster is out (they are taken
+in order after the answer); one more is taken at once, ahead of the answer, rather than
+lost (flood control still applies to it)."""
 UNDELIVERED_EXCERPT: Final = 80
 """Characters of a line quoted back to its sender when it could not be delivered."""
 SLOW_CONSUMER: Final = "slow_consumer"
@@ -242,6 +251,10 @@ class ChatService:
             guest_numbers=None if self.directory is None else self.directory.next_guest,
         )
         self._queries: set[asyncio.Task[None]] = set()
+        # members with a question out: their next lines (None: an overlong one), and how
+        # those who left meanwhile are to be closed once the lines are taken
+        self._held: dict[int, deque[str | None]] = {}
+        self._leaving: dict[int, tuple[str, str]] = {}
         self._cluster_notice = ""  # what a member joining during an outage is told
         self.undelivered = self.cluster_busy = 0
         self._loop = asyncio.get_running_loop()
@@ -292,12 +305,45 @@ class ChatService:
 
     def receive(self, session_id: int, text: str) -> None:
         """Hand one decoded line from ``session_id`` to the chat core."""
-        self._schedule(self.core.receive_line(session_id, text, self._loop.time()))
+        self._take(session_id, text)
 
     def receive_overlong(self, session_id: int) -> None:
         """``session_id`` sent a line above ``limits.max_line_bytes`` (its bytes were
         discarded): refuse it with a notice to the sender, and count it."""
-        self._schedule(self.core.receive_overlong(session_id, self._loop.time()))
+        self._take(session_id, None)
+
+    def _take(self, session_id: int, text: str | None) -> None:
+        """One line (None: an overlong one) into the core, or into the wait of a member
+        whose question to the cluster is out."""
+        held = self._held.get(session_id)
+        if held is not None and len(held) < CHAT_HELD_LINES:
+            held.append(text)
+            return
+        now = self._loop.time()
+        if text is None:
+            effects = self.core.receive_overlong(session_id, now)
+        else:
+            effects = self.core.receive_line(session_id, text, now)
+        if (
+            held is None
+            and self.directory is not None
+            and any(_asks(e, session_id) for e in effects)
+        ):
+            self._held[session_id] = deque()
+        self._schedule(effects)
+
+    def _answered(self, session_id: int) -> None:
+        """The member's question is answered (the answer is scheduled): take the lines that
+        waited for it, up to the next question, then close it if it left meanwhile."""
+        held = self._held.pop(session_id, None)
+        while held:
+            self._take(session_id, held.popleft())
+            if session_id in self._held:  # another question: the rest waits for it
+                self._held[session_id].extend(held)
+                return
+        leaving = self._leaving.pop(session_id, None)
+        if leaving is not None:
+            self.close(session_id, *leaving)
 
     def flood_wait(self, session_id: int) -> float:
         """Seconds until ``session_id``'s next line passes flood control (0: now). A TCP
@@ -307,6 +353,9 @@ class ChatService:
     def close(self, session_id: int, reason: str, detail: str = "") -> None:
         """Forget ``session_id`` (idempotent); its rooms hear it left with ``reason``, the
         log with ``detail`` too."""
+        if session_id in self._held:  # after the lines that wait for an answer
+            self._leaving.setdefault(session_id, (reason, detail))
+            return
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
@@ -449,6 +498,7 @@ class ChatService:
             case _ if len(self._queries) >= CHAT_CLUSTER_QUERIES:
                 self.cluster_busy += 1
                 self._schedule(self._answer(effect, ServiceUnavailable("this server is busy")))
+                self._answered(effect.client)
             case _:
                 task = self._loop.create_task(self._question(directory, effect))
                 self._queries.add(task)
@@ -478,7 +528,11 @@ class ChatService:
                 self._errors_log.exception("chat cluster question %r failed", effect)
                 exc = ServiceUnavailable("the chat cluster failed to answer")
             answer = self._answer(effect, exc)
+        except BaseException:  # cancelled (the server closes): the waiting lines go on
+            self._answered(effect.client)
+            raise
         self._schedule(answer)
+        self._answered(effect.client)  # its lines that waited come after the answer
 
     def _answer(
         self, effect: NickClaim | WhoQuery | ListQuery | PrivateQuery, error: ServiceUnavailable
@@ -523,6 +577,14 @@ class ChatService:
             await self.hub.join(room, session)
         else:
             await self.hub.leave(room, session)
+
+
+def _asks(effect: Effect, session_id: int) -> bool:
+    """True if ``effect`` is a question of ``session_id``'s to the cluster (its answer
+    comes back later as the core's new input)."""
+    if isinstance(effect, NickClaim):
+        return effect.client == session_id and not effect.guest
+    return isinstance(effect, WhoQuery | ListQuery | PrivateQuery) and effect.client == session_id
 
 
 def _local_only(error: ServiceUnavailable) -> str:
