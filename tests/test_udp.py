@@ -317,6 +317,17 @@ async def test_a_request_passes_over_an_address_whose_port_is_closed(
                 pass
 
 
+async def test_an_empty_host_is_this_host_s_loopback() -> None:
+    """``host=""`` connects to the loopback (the resolver's ::1 and 127.0.0.1): the
+    request reaches a server on 127.0.0.1 whichever comes first."""
+    async with (
+        netlib.open_udp_server(netlib.udp_echo_handler, "127.0.0.1", 0) as server,
+        netlib.open_udp_endpoint("", server.addresses[0][1]) as endpoint,
+    ):
+        assert await endpoint.request(b"loopback", timeout=2.0) == b"loopback"
+        assert endpoint.remote_address[0] == "127.0.0.1"
+
+
 async def test_request_retries_through_loss_and_times_out() -> None:
     arrivals: list[bytes] = []
 

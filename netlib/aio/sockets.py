@@ -364,11 +364,12 @@ def _unix_socket(options: DatagramSocketOptions) -> socket.socket:
     return sock
 
 
-async def datagram_peers(host: str, port: int) -> list[tuple[str, int]]:
+async def datagram_peers(host: str | None, port: int) -> list[tuple[str, int]]:
     """The addresses ``host`` resolves to for UDP, in the resolver's order, each once (an
     IPv6 link-local one keeps its scope: ``fe80::1%2``), for a client that tries them in
-    turn as a TCP client does."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    turn as a TCP client does. ``""`` or None: this host's loopback addresses."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM)
     peers: list[tuple[str, int]] = []
     for *_, address in infos:
         ip = str(address[0])
