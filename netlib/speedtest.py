@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
-from netlib.aio.sockets import DatagramSocketOptions, format_address, open_datagram_socket
+from netlib.aio.sockets import (
+    DatagramSocketOptions,
+    format_address,
+    open_datagram_socket,
+    scoped_ip,
+)
 from netlib.aio.stream import StreamProtocol
 from netlib.errors import PeerTimedOut
 from netlib.rudp import ReliableUDPServer, connect_reliable_udp, open_reliable_udp_server
@@ -285,14 +290,6 @@ async def _connect_rudp(host: str, port: int, within: float) -> AsyncIterator[Me
         yield stream
 
 
-def _address_of(peer: Any) -> str | None:
-    """The IP address of a TCP peer, with an IPv6 link-local address's scope."""
-    if not isinstance(peer, tuple):
-        return None
-    ip = str(peer[0])
-    return f"{ip}%{peer[3]}" if len(peer) == 4 and peer[3] else ip
-
-
 async def run_speedtest(
     host: str = "127.0.0.1",
     port: int = DEFAULT_SPEEDTEST_PORT,
@@ -353,7 +350,8 @@ async def run_speedtest(
     async with _connect(host, port, connect_timeout) as control:
         # a name with several addresses (localhost: ::1, 127.0.0.1): the test's streams
         # and datagrams go where the control connection got through, not to the first
-        data_host = _address_of(control.remote_address) or host
+        peer = control.remote_address
+        data_host = scoped_ip(peer) if isinstance(peer, tuple) else host
         return await run_test(
             control,
             request,

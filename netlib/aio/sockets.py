@@ -40,6 +40,7 @@ __all__ = [
     "open_dual_stack_datagram_socket",
     "remove_socket_file",
     "route_payload_limit",
+    "scoped_ip",
     "set_tcp_keepalive",
 ]
 
@@ -372,13 +373,17 @@ async def datagram_peers(host: str | None, port: int) -> list[tuple[str, int]]:
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM)
     peers: list[tuple[str, int]] = []
     for *_, address in infos:
-        ip = str(address[0])
-        if len(address) == 4 and address[3]:
-            ip = f"{ip}%{address[3]}"
-        peer = (ip, int(address[1]))
+        peer = (scoped_ip(address), int(address[1]))
         if peer not in peers:
             peers.append(peer)
     return peers
+
+
+def scoped_ip(address: tuple[Any, ...]) -> str:
+    """The IP address of a socket address, with an IPv6 link-local address's scope
+    (``fe80::1%2``), as a socket needs it to reach that address again."""
+    ip = str(address[0])
+    return f"{ip}%{address[3]}" if len(address) == 4 and address[3] else ip
 
 
 async def _resolve(
