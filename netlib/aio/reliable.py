@@ -124,6 +124,11 @@ _CLOSED: Final = ConnectionState.CLOSED
 _NORMAL: Final = int(CloseCode.NORMAL)
 
 
+def _burst(datagram_size: int) -> int:
+    """Datagrams of ``datagram_size`` bytes in one burst (``BURST``, ``BURST_BYTES``)."""
+    return BURST if datagram_size * BURST <= BURST_BYTES else BURST_BYTES // datagram_size or 1
+
+
 class _StreamSink(Protocol):
     """What a ``ReliableTransport`` drives: an ``asyncio.Protocol`` (``StreamProtocol``)."""
 
@@ -180,6 +185,7 @@ class ReliableTransport(asyncio.Transport):
         self._endpoint = endpoint
         self.conn = conn
         self._protocol: _StreamSink | None = None
+        self._take_messages: Callable[[list[bytes], int], None] | None = None
         self._max_message = endpoint.config.max_message
         self._backlog: list[bytes] = []
         self._backlog_size = 0
@@ -204,6 +210,8 @@ class ReliableTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
+        # a StreamProtocol takes messages in batches (one wake-up of its consumer each)
+        self._take_messages = getattr(protocol, "receive_messages", None)
         self._endpoint.mark(self.conn)  # deliver what waited for it
 
     def get_protocol(self) -> asyncio.BaseProtocol:
@@ -221,25 +229,27 @@ class ReliableTransport(asyncio.Transport):
         if self._closing or self.lost:
             return
         message = bytes(data) if data.__class__ is not bytes else data
-        if len(message) > self._max_message:
+        size = len(message)
+        if size > self._max_message:
             raise LimitExceeded(
-                f"message of {len(message)} bytes exceeds the limit of {self._max_message} bytes"
+                f"message of {size} bytes exceeds the limit of {self._max_message} bytes"
             )
+        conn = self.conn
         if self._backlog:
             self._queue(message)
         else:
             try:
-                self.conn.send(message)
+                conn.send(message)
             except WouldBlock:
                 self._queue(message)
             except ClosedResourceError:  # the peer closed: what is written goes nowhere
                 return
-            self._unflushed += len(message)
+            self._unflushed += size
             if self._unflushed >= BURST_BYTES:  # a burst's worth within one iteration: it
                 self._unflushed = 0  # goes now, so the peer starts on it while we write on
-                self._endpoint.send_burst(self.conn)
-        self._endpoint.mark(self.conn)
-        if not self._write_paused and self.get_write_buffer_size() > self._high:
+                self._endpoint.send_burst(conn)
+        self._endpoint.mark(conn)
+        if not self._write_paused and conn.send_buffered + self._backlog_size > self._high:
             self._write_paused = True
             if self._protocol is not None:
                 self._protocol.pause_writing()
@@ -327,11 +337,19 @@ class ReliableTransport(asyncio.Transport):
                 protocol.resume_writing()
         conn = self.conn
         closed = conn.state is _CLOSED
+        take = self._take_messages
         while protocol is not None and (closed or not self._reading_paused):
-            event = conn.next_event()
+            if take is not None:
+                messages, size = conn.next_messages(RECV_BYTES)
+                if messages:
+                    take(messages, size)
+                    continue
+            event = conn.next_data()
             if event is None:
                 break
-            if event.__class__ is MessageReceived:
+            if type(event) is bytes:
+                protocol.data_received(event)
+            elif type(event) is MessageReceived:
                 protocol.data_received(event.data)
             else:
                 self._on_event(event, protocol)
@@ -461,10 +479,11 @@ class ReliableEndpoint:
         sock = self._sock
         if sock is None:
             return
-        receive = self.datagram_received
+        receive = self._received
         recvfrom_into = sock.recvfrom_into
         buffer, view = self._buffer, self._view
         budget = RECV_BYTES
+        now = self._loop.time()  # one clock reading per wake-up
         for _ in range(RECV_BATCH):
             try:
                 size, addr = recvfrom_into(buffer)
@@ -473,7 +492,7 @@ class ReliableEndpoint:
             except OSError as exc:  # an ICMP error (a client's peer port is closed)
                 self.error_received(exc)
                 return
-            receive(bytes(view[:size]), addr)
+            receive(bytes(view[:size]), addr, now)
             budget -= size
             if budget <= 0:
                 return
@@ -509,7 +528,10 @@ class ReliableEndpoint:
             conn.limit_datagram(BASE_DATAGRAM)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        now = self._loop.time()
+        """Take one datagram from ``addr``."""
+        self._received(data, addr, self._loop.time())
+
+    def _received(self, data: bytes, addr: Any, now: float) -> None:
         core = self.core
         if core is None:
             client = next(iter(self._transports), None)
@@ -525,6 +547,13 @@ class ReliableEndpoint:
                 self._want_flush()
                 return
             conn = found
+        transport = self._transports.get(conn)
+        if transport is not None:
+            connected = transport.connected
+            if connected is None or connected.done():
+                # its messages go up now, before the flush is scheduled: a handler woken by
+                # them runs first, so the flush sends its reply with the acknowledgement
+                transport.pumped()
         self._dirty[conn] = None
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
@@ -619,7 +648,7 @@ class ReliableEndpoint:
         scheduled does the rest (events, timers, further bursts)."""
         if self._sock is None:
             return
-        burst = min(BURST, max(1, BURST_BYTES // conn.datagram_size))
+        burst = _burst(conn.datagram_size)
         addr = conn.peer_address if self.core is not None else None
         for datagram in conn.datagrams_to_send(self._loop.time(), burst):
             self._send(datagram, addr, conn)
@@ -662,7 +691,7 @@ class ReliableEndpoint:
         if transport is not None:
             transport.pumped()
         if self._sock is not None:
-            burst = min(BURST, max(1, BURST_BYTES // conn.datagram_size))
+            burst = _burst(conn.datagram_size)
             out = conn.datagrams_to_send(now, burst)
             addr = conn.peer_address if self.core is not None else None
             send = self._send
@@ -686,6 +715,8 @@ class ReliableEndpoint:
     def _arm(self) -> None:
         if self.core is not None:
             deadline = self.core.next_deadline()
+        elif len(self._transports) == 1:  # a client: its one connection
+            deadline = next(iter(self._transports)).next_deadline()
         else:
             deadline = min(
                 (d for c in self._transports if (d := c.next_deadline()) is not None),

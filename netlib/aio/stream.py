@@ -306,6 +306,28 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         if conn.rearm:
             self._schedule_deadlines()
 
+    def receive_messages(self, messages: list[bytes], size: int) -> None:
+        """Feed whole messages (``size`` bytes) from a transport that frames them itself
+        (reliable UDP): with raw framing, one queue extension and one wake-up for them all;
+        with another, each is a chunk of the byte stream, as ``data_received`` takes it."""
+        if self._sink is not None:
+            self._sank(size)
+            return
+        conn = self.conn
+        if not conn.raw:
+            for message in messages:
+                self.data_received(message)
+            return
+        if conn.receive_messages(messages, size, self._loop.time()):
+            if conn.read_paused and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            self.messages_received()
+            if self._budget is not None and conn.queued >= self._input_reported + REPORT_STEP:
+                self._report()
+        if conn.rearm:
+            self._schedule_deadlines()
+
     def messages_received(self) -> None:
         """Messages were queued, or the input ended: wake the consumer."""
         waiter = self._waiter

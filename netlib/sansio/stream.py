@@ -259,6 +259,11 @@ class StreamConnection:
             self._message_deadline = now + self._limits.message_timeout  # type: ignore[operator]
             self.rearm = True
 
+    @property
+    def raw(self) -> bool:
+        """True if the framing is raw: each chunk received is a message."""
+        return self._raw
+
     def receive_messages(self, messages: list[bytes], size: int, now: float) -> bool:
         """Feed whole messages from a transport that frames them itself (``size`` bytes).
 

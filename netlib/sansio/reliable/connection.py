@@ -446,7 +446,10 @@ class _Sent:
 
 
 def _covered(pn: int, ranges: list[tuple[int, int]]) -> bool:
-    return any(low <= pn <= high for low, high in ranges)
+    for low, high in ranges:  # noqa: SIM110 (a loop, not any() over a generator: per ACK)
+        if low <= pn <= high:
+            return True
+    return False
 
 
 def _only_ack(data: bytes, offset: int) -> bool:
@@ -513,7 +516,6 @@ class ReliableConnection:
         "_ooo_bytes",
         "_peer_ack_delay",
         "_peer_max_dseq",
-        "_peer_max_message",
         "_pending_out",
         "_ping_pending",
         "_pmtu",
@@ -525,6 +527,8 @@ class ReliableConnection:
         "_rtt",
         "_rx_ranges",
         "_send_buffered",
+        "_send_flags",
+        "_send_limit",
         "_sent",
         "_token",
         "_unsent",
@@ -560,7 +564,8 @@ class ReliableConnection:
         self.peer_address: object = None
         self.state = _CONNECTING if client else _ESTABLISHED
         self._confirmed = client  # server side: the client has used our cid
-        self._events: deque[tuple[ConnectionEvent, int]] = deque()
+        # (event, charge): an ordered message is its bytes until ``next_event()`` wraps it
+        self._events: deque[tuple[bytes | ConnectionEvent, int]] = deque()
         self._pending_out: list[bytes] = []
         self._closed_reported = False
         # handshake (client)
@@ -579,7 +584,8 @@ class ReliableConnection:
         self._lost: dict[int, _Sent] = {}
         self._send_buffered = 0
         self._peer_max_dseq = 0
-        self._peer_max_message = config.max_message  # until the handshake tells
+        self._send_limit = config.max_message  # and the peer's, once the handshake tells
+        self._send_flags = (0 if config.ordered else FLAG_UNORDERED) | FLAG_FIRST | FLAG_LAST
         self._peer_ack_delay = config.max_ack_delay
         self._bytes_in_flight = 0
         self._largest_acked = -1
@@ -654,7 +660,7 @@ class ReliableConnection:
         conn.peer_address = peer_address
         conn._peer_ack_delay = peer_ack_delay
         conn._peer_max_dseq = peer_window
-        conn._peer_max_message = peer_max_message
+        conn._send_limit = min(config.max_message, peer_max_message)
         conn._pmtu.start(peer_max_datagram)
         conn._record_pn(hello_pn, now)
         conn._ack_now = True  # the ACCEPT goes at once, acknowledging the HELLO
@@ -675,32 +681,32 @@ class ReliableConnection:
                 ``send_buffered``); an empty buffer always takes one message.
             ClosedResourceError: the connection is closing or closed.
         """
-        if self.state is not _ESTABLISHED and self.state is not _CONNECTING:
-            raise ClosedResourceError(f"cannot send: the connection is {self.state.value}")
+        state = self.state
+        if state is not _ESTABLISHED and state is not _CONNECTING:
+            raise ClosedResourceError(f"cannot send: the connection is {state.value}")
         size = len(message)
-        limit = min(self._config.max_message, self._peer_max_message)
-        if size > limit:
+        if size > self._send_limit:
+            limit = self._send_limit
             raise LimitExceeded(f"message of {size} bytes exceeds the limit of {limit} bytes")
-        charge = _charge_of(size)
-        cap = self._config.send_buffer
-        if self._send_buffered and self._send_buffered + charge > cap:
-            raise WouldBlock(
-                f"send buffer full: {self._send_buffered} + {charge} bytes > {cap} bytes"
-            )
+        units = 1 if size <= UNIT else -(-size // UNIT)
+        charge = size + units * FRAGMENT_CHARGE
+        buffered = self._send_buffered
+        if buffered and buffered + charge > self._config.send_buffer:
+            cap = self._config.send_buffer
+            raise WouldBlock(f"send buffer full: {buffered} + {charge} bytes > {cap} bytes")
         if channel is None:
-            channel = Channel.ORDERED if self._config.ordered else Channel.UNORDERED
-        flags = (FLAG_UNORDERED if channel else 0) | FLAG_FIRST | FLAG_LAST
+            flags = self._send_flags
+        else:
+            flags = (FLAG_UNORDERED if channel else 0) | FLAG_FIRST | FLAG_LAST
         dseq = self._next_dseq
-        units = _units(size)
         if dseq + units > _MAX_DSEQ:
             self._abort(CloseCode.EXHAUSTED, "data sequence numbers exhausted")
             raise ClosedResourceError("the connection used up its data sequence numbers")
-        data = bytes(message)
+        data = message if message.__class__ is bytes else bytes(message)
         # a message goes whole into the queue; packets take runs of units off its front
-        payload = data if units == 1 else memoryview(data)
-        self._unsent.append(_Fragment(dseq, flags, payload))
+        self._unsent.append(_Fragment(dseq, flags, data if units == 1 else memoryview(data)))
         self._next_dseq = dseq + units
-        self._send_buffered += charge
+        self._send_buffered = buffered + charge
         self.messages_sent += 1
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -723,6 +729,34 @@ class ReliableConnection:
 
     def next_event(self) -> ConnectionEvent | None:
         """The next event, or None. Taking a message frees its share of the receive buffer."""
+        event = self.next_data()
+        if type(event) is bytes:
+            return MessageReceived(event, Channel.ORDERED)
+        return event  # type: ignore[return-value]
+
+    def next_messages(self, limit: int) -> tuple[list[bytes], int]:
+        """For adapters that hand messages up in batches: the ordered messages at the head
+        of the events, up to ``limit`` bytes (at least one, if the next event is one), and
+        their size. Taking them frees their share of the receive buffer."""
+        events = self._events
+        messages: list[bytes] = []
+        size = freed = 0
+        while events and size < limit:
+            event, charge = events[0]
+            if type(event) is not bytes:
+                break
+            events.popleft()
+            messages.append(event)
+            size += len(event)
+            freed += charge
+        if freed:
+            self._held -= freed
+            self._grow_window()
+        return messages, size
+
+    def next_data(self) -> bytes | ConnectionEvent | None:
+        """``next_event()`` for adapters: a message of the ordered channel comes as its
+        bytes (no event object per message); everything else as ``next_event()`` has it."""
         if not self._events:
             return None
         event, charge = self._events.popleft()
@@ -878,7 +912,18 @@ class ReliableConnection:
             self._close_deadline = now + _CLOSE_PTOS * self._rtt.pto(self._peer_ack_delay)
         first = True
         budget = -1 if limit is None else limit
-        while budget and (packet := self._packet(now, first)) is not None:
+        while budget and (
+            # what _packet needs to send anything (cheaper than the call that finds nothing)
+            self._unsent
+            or self._retransmit
+            or self._ack_unsent
+            or self._probe_pending
+            or self._ping_pending
+            or self._close_pending
+        ):
+            packet = self._packet(now, first)
+            if packet is None:
+                break
             out.append(packet)
             first = False
             budget -= 1
@@ -900,17 +945,26 @@ class ReliableConnection:
             return None
         if state is _CONNECTING:
             return min(self._hello_deadline, self._handshake_deadline)
-        deadline = self._last_rx + self._config.idle_timeout
-        if self._close_deadline is not None:
-            deadline = min(deadline, self._close_deadline)
-        if self._ack_deadline is not None:
-            deadline = min(deadline, self._ack_deadline)
-        loss = self._loss_deadline()
-        if loss is not None:
-            deadline = min(deadline, loss)
-        keepalive = self._config.keepalive
+        # (comparisons, not min(): this runs after every datagram in and every batch out)
+        last_rx = self._last_rx
+        config = self._config
+        deadline = last_rx + config.idle_timeout
+        other = self._close_deadline
+        if other is not None and other < deadline:
+            deadline = other
+        other = self._ack_deadline
+        if other is not None and other < deadline:
+            deadline = other
+        other = self._loss_deadline()
+        if other is not None and other < deadline:
+            deadline = other
+        keepalive = config.keepalive
         if keepalive is not None and state is _ESTABLISHED:
-            deadline = min(deadline, max(self._last_rx, self._last_eliciting) + keepalive)
+            other = (
+                last_rx if last_rx > self._last_eliciting else self._last_eliciting
+            ) + keepalive
+            if other < deadline:
+                deadline = other
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -1035,7 +1089,7 @@ class ReliableConnection:
         self.peer_cid = server_cid
         self._peer_ack_delay = ack_delay * _ACK_DELAY_UNIT
         self._peer_max_dseq = max(self._peer_max_dseq, window)
-        self._peer_max_message = max_message
+        self._send_limit = min(self._config.max_message, max_message)
         self._pmtu.start(max_datagram)
         self.state = _ESTABLISHED
         self._ack_now = True  # tell the server at once that its cid is in use
@@ -1224,8 +1278,10 @@ class ReliableConnection:
     def _deliver(self, payload: bytes, flags: int, charge: int) -> None:
         self._held += charge
         self.messages_received += 1
-        channel = Channel.UNORDERED if flags & FLAG_UNORDERED else Channel.ORDERED
-        self._events.append((MessageReceived(payload, channel), charge))
+        if flags & FLAG_UNORDERED:
+            self._events.append((MessageReceived(payload, Channel.UNORDERED), charge))
+        else:
+            self._events.append((payload, charge))
 
     def _advance(self) -> None:
         """Move the cumulative point over units held, delivering whole messages."""
@@ -1355,7 +1411,9 @@ class ReliableConnection:
                 self.spurious_retransmissions += 1
             else:
                 fragment.acked = True
-                self._send_buffered -= _charge_of(len(fragment.payload))
+                length = len(fragment.payload)
+                units = 1 if length <= UNIT else -(-length // UNIT)
+                self._send_buffered -= length + units * FRAGMENT_CHARGE
         if size > BASE_DATAGRAM:
             self._pmtu.acked(record.pn, size)
         if flags & _FLAG_CLOSE and self.state is _CLOSING:
@@ -1459,8 +1517,11 @@ class ReliableConnection:
     @property
     def probe_timeout(self) -> float:
         """The current probe timeout, with its back-off (seconds)."""
-        delay = 0.0 if self._in_recovery() else self._peer_ack_delay
-        return self._rtt.backoff(delay, self._pto_count)
+        recovering = 0 <= self._next_pn - 1 - self._last_lost <= PACKET_THRESHOLD
+        delay = 0.0 if recovering else self._peer_ack_delay  # see _in_recovery
+        if self._pto_count:
+            return self._rtt.backoff(delay, self._pto_count)
+        return self._rtt.pto(delay)
 
     def _in_recovery(self) -> bool:
         """True while the newest packet sent is within ``PACKET_THRESHOLD`` of the last one
@@ -1693,7 +1754,7 @@ class ReliableConnection:
             payload = fragment.payload
             length = len(payload)
             room = cap - size - MSG.size
-            if length <= room and (length <= UNIT or dseq + _units(length) <= limit):
+            if length <= room and (length <= UNIT or dseq - (-length // UNIT) <= limit):
                 unsent.popleft()
             else:  # cut a run of whole units off the front of the message
                 units = min(room // UNIT, limit - dseq)

@@ -5,11 +5,12 @@ Rules of this module:
 * No I/O, no clock, no randomness, no logging: time arrives as ``now`` and the HMAC key is
   passed in (the adapter draws it with ``os.urandom``). Server connection ids are derived
   from the key and a counter, so they are unpredictable without it.
-* Inputs: ``datagram_received(data, addr, now)`` and ``handle_timer(now)``; after the
-  application sent on a connection, ``schedule(conn)``. Outputs: the connection a datagram
-  went to (its own ``datagrams_to_send``/``next_event`` are then pumped, to
-  ``conn.peer_address``), the stateless replies in ``datagrams_to_send()``, new connections
-  in ``accepted()``, and ``next_deadline()``: one timer for the whole endpoint.
+* Inputs: ``datagram_received(data, addr, now)`` and ``handle_timer(now)``. Outputs: the
+  connection a datagram went to (its own ``datagrams_to_send``/``next_event`` are then
+  pumped, to ``conn.peer_address``), the stateless replies in ``datagrams_to_send()``, new
+  connections in ``accepted()``, and ``next_deadline()``: one timer for the whole endpoint.
+  After pumping a connection (a datagram went to it, the application sent on it, or it
+  was accepted), the owner calls ``schedule(conn)``: its deadline moved.
 * Nothing is kept for an address before it proves it receives what is sent to it. Only two
   kinds of datagram are answered: sound packets for a known connection (from its address),
   and sound HELLOs of at least ``MIN_HELLO_SIZE`` bytes; anything else gets no reply and
@@ -221,8 +222,7 @@ class ReliableServerCore:
                 self.unknown_dropped += 1
                 return None
             conn.packet_received(data, ptype, pn, now)
-            self.schedule(conn)
-            return conn
+            return conn  # the owner pumps it, then schedules it
         if ptype != _HELLO:
             self.unknown_dropped += 1
             return None

@@ -132,8 +132,11 @@ class RttEstimator:
 
     def pto(self, max_ack_delay: float) -> float:
         """The base probe timeout (no back-off)."""
-        timeout = self.smoothed_rtt + max(4 * self.rttvar, GRANULARITY) + max_ack_delay
-        return max(timeout, MIN_PTO)
+        variation = 4 * self.rttvar
+        if variation < GRANULARITY:
+            variation = GRANULARITY
+        timeout = self.smoothed_rtt + variation + max_ack_delay
+        return timeout if timeout > MIN_PTO else MIN_PTO
 
     def backoff(self, max_ack_delay: float, count: int) -> float:
         """The probe timeout after ``count`` consecutive expiries: doubled each, capped."""
