@@ -339,15 +339,12 @@ class ReliableTransport(asyncio.Transport):
         closed = conn.state is _CLOSED
         take = self._take_messages
         while protocol is not None and (closed or not self._reading_paused):
-            if take is not None:
-                messages, size = conn.next_messages(RECV_BYTES)
-                if messages:
-                    take(messages, size)
-                    continue
-            event = conn.next_data()
+            event = conn.next_data() if take is None else conn.next_batch(RECV_BYTES)
             if event is None:
                 break
-            if type(event) is bytes:
+            if type(event) is list:
+                take(event, sum(map(len, event)))  # type: ignore[misc]
+            elif type(event) is bytes:
                 protocol.data_received(event)
             elif type(event) is MessageReceived:
                 protocol.data_received(event.data)
@@ -691,7 +688,8 @@ class ReliableEndpoint:
         if transport is not None:
             transport.pumped()
         if self._sock is not None:
-            burst = _burst(conn.datagram_size)
+            size = conn.datagram_size
+            burst = BURST if size * BURST <= BURST_BYTES else _burst(size)
             out = conn.datagrams_to_send(now, burst)
             addr = conn.peer_address if self.core is not None else None
             send = self._send

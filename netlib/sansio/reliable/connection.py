@@ -533,6 +533,7 @@ class ReliableConnection:
         "_token",
         "_unsent",
         "_window_sent",
+        "_window_step",
         "bytes_received",
         "bytes_sent",
         "cid",
@@ -623,6 +624,7 @@ class ReliableConnection:
         self._assembled = self._assembled_charge = 0
         self._held = 0
         self._max_dseq = self._window_sent = config.window_slots
+        self._window_step = config.window_slots // 4  # a window update worth an ACK
         # counters
         self.datagrams_sent = self.datagrams_received = 0
         self.bytes_sent = self.bytes_received = 0
@@ -734,25 +736,33 @@ class ReliableConnection:
             return MessageReceived(event, Channel.ORDERED)
         return event  # type: ignore[return-value]
 
-    def next_messages(self, limit: int) -> tuple[list[bytes], int]:
-        """For adapters that hand messages up in batches: the ordered messages at the head
-        of the events, up to ``limit`` bytes (at least one, if the next event is one), and
-        their size. Taking them frees their share of the receive buffer."""
+    def next_batch(self, limit: int) -> list[bytes] | ConnectionEvent | None:
+        """``next_data()`` for adapters that hand messages up in batches: the ordered
+        messages at the head of the events as a list, up to ``limit`` bytes (at least one),
+        else the next event (as ``next_data()`` has it), else None. Taking messages frees
+        their share of the receive buffer."""
         events = self._events
+        if not events:
+            return None
+        event, charge = events[0]
+        if type(event) is not bytes:  # an event (or an unordered message): not bytes
+            return self.next_data()  # type: ignore[return-value]
         messages: list[bytes] = []
         size = freed = 0
-        while events and size < limit:
-            event, charge = events[0]
-            if type(event) is not bytes:
-                break
+        while True:
             events.popleft()
             messages.append(event)
             size += len(event)
             freed += charge
+            if not events or size >= limit:
+                break
+            event, charge = events[0]
+            if type(event) is not bytes:
+                break
         if freed:
             self._held -= freed
             self._grow_window()
-        return messages, size
+        return messages
 
     def next_data(self) -> bytes | ConnectionEvent | None:
         """``next_event()`` for adapters: a message of the ordered channel comes as its
@@ -1337,7 +1347,7 @@ class ReliableConnection:
         limit = self._rcv_next + free
         if limit > self._max_dseq:
             self._max_dseq = limit
-            if limit - self._window_sent >= self._config.window_slots // 4:
+            if limit - self._window_sent >= self._window_step:
                 self._ack_now = True
                 self._ack_unsent = bool(self._rx_ranges)
 
@@ -1389,7 +1399,8 @@ class ReliableConnection:
             return
         if not self._ack_confirmed and _covered(self._ack_carrier, ranges):
             self._ack_confirmed = True  # the peer has our acknowledgements up to then
-            self._prune_ranges()
+            if len(self._rx_ranges) > 1:
+                self._prune_ranges()
         if sample is not None:
             self._rtt.update(now - sample.time, delay)
         for record in acked:
@@ -1589,7 +1600,11 @@ class ReliableConnection:
         pn = self._take_pn()
         if self.state is _CLOSED:
             return None
-        parts, size = self._header(pn)
+        if self._confirmed:  # (the usual header, without the call)
+            parts: list[bytes | memoryview] = [HEADER.pack(VERSION, _T_DATA, self.peer_cid, pn)]
+            size = OVERHEAD
+        else:
+            parts, size = self._header(pn)
         cap = BASE_DATAGRAM if self._probe_pending else self._datagram
         with_ack = self._ack_unsent or (
             first and (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
@@ -1611,7 +1626,11 @@ class ReliableConnection:
             ):
                 parts.append(_PING_FRAME)  # the last of a bulk: no delayed acknowledgement
                 size += 1
-        flags = self._control_frames(parts, size, bool(fragments), cap)
+        flags = (
+            self._control_frames(parts, size, bool(fragments), cap)
+            if control or self._close_pending
+            else 0
+        )
         if len(parts) == bare and not with_ack:
             return None  # nothing fitted (cannot happen with the sizes chosen): stop here
         self._probe_pending = False
@@ -1619,7 +1638,8 @@ class ReliableConnection:
         if fragments or flags:
             self._ping_pending = False
             self._in_flight(now, pn, packet, fragments, flags, with_ack)
-        self._count_sent(packet)
+        self.datagrams_sent += 1
+        self.bytes_sent += len(packet)
         return packet
 
     def _wants(self, now: float) -> tuple[bool, bool]:
