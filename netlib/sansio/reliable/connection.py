@@ -620,7 +620,7 @@ class ReliableConnection:
         self._rcv_next = 0
         self._ooo: dict[int, tuple[int, bytes] | None] = {}
         self._ooo_bytes = 0
-        self._assembling: list[bytes] = []
+        self._assembling: list[bytes | memoryview] = []
         self._assembled = self._assembled_charge = 0
         self._held = 0
         self._max_dseq = self._window_sent = config.window_slots
@@ -831,7 +831,8 @@ class ReliableConnection:
     # -- the adapter's side -------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, now: float) -> None:
-        """Take one datagram from the peer."""
+        """Take one datagram from the peer (``bytes``: parts of a message being reassembled
+        may stay views of it)."""
         header = check_datagram(data)
         if header is None:
             self.corrupt_dropped += 1
@@ -1162,6 +1163,7 @@ class ReliableConnection:
         """Process the frames of a packet; return True if it elicits an acknowledgement."""
         end = len(data) - CRC.size
         eliciting = False
+        view: memoryview | None = None
         while offset < end:
             frame = data[offset]
             if frame == _F_MSG:
@@ -1170,7 +1172,15 @@ class ReliableConnection:
                 stop = offset + length
                 if stop > end:
                     raise ProtocolError("MSG frame runs past the packet")
-                self._on_fragment(flags, dseq, data[offset:stop])
+                # a run of at least half the datagram is a view of it (no copy until the
+                # message is whole); a smaller one is copied out, so that what is held
+                # never keeps more than twice its size alive
+                if 2 * length >= end:
+                    if view is None:
+                        view = memoryview(data)
+                    self._on_fragment(flags, dseq, view[offset:stop])
+                else:
+                    self._on_fragment(flags, dseq, data[offset:stop])
                 offset = stop
                 eliciting = True
             elif frame == _F_ACK:
@@ -1192,8 +1202,9 @@ class ReliableConnection:
                 raise ProtocolError(f"unknown frame type {frame}")
         return eliciting
 
-    def _on_fragment(self, flags: int, dseq: int, payload: bytes) -> None:
-        """A run of units (``dseq`` and on) of one message."""
+    def _on_fragment(self, flags: int, dseq: int, payload: bytes | memoryview) -> None:
+        """A run of units (``dseq`` and on) of one message (a view of the datagram, if it
+        is at least half of it)."""
         if self.state is _DRAINING:
             return
         size = len(payload)
@@ -1222,7 +1233,7 @@ class ReliableConnection:
             return
         self._hold(flags, dseq, payload, end)
 
-    def _in_order(self, flags: int, payload: bytes, end: int) -> None:
+    def _in_order(self, flags: int, payload: bytes | memoryview, end: int) -> None:
         """Take a run that starts at the cumulative point and ends before ``end``."""
         start = self._rcv_next
         self._rcv_next = end
@@ -1234,7 +1245,7 @@ class ReliableConnection:
                     self._ooo_bytes -= len(entry[1]) + FRAGMENT_CHARGE
         self._append(flags, payload, len(payload) + (end - start) * FRAGMENT_CHARGE)
 
-    def _append(self, flags: int, payload: bytes, charge: int) -> None:
+    def _append(self, flags: int, payload: bytes | memoryview, charge: int) -> None:
         """Add an in-order run to the message being assembled; deliver it when whole."""
         assembling = self._assembling
         if flags & 3 == 3 and not assembling:
@@ -1256,14 +1267,15 @@ class ReliableConnection:
             assembling.clear()
             self._assembled = self._assembled_charge = 0
 
-    def _hold(self, flags: int, dseq: int, payload: bytes, end: int) -> None:
-        """Keep a run that arrived ahead of the cumulative point, one entry per unit."""
+    def _hold(self, flags: int, dseq: int, payload: bytes | memoryview, end: int) -> None:
+        """Keep a run that arrived ahead of the cumulative point, one entry per unit (each
+        a copy: a unit held must not keep its whole datagram alive)."""
         ooo = self._ooo
         if end - dseq == 1:
             if dseq in ooo:
                 self.duplicate_fragments += 1
                 return
-            ooo[dseq] = (flags, payload)
+            ooo[dseq] = (flags, bytes(payload))
             self._ooo_bytes += len(payload) + FRAGMENT_CHARGE
         else:
             fresh = False
@@ -1272,7 +1284,7 @@ class ReliableConnection:
             for i, n in enumerate(range(dseq, end)):
                 if n in ooo:
                     continue
-                piece = payload[i * UNIT : (i + 1) * UNIT]
+                piece = bytes(payload[i * UNIT : (i + 1) * UNIT])
                 edge = (flags & FLAG_FIRST if n == dseq else 0) | (
                     flags & FLAG_LAST if n == last else 0
                 )
@@ -1285,7 +1297,9 @@ class ReliableConnection:
         if flags & FLAG_UNORDERED:
             self._deliver_unordered(dseq)
 
-    def _deliver(self, payload: bytes, flags: int, charge: int) -> None:
+    def _deliver(self, payload: bytes | memoryview, flags: int, charge: int) -> None:
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # the one copy of a run that was a view of its datagram
         self._held += charge
         self.messages_received += 1
         if flags & FLAG_UNORDERED:
