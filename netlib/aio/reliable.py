@@ -13,12 +13,16 @@ reliable message, so the stream protocol that carries TCP connections (a
 ``StreamProtocol``, or a subclass such as the chat's) runs on it unchanged: framing, read
 limits, deadlines, the memory budget and ``MessageStream`` come with it.
 
-* **Receiving.** ``datagram_received`` hands the datagram to the core and marks the
-  connection it went to; nothing is sent from there. One ``call_soon`` per loop iteration
-  (``flush``) then pumps every marked connection: its events go to its protocol (each
-  message through ``data_received``), then ``datagrams_to_send(now, BURST)`` goes to the
-  socket. So acknowledgements for a batch of datagrams coalesce, and the replies a handler
-  writes in the next iteration carry them.
+* **Receiving.** Each datagram read goes to the core, and the messages it completed go
+  up to the connection's protocol at once (a ``StreamProtocol`` takes the ordered ones as
+  one list, ``receive_messages``: one wake-up of its consumer); nothing is sent from
+  there. The connection is marked, and one ``call_soon`` per loop iteration (``flush``),
+  scheduled after the wake-ups of the consumers, pumps every marked connection: other
+  events, then ``datagrams_to_send(now, BURST)`` to the socket. So the acknowledgements
+  for a batch of datagrams coalesce, and a handler woken by a message writes its reply
+  before the flush, which sends reply and acknowledgement in one datagram. Datagrams are
+  read into one buffer and copied out, or, after one of at least ``LARGE_DATAGRAM``
+  bytes, into a bytes object of their own.
 * **Bursts.** At most ``BURST`` datagrams, and ``BURST_BYTES`` bytes, per connection per
   iteration; a connection with more to send is marked again for the next one, so a whole
   congestion window never lands in the socket buffer at once, and other connections get

@@ -293,12 +293,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 self.messages_received()
                 self._abort_transport()
                 return
-            if conn.read_paused and not self.reading_paused:
-                self.reading_paused = True
-                self.transport.pause_reading()  # type: ignore[union-attr]
-            self.messages_received()
-            if self._budget is not None and conn.queued >= self._input_reported + REPORT_STEP:
-                self._report()
+            self._input_queued()
         elif self._budget is not None and conn.partial_size >= self._input_reported + (
             REPORT_STEP
         ):
@@ -319,14 +314,20 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
                 self.data_received(message)
             return
         if conn.receive_messages(messages, size, self._loop.time()):
-            if conn.read_paused and not self.reading_paused:
-                self.reading_paused = True
-                self.transport.pause_reading()  # type: ignore[union-attr]
-            self.messages_received()
-            if self._budget is not None and conn.queued >= self._input_reported + REPORT_STEP:
-                self._report()
+            self._input_queued()
         if conn.rearm:
             self._schedule_deadlines()
+
+    def _input_queued(self) -> None:
+        """Messages were queued: stop reading past the read limit, wake the consumer, and
+        tell the memory budget once the queue grew by ``REPORT_STEP``."""
+        conn = self.conn
+        if conn.read_paused and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.messages_received()
+        if self._budget is not None and conn.queued >= self._input_reported + REPORT_STEP:
+            self._report()
 
     def messages_received(self) -> None:
         """Messages were queued, or the input ended: wake the consumer."""

@@ -107,7 +107,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from netlib.errors import ClosedResourceError, LimitExceeded, ProtocolError, WouldBlock
 from netlib.sansio.reliable.pmtu import PathMtu
@@ -1253,6 +1253,8 @@ class ReliableConnection:
             return
         if bool(flags & FLAG_FIRST) == bool(assembling):
             raise ProtocolError("fragment flags do not frame a message")
+        if type(payload) is memoryview and 2 * len(payload) < len(cast(bytes, payload.obj)):
+            payload = bytes(payload)  # a run cut down to its new units: keep no datagram alive
         self._held += charge
         assembling.append(payload)
         self._assembled += len(payload)
