@@ -497,16 +497,15 @@ class ReliableEndpoint:
                 if self._large:
                     data, addr = sock.recvfrom(largest)
                     size = len(data)
-                    self._large = size >= LARGE_DATAGRAM
                 else:
                     size, addr = sock.recvfrom_into(buffer)
                     data = bytes(view[:size])
-                    self._large = size >= LARGE_DATAGRAM
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # an ICMP error (a client's peer port is closed)
                 self.error_received(exc)
                 return
+            self._large = size >= LARGE_DATAGRAM
             receive(data, addr, now)
             budget -= size
             if budget <= 0:
@@ -706,8 +705,7 @@ class ReliableEndpoint:
         if transport is not None:
             transport.pumped()
         if self._sock is not None:
-            size = conn.datagram_size
-            burst = BURST if size * BURST <= BURST_BYTES else _burst(size)
+            burst = _burst(conn.datagram_size)
             out = conn.datagrams_to_send(now, burst)
             addr = conn.peer_address if self.core is not None else None
             send = self._send

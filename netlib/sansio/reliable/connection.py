@@ -1544,8 +1544,7 @@ class ReliableConnection:
     @property
     def probe_timeout(self) -> float:
         """The current probe timeout, with its back-off (seconds)."""
-        recovering = 0 <= self._next_pn - 1 - self._last_lost <= PACKET_THRESHOLD
-        delay = 0.0 if recovering else self._peer_ack_delay  # see _in_recovery
+        delay = 0.0 if self._in_recovery() else self._peer_ack_delay
         if self._pto_count:
             return self._rtt.backoff(delay, self._pto_count)
         return self._rtt.pto(delay)
@@ -1616,11 +1615,7 @@ class ReliableConnection:
         pn = self._take_pn()
         if self.state is _CLOSED:
             return None
-        if self._confirmed:  # (the usual header, without the call)
-            parts: list[bytes | memoryview] = [HEADER.pack(VERSION, _T_DATA, self.peer_cid, pn)]
-            size = OVERHEAD
-        else:
-            parts, size = self._header(pn)
+        parts, size = self._header(pn)
         cap = BASE_DATAGRAM if self._probe_pending else self._datagram
         with_ack = self._ack_unsent or (
             first and (data or control) and not self._ack_confirmed and bool(self._rx_ranges)
@@ -1654,8 +1649,7 @@ class ReliableConnection:
         if fragments or flags:
             self._ping_pending = False
             self._in_flight(now, pn, packet, fragments, flags, with_ack)
-        self.datagrams_sent += 1
-        self.bytes_sent += len(packet)
+        self._count_sent(packet)
         return packet
 
     def _wants(self, now: float) -> tuple[bool, bool]:
