@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test check lint typecheck pytest bench soak docs clean
+.PHONY: demo test check lint typecheck pytest core bench soak docs clean
 
 # test + dev (ruff, mypy) + cli (prompt_toolkit for the interactive chat client, rich)
 $(STAMP): pyproject.toml
@@ -18,7 +18,12 @@ $(DOCS_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,dev,cli,docs]'
 	touch $(DOCS_STAMP)
 
-demo: $(STAMP)  ## run the main demo: servers on loopback, driven by the client, then stopped
+# The reliable-UDP core compiled with mypyc (tools/compile_core.py): rebuilt when its
+# sources change; where it cannot be built (no C compiler) netlib runs the core as Python.
+core: $(STAMP)
+	@$(BIN)/python tools/compile_core.py || true
+
+demo: $(STAMP) core  ## run the main demo: servers on loopback, driven by the client, then stopped
 	$(BIN)/python -m netlib demo
 
 test: check  ## lint, type-check and run the whole test suite
@@ -36,20 +41,24 @@ typecheck: $(STAMP)
 # compute); the ones marked serial (they measure time, memory or CPU) run alone after
 # them. compileall first: the tests start netlib in hundreds of subprocesses, and
 # PYTHONDONTWRITEBYTECODE would have each of them compile it again.
-pytest: $(STAMP)
+# The core's own tests run once more with the core as Python (NETLIB_PURE_PYTHON=1):
+# both forms of it must behave the same.
+pytest: $(STAMP) core
 	$(BIN)/python -m compileall -q netlib benchmarks tests > /dev/null
 	$(BIN)/pytest -q -n 3 -m "not serial"
+	NETLIB_PURE_PYTHON=1 $(BIN)/pytest -q -n 3 -m "not serial" tests/sansio/test_reliable_*.py
 	$(BIN)/pytest -q -m serial
 
 docs: $(DOCS_STAMP)  ## build the documentation site into docs/_build/html; warnings are errors
 	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 	@echo "docs: open docs/_build/html/index.html"
 
-bench: $(STAMP)  ## run the benchmarks (several minutes)
+bench: $(STAMP) core  ## run the benchmarks (several minutes)
 	$(BIN)/python benchmarks/tcp_echo.py
 
-soak: $(STAMP)  ## robustness row R18: 30 minutes of mixed traffic, then the verdict
+soak: $(STAMP) core  ## robustness row R18: 30 minutes of mixed traffic, then the verdict
 	$(BIN)/python benchmarks/soak.py --minutes 30 --warmup 5
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis docs/_build
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis docs/_build \
+		netlib/sansio/reliable/_compiled

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness.netns import SERVER_ADDRESS, Namespaces, check_tools, namespaces
 
 import netlib
+from netlib.sansio.reliable import core_kind
 
 HEADER = struct.Struct("!Id")  # sequence number, send time
 KCP_CONV = 0x4E4C
@@ -341,6 +342,7 @@ def main() -> int:
     if "kcp" in protos and not _kcp_available():
         print("loss_latency: the kcp package is not installed: kcp rows left out")
         protos.remove("kcp")
+    print(f"reliable core: {core_kind()}")
     rows = []
     with namespaces() as pair:
         for loss in (float(x) for x in args.loss.split(",")):
@@ -353,7 +355,7 @@ def main() -> int:
     for line in goals:
         print(line)
     if args.json:
-        document = {"loop": args.loop, "rows": rows, "goals": goals}
+        document = {"loop": args.loop, "core": core_kind(), "rows": rows, "goals": goals}
         args.json.write_text(json.dumps(document, indent=1))
     return 0
 

@@ -34,6 +34,7 @@ from typing import Literal
 import psutil
 
 import netlib
+from netlib.sansio.reliable import core_kind
 
 SERVER = """
 import sys
@@ -136,6 +137,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="rounds (medians are reported)")
     args = parser.parse_args()
     total = args.mib * 2**20 // args.message * args.message
+    print(f"reliable core: {core_kind()}")
     for loop in ("uvloop", "asyncio"):
         measure(loop, total, args.message, args.runs)
     return 0

@@ -21,6 +21,7 @@ import pytest
 import uvloop
 
 from netlib.nats_server import LocalNatsServer
+from netlib.sansio.reliable import core_kind
 
 _handler_calls: list[dict[str, Any]] = []
 
@@ -60,6 +61,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # uvloop opens two process-wide descriptors with its first loop; open them before any
     # test counts descriptors.
     uvloop.new_event_loop().close()
+
+
+def pytest_report_header() -> str:
+    return f"netlib reliable-UDP core: {core_kind()}"
 
 
 def open_fds() -> dict[str, str]:

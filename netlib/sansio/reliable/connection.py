@@ -200,7 +200,6 @@ _FLAG_PING: Final = 1
 _FLAG_CLOSE: Final = 2
 _FLAG_PROBE: Final = 4  # a path MTU probe (its loss is no congestion; nothing is resent)
 _FIT: Final = OVERHEAD + ACK.size + MSG.size  # a packet's bytes around one run of units
-_ABSENT: Final = (0, b"")  # a marker: no entry
 _DRAIN_PING: Final = MIN_WINDOW  # bytes in flight above which the packet that empties the
 # send queue carries a PING: the peer acknowledges it at once instead of after its ack delay
 # (a bulk sender waiting for its buffer to drain would idle for that delay); below it, as
@@ -1240,8 +1239,7 @@ class ReliableConnection:
         ooo = self._ooo
         if ooo and end - start > 1:  # units of this run held already, from smaller runs
             for n in range(start + 1, end):
-                entry = ooo.pop(n, _ABSENT)
-                if entry is not _ABSENT and entry is not None:
+                if n in ooo and (entry := ooo.pop(n)) is not None:
                     self._ooo_bytes -= len(entry[1]) + FRAGMENT_CHARGE
         self._append(flags, payload, len(payload) + (end - start) * FRAGMENT_CHARGE)
 

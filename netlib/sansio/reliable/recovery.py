@@ -186,7 +186,7 @@ class CongestionWindow:
             return False  # the same loss event as the last reduction
         self._recovery_start = now
         self.window = max(int(self.window * LOSS_REDUCTION), self.minimum)
-        self.ssthresh = self.window
+        self.ssthresh = float(self.window)
         return True
 
     def on_persistent_congestion(self, now: float) -> None:
