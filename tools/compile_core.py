@@ -16,6 +16,7 @@ without them it says so in one line, exits 1, and netlib runs the core as Python
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def up_to_date() -> bool:
 
 def missing_tool() -> str | None:
     """Why a build cannot start here, or None."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         return f"no C compiler ({compiler})"
     for module in ("mypyc", "setuptools"):
@@ -59,7 +60,10 @@ def build(work: Path) -> None:
     from setuptools import Distribution
 
     sources = [f"netlib/sansio/reliable/{name}.py" for name in reliable.COMPILED_MODULES]
-    extensions = mypycify(sources, group_name=GROUP, target_dir=str(work / "c"))
+    # the modules the core imports are read for their types, not checked again here (a
+    # wheel's build has netlib's dependencies but not every extra's)
+    options = ["--follow-imports=silent"]
+    extensions = mypycify([*options, *sources], group_name=GROUP, target_dir=str(work / "c"))
     distribution = Distribution({"name": "netlib-core", "ext_modules": extensions})
     command = distribution.get_command_obj("build_ext")
     command.build_lib = str(work / "lib")
@@ -70,12 +74,16 @@ def build(work: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="build even if up to date")
+    parser.add_argument(
+        "--into", type=Path, help="put the build there (a wheel's build) instead of beside"
+    )
     parser.add_argument("--build-in", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_in is not None:
         build(args.build_in)
         return 0
-    if not args.force and up_to_date():
+    target = reliable.COMPILED_DIR if args.into is None else args.into.resolve()
+    if args.into is None and not args.force and up_to_date():
         print("compile_core: the compiled core is up to date")
         return 0
     problem = missing_tool()
@@ -91,13 +99,12 @@ def main() -> int:
             print((done.stdout + done.stderr)[-3000:], file=sys.stderr)
             print("compile_core: the build failed (above); the core runs as Python")
             return 1
-        target = reliable.COMPILED_DIR
         shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
+        target.mkdir(parents=True)
         for path in built:
             shutil.copy2(path, target / path.name)
         (target / reliable.DIGEST_FILE).write_text(digest + "\n")
-    print(f"compile_core: {len(built)} modules compiled into {target.relative_to(ROOT)}")
+    print(f"compile_core: {len(built)} modules compiled into {target}")
     return 0
 
 
