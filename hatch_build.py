@@ -19,9 +19,9 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 class CompiledCoreHook(BuildHookInterface):  # type: ignore[misc]  (hatchling: no stubs here)
     PLUGIN_NAME = "custom"
+    _work: str | None = None  # the build's temporary directory
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        self._work: str | None = None
         if self.target_name != "wheel" or version == "editable":
             return
         if os.environ.get("NETLIB_PURE_PYTHON"):

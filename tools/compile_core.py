@@ -32,14 +32,6 @@ from netlib.sansio import reliable  # noqa: E402
 GROUP = "netlib.sansio.reliable._core"  # the shared library: one per build, in the package
 
 
-def up_to_date() -> bool:
-    try:
-        recorded = (reliable.COMPILED_DIR / reliable.DIGEST_FILE).read_text().strip()
-    except OSError:
-        return False
-    return recorded == reliable.sources_digest()
-
-
 def missing_tool() -> str | None:
     """Why a build cannot start here, or None."""
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
@@ -83,7 +75,7 @@ def main() -> int:
         build(args.build_in)
         return 0
     target = reliable.COMPILED_DIR if args.into is None else args.into.resolve()
-    if args.into is None and not args.force and up_to_date():
+    if args.into is None and not args.force and reliable.build_matches(target):
         print("compile_core: the compiled core is up to date")
         return 0
     problem = missing_tool()

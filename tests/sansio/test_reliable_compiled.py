@@ -40,6 +40,14 @@ def test_a_build_missing_a_module_is_not_used(build_dir: Path) -> None:
     assert not reliable._compiled_build_usable()
 
 
+def test_a_build_for_another_interpreter_is_not_used(build_dir: Path) -> None:
+    _fake_build(build_dir, reliable.sources_digest(), ())
+    for name in reliable.COMPILED_MODULES:
+        (build_dir / f"{name}.cpython-39-x86_64-linux-gnu.so").write_bytes(b"")
+    assert not reliable.build_matches(build_dir)
+    assert not reliable._compiled_build_usable()
+
+
 def test_no_build_and_the_pure_python_switch_mean_python(
     build_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -33,20 +33,23 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
-def _compiled_build_usable() -> bool:
-    if os.environ.get("NETLIB_PURE_PYTHON"):
-        return False
+def build_matches(directory: Path) -> bool:
+    """Whether ``directory`` holds a build of these sources for this interpreter."""
     try:
-        recorded = (COMPILED_DIR / DIGEST_FILE).read_text().strip()
+        recorded = (directory / DIGEST_FILE).read_text().strip()
     except OSError:
         return False
     if recorded != sources_digest():
         return False  # built from other sources: run these as Python
-    built = {path.name for path in COMPILED_DIR.iterdir()}
+    built = {path.name for path in directory.iterdir()}
     return all(  # built for this interpreter (the suffix names its version and ABI)
         any(f"{name}{suffix}" in built for suffix in EXTENSION_SUFFIXES)
         for name in COMPILED_MODULES
     )
+
+
+def _compiled_build_usable() -> bool:
+    return not os.environ.get("NETLIB_PURE_PYTHON") and build_matches(COMPILED_DIR)
 
 
 COMPILED = _compiled_build_usable()
