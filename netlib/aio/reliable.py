@@ -257,7 +257,7 @@ class ReliableTransport(asyncio.Transport):
                 self._unflushed = 0  # goes now, so the peer starts on it while we write on
                 self._endpoint.send_burst(conn)
         self._endpoint.mark(conn)
-        if not self._write_paused and conn.send_buffered + self._backlog_size > self._high:
+        if not self._write_paused and self.get_write_buffer_size() > self._high:
             self._write_paused = True
             if self._protocol is not None:
                 self._protocol.pause_writing()

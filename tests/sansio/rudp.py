@@ -15,6 +15,7 @@ from netlib.sansio.reliable.connection import (
 )
 from netlib.sansio.reliable.endpoint import ReliableServerCore
 from netlib.sansio.reliable.simulation import LinkProfile, Simulation
+from netlib.sansio.reliable.wire import MSG, FrameType, PacketType, encode_packet
 
 __all__ = [
     "CLIENT",
@@ -22,6 +23,7 @@ __all__ = [
     "KEY",
     "Recorder",
     "connected_pair",
+    "data_packet",
     "echo",
     "number_of",
     "numbered",
@@ -108,3 +110,9 @@ def stream_messages(sim: Simulation, conn: ReliableConnection, messages: list[by
             queue.pop()
 
     sim.at(sim.now, feed)
+
+
+def data_packet(conn: ReliableConnection, pn: int, *frames: tuple[int, int, bytes]) -> bytes:
+    """A DATA packet to ``conn`` carrying MSG frames of ``(flags, dseq, payload)``."""
+    body = b"".join(MSG.pack(FrameType.MSG, flags, dseq, len(p)) + p for flags, dseq, p in frames)
+    return encode_packet(PacketType.DATA, conn.cid, pn, body)

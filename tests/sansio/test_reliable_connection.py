@@ -31,15 +31,13 @@ from netlib.sansio.reliable.wire import (
     MAX_DATAGRAM,
     MAX_MESSAGE,
     MIN_HELLO_SIZE,
-    MSG,
     UNIT,
-    FrameType,
     PacketType,
     check_datagram,
     encode_packet,
 )
 
-from .rudp import CLIENT, ETHERNET, KEY, Recorder, connected_pair, numbered
+from .rudp import CLIENT, ETHERNET, KEY, Recorder, connected_pair, data_packet, numbered
 
 
 def test_handshake_events_and_sizes() -> None:
@@ -448,12 +446,6 @@ def test_acknowledged_ack_ranges_are_forgotten() -> None:
     assert len(conn._rx_ranges) <= 4
 
 
-def _run_packet(cid: int, pn: int, flags: int, dseq: int, payload: bytes) -> bytes:
-    """A DATA packet to ``cid`` carrying one MSG frame."""
-    frame = MSG.pack(FrameType.MSG, flags, dseq, len(payload))
-    return encode_packet(PacketType.DATA, cid, pn, frame + payload)
-
-
 def test_a_message_in_large_runs_is_delivered_whole_and_keeps_no_datagram_alive() -> None:
     """A run of at least half its datagram is a view of it until the message is whole;
     one cut down to its new units (a resend that starts before what arrived) is copied,
@@ -471,14 +463,14 @@ def test_a_message_in_large_runs_is_delivered_whole_and_keeps_no_datagram_alive(
         peer_address=CLIENT,
     )
     message = bytes(range(256)) * 200  # 51,200 bytes: 45 units
-    server.datagram_received(_run_packet(7, 1, FLAG_FIRST, 0, message[: 10 * UNIT]), 0.0)
+    server.datagram_received(data_packet(server, 1, (FLAG_FIRST, 0, message[: 10 * UNIT])), 0.0)
     # the same start again, as one run of 11 units: only its last unit is new
-    server.datagram_received(_run_packet(7, 2, FLAG_FIRST, 0, message[: 11 * UNIT]), 0.0)
+    server.datagram_received(data_packet(server, 2, (FLAG_FIRST, 0, message[: 11 * UNIT])), 0.0)
     pieces = server._assembling
     assert len(pieces) == 2
     assert isinstance(pieces[0], memoryview)  # 10 units: the whole datagram but its headers
     assert type(pieces[1]) is bytes  # 1 unit of an 11-unit datagram: copied out
-    server.datagram_received(_run_packet(7, 3, FLAG_LAST, 11, message[11 * UNIT :]), 0.0)
+    server.datagram_received(data_packet(server, 3, (FLAG_LAST, 11, message[11 * UNIT :])), 0.0)
     assert server.next_event() == Connected()
     event = server.next_event()
     assert isinstance(event, MessageReceived)

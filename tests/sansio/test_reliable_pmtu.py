@@ -28,14 +28,19 @@ from netlib.sansio.reliable.wire import (
     FLAG_LAST,
     FLAG_UNORDERED,
     MAX_DATAGRAM,
-    MSG,
     UNIT,
-    FrameType,
-    PacketType,
-    encode_packet,
 )
 
-from .rudp import CLIENT, ETHERNET, KEY, Recorder, connected_pair, numbered, stream_messages
+from .rudp import (
+    CLIENT,
+    ETHERNET,
+    KEY,
+    Recorder,
+    connected_pair,
+    data_packet,
+    numbered,
+    stream_messages,
+)
 
 MiB = 1024 * 1024
 
@@ -313,11 +318,6 @@ def test_path_mtu_black_hole_needs_a_failed_confirmation() -> None:
 # -- runs of units on the receiving side ------------------------------------------------------
 
 
-def _data_packet(conn: ReliableConnection, pn: int, *frames: tuple[int, int, bytes]) -> bytes:
-    body = b"".join(MSG.pack(FrameType.MSG, flags, dseq, len(p)) + p for flags, dseq, p in frames)
-    return encode_packet(PacketType.DATA, conn.cid, pn, body)
-
-
 def test_runs_and_their_smaller_resends_are_reassembled_once() -> None:
     """A run of three units and pieces of it, in every overlap a fallback can cause: each
     message is delivered once and whole, and nothing stays buffered."""
@@ -339,7 +339,7 @@ def test_runs_and_their_smaller_resends_are_reassembled_once() -> None:
         (first | last | FLAG_UNORDERED, base + 6, u),  # U again, whole: a duplicate
     ]
     for i, frame in enumerate(frames):
-        sim.server.datagram_received(_data_packet(conn, pn + i, frame), CLIENT, sim.now)
+        sim.server.datagram_received(data_packet(conn, pn + i, frame), CLIENT, sim.now)
     events = []
     while (event := conn.next_event()) is not None:
         events.append(event)
@@ -352,7 +352,7 @@ def test_runs_and_their_smaller_resends_are_reassembled_once() -> None:
 def test_a_run_that_is_not_whole_units_is_a_protocol_error() -> None:
     sim, client, _ = connected_pair(server_events=Recorder())
     conn = server_conn(sim)
-    bad = _data_packet(conn, client._next_pn + 5, (FLAG_FIRST, client._next_dseq, bytes(2000)))
+    bad = data_packet(conn, client._next_pn + 5, (FLAG_FIRST, client._next_dseq, bytes(2000)))
     sim.server.datagram_received(bad, CLIENT, sim.now)
     assert conn.state is ConnectionState.CLOSED
     assert conn.statistics().corrupt_dropped == 0

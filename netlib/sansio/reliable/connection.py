@@ -689,7 +689,7 @@ class ReliableConnection:
         if size > self._send_limit:
             limit = self._send_limit
             raise LimitExceeded(f"message of {size} bytes exceeds the limit of {limit} bytes")
-        units = 1 if size <= UNIT else -(-size // UNIT)
+        units = _units(size)
         charge = size + units * FRAGMENT_CHARGE
         buffered = self._send_buffered
         if buffered and buffered + charge > self._config.send_buffer:
@@ -1207,7 +1207,7 @@ class ReliableConnection:
         if self.state is _DRAINING:
             return
         size = len(payload)
-        units = 1 if size <= UNIT else -(-size // UNIT)
+        units = _units(size)
         if not flags & FLAG_LAST and size != units * UNIT:
             raise ProtocolError("a MSG frame that does not end its message is not whole units")
         end = dseq + units
@@ -1436,9 +1436,7 @@ class ReliableConnection:
                 self.spurious_retransmissions += 1
             else:
                 fragment.acked = True
-                length = len(fragment.payload)
-                units = 1 if length <= UNIT else -(-length // UNIT)
-                self._send_buffered -= length + units * FRAGMENT_CHARGE
+                self._send_buffered -= _charge_of(len(fragment.payload))
         if size > BASE_DATAGRAM:
             self._pmtu.acked(record.pn, size)
         if flags & _FLAG_CLOSE and self.state is _CLOSING:
@@ -1782,7 +1780,7 @@ class ReliableConnection:
             payload = fragment.payload
             length = len(payload)
             room = cap - size - MSG.size
-            if length <= room and (length <= UNIT or dseq - (-length // UNIT) <= limit):
+            if length <= room and (length <= UNIT or dseq + _units(length) <= limit):
                 unsent.popleft()
             else:  # cut a run of whole units off the front of the message
                 units = min(room // UNIT, limit - dseq)
