@@ -12,6 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from netlib.errors import ClosedResourceError, LimitExceeded, WouldBlock
 from netlib.sansio.reliable.connection import (
+    DEFAULT_ACK_DELAY,
+    DEFAULT_SERVER_ACK_DELAY,
     Channel,
     CloseCode,
     Connected,
@@ -431,6 +433,38 @@ def test_a_clock_going_backwards_breaks_nothing() -> None:
     assert conn.datagrams_to_send(sim.now - 10.0) is not None
     conn.handle_timer(sim.now - 10.0)
     assert conn.state is ConnectionState.ESTABLISHED
+
+
+@pytest.mark.parametrize("configured", [None, 0.005])
+def test_a_server_acknowledges_within_2_ms_and_a_client_within_10(
+    configured: float | None,
+) -> None:
+    """With no reply to ride on, a server's acknowledgement waits at most
+    ``DEFAULT_SERVER_ACK_DELAY`` and a client's ``DEFAULT_ACK_DELAY``; each side learns the
+    other's in the handshake and its probe timeout includes it. ``max_ack_delay`` sets
+    both."""
+    config = ReliableConfig(max_ack_delay=configured)
+    server = ReliableServerCore(KEY, config=config)
+    sim, client, _ = connected_pair(server_events=Recorder(), server=server, config=config)
+    (conn,) = sim.server.connections()
+    sim.run(limit=sim.now + 0.1)  # the handshake's and the size probes' exchanges are over
+
+    def acknowledged_after(sender: ReliableConnection) -> float:
+        begin = sim.now
+        sender.send(b"no reply")
+        sim.at(sim.now, lambda: None)  # a step: the sender is pumped
+        assert sim.run(lambda: sender.send_buffered == 0, limit=sim.now + 1)
+        return sim.now - begin
+
+    rtt = 0.002  # 1 ms each way
+    server_delay = configured or DEFAULT_SERVER_ACK_DELAY
+    client_delay = configured or DEFAULT_ACK_DELAY
+    assert acknowledged_after(client) == pytest.approx(rtt + server_delay, abs=0.0005)
+    assert acknowledged_after(conn) == pytest.approx(rtt + client_delay, abs=0.0005)
+    assert client._peer_ack_delay == pytest.approx(server_delay)
+    assert conn._peer_ack_delay == pytest.approx(client_delay)
+    difference = client.probe_timeout - conn.probe_timeout  # the same path both ways
+    assert difference == pytest.approx(server_delay - client_delay, abs=0.001)
 
 
 def test_acknowledged_ack_ranges_are_forgotten() -> None:
