@@ -26,7 +26,7 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
-from netlib.aio.reliable import BURST_BYTES, ReliableEndpoint
+from netlib.aio.reliable import BURST_BYTES, TIMER_SLACK, ReliableEndpoint
 from netlib.aio.sockets import datagram_peers
 from netlib.sansio.reliable import wire
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
@@ -198,6 +198,23 @@ async def test_a_writer_that_queues_a_burst_sends_it_before_yielding() -> None:
             assert during >= 3  # three bursts went while writing; the rest at the flush
             for _ in range(4 * BURST_BYTES // 16384):
                 assert await stream.receive() == bytes(16384)
+
+
+async def test_the_timer_follows_the_deadline_when_an_acknowledgement_moves_it_later() -> None:
+    """A request's probe timeout is made moot by its reply's acknowledgement: the endpoint's
+    timer moves to the next deadline (the reply's acknowledgement, 10 ms on) instead of
+    waking the loop for nothing at the old one."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            transport = cast(Any, stream._protocol.transport)
+            endpoint, conn = transport._endpoint, transport.conn
+            for i in range(5):
+                await stream.send(b"request %d" % i)
+                assert await stream.receive() == b"request %d" % i
+                await asyncio.sleep(0)  # one loop iteration: the flush after the reply
+                deadline = conn.next_deadline()
+                assert deadline - TIMER_SLACK <= endpoint._timer_at <= deadline
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:
