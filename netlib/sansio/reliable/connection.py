@@ -178,7 +178,7 @@ DEFAULT_SERVER_ACK_DELAY: Final = 0.002
 answers: a handler's reply leaves within a fraction of a millisecond and carries the
 acknowledgement of its request, so holding it longer saves nothing, while the client's probe
 timeout includes this delay: a lost request is probed about 2 ms after a round trip, not
-10 ms (p99 of an echo every 10 ms at 10 % loss each way: 11-13 ms instead of 21-28)."""
+10 ms (p99 of an echo every 10 ms at 10 % loss each way: 11-15 ms instead of 21-30)."""
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
 """Seconds without a packet from the peer after which a connection times out."""
 DEFAULT_KEEPALIVE: Final = 15.0
