@@ -201,20 +201,31 @@ async def test_a_writer_that_queues_a_burst_sends_it_before_yielding() -> None:
 
 
 async def test_the_timer_follows_the_deadline_when_an_acknowledgement_moves_it_later() -> None:
-    """A request's probe timeout is made moot by its reply's acknowledgement: the endpoint's
-    timer moves to the next deadline (the reply's acknowledgement, 10 ms on) instead of
-    waking the loop for nothing at the old one."""
+    """After every flush the endpoint's timer is within ``TIMER_SLACK`` before the next
+    deadline, never after it: a request's probe timeout, made moot by its reply's
+    acknowledgement, does not stay armed to wake the loop for nothing."""
     async with open_reliable_udp_server(echo_handler) as server:
         port = server.addresses[0][1]
         async with connect_reliable_udp("127.0.0.1", port) as stream:
             transport = cast(Any, stream._protocol.transport)
             endpoint, conn = transport._endpoint, transport.conn
+            flush = endpoint.flush
+            armed: list[tuple[float, float]] = []
+
+            def flush_and_record() -> None:
+                flush()
+                armed.append((endpoint._timer_at, conn.next_deadline()))
+
+            endpoint.flush = flush_and_record  # the loop calls what ``mark()`` scheduled
             for i in range(5):
                 await stream.send(b"request %d" % i)
                 assert await stream.receive() == b"request %d" % i
-                await asyncio.sleep(0)  # one loop iteration: the flush after the reply
-                deadline = conn.next_deadline()
-                assert deadline - TIMER_SLACK <= endpoint._timer_at <= deadline
+                # the flush after the reply (the next request would share it)
+                await wait_until(lambda: endpoint._flush_handle is None)
+            endpoint.flush = flush
+    assert len(armed) >= 5  # at least the flush after each reply
+    for timer_at, deadline in armed:
+        assert deadline - TIMER_SLACK <= timer_at <= deadline
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:
