@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -170,7 +171,8 @@ async def open_speedtest_server(
     Args:
         host: address or name to bind (default loopback; None: every interface).
         port: TCP port of the control connections and TCP streams (0: a free one).
-        udp_port: UDP port of UDP tests (default: ``port``'s number; a free one if 0).
+        udp_port: UDP port of UDP tests (default: ``port``'s number; a free one if 0, or
+            if ``port`` is 0 and its number is taken for UDP).
         rudp_port: UDP port of reliable-UDP tests (default: ``port`` + 1; a free one if
             ``port`` is 0).
         limits: what a test may ask for and how many run at once (``SpeedtestLimits``).
@@ -200,9 +202,17 @@ async def open_speedtest_server(
         bound = server.addresses[0][1]
         where = host if host is not None else ""
         udp_at = (where, bound if udp_port is None else udp_port)
-        udp = await stack.enter_async_context(
-            _datagram_endpoint(DatagramSocketOptions(local=udp_at), service.consume)
-        )
+        try:
+            udp = await stack.enter_async_context(
+                _datagram_endpoint(DatagramSocketOptions(local=udp_at), service.consume)
+            )
+        except OSError as exc:
+            if port or udp_port is not None or exc.errno != errno.EADDRINUSE:
+                raise
+            # the free TCP port's number is taken for UDP: any free one (a client is told)
+            udp = await stack.enter_async_context(
+                _datagram_endpoint(DatagramSocketOptions(local=(where, 0)), service.consume)
+            )
         service.attach_udp(udp)
         rudp = await stack.enter_async_context(
             open_reliable_udp_server(

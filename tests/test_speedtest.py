@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 import netlib
+import netlib.speedtest as speedtest_module
 from netlib.cli import main
 from netlib.sansio import speedtest as st
 from netlib.services.speedtest import _all
@@ -121,6 +123,31 @@ async def test_udp_is_paced_to_the_bitrate() -> None:
     assert result.sent.bits_per_second == pytest.approx(2e6, rel=0.1)
     assert result.sent.messages == pytest.approx(2e6 * 0.3 / 8 / 500, rel=0.1)
     assert result.bits_per_second == pytest.approx(2e6, rel=0.1)
+
+
+async def test_a_free_tcp_port_whose_number_is_taken_for_udp_serves_udp_on_a_free_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``port=0``: the UDP endpoint takes the TCP port's number, unless a UDP socket holds
+    it already (any process's); then a free one, which the client is told."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        number = taken.getsockname()[1]
+        original = speedtest_module._datagram_endpoint
+
+        def onto_the_taken_number(options: Any, *args: Any) -> Any:
+            if options.local is not None and options.local[1]:  # the TCP port's number
+                options = dataclasses.replace(options, local=(options.local[0], number))
+            return original(options, *args)
+
+        monkeypatch.setattr(speedtest_module, "_datagram_endpoint", onto_the_taken_number)
+        async with _server() as server:
+            assert server.udp_address[1] not in (0, number)
+            result = await netlib.run_speedtest(
+                "127.0.0.1", _port(server), protocol="udp", duration=SHORT, bitrate=4e6
+            )
+    assert result.datagrams is not None
+    assert result.datagrams.packets == result.sent.messages > 0
 
 
 async def test_tcp_can_be_paced_too() -> None:
