@@ -21,6 +21,7 @@ import pytest
 
 import netlib
 from netlib import LocalNatsServer, NatsHub, NatsHubConfig, ServiceUnavailable
+from netlib.services.chat.service import encode_line
 from netlib.services.nats_hub import DEFAULT_NATS_URL, NATS_URL_ENV, nats_servers, nick_key
 from tests.helpers import poll_until, wait_until
 from tests.test_chat import LineClient
@@ -251,6 +252,39 @@ async def test_members_stay_through_a_nats_outage_and_nothing_said_is_lost_or_do
         assert stats.undelivered == 0
         for client in (alice, bob):
             await client.aclose()
+
+
+async def test_a_node_s_lines_keep_their_order_when_nats_crashes_mid_stream(
+    nats_server: LocalNatsServer,
+) -> None:
+    """A node streams lines while NATS is killed and started again, three times: lines
+    written to the dying connection are lost, lines still in nats-py's buffer would be
+    written to the next connection first; the hub drops that buffer and resends everything
+    unacknowledged in order, so a reader gets every line once, in the order published."""
+    async with cluster(nats_server.url, 2) as (one, two):
+        bob = await member(two, "bob")
+        per_crash = 300
+        for crash in range(3):
+            first = crash * per_crash
+
+            async def stream(first: int = first) -> None:
+                for i in range(first, first + per_crash):
+                    await hub(one).publish("#lobby", encode_line(f"[#lobby] <alice> {i}"), None)
+                    await asyncio.sleep(0)  # one line per loop iteration: always mid-write
+
+            streaming = asyncio.create_task(stream())
+
+            def under_way(enough: int = hub(one).statistics().acknowledged + 50) -> bool:
+                return hub(one).statistics().acknowledged > enough
+
+            await wait_until(under_way)
+            nats_server.kill()
+            nats_server.start()
+            await streaming
+            said = [int(text) for text in await read_said(bob, per_crash, 30.0)]
+            assert said == list(range(first, first + per_crash))  # each once, in order
+        assert hub(one).statistics().outages == 3
+        await bob.aclose()
 
 
 async def test_a_line_that_cannot_wait_longer_is_reported_to_its_sender(

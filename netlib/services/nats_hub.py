@@ -26,10 +26,12 @@ sequences means lines expired from the stream before this node read them: counte
 ``OUTBOX_LINES`` lines and ``OUTBOX_BYTES`` bytes); one task sends the outbox in order,
 up to ``PUBLISH_WINDOW`` lines unacknowledged. A line not acknowledged within
 ``ACK_TIMEOUT``, refused, or in flight when the connection broke is sent again, with the
-lines after it (go-back-N), under the same message id. While NATS is out of reach lines
-wait in the outbox; a line that waited ``OUTBOX_TIMEOUT`` (or found the outbox full) is
-dropped and its sender told (``ClusterNode.undelivered``): "not sent" if it never left,
-"not confirmed" if it may have been stored. Nothing said is lost silently.
+lines after it (go-back-N), under the same message id; when the connection breaks, what
+nats-py had not yet written is dropped, since it would go to the next connection ahead
+of the resent lines (a line would be stored before one said earlier). While NATS is out
+of reach lines wait in the outbox; a line that waited ``OUTBOX_TIMEOUT`` (or found the
+outbox full) is dropped and its sender told (``ClusterNode.undelivered``): "not sent" if
+it never left, "not confirmed" if it may have been stored. Nothing said is lost silently.
 
 *History*: each node keeps the last ``HISTORY_LINES`` lines said in each room it has read
 (``HISTORY_BYTES`` in all); a member joining a room gets them first. A starting node reads
@@ -653,10 +655,23 @@ class NatsHub:
     async def _on_disconnected(self) -> None:
         self._connected = False
         self._requeue(list(self._inflight))  # sent again, same ids, once reconnected
+        self._drop_unwritten()
         if self._keeper is not None:  # its requests went with the connection
             self._keeper.cancel()
         if not self._closing:
             self._set_available(False, "connection to NATS lost")
+
+    def _drop_unwritten(self) -> None:
+        """Forget the commands nats-py holds for the broken connection (``_pending``: not
+        yet written). It writes them to the next connection before anything else, so a
+        line held there, behind one lost with the old socket, would be stored ahead of it,
+        and the resend of the lost one after it. Every line in flight was put back in the
+        outbox and goes again in order; subscriptions are renewed by nats-py; a request
+        among the dropped commands times out as one sent before a crash does."""
+        nc = self._nc
+        if nc is not None and isinstance(getattr(nc, "_pending", None), list):
+            nc._pending = []
+            nc._pending_data_size = 0
 
     async def _on_reconnected(self) -> None:
         self._connected = True
