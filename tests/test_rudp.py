@@ -228,6 +228,21 @@ async def test_the_timer_follows_the_deadline_when_an_acknowledgement_moves_it_l
         assert deadline - TIMER_SLACK <= timer_at <= deadline
 
 
+async def test_rtt_samples_are_exact_on_both_loops() -> None:
+    """The cores read an exact clock: uvloop's ``loop.time()`` counts whole milliseconds,
+    read once per iteration, and made every RTT sample on loopback 0 or 1 ms."""
+    samples = []
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as stream:
+            for i in range(20):
+                await stream.send(b"request %d" % i)
+                assert await stream.receive() == b"request %d" % i
+                samples.append(stream.extra("reliable_statistics").latest_rtt)
+    assert min(samples) > 0
+    assert any(sample * 1000 != round(sample * 1000) for sample in samples)
+
+
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:
     seen: list[bytes] = []
     ended = asyncio.Event()

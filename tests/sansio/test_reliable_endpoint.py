@@ -22,6 +22,7 @@ from netlib.sansio.reliable.connection import (
 )
 from netlib.sansio.reliable.endpoint import (
     COOKIE_LIFETIME,
+    RESCHEDULE_SLACK,
     ReliableServerCore,
 )
 from netlib.sansio.reliable.simulation import LinkProfile, Simulation, SplitMix64
@@ -164,6 +165,33 @@ def test_one_deadline_for_the_endpoint() -> None:
     assert deadline is not None
     assert deadline <= (conn.next_deadline() or 0)
     assert core.handle_timer(deadline - 1) == []
+
+
+def test_the_endpoint_s_deadline_follows_a_connection_s_deadline_that_moved_later() -> None:
+    """A request sets the server's acknowledgement deadline; a handler answers half a
+    millisecond later, as a task woken by the request does, and its reply carries the
+    acknowledgement: the connection's deadline moves later, to the reply's probe timeout.
+    The endpoint reports that one, not the moot one, which would wake the loop for nothing
+    once per request."""
+    requests = Recorder()
+    sim, client, replies = connected_pair(server_events=requests)
+    core = sim.server
+    (conn,) = core.connections()
+    for i in range(5):
+        client.send(b"%d" % i)
+        assert sim.run(lambda: len(requests.messages) > len(replies.messages), limit=sim.now + 1)
+        moot = conn.next_deadline()
+        assert moot is not None
+        registered = core.next_deadline()  # the acknowledgement's, a delay away
+        assert registered is not None
+        assert moot - RESCHEDULE_SLACK < registered <= moot
+        sim.at(sim.now + 0.0005, functools.partial(conn.send, requests.messages[-1]))
+        assert sim.run(lambda: len(replies.messages) == len(requests.messages), limit=sim.now + 1)
+        assert sim.now < moot  # answered within the acknowledgement delay
+        deadline = conn.next_deadline()
+        assert deadline is not None
+        assert deadline - moot >= RESCHEDULE_SLACK
+        assert core.next_deadline() == deadline
 
 
 def test_the_timer_heap_stays_small_on_a_busy_connection() -> None:

@@ -37,11 +37,14 @@ handshake after the idle timeout). Unknown ids get no reply: a stateless reset w
 authenticated token, and an unauthenticated one would let anyone who guesses an id close a
 connection.
 
-Timers: ``schedule(conn)`` puts a connection's next deadline in a heap, unless an earlier
-entry is there already; entries are checked lazily when due (the connection's real deadline
-may have moved), and the endpoint needs one event-loop timer. An entry made stale by an
-earlier one stays in the heap until its time; a busy connection makes one such entry per
-quiet spell (an idle deadline a minute away), so the heap is rebuilt from the registered
+Timers: ``schedule(conn)`` puts a connection's next deadline in a heap when it is earlier
+than the one registered, or later by ``RESCHEDULE_SLACK`` or more, and the endpoint needs one
+event-loop timer. The entry a new one replaces stays in the heap, stale: ``handle_timer``
+skips stale entries, and ``next_deadline()`` drops them from the top, so the timer follows
+a deadline that moved later (a request's acknowledgement deadline, made moot when the
+reply carried the acknowledgement, woke a server's loop for nothing once per request). A
+deadline later by less than the slack keeps its earlier entry: it fires, finds nothing
+due, and the connection is scheduled again. The heap is rebuilt from the registered
 deadlines whenever it holds more than two entries per connection (plus a slack): amortized
 O(log n) per schedule, and memory for about two entries per connection.
 """
@@ -78,6 +81,7 @@ __all__ = [
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_MAX_SESSIONS_PER_HOST",
     "MAX_PENDING_REPLIES",
+    "RESCHEDULE_SLACK",
     "ReliableServerCore",
     "ReliableServerStatistics",
 ]
@@ -95,6 +99,8 @@ MAX_PENDING_REPLIES: Final = 1024
 """Stateless replies (cookies, refusals) queued until ``datagrams_to_send()``."""
 MIN_KEY_SIZE: Final = 16
 _MAC_SIZE: Final = 16
+RESCHEDULE_SLACK: Final = 0.001
+"""Seconds by which a connection's deadline must move later to replace its timer entry."""
 _HEAP_SLACK: Final = 64  # stale timer entries tolerated beyond two per connection
 _HELLO: Final = int(PacketType.HELLO)
 _CLOSED: Final = ConnectionState.CLOSED
@@ -257,7 +263,7 @@ class ReliableServerCore:
         if deadline is None:
             return
         known = self._registered.get(conn.cid)
-        if known is None or deadline < known:
+        if known is None or deadline < known or deadline - known >= RESCHEDULE_SLACK:
             self._registered[conn.cid] = deadline
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, conn.cid))
@@ -284,7 +290,14 @@ class ReliableServerCore:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` should run next, or None."""
-        return self._heap[0][0] if self._heap else None
+        heap = self._heap
+        registered = self._registered
+        while heap:
+            deadline, _, cid = heap[0]
+            if registered.get(cid) == deadline:
+                return deadline
+            heapq.heappop(heap)  # stale: its connection's deadline moved, or it closed
+        return None
 
     @property
     def sessions(self) -> int:
