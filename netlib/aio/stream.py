@@ -133,13 +133,10 @@ def _read_buffer() -> memoryview:
     return view
 
 
-REPORT_STEP: Final = 16 * 1024
+REPORT_STEP: Final = 64 * 1024
 """A connection's input (queued messages and a partial frame) is reported to the memory
 budget each time it has grown by about this much (at most a read more) since the last
-report. Below ``READ_SIZE``, so a full read is always reported: with 64 KiB steps a
-thousand connections each up to a step and a read behind their reports hid up to 125 MiB
-from a 256 MiB budget (a thousand slow readers peaked at +280 to +302 MiB of RSS on
-uvloop, +266 to +284 with 16 KiB)."""
+report."""
 OUTPUT_REPORT_STEP: Final = 16 * 1024
 """While writing is paused, a connection's output is reported each time it has grown by this
 much: a fan-out service queues past the high mark to many connections at once (a chat room),
