@@ -15,6 +15,7 @@ import time
 from typing import Any, cast
 
 import pytest
+import uvloop
 
 import netlib
 from netlib import (
@@ -241,6 +242,27 @@ async def test_rtt_samples_are_exact_on_both_loops() -> None:
                 samples.append(stream.extra("reliable_statistics").latest_rtt)
     assert min(samples) > 0
     assert any(sample * 1000 != round(sample * 1000) for sample in samples)
+
+
+def test_a_loop_with_a_clock_of_its_own_is_read_as_it_is() -> None:
+    """The cores read ``time.monotonic()`` where the loop's clock is that clock, and the
+    loop's own clock otherwise, so that deadlines and the loop's timers agree."""
+
+    class VirtualTime(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return super().time() + 1000.0
+
+    async def clock_of_an_endpoint() -> object:
+        return ReliableEndpoint(netlib.ReliableConfig())._clock
+
+    loop = VirtualTime()
+    try:
+        clock = loop.run_until_complete(clock_of_an_endpoint())
+        assert clock == loop.time
+    finally:
+        loop.close()
+    for run in (asyncio.run, uvloop.run):
+        assert run(clock_of_an_endpoint()) is time.monotonic
 
 
 async def test_a_user_handler_sees_end_of_stream_and_replies_are_ordered() -> None:

@@ -53,7 +53,8 @@ limits, deadlines, the memory budget and ``MessageStream`` come with it.
   often left alone just before a request sent every 10 ms would have carried it (2.5
   datagrams per echo against 2.1-2.2 with the exact clock). Timers are still armed with
   ``loop.call_at``: on uvloop, with a deadline of the exact clock, one fires 0.1 to 2 ms
-  late, never early.
+  late, never early. A loop whose clock is another (a test's virtual time) is read as it
+  is.
 * **Backpressure.** A message the core cannot take (``WouldBlock``: its send buffer is full)
   waits in the transport's backlog, which is fed to the core as acknowledgements free
   room. Above ``write_high`` (the core's buffer plus the backlog) the protocol is paused,
@@ -103,8 +104,6 @@ from netlib.sansio.reliable.connection import (
 from netlib.sansio.reliable.endpoint import ReliableServerCore
 from netlib.sansio.reliable.wire import BASE_DATAGRAM, load_checksum
 
-_clock = time.monotonic  # see ``The clock`` in the module's docstring
-
 __all__ = [
     "BURST",
     "BURST_BYTES",
@@ -145,10 +144,21 @@ HANDSHAKE_RATE: Final = 100.0
 with a burst of as many, before the server drops its datagrams unread (R13)."""
 MAX_RATE_SOURCES: Final = 4096
 """Source addresses the handshake rate limiter tracks; past it the table starts afresh."""
+_SAME_CLOCK: Final = 0.1  # seconds: a loop clock this close to time.monotonic() is that clock
 _KEY_SIZE: Final = 32
 _NO_CID: Final = b"\0\0\0\0"
 _CLOSED: Final = ConnectionState.CLOSED
 _NORMAL: Final = int(CloseCode.NORMAL)
+
+
+def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The clock the cores read (see ``The clock`` in the module's docstring):
+    ``time.monotonic`` where the loop's clock is that clock, if perhaps in whole
+    milliseconds (asyncio, uvloop); the loop's own otherwise (a loop with a clock of its
+    own, such as a test's virtual time), so that deadlines and timers agree."""
+    if abs(loop.time() - time.monotonic()) < _SAME_CLOCK:
+        return time.monotonic
+    return loop.time
 
 
 def _burst(datagram_size: int) -> int:
@@ -449,6 +459,7 @@ class ReliableEndpoint:
         handshake_rate: float = HANDSHAKE_RATE,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._clock = _clock_of(self._loop)
         self.config = config
         self._on_accept = on_accept
         self.core: ReliableServerCore | None = None
@@ -510,7 +521,7 @@ class ReliableEndpoint:
         buffer, view = self._buffer, self._view
         largest = self.config.max_datagram
         budget = RECV_BYTES
-        now = _clock()  # one clock reading per wake-up
+        now = self._clock()  # one clock reading per wake-up
         for _ in range(RECV_BATCH):
             try:
                 if self._large:
@@ -547,7 +558,7 @@ class ReliableEndpoint:
             elif len(datagram) <= BASE_DATAGRAM:
                 self._narrow_interface()  # the datagram is lost: the core resends it
             elif conn is not None:
-                conn.datagram_too_large(datagram, _clock())  # a probe, or narrower
+                conn.datagram_too_large(datagram, self._clock())  # a probe, or narrower
                 self.mark(conn)
 
     def _narrow_interface(self) -> None:
@@ -562,7 +573,7 @@ class ReliableEndpoint:
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Take one datagram from ``addr``."""
-        self._received(data, addr, _clock())
+        self._received(data, addr, self._clock())
 
     def _received(self, data: bytes, addr: Any, now: float) -> None:
         core = self.core
@@ -637,7 +648,7 @@ class ReliableEndpoint:
 
     def connect(self, peer: Any) -> ReliableTransport:
         """A client endpoint's one connection; its HELLO goes at the next flush."""
-        conn = ReliableConnection.connect(secrets.randbits(32) or 1, _clock(), self.config)
+        conn = ReliableConnection.connect(secrets.randbits(32) or 1, self._clock(), self.config)
         transport = ReliableTransport(self, conn, peer)
         transport.connected = self._loop.create_future()
         self._transports[conn] = transport
@@ -670,7 +681,7 @@ class ReliableEndpoint:
     def send_now(self, conn: ReliableConnection) -> None:
         """Send what ``conn`` has at once (an abort's CLOSE)."""
         addr = conn.peer_address if self.core is not None else None
-        for datagram in conn.datagrams_to_send(_clock()):
+        for datagram in conn.datagrams_to_send(self._clock()):
             self._send(datagram, addr, conn)
 
     def send_burst(self, conn: ReliableConnection) -> None:
@@ -681,13 +692,13 @@ class ReliableEndpoint:
             return
         burst = _burst(conn.datagram_size)
         addr = conn.peer_address if self.core is not None else None
-        for datagram in conn.datagrams_to_send(_clock(), burst):
+        for datagram in conn.datagrams_to_send(self._clock(), burst):
             self._send(datagram, addr, conn)
 
     def flush(self) -> None:
         """Pump every marked connection, send the core's replies, re-arm the timer."""
         self._flush_handle = None
-        now = _clock()
+        now = self._clock()
         core = self.core
         if core is not None:
             for conn in core.accepted():
@@ -765,7 +776,7 @@ class ReliableEndpoint:
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = max(_clock(), self._timer_at)  # a timer may fire a little early
+        now = max(self._clock(), self._timer_at)  # a timer may fire a little early
         if self.core is not None:
             for conn in self.core.handle_timer(now):
                 self._dirty[conn] = None
