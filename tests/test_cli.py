@@ -23,6 +23,7 @@ import trustme
 
 import netlib
 from netlib.cli import build_parser, main
+from netlib.cli._common import statistics_text
 from tests.helpers import wait_until
 
 NETLIB = [sys.executable, "-m", "netlib"]
@@ -1094,3 +1095,8 @@ def test_a_server_whose_port_is_taken_says_so_in_one_line(command: list[str]) ->
         1,
         f"netlib: error: cannot bind 127.0.0.1:{port}: Address already in use\n",
     )
+
+
+def test_a_statistics_line_shows_the_counters_that_are_not_zero_and_floats_in_short() -> None:
+    flat = {"accepted": 1, "resets": 0, "min_rtt": 0.0002176690031774342, "flag": True}
+    assert statistics_text(flat) == "accepted=1 min_rtt=0.000217669 flag=True"

@@ -330,8 +330,13 @@ def flatten(stats: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def statistics_text(flat: dict[str, Any]) -> str:
-    """The counters that are not zero, as ``name=value`` pairs."""
-    return " ".join(f"{key}={value}" for key, value in flat.items() if value)
+    """The counters that are not zero, as ``name=value`` pairs (a float to 6 significant
+    digits: a round trip in seconds, ``min_rtt=0.000217669``)."""
+    return " ".join(
+        f"{key}={value:.6g}" if type(value) is float else f"{key}={value}"
+        for key, value in flat.items()
+        if value
+    )
 
 
 def show_statistics(args: argparse.Namespace, name: str, stats: Any) -> None:
