@@ -101,7 +101,7 @@ from netlib.sansio.reliable.connection import (
     ReliableConnection,
     ReliableStatistics,
 )
-from netlib.sansio.reliable.endpoint import ReliableServerCore
+from netlib.sansio.reliable.endpoint import RESCHEDULE_SLACK, ReliableServerCore
 from netlib.sansio.reliable.wire import BASE_DATAGRAM, load_checksum
 
 __all__ = [
@@ -118,9 +118,9 @@ __all__ = [
     "ReliableTransport",
 ]
 
-TIMER_SLACK: Final = 0.001
+TIMER_SLACK: Final = RESCHEDULE_SLACK
 """Seconds by which the endpoint's timer may be early for the next deadline before it is
-moved (cancelled and armed again)."""
+moved (cancelled and armed again): the server core's rule for its heap, 1 ms."""
 BURST: Final = 32
 """Datagrams one connection sends at most per event-loop iteration (38 KiB at 1,200 bytes)."""
 BURST_BYTES: Final = 256 * 1024

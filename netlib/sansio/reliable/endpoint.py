@@ -64,6 +64,7 @@ from netlib.sansio.reliable.connection import (
     ReliableConfig,
     ReliableConnection,
 )
+from netlib.sansio.reliable.recovery import GRANULARITY
 from netlib.sansio.reliable.wire import (
     CRC,
     HEADER,
@@ -99,8 +100,9 @@ MAX_PENDING_REPLIES: Final = 1024
 """Stateless replies (cookies, refusals) queued until ``datagrams_to_send()``."""
 MIN_KEY_SIZE: Final = 16
 _MAC_SIZE: Final = 16
-RESCHEDULE_SLACK: Final = 0.001
-"""Seconds by which a connection's deadline must move later to replace its timer entry."""
+RESCHEDULE_SLACK: Final = GRANULARITY
+"""Seconds by which a connection's deadline must move later to replace its timer entry: the
+event loops' timer granularity (1 ms), below which a move is not worth an entry."""
 _HEAP_SLACK: Final = 64  # stale timer entries tolerated beyond two per connection
 _HELLO: Final = int(PacketType.HELLO)
 _CLOSED: Final = ConnectionState.CLOSED
