@@ -74,6 +74,8 @@ if _typing.TYPE_CHECKING:  # the names load on first use (``__getattr__``): see 
         make_chat_handler,
     )
     from netlib.services.echo import (
+        EchoStreamProtocol,
+        UpperEchoStreamProtocol,
         echo_handler,
         make_udp_echo_handler,
         udp_echo_handler,
@@ -131,6 +133,7 @@ __all__ = [
     "DownloadResult",
     "EchoMode",
     "EchoProtocol",
+    "EchoStreamProtocol",
     "EndOfStream",
     "FileServer",
     "FileService",
@@ -174,6 +177,7 @@ __all__ = [
     "Subscriber",
     "TransferTotals",
     "UpperEchoProtocol",
+    "UpperEchoStreamProtocol",
     "WouldBlock",
     "__version__",
     "connect_reliable_udp",
@@ -211,6 +215,8 @@ _HOMES: _typing.Final[dict[str, str]] = {
     "DatagramEchoStatistics": "netlib.aio.echo",
     "EchoProtocol": "netlib.aio.echo",
     "UpperEchoProtocol": "netlib.aio.echo",
+    "EchoStreamProtocol": "netlib.services.echo",
+    "UpperEchoStreamProtocol": "netlib.services.echo",
     "ChatServer": "netlib.chat",
     "open_chat_server": "netlib.chat",
     "serve_chat": "netlib.chat",

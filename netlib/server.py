@@ -522,12 +522,7 @@ class Server:
         protocol.consumer_done()
         if protocol.lost or self._aborted:  # nothing left to close gracefully
             return protocol
-        closing: asyncio.Future[None]
-        if protocol.would_linger():
-            closing = self._loop.create_task(protocol.finish(DEFAULT_CLOSE_TIMEOUT, linger=True))
-        else:  # the peer has half-closed already: no task needed to close
-            closing = protocol.close_within(DEFAULT_CLOSE_TIMEOUT)
-        self._track(closing, protocol, self._closed_cb)
+        self._track(protocol.finish_soon(DEFAULT_CLOSE_TIMEOUT), protocol, self._closed_cb)
         return None
 
     def _on_closed(self, task: asyncio.Future[Any]) -> None:

@@ -990,6 +990,15 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
             self.abort()
             await self.wait_closed()
 
+    def finish_soon(self, grace: float) -> asyncio.Future[None]:
+        """Close gracefully within ``grace`` seconds, without waiting here: ``finish(grace,
+        linger=True)`` in a task while the peer has not finished (so input it still sends
+        is read and dropped, never met by a reset), else ``close_within(grace)``. The
+        future is done once the connection is closed; keep a reference to it."""
+        if self.would_linger():
+            return self._loop.create_task(self.finish(grace, linger=True))
+        return self.close_within(grace)
+
     def would_linger(self) -> bool:
         """Whether ``finish(linger=True)`` would linger: the peer has not sent EOF yet and the
         transport can half-close. If not, ``close_within`` does the same job without a task."""

@@ -208,14 +208,16 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
         return 0
     if mode == "timestamp":
         raise UsageError("--mode timestamp is a UDP service: use --proto udp")
-    handler = netlib.upper_echo_handler if mode == "upper" else netlib.echo_handler
+    # each message echoed in a callback (no task per connection)
+    protocol = netlib.UpperEchoStreamProtocol if mode == "upper" else netlib.EchoStreamProtocol
     if args.proto == "rudp":
-        return await _serve_rudp(args, signals, handler, mode)
+        return await _serve_rudp(args, signals, protocol, mode)
     async with netlib.open_tcp_server(
-        handler,
+        None,
         args.host,
         args.port,
         path=args.unix,
+        protocol=protocol,
         framing="line",
         ssl=server_tls(args),
         max_connections=args.max_connections,
@@ -241,15 +243,19 @@ async def echo_serve(args: argparse.Namespace, signals: Signals) -> int:
 
 
 async def _serve_rudp(
-    args: argparse.Namespace, signals: Signals, handler: netlib.Handler, mode: netlib.EchoMode
+    args: argparse.Namespace,
+    signals: Signals,
+    protocol: type[netlib.EchoStreamProtocol],
+    mode: netlib.EchoMode,
 ) -> int:
     """Echo over reliable UDP: each message is echoed as one message."""
     if args.unix or args.tls_cert:
         raise UsageError("--unix and --tls-cert are for --proto tcp")
     async with netlib.open_reliable_udp_server(
-        handler,
+        None,
         args.host,  # None ('*'): IPv4 and IPv6, on one dual-stack socket
         args.port,
+        protocol=protocol,
         max_connections=args.max_connections or 10_000,
         max_connections_per_host=args.max_connections_per_host or 10_000,
         first_frame_timeout=args.first_message_timeout,
