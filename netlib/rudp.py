@@ -71,6 +71,8 @@ class ReliableUDPServerStatistics:
         timeouts: connections ended by a deadline (the stream's, or the peer fell silent).
         resets: connections the peer closed with an error, or lost otherwise.
         handler_errors: handlers that raised an unexpected exception.
+        protocol_errors: connections closed for a malformed or oversized message (a line
+            over the framing's limit; a message whose echo is too large to send).
         aborted_at_shutdown: connections still open when the shutdown grace ended.
         datagrams_sent, datagrams_received: by every connection (not the handshakes).
         retransmissions: fragments sent again.
@@ -93,6 +95,7 @@ class ReliableUDPServerStatistics:
     timeouts: int
     resets: int
     handler_errors: int
+    protocol_errors: int
     aborted_at_shutdown: int
     datagrams_sent: int
     datagrams_received: int
@@ -161,6 +164,7 @@ class ReliableUDPServer:
             timeouts=served.timeouts,
             resets=served.resets,
             handler_errors=served.handler_errors,
+            protocol_errors=served.protocol_errors,
             aborted_at_shutdown=served.aborted_at_shutdown,
             datagrams_sent=sent,
             datagrams_received=received,

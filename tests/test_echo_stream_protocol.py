@@ -142,3 +142,25 @@ async def test_over_tcp_input_sent_during_the_shutdown_is_dropped_not_reset() ->
             await shutting_down
         assert protocol.lost
         assert server.statistics().aborted_at_shutdown == 0
+
+
+async def test_a_line_whose_echo_is_too_large_to_send_is_a_counted_protocol_error() -> None:
+    """Over reliable UDP a line may come in several messages and be longer than one
+    message may be (``max_message``): its echo cannot be sent, the connection is closed
+    and counted, and the server goes on."""
+    config = netlib.ReliableConfig(max_message=1000)
+    async with netlib.open_reliable_udp_server(
+        None, protocol=EchoStreamProtocol, framing="line", config=config
+    ) as server:
+        port = server.addresses[0][1]
+        async with netlib.connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"a" * 900)
+            await stream.send(b"b" * 900 + b"\n")
+            with pytest.raises(netlib.BrokenResourceError):
+                async with asyncio.timeout(5.0):
+                    await stream.receive()
+        async with netlib.connect_reliable_udp("127.0.0.1", port) as stream:
+            await stream.send(b"short\n")
+            assert await stream.receive() == b"short\n"
+        await wait_until(lambda: server.statistics().active == 0, timeout=5.0)
+        assert server.statistics().protocol_errors == 1

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from netlib.aio.stream import StreamProtocol
-from netlib.errors import LimitExceeded
+from netlib.errors import LimitExceeded, ProtocolError
 from netlib.sansio.echo import EchoMode, EchoReplies
 from netlib.sansio.framing import Framing
 from netlib.sansio.stream import StreamLimits
@@ -98,8 +98,8 @@ class EchoStreamProtocol(StreamProtocol):
             while conn.frames and not self.write_paused:
                 reply = self.reply(self.take())
                 self.write(reply if encode is None else encode(reply))
-        except LimitExceeded as exc:  # a reply the transport cannot carry
-            self.fail(exc)
+        except LimitExceeded as exc:  # a line longer than reliable UDP's max_message
+            self.fail(ProtocolError(f"a message's echo cannot be sent: {exc}"))  # counted
             return
         if conn.input_ended and not conn.frames and self._closing is None:
             # the peer finished, or the server ended the input: flush, then close (over TCP
