@@ -15,8 +15,9 @@ per message (both directions, from the veth counters).
 
 * **tcp**: an asyncio ``Protocol`` that writes back what it reads (TCP_NODELAY), the
   baseline a user would write by hand; its client reads fixed 100-byte messages.
-* **rudp**: ``netlib.open_reliable_udp_server(netlib.echo_handler)`` and
-  ``netlib.connect_reliable_udp``.
+* **rudp**: ``netlib.open_reliable_udp_server(None, protocol=netlib.EchoStreamProtocol)``
+  (the echo in callbacks, as ``netlib echo serve --proto rudp`` serves it, as the tcp
+  server is a ``Protocol``) and ``netlib.connect_reliable_udp``.
 * **kcp**: the ``kcp`` package in its fastest mode (nodelay, 10 ms update interval, fast
   resend after 2 duplicate acks, no congestion window), flushed at once after each send
   and each received datagram, as low-latency KCP users do.
@@ -114,7 +115,7 @@ async def serve(proto: str, host: str) -> None:
         transport, _ = await loop.create_datagram_endpoint(_KcpEcho, local_addr=(host, 0))
         port = transport.get_extra_info("sockname")[1]
     else:
-        opened = netlib.open_reliable_udp_server(netlib.echo_handler, host, 0)
+        opened = netlib.open_reliable_udp_server(None, host, 0, protocol=netlib.EchoStreamProtocol)
         rudp = await opened.__aenter__()
         port = rudp.addresses[0][1]
     print(port, flush=True)

@@ -30,6 +30,7 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their harness as ``harness``
 
+import paced_echo  # noqa: E402
 import tcp_echo  # noqa: E402
 from harness import loadgen  # noqa: E402
 
@@ -51,6 +52,7 @@ SMOKE_RUNS = {
     "workers.py": ["--quick", "--connections", "20", "--retries", "0"],
     "speedtest.py": ["--duration", "1", "--runs", "1", "--loops", "uvloop"],
     "files.py": ["--quick", "--mib", "4"],
+    "paced_echo.py": ["--count", "30", "--interval", "0.001", "--rounds", "1"],
 }
 
 
@@ -85,6 +87,10 @@ def test_benchmark_runs_to_its_report(script: str) -> None:
         assert "goal: rudp p99 at 5% loss <= 20 ms:" in done.stdout
         assert re.search(r"loss +5% rudp .* spurious \d+ \(\d+\.\d\d%\)", done.stdout)
         assert "goal: rudp spurious retransmissions" in done.stdout
+        return
+    if script == "paced_echo.py":  # every form echoed, with the baseline's ratios
+        for form in paced_echo.FORMS:
+            assert re.search(rf"^{form} +p50 +\d+ us .*x\)$", done.stdout, re.MULTILINE), form
         return
     if script == "rudp_bulk.py":
         for loop in ("uvloop", "asyncio"):
