@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from harness.tcp import RawEcho
+
 import netlib
 from netlib.aio.stream import StreamProtocol  # internal: serve_tcp's adapter
 from netlib.sansio.stream import StreamLimits
@@ -177,14 +179,6 @@ for _ in range(2):  # a warm batch, then the measured one
 """
 
 
-class _RawEcho(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
 async def _serve_and_measure(port: int, count: int) -> list[tracemalloc.StatisticDiff]:
     clients = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CLIENTS, str(port), str(count),
@@ -221,7 +215,7 @@ async def idle_memory(name: str, count: int) -> list[tracemalloc.StatisticDiff]:
     """Allocation differences for ``count`` more idle connections to server ``name``."""
     if name == "raw":
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_RawEcho, "127.0.0.1", 0)
+        server = await loop.create_server(RawEcho, "127.0.0.1", 0)
         try:
             return await _serve_and_measure(server.sockets[0].getsockname()[1], count)
         finally:

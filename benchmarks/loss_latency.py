@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness.netns import SERVER_ADDRESS, Namespaces, check_tools, namespaces
+from harness.tcp import RawEcho
 
 import netlib
 from netlib.sansio.reliable import core_kind
@@ -55,14 +56,6 @@ KCP_INTERVAL_MS = 10
 
 
 # -- servers ------------------------------------------------------------------------------------
-
-
-class _TcpEcho(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 def _kcp_session(send: Any) -> Any:
@@ -109,7 +102,7 @@ class _KcpEcho(asyncio.DatagramProtocol):
 async def serve(proto: str, host: str) -> None:
     loop = asyncio.get_running_loop()
     if proto == "tcp":
-        server = await loop.create_server(_TcpEcho, host, 0)
+        server = await loop.create_server(RawEcho, host, 0)
         port = server.sockets[0].getsockname()[1]
     elif proto == "kcp":
         transport, _ = await loop.create_datagram_endpoint(_KcpEcho, local_addr=(host, 0))

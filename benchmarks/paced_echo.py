@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.tcp import RawEcho
+
 import netlib
 from netlib.sansio.reliable import core_kind
 
@@ -47,17 +49,9 @@ HOST = "127.0.0.1"
 SIZE = 100
 
 
-class _TcpEcho(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
 async def serve(form: str) -> None:
     if form == "tcp-protocol":
-        server = await asyncio.get_running_loop().create_server(_TcpEcho, HOST, 0)
+        server = await asyncio.get_running_loop().create_server(RawEcho, HOST, 0)
         print(server.sockets[0].getsockname()[1], flush=True)
         await asyncio.Event().wait()  # until terminated
     callbacks = form.endswith("callbacks")

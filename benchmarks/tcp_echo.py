@@ -42,11 +42,12 @@ import contextlib
 import socket
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import harness
 from harness import bench, loadgen, tcp
 from harness.bench import HOST, Column, Config, Goal, Served, Spec
+from harness.tcp import RawEcho
 
 LOOPS = ("uvloop", "asyncio")
 SATURATED = 0.90  # client core share from which the client, not the server, is the limit
@@ -58,18 +59,6 @@ C_WORKLOADS = ("pp64", "pp16k", "cconnect")  # driven by the C load generator
 # =============================================================================================
 # Servers (run in the ``--serve`` subprocess)
 # =============================================================================================
-
-
-class RawEcho(asyncio.Protocol):
-    """The baseline: a hand-written echo Protocol."""
-
-    transport: asyncio.Transport
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 async def streams_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -21,6 +21,7 @@ from harness import CpuWatch, proc_cpu_seconds
 from harness.bench import CLIENT_CPU, HOST, SERVER_CPU
 
 __all__ = [
+    "RawEcho",
     "accepts",
     "measure_connect_rate",
     "measure_latency",
@@ -28,6 +29,19 @@ __all__ = [
     "measure_throughput",
     "message",
 ]
+
+
+class RawEcho(asyncio.Protocol):
+    """The baseline echo server: a hand-written ``asyncio.Protocol`` that writes back what
+    it reads."""
+
+    transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 def message(size: int) -> bytes:
