@@ -52,11 +52,15 @@ __all__ = [
     "serve_reliable_udp",
 ]
 
-DEFAULT_RUDP_WRITE_HIGH: Final = 1024 * 1024
+DEFAULT_RUDP_WRITE_HIGH: Final = 2 * 1024 * 1024
 """Bytes sent and not yet acknowledged (plus what waits for the connection's send buffer)
-above which ``send()`` waits: a window's worth, so a bulk sender keeps the path full."""
-DEFAULT_RUDP_WRITE_LOW: Final = 256 * 1024
-"""Bytes below which waiting senders resume."""
+above which ``send()`` waits: the peer's default receive window (``ReliableConfig``'s
+``receive_buffer``), so a bulk sender keeps the path full."""
+DEFAULT_RUDP_WRITE_LOW: Final = 1024 * 1024
+"""Bytes below which waiting senders resume: half of ``DEFAULT_RUDP_WRITE_HIGH``, so that
+a resumed sender has its next datagrams out before the peer has read what is in flight
+(at a quarter, 1 MiB / 256 KiB, both processes of a loopback transfer sat idle 13-23 % of
+the time and it ran 20 % slower: benchmarks/README.md, "The sender's resume mark")."""
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 """Seconds ``connect_reliable_udp`` waits for the handshake."""
 

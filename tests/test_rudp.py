@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import re
 import socket
 import sys
@@ -27,7 +28,8 @@ from netlib import (
     echo_handler,
     open_reliable_udp_server,
 )
-from netlib.aio.reliable import BURST_BYTES, TIMER_SLACK, ReliableEndpoint
+from netlib.aio import reliable
+from netlib.aio.reliable import BURST_BYTES, SOCKET_BUFFER, TIMER_SLACK, ReliableEndpoint
 from netlib.aio.sockets import datagram_peers
 from netlib.sansio.reliable import wire
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
@@ -166,6 +168,46 @@ async def test_an_interface_too_narrow_for_the_base_size_lets_the_host_fragment(
         finally:
             endpoint.close()
             await endpoint.wait_closed()
+
+
+class _ReportedBuffer:
+    """A UDP socket whose receive buffer reads as ``reported`` (what Linux says: twice
+    what it granted), as under another ``net.core.rmem_max`` than this machine's."""
+
+    def __init__(self, sock: socket.socket, reported: int) -> None:
+        self._sock = sock
+        self._reported = reported
+
+    def getsockopt(self, level: int, option: int) -> int:
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_RCVBUF):
+            return self._reported
+        return self._sock.getsockopt(level, option)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+async def test_a_receive_buffer_capped_by_the_kernel_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under Linux's usual cap (``net.core.rmem_max`` 208 KiB) bulk transfers lose
+    datagrams at the socket: the first endpoint so capped says so, with the fix; a socket
+    that got what was asked, and later capped ones, log nothing."""
+    monkeypatch.setattr(reliable, "_short_buffer_logged", False)
+    caplog.set_level(logging.INFO, logger="netlib.rudp")
+    for reported in (2 * SOCKET_BUFFER, 2 * 212992, 2 * 212992):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        endpoint = ReliableEndpoint(netlib.ReliableConfig())
+        endpoint.open(cast(socket.socket, _ReportedBuffer(sock, reported)))
+        endpoint.close()
+        await endpoint.wait_closed()
+    assert [record.getMessage() for record in caplog.records] == [
+        "reliable UDP: the kernel capped the socket's receive buffer at 208 KiB of the 4096"
+        " KiB asked, so bulk transfers lose datagrams at the socket and run slower; to raise"
+        " the cap: sysctl -w net.core.rmem_max=4194304"
+    ]
 
 
 async def test_host_none_serves_ipv4_and_ipv6_on_one_socket() -> None:

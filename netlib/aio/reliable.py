@@ -74,9 +74,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -116,6 +118,7 @@ __all__ = [
     "ReliableEndpoint",
     "ReliableTotals",
     "ReliableTransport",
+    "report_short_buffer",
 ]
 
 TIMER_SLACK: Final = RESCHEDULE_SLACK
@@ -144,6 +147,7 @@ HANDSHAKE_RATE: Final = 100.0
 with a burst of as many, before the server drops its datagrams unread (R13)."""
 MAX_RATE_SOURCES: Final = 4096
 """Source addresses the handshake rate limiter tracks; past it the table starts afresh."""
+logger = logging.getLogger("netlib.rudp")
 _SAME_CLOCK: Final = 0.1  # seconds: a loop clock this close to time.monotonic() is that clock
 _KEY_SIZE: Final = 32
 _NO_CID: Final = b"\0\0\0\0"
@@ -159,6 +163,35 @@ def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     if abs(loop.time() - time.monotonic()) < _SAME_CLOCK:
         return time.monotonic
     return loop.time
+
+
+_short_buffer_logged = False
+
+
+def report_short_buffer(sock: socket.socket) -> None:
+    """Log once per process (INFO) that the kernel gave ``sock`` a smaller receive buffer
+    than ``SOCKET_BUFFER``: ``net.core.rmem_max`` caps it, 208 KiB on most systems, and with
+    that a loopback bulk transfer loses about 5 % of its datagrams at the socket and runs
+    about a quarter slower (docs/reliable-udp.md, "Socket buffers")."""
+    global _short_buffer_logged
+    if _short_buffer_logged:
+        return
+    try:
+        reported = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except OSError:
+        return
+    granted = reported // 2 if sys.platform.startswith("linux") else reported  # Linux doubles
+    if granted >= SOCKET_BUFFER:
+        return
+    _short_buffer_logged = True
+    logger.info(
+        "reliable UDP: the kernel capped the socket's receive buffer at %d KiB of the %d KiB"
+        " asked, so bulk transfers lose datagrams at the socket and run slower; to raise"
+        " the cap: sysctl -w net.core.rmem_max=%d",
+        granted // 1024,
+        SOCKET_BUFFER // 1024,
+        SOCKET_BUFFER,
+    )
 
 
 def _burst(datagram_size: int) -> int:
@@ -509,6 +542,7 @@ class ReliableEndpoint:
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # the kernel caps it (net.core.rmem_max)
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        report_short_buffer(sock)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
