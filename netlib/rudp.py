@@ -17,7 +17,12 @@ from typing import Any, Final, TypedDict
 
 from typing_extensions import Unpack
 
-from netlib.aio.reliable import HANDSHAKE_RATE, ReliableEndpoint, ReliableTransport
+from netlib.aio.reliable import (
+    HANDSHAKE_RATE,
+    SERVER_HANDSHAKE_RATE,
+    ReliableEndpoint,
+    ReliableTransport,
+)
 from netlib.aio.sockets import (
     DatagramSocketOptions,
     datagram_peers,
@@ -88,7 +93,8 @@ class ReliableUDPServerStatistics:
         handshakes_refused: verified HELLOs refused because the server or host was full.
         corrupt_dropped: datagrams whose checksum or version failed.
         unknown_dropped: datagrams for no connection (or from the wrong address).
-        rate_limited: connection attempts dropped by the per-source rate limit.
+        rate_limited: connection attempts dropped by the per-source or the server-wide
+            rate limit.
         send_dropped: datagrams the socket's send buffer refused (resent like losses).
         datagram_size: the largest datagram size (bytes) a connection reached by path MTU
             discovery (1,200 until a probe proves more; ``ReliableConfig.max_datagram``).
@@ -246,6 +252,7 @@ async def open_reliable_udp_server(
     max_connections: int = DEFAULT_MAX_SESSIONS,
     max_connections_per_host: int = DEFAULT_MAX_SESSIONS_PER_HOST,
     handshake_rate: float = HANDSHAKE_RATE,
+    server_handshake_rate: float = SERVER_HANDSHAKE_RATE,
     first_frame_timeout: float | None = DEFAULT_FIRST_FRAME_TIMEOUT,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     message_timeout: float | None = None,
@@ -278,6 +285,9 @@ async def open_reliable_udp_server(
         max_connections_per_host: connections from one IP address at once.
         handshake_rate: connection attempts one source address may make per second; more
             are dropped unread.
+        server_handshake_rate: connection attempts all sources together may make per
+            second; more are dropped unread, so that a flood of them from many addresses
+            cannot delay the established connections.
         first_frame_timeout, idle_timeout, message_timeout, send_timeout: the stream
             deadlines, as for ``open_tcp_server``.
         max_memory: bytes all connections together may hold in user space (None: no bound).
@@ -319,6 +329,7 @@ async def open_reliable_udp_server(
         max_sessions=max_connections,
         max_sessions_per_host=max_connections_per_host,
         handshake_rate=handshake_rate,
+        server_handshake_rate=server_handshake_rate,
     )
     addresses: list[Any] | None = None
     try:
@@ -350,6 +361,7 @@ class ReliableUDPServerOptions(TypedDict, total=False):
     max_connections: int
     max_connections_per_host: int
     handshake_rate: float
+    server_handshake_rate: float
     first_frame_timeout: float | None
     idle_timeout: float | None
     message_timeout: float | None

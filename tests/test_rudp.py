@@ -29,7 +29,14 @@ from netlib import (
     open_reliable_udp_server,
 )
 from netlib.aio import reliable
-from netlib.aio.reliable import BURST_BYTES, SOCKET_BUFFER, TIMER_SLACK, ReliableEndpoint
+from netlib.aio.reliable import (
+    BURST_BYTES,
+    MAX_RATE_SOURCES,
+    SERVER_HANDSHAKE_RATE,
+    SOCKET_BUFFER,
+    TIMER_SLACK,
+    ReliableEndpoint,
+)
 from netlib.aio.sockets import datagram_peers
 from netlib.sansio.reliable import wire
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
@@ -644,6 +651,94 @@ async def test_a_hello_flood_from_one_address_is_cut_to_its_rate_and_a_probe_is_
     assert stats.cookies_sent <= 1 + 50 + 50 * elapsed
     assert stats.cookies_sent + stats.rate_limited >= 1900  # every HELLO counted (few lost)
     assert stats.accepted == 1
+
+
+async def test_the_server_wide_handshake_rate_caps_all_sources_and_not_one_sources_refusals() -> (
+    None
+):
+    """Connection attempts (datagrams for no connection), at one instant: every source has
+    its own rate and all share the server's; a source over its own rate takes nothing from
+    the others' share, and the per-source table starts afresh at its bound."""
+    endpoint = ReliableEndpoint(
+        netlib.ReliableConfig(), handshake_rate=5.0, server_handshake_rate=20.0
+    )
+    now = endpoint._clock()
+    flooder = ("127.0.0.1", 1)
+    assert sum(endpoint._handshake_allowed(flooder, now) for _ in range(1000)) == 5
+    others = [("127.0.0.2", port) for port in range(100)]
+    assert sum(endpoint._handshake_allowed(source, now) for source in others) == 15
+    assert endpoint.totals.rate_limited == 995 + 85
+    later = now + 0.5  # half a second: 10 more for all, 2.5 more for each
+    assert sum(endpoint._handshake_allowed(source, later) for source in others[15:]) == 10
+
+    wide = ReliableEndpoint(netlib.ReliableConfig(), server_handshake_rate=1e9)
+    now = wide._clock()
+    for port in range(MAX_RATE_SOURCES + 10):
+        assert wide._handshake_allowed(("127.0.0.3", port), now)
+        assert len(wide._sources) <= MAX_RATE_SOURCES
+    assert len(wide._sources) == 10  # cleared once, at the bound
+
+
+FORGED_FLOOD = """
+import socket, sys
+from netlib.sansio.reliable.wire import encode_hello
+
+port, count = int(sys.argv[1]), int(sys.argv[2])
+for i in range(count):  # each from an address of its own: 127.1.0.1, 127.1.0.2, ...
+    source = f"127.{1 + i // 62_500}.{i // 250 % 250 + 1}.{i % 250 + 1}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        try:
+            sock.sendto(encode_hello(i + 1, 0, 100, 1000, 1024, b""), ("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+"""
+
+
+@pytest.mark.serial  # a probe's round trips, timed while another process floods
+async def test_a_flood_of_hellos_from_50000_addresses_gets_no_state_and_a_probe_is_served() -> (
+    None
+):
+    """R13 over real sockets: 50,000 sound HELLOs, each from an address of its own (every
+    127/8 address is this host's loopback), so no per-source limit applies. The server
+    answers at most its server-wide rate of them (a cookie each: stateless) and drops the
+    rest unread; none gets a connection, and the per-source table stays within its bound.
+    A client at human pace (an echo every 10 ms) keeps a p99 under 20 ms throughout: before
+    the server-wide rate, each HELLO cost the server 20 us, and its probe waited up to
+    58 ms behind the HELLOs queued in its socket."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        async with connect_reliable_udp("127.0.0.1", port) as probe:
+            begun = time.monotonic()
+            flood = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-c", FORGED_FLOOD, str(port), "50000")
+            )
+            rtts: list[float] = []
+            async with asyncio.timeout(120):
+                while flood.returncode is None or len(rtts) < 10:
+                    sent = time.perf_counter()
+                    await probe.send(b"probe")
+                    assert await probe.receive() == b"probe"
+                    rtts.append(time.perf_counter() - sent)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(flood.wait(), 0.01)
+            assert flood.returncode == 0
+
+            def seen() -> int:
+                stats = server.statistics()
+                return stats.cookies_sent + stats.rate_limited
+
+            await wait_until(lambda: seen() >= 25_000, timeout=10.0)  # the kernel may drop some
+            stats = server.statistics()
+            elapsed = time.monotonic() - begun
+            sources = len(server._endpoint._sources)
+    rtts.sort()
+    p99 = rtts[int(0.99 * len(rtts))]
+    assert p99 < 0.02, f"probe p99 {p99 * 1000:.1f} ms over {len(rtts)} echoes"
+    assert stats.accepted == 1  # the probe: no forged source got a connection
+    assert stats.cookies_sent <= 1 + SERVER_HANDSHAKE_RATE * (1 + elapsed)
+    assert sources <= MAX_RATE_SOURCES  # the per-source table, bounded
 
 
 async def test_a_client_learns_at_once_that_its_server_is_gone() -> None:

@@ -113,6 +113,7 @@ __all__ = [
     "LARGE_DATAGRAM",
     "RECV_BATCH",
     "RECV_BYTES",
+    "SERVER_HANDSHAKE_RATE",
     "SOCKET_BUFFER",
     "TIMER_SLACK",
     "ReliableEndpoint",
@@ -145,6 +146,14 @@ the kernel drops datagrams that the congestion control then reads as losses."""
 HANDSHAKE_RATE: Final = 100.0
 """Connection attempts (datagrams for no connection) a second one source address may make,
 with a burst of as many, before the server drops its datagrams unread (R13)."""
+SERVER_HANDSHAKE_RATE: Final = 1000.0
+"""Connection attempts a second a server takes from all sources together, with a burst of
+as many; past it, datagrams for no connection are dropped unread (R13). Without it a flood
+of HELLOs from many addresses, each under its own rate, cost the server 20 us each (the
+check, an HMAC, a cookie and its send): at 80,000 a second it fell behind, its socket's
+queue filled, and an established client's datagrams waited up to 58 ms behind the HELLOs.
+Dropped, one costs the read and a comparison. A new connection takes two attempts (its
+HELLO, then the one that returns the cookie): 500 new connections a second, or at once."""
 MAX_RATE_SOURCES: Final = 4096
 """Source addresses the handshake rate limiter tracks; past it the table starts afresh."""
 logger = logging.getLogger("netlib.rudp")
@@ -480,6 +489,8 @@ class ReliableEndpoint:
             transport's protocol); None for a client endpoint.
         max_sessions, max_sessions_per_host: a server core's caps.
         handshake_rate: datagrams for no connection a source may send per second.
+        server_handshake_rate: datagrams for no connection all sources together may send
+            per second.
     """
 
     def __init__(
@@ -490,6 +501,7 @@ class ReliableEndpoint:
         max_sessions: int = 10_000,
         max_sessions_per_host: int = 64,
         handshake_rate: float = HANDSHAKE_RATE,
+        server_handshake_rate: float = SERVER_HANDSHAKE_RATE,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._clock = _clock_of(self._loop)
@@ -511,6 +523,9 @@ class ReliableEndpoint:
         self.send_dropped = 0  # datagrams the socket's buffer refused (the core resends)
         self._rate = handshake_rate
         self._sources: dict[Any, TokenBucket] = {}
+        self._all_sources = TokenBucket(
+            server_handshake_rate, server_handshake_rate, self._clock()
+        )
         self.accepting = True
         self._sock: socket.socket | None = None
         self._whole = False  # the socket forbids IP fragmentation
@@ -637,17 +652,22 @@ class ReliableEndpoint:
             self._flush_handle = self._loop.call_soon(self.flush)
 
     def _handshake_allowed(self, addr: Any, now: float) -> bool:
-        """R13: a per-source rate limit on datagrams for no connection, in front of the
-        core (so a flood of forged HELLOs costs neither HMACs nor replies)."""
+        """R13: a server-wide and a per-source rate limit on datagrams for no connection,
+        in front of the core (so a flood of forged HELLOs costs neither HMACs nor replies).
+        The server-wide one is only looked at first and taken last: a source refused by
+        its own limit takes nothing from the others'."""
         if not self.accepting:
             return False
-        bucket = self._sources.get(addr)
-        if bucket is None:
-            if len(self._sources) >= MAX_RATE_SOURCES:
-                self._sources.clear()
-            bucket = self._sources[addr] = TokenBucket(self._rate, self._rate, now)
-        if bucket.try_take(1, now):
-            return True
+        everyone = self._all_sources
+        if everyone.tokens(now) >= 1:
+            bucket = self._sources.get(addr)
+            if bucket is None:
+                if len(self._sources) >= MAX_RATE_SOURCES:
+                    self._sources.clear()
+                bucket = self._sources[addr] = TokenBucket(self._rate, self._rate, now)
+            if bucket.try_take(1, now):
+                everyone.try_take(1, now)
+                return True
         self.totals.rate_limited += 1
         return False
 
