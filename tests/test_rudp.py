@@ -39,9 +39,11 @@ from netlib.aio.reliable import (
 )
 from netlib.aio.sockets import datagram_peers
 from netlib.sansio.reliable import wire
+from netlib.sansio.reliable.simulation import SplitMix64
 from netlib.sansio.reliable.wire import MAX_MESSAGE, MIN_HELLO_SIZE, encode_hello
 from netlib.testing import LinkProfile, open_udp_proxy
 from tests.helpers import poll_until, wait_until
+from tests.sansio.test_reliable_endpoint import forged
 
 
 async def test_echo_handler_runs_unchanged_over_reliable_udp() -> None:
@@ -585,6 +587,47 @@ async def test_a_flood_of_forged_datagrams_opens_nothing_and_the_server_still_se
         stats = server.statistics()
         assert stats.accepted == 1
         assert stats.cookies_sent <= 1  # the junk got no reply: none was a sound HELLO
+
+
+class _RecordingSocket:
+    """A server socket that sends nowhere and counts what was sent to each address."""
+
+    def __init__(self) -> None:
+        self.sent: dict[Any, int] = {}
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        self.sent[addr] = self.sent.get(addr, 0) + len(data)
+        return len(data)
+
+
+async def test_r12_ten_thousand_forged_datagrams_at_the_endpoint_never_amplify() -> None:
+    """R12 at the adapter: 10,000 datagrams of 1-1,500 bytes (junk, sound HELLOs, HELLOs
+    with forged cookies) from forged addresses, into the server endpoint's
+    ``datagram_received``, every send recorded per address: no more than each address
+    sent, no reply to a datagram under the 1,200-byte HELLO minimum, no connection."""
+    endpoint = ReliableEndpoint(netlib.ReliableConfig(), on_accept=lambda transport: None)
+    sock = _RecordingSocket()
+    endpoint._sock = cast(socket.socket, sock)
+    received: dict[Any, int] = {}
+    rng = SplitMix64(12)
+    small_answered = 0
+    for i in range(10_000):
+        addr = (f"203.0.113.{i % 200}", 4000 + i % 7)
+        data = forged(rng, 1 + rng.below(1500))
+        before = sum(sock.sent.values())
+        endpoint.datagram_received(data, addr)
+        endpoint.flush()  # what the loop would run next: the replies go out
+        received[addr] = received.get(addr, 0) + len(data)
+        if len(data) < MIN_HELLO_SIZE and sum(sock.sent.values()) > before:
+            small_answered += 1
+    assert small_answered == 0
+    assert sock.sent, "no sound HELLO was answered: the test tests nothing"
+    for addr, sent in sock.sent.items():
+        assert sent <= received[addr], addr  # R12's 1x (the issue asks 3x at most)
+    assert endpoint.connections() == []
+    assert endpoint.core is not None
+    assert endpoint.core.sessions == 0
+    endpoint._cancel_timers()
 
 
 async def test_a_silent_peer_reaches_the_handler_as_peer_timed_out() -> None:
