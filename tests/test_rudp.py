@@ -589,6 +589,29 @@ async def test_a_flood_of_forged_datagrams_opens_nothing_and_the_server_still_se
         assert stats.cookies_sent <= 1  # the junk got no reply: none was a sound HELLO
 
 
+async def test_a_datagram_cut_short_or_lengthened_is_dropped_and_counted() -> None:
+    """R14 for reliable UDP: a datagram's checksum is its last 4 bytes, so one whose length
+    is not the sender's (cut by a byte, or a byte appended) fails it: dropped unread and
+    counted, never answered. The same HELLO whole gets its cookie."""
+    async with open_reliable_udp_server(echo_handler) as server:
+        port = server.addresses[0][1]
+        sound = encode_hello(7, 0, 100, 1000, 1024, b"")  # padded to the 1,200 minimum
+        body = sound[wire.HEADER.size : -4] + bytes(300)
+        hello = wire.encode_packet(wire.PacketType.HELLO, 0, 0, body)  # 1,500 bytes
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.connect(("127.0.0.1", port))
+            raw.setblocking(False)
+            for datagram in (hello[:-1], hello + b"\0", hello[:1300]):  # all over 1,200
+                raw.send(datagram)
+            await wait_until(lambda: server.statistics().corrupt_dropped == 3, timeout=5.0)
+            with pytest.raises(BlockingIOError):
+                raw.recv(2048)  # nothing answered
+            raw.send(hello)
+            await wait_until(lambda: server.statistics().cookies_sent == 1, timeout=5.0)
+            assert len(raw.recv(2048)) < len(hello)  # the cookie
+        assert server.statistics().corrupt_dropped == 3
+
+
 class _RecordingSocket:
     """A server socket that sends nowhere and counts what was sent to each address."""
 
