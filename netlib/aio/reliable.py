@@ -127,9 +127,11 @@ TIMER_SLACK: Final = RESCHEDULE_SLACK
 moved (cancelled and armed again): the server core's rule for its heap, 1 ms."""
 BURST: Final = 32
 """Datagrams one connection sends at most per event-loop iteration (38 KiB at 1,200 bytes)."""
-BURST_BYTES: Final = 256 * 1024
+BURST_BYTES: Final = 128 * 1024
 """Bytes one connection sends at most per event-loop iteration (at least one datagram):
-four datagrams of 65,507 bytes on loopback."""
+two datagrams of 65,507 bytes on loopback. (At 256 KiB, under Linux's usual 208 KiB
+receive-buffer cap a loopback bulk transfer lost more datagrams at the receiving socket
+and ran 4-15 % slower; with 4 MiB buffers the two are even.)"""
 RECV_BATCH: Final = 64
 """Datagrams read at most per wake-up, so one busy socket cannot starve the loop."""
 RECV_BYTES: Final = 256 * 1024
@@ -180,8 +182,8 @@ _short_buffer_logged = False
 def report_short_buffer(sock: socket.socket) -> None:
     """Log once per process (INFO) that the kernel gave ``sock`` a smaller receive buffer
     than ``SOCKET_BUFFER``: ``net.core.rmem_max`` caps it, 208 KiB on most systems, and with
-    that a loopback bulk transfer loses about 5 % of its datagrams at the socket and runs
-    about a quarter slower (docs/reliable-udp.md, "Socket buffers")."""
+    that a loopback bulk transfer loses 3-5 % of its datagrams at the socket and runs
+    about a fifth slower (docs/reliable-udp.md, "Socket buffers")."""
     global _short_buffer_logged
     if _short_buffer_logged:
         return
