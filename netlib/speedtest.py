@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Final
 from netlib.aio.datagram import DatagramEndpointProtocol, DatagramLimits
 from netlib.aio.sockets import (
     DatagramSocketOptions,
+    ask_socket_buffers,
     format_address,
     open_datagram_socket,
     scoped_ip,
@@ -83,9 +83,10 @@ ends): with netlib's default 64 KiB each 128 KiB write paused the sender, and th
 at a third of the rate. asyncio's transports keep the default: their one send buffer
 grows slower to drain past it (measured: 64 KiB 14-17 Gbit/s, 4 MiB 5-7 Gbit/s)."""
 UDP_SOCKET_BUFFER: Final = 4 * 1024 * 1024
-"""Bytes asked for a UDP test socket's receive and send buffers (the kernel caps them at
-``net.core.rmem_max`` / ``wmem_max``): so the loss measured is the path's, not that of a
-200 KiB buffer behind a receiver that paused for a few milliseconds."""
+"""Bytes asked for a UDP test socket's receive and send buffers (``ask_socket_buffers``:
+the kernel caps them at ``net.core.rmem_max`` / ``wmem_max`` unless the process has
+``CAP_NET_ADMIN``): so the loss measured is the path's, not that of a 200 KiB buffer
+behind a receiver that paused for a few milliseconds."""
 SPARE_CONNECTIONS: Final = 16
 """Connections a server accepts beyond what its tests can use (``max_tests`` times
 ``max_parallel`` plus a probe and a control connection each): clients being refused."""
@@ -127,12 +128,6 @@ def _write_limits() -> tuple[int, int]:
     return DEFAULT_WRITE_HIGH, DEFAULT_WRITE_LOW
 
 
-def _buffers(sock: socket.socket) -> None:
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):  # the kernel caps it
-            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-
-
 @asynccontextmanager
 async def _datagram_endpoint(
     options: DatagramSocketOptions,
@@ -140,7 +135,7 @@ async def _datagram_endpoint(
     on_error: Callable[[Exception], None] | None = None,
 ) -> AsyncIterator[DatagramEndpointProtocol]:
     sock = await open_datagram_socket(options)
-    _buffers(sock)
+    ask_socket_buffers(sock, UDP_SOCKET_BUFFER)
     protocol = DatagramEndpointProtocol(DatagramLimits(max_size=MAX_UDP_SIZE), on_error)
     protocol.consumer = consumer
     try:

@@ -83,7 +83,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from netlib.aio.sockets import allow_fragmentation, forbid_fragmentation, route_payload_limit
+from netlib.aio.sockets import (
+    allow_fragmentation,
+    ask_socket_buffers,
+    forbid_fragmentation,
+    route_payload_limit,
+)
 from netlib.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -142,9 +147,10 @@ LARGE_DATAGRAM: Final = 16 * 1024
 """Datagrams of at least this size are read into a bytes object of their own (no copy out
 of the endpoint's read buffer); smaller ones are copied out of it."""
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
-"""Bytes asked for the socket's receive and send buffers (the kernel caps them at
-``net.core.rmem_max`` / ``wmem_max``): a burst of every connection's window must fit, or
-the kernel drops datagrams that the congestion control then reads as losses."""
+"""Bytes asked for the socket's receive and send buffers (``ask_socket_buffers``: the
+kernel caps them at ``net.core.rmem_max`` / ``wmem_max`` unless the process has
+``CAP_NET_ADMIN``): a burst of every connection's window must fit, or the kernel drops
+datagrams that the congestion control then reads as losses."""
 HANDSHAKE_RATE: Final = 100.0
 """Connection attempts (datagrams for no connection) a second one source address may make,
 with a burst of as many, before the server drops its datagrams unread (R13)."""
@@ -556,9 +562,7 @@ class ReliableEndpoint:
         self._whole = forbid_fragmentation(sock)
         with contextlib.suppress(OSError):
             self._peer = sock.getpeername()
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):  # the kernel caps it (net.core.rmem_max)
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        ask_socket_buffers(sock, SOCKET_BUFFER)
         report_short_buffer(sock)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 

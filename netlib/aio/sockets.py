@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import math
 import os
+import platform
 import socket
 import stat
 import struct
@@ -31,6 +32,7 @@ __all__ = [
     "DatagramSocketOptions",
     "EmptyDatagramSender",
     "allow_fragmentation",
+    "ask_socket_buffers",
     "bind",
     "datagram_peers",
     "extra_info",
@@ -95,6 +97,32 @@ _IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
 _IP_DONTFRAG: Final = 28  # macOS and the BSDs
 _UDP_IPV4_LIMIT: Final = 65_507  # 65,535 less the IPv4 and UDP headers
 _UDP_IPV6_LIMIT: Final = 65_527  # 65,535 less the UDP header (the IPv6 header is apart)
+
+
+# Linux's SO_SNDBUFFORCE and SO_RCVBUFFORCE (not named by Python's socket module), where
+# the architecture uses the generic numbers (MIPS, SPARC, PA-RISC and Alpha have others)
+_BUFFER_FORCE: Final = (
+    {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
+    if _LINUX
+    and platform.machine()
+    in {"x86_64", "i686", "i386", "aarch64", "armv7l", "riscv64", "ppc64le", "s390x"}
+    else {}
+)
+
+
+def ask_socket_buffers(sock: socket.socket, size: int) -> None:
+    """Ask ``size`` bytes for ``sock``'s receive and send buffers. The kernel caps what is
+    asked at ``net.core.rmem_max`` / ``wmem_max`` (208 KiB on most Linux systems); a process
+    with ``CAP_NET_ADMIN`` (root) gets past the cap on Linux with ``SO_RCVBUFFORCE`` /
+    ``SO_SNDBUFFORCE``, as quic-go and wireguard-go do. Whatever is refused is left as the
+    kernel set it."""
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        force = _BUFFER_FORCE.get(option)
+        if force is not None:
+            with contextlib.suppress(OSError):  # EPERM without CAP_NET_ADMIN
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
 
 
 def forbid_fragmentation(sock: socket.socket) -> bool:
