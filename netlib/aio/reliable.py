@@ -78,7 +78,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -87,6 +86,7 @@ from netlib.aio.sockets import (
     allow_fragmentation,
     ask_socket_buffers,
     forbid_fragmentation,
+    receive_buffer_size,
     route_payload_limit,
 )
 from netlib.errors import (
@@ -193,12 +193,8 @@ def report_short_buffer(sock: socket.socket) -> None:
     global _short_buffer_logged
     if _short_buffer_logged:
         return
-    try:
-        reported = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    except OSError:
-        return
-    granted = reported // 2 if sys.platform.startswith("linux") else reported  # Linux doubles
-    if granted >= SOCKET_BUFFER:
+    granted = receive_buffer_size(sock)
+    if granted is None or granted >= SOCKET_BUFFER:
         return
     _short_buffer_logged = True
     logger.info(

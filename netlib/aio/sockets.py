@@ -40,6 +40,7 @@ __all__ = [
     "format_address",
     "open_datagram_socket",
     "open_dual_stack_datagram_socket",
+    "receive_buffer_size",
     "remove_socket_file",
     "route_payload_limit",
     "scoped_ip",
@@ -123,6 +124,16 @@ def ask_socket_buffers(sock: socket.socket, size: int) -> None:
         if force is not None:
             with contextlib.suppress(OSError):  # EPERM without CAP_NET_ADMIN
                 sock.setsockopt(socket.SOL_SOCKET, force, size)
+
+
+def receive_buffer_size(sock: socket.socket) -> int | None:
+    """The receive buffer the kernel granted ``sock``, in bytes (Linux reports twice what
+    it granted: the half is returned), or None if it cannot be read."""
+    try:
+        reported = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except OSError:
+        return None
+    return reported // 2 if _LINUX else reported
 
 
 def forbid_fragmentation(sock: socket.socket) -> bool:
