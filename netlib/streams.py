@@ -90,8 +90,7 @@ class MessageStream:
     ) -> None:
         self._protocol = protocol
         self._conn = protocol.conn
-        framing = protocol.framing
-        self._encode: Callable[[bytes], bytes] | None = None if framing.raw else framing.encode
+        self._encode = protocol.encoder
         self._linger = linger
         self._close_timeout = close_timeout
         self._closed = False

@@ -215,6 +215,7 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
         "_waiter",
         "_waiter_takes",
         "conn",
+        "encoder",
         "framing",
         "lost",
         "reading_paused",
@@ -232,6 +233,8 @@ class StreamProtocol(WriteFlowControl, asyncio.BufferedProtocol):
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.framing = framing
+        # what a message is written as: framed by ``framing``, or as it is (raw)
+        self.encoder: Callable[[bytes], bytes] | None = None if framing.raw else framing.encode
         self._limits = limits
         self.conn = StreamConnection(framing, limits, self._loop.time())
         self._waiter: asyncio.Future[Any] | None = None

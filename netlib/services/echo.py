@@ -80,11 +80,10 @@ class EchoStreamProtocol(StreamProtocol):
     (``benchmarks/paced_echo.py``).
     """
 
-    __slots__ = ("_closing", "_encode")
+    __slots__ = ("_closing",)
 
     def __init__(self, framing: Framing, limits: StreamLimits, **wiring: Any) -> None:
         super().__init__(framing, limits, **wiring)
-        self._encode = None if framing.raw else framing.encode
         self._closing: asyncio.Future[None] | None = None
 
     def reply(self, message: bytes) -> bytes:
@@ -93,7 +92,7 @@ class EchoStreamProtocol(StreamProtocol):
 
     def messages_received(self) -> None:
         conn = self.conn
-        encode = self._encode
+        encode = self.encoder
         try:
             while conn.frames and not self.write_paused:
                 reply = self.reply(self.take())
