@@ -45,58 +45,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness.netns import SERVER_ADDRESS, Namespaces, check_tools, namespaces
+from harness.paced import KcpClient, KcpEcho, kcp_available
 from harness.tcp import RawEcho
 
 import netlib
 from netlib.sansio.reliable import core_kind
 
 HEADER = struct.Struct("!Id")  # sequence number, send time
-KCP_CONV = 0x4E4C
-KCP_INTERVAL_MS = 10
 
 
 # -- servers ------------------------------------------------------------------------------------
-
-
-def _kcp_session(send: Any) -> Any:
-    from kcp.extension import KCP
-
-    session = KCP(
-        KCP_CONV,
-        no_delay=True,
-        update_interval=KCP_INTERVAL_MS,
-        resend_count=2,
-        no_congestion_control=True,
-        send_window_size=256,
-        receive_window_size=256,
-    )
-    session.include_outbound_handler(lambda _kcp, data: send(data))
-    return session
-
-
-class _KcpEcho(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.sessions: dict[Any, Any] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-        asyncio.get_running_loop().call_later(KCP_INTERVAL_MS / 1000, self._tick)
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        session = self.sessions.get(addr)
-        if session is None:
-            session = self.sessions[addr] = _kcp_session(
-                lambda d, a=addr: self.transport.sendto(d, a)
-            )
-        session.receive(data)
-        for message in session.get_all_received():
-            session.enqueue(bytes(message))
-        session.flush()
-
-    def _tick(self) -> None:
-        for session in self.sessions.values():
-            session.update()
-        asyncio.get_running_loop().call_later(KCP_INTERVAL_MS / 1000, self._tick)
 
 
 async def serve(proto: str, host: str) -> None:
@@ -105,7 +63,7 @@ async def serve(proto: str, host: str) -> None:
         server = await loop.create_server(RawEcho, host, 0)
         port = server.sockets[0].getsockname()[1]
     elif proto == "kcp":
-        transport, _ = await loop.create_datagram_endpoint(_KcpEcho, local_addr=(host, 0))
+        transport, _ = await loop.create_datagram_endpoint(KcpEcho, local_addr=(host, 0))
         port = transport.get_extra_info("sockname")[1]
     else:
         opened = netlib.open_reliable_udp_server(None, host, 0, protocol=netlib.EchoStreamProtocol)
@@ -184,31 +142,14 @@ async def client(proto: str, host: str, port: int, count: int, size: int, interv
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.connect((host, port))
         sock.setblocking(False)
-        holder: dict[str, Any] = {}
-
-        class Client(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                session = holder["session"]
-                session.receive(data)
-                for message in session.get_all_received():
-                    recorder.echoed(bytes(message))
-                session.flush()
-
-        transport, _ = await loop.create_datagram_endpoint(Client, sock=sock)
-        holder["session"] = session = _kcp_session(transport.sendto)
-
-        def tick() -> None:
-            session.update()
-            holder["tick"] = loop.call_later(KCP_INTERVAL_MS / 1000, tick)
-
-        tick()
+        transport, kcp = await loop.create_datagram_endpoint(
+            lambda: KcpClient(recorder.echoed), sock=sock
+        )
 
         async def send_kcp(message: bytes) -> None:
-            session.enqueue(message)
-            session.flush()
+            kcp.send(message)
 
         await _open_loop(recorder, send_kcp, interval, linger)
-        holder["tick"].cancel()
         transport.close()
     else:
         async with netlib.connect_reliable_udp(host, port) as stream:
@@ -300,14 +241,6 @@ def _line(row: dict[str, Any]) -> str:
     return line
 
 
-def _kcp_available() -> bool:
-    try:
-        import kcp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", default="0,1,5,10", help="loss percentages each way")
@@ -333,7 +266,7 @@ def main() -> int:
         print(f"loss_latency: {problem}", file=sys.stderr)
         return 2
     protos = args.protos.split(",")
-    if "kcp" in protos and not _kcp_available():
+    if "kcp" in protos and not kcp_available():
         print("loss_latency: the kcp package is not installed: kcp rows left out")
         protos.remove("kcp")
     print(f"reliable core: {core_kind()}")

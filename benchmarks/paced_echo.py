@@ -21,6 +21,11 @@ Forms (the server, then the client):
 * ``rudp-handler``: ``netlib.open_reliable_udp_server(netlib.echo_handler)``;
   ``netlib.connect_reliable_udp``.
 * ``rudp-callbacks``: ``open_reliable_udp_server(None, protocol=netlib.EchoStreamProtocol)``.
+* ``rudp-core``: the compiled reliable-UDP core on both sides, driven inline by a bare
+  ``DatagramProtocol`` (``harness/paced.py``: no endpoint, transport or stream layer): the
+  floor of any adapter over this core.
+* ``kcp``: the ``kcp`` package's C core on both sides in its fastest mode, under the same
+  kind of bare ``DatagramProtocol`` (``harness/paced.py``; needs the ``bench`` extra).
 
 At 10 ms apart each message meets a server that was asleep, with cold caches: on a VM this
 costs several times what back-to-back echoes cost (``--interval 0``), and more the more code
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,12 +45,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.paced import CoreClient, CoreEcho, KcpClient, KcpEcho, kcp_available
 from harness.tcp import RawEcho
 
 import netlib
 from netlib.sansio.reliable import core_kind
 
-FORMS = ("tcp-protocol", "tcp-handler", "tcp-callbacks", "rudp-handler", "rudp-callbacks")
+FORMS = (
+    "tcp-protocol",
+    "tcp-handler",
+    "tcp-callbacks",
+    "rudp-handler",
+    "rudp-callbacks",
+    "rudp-core",
+    "kcp",
+)
+DATAGRAM_FORMS = {"rudp-core": CoreEcho, "kcp": KcpEcho}
 HOST = "127.0.0.1"
 SIZE = 100
 
@@ -54,6 +70,13 @@ async def serve(form: str) -> None:
         server = await asyncio.get_running_loop().create_server(RawEcho, HOST, 0)
         print(server.sockets[0].getsockname()[1], flush=True)
         await asyncio.Event().wait()  # until terminated
+    if form in DATAGRAM_FORMS:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            DATAGRAM_FORMS[form], local_addr=(HOST, 0)
+        )
+        print(transport.get_extra_info("sockname")[1], flush=True)
+        await asyncio.Event().wait()
     callbacks = form.endswith("callbacks")
     handler = None if callbacks else netlib.echo_handler
     protocol = netlib.EchoStreamProtocol if callbacks else None
@@ -82,6 +105,8 @@ async def pace(form: str, port: int, count: int, interval: float) -> list[float]
         finally:
             writer.close()
         return rtts
+    if form in DATAGRAM_FORMS:
+        return await _pace_datagrams(form, port, count, interval)
     async with netlib.connect_reliable_udp(HOST, port) as stream:
         for _ in range(count):
             sent = clock()
@@ -90,6 +115,37 @@ async def pace(form: str, port: int, count: int, interval: float) -> list[float]
             rtts.append(clock() - sent)
             await asyncio.sleep(interval)
     return rtts
+
+
+async def _pace_datagrams(form: str, port: int, count: int, interval: float) -> list[float]:
+    loop = asyncio.get_running_loop()
+    echoed: asyncio.Future[bytes] | None = None
+
+    def on_message(message: bytes) -> None:
+        if echoed is not None and not echoed.done():
+            echoed.set_result(message)
+
+    client = CoreClient(on_message) if form == "rudp-core" else KcpClient(on_message)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((HOST, port))
+    sock.setblocking(False)
+    transport, _ = await loop.create_datagram_endpoint(lambda: client, sock=sock)
+    try:
+        if isinstance(client, CoreClient):
+            await asyncio.wait_for(client.connected, 5)
+        message = b"x" * SIZE
+        rtts: list[float] = []
+        clock = time.perf_counter
+        for _ in range(count):
+            echoed = loop.create_future()
+            sent = clock()
+            client.send(message)
+            await echoed
+            rtts.append(clock() - sent)
+            await asyncio.sleep(interval)
+        return rtts
+    finally:
+        transport.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,7 +186,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--interval", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--forms", help="default: every form (kcp where it is installed)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--json", type=Path, help="write every round to this file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -138,10 +194,17 @@ def main() -> int:
     if args.serve:
         netlib.run(serve(args.serve), loop=args.loop)
         return 0
-    forms = args.forms.split(",")
+    if args.forms:
+        forms = args.forms.split(",")
+    else:
+        forms = [form for form in FORMS if form != "kcp" or kcp_available()]
+        if "kcp" not in forms:
+            print("paced_echo: the kcp package is not installed: the kcp form left out")
     unknown = set(forms) - set(FORMS)
     if unknown:
         parser.error(f"unknown forms {sorted(unknown)}; expected some of {', '.join(FORMS)}")
+    if "kcp" in forms and not kcp_available():
+        parser.error("the kcp form needs the kcp package: pip install -e '.[bench]'")
     print(
         f"{args.count} echoes of {SIZE} B, {1000 * args.interval:g} ms apart, {args.loop},"
         f" reliable core: {core_kind()}; {args.rounds} rounds, forms alternated"
