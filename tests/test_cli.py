@@ -24,6 +24,7 @@ import trustme
 import netlib
 from netlib.cli import build_parser, main
 from netlib.cli._common import statistics_text
+from netlib.sansio.reliable import core_kind
 from tests.helpers import wait_until
 
 NETLIB = [sys.executable, "-m", "netlib"]
@@ -710,6 +711,7 @@ def test_rudp_echo_serve_and_send_and_statistics_at_the_end(loop_name: str) -> N
         listening,
     ):
         assert listening["proto"] == "rudp"
+        assert listening["core"] == core_kind()  # the same build as this process's
         done = subprocess.run(
             [
                 *NETLIB,
@@ -766,6 +768,7 @@ def test_chat_serve_and_join_over_rudp(loop_name: str) -> None:
         listening,
     ):
         assert listening["addresses"][0]["proto"] == "rudp"
+        assert listening["core"] == core_kind()
         done = subprocess.run(
             [
                 *NETLIB,

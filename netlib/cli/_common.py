@@ -51,6 +51,7 @@ __all__ = [
     "in_group",
     "port_type",
     "positive_float",
+    "rudp_core",
     "run_command",
     "seconds_or_none",
     "serve_until_stopped",
@@ -88,6 +89,15 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # -- argument types ---------------------------------------------------------------------------
+
+
+def rudp_core() -> tuple[str, str]:
+    """How this process runs the reliable-UDP core, for a server's listening line: a short
+    label (``compiled core``, ``Python core``) and ``core_kind()`` for ``--json``. Bulk
+    transfers run about half as fast on the Python core (docs/reliable-udp.md)."""
+    from netlib.sansio.reliable import COMPILED, core_kind
+
+    return ("compiled core" if COMPILED else "Python core"), core_kind()
 
 
 def host_type(value: str) -> str | None:

@@ -27,6 +27,7 @@ from netlib.cli._common import (
     in_group,
     port_type,
     positive_float,
+    rudp_core,
     serve_until_stopped,
     show_statistics,
 )
@@ -255,8 +256,10 @@ async def _serve(
     server: netlib.ChatServer,
     nats: Sequence[str] | None,
 ) -> None:
+    short, core = rudp_core() if server.rudp_addresses else ("", None)
+    labels = {"tcp": "tcp", "udp": "udp", "rudp": f"rudp, {short}"}
     addresses = [
-        (f"{format_address(a)} ({kind})", kind, format_address(a))
+        (f"{format_address(a)} ({labels[kind]})", kind, format_address(a))
         for kind, found in (
             ("tcp", server.tcp_addresses),
             ("udp", server.udp_addresses),
@@ -272,6 +275,7 @@ async def _serve(
         event="listening",
         addresses=[{"proto": kind, "address": address} for _, kind, address in addresses],
         nats=nats,
+        **({} if core is None else {"core": core}),
     )
     await serve_until_stopped(args, signals, "chat", server.service.statistics)
 

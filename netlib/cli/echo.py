@@ -26,6 +26,7 @@ from netlib.cli._common import (
     in_group,
     port_type,
     positive_float,
+    rudp_core,
     seconds_or_none,
     serve_until_stopped,
     server_tls,
@@ -184,13 +185,18 @@ def _check_workers(args: argparse.Namespace) -> None:
 def _announce(args: argparse.Namespace, mode: str, addresses: list[Any]) -> None:
     where = ", ".join(format_address(a) for a in addresses)
     name = {"echo": "echo", "upper": "upper-case echo", "timestamp": "timestamp echo"}[mode]
+    label, core = (args.proto, None)
+    if args.proto == "rudp":
+        short, core = rudp_core()
+        label = f"rudp, {short}"
     emit(
         args,
-        f"netlib {name} server ({args.proto}) listening on {where}{STOP_HINT}",
+        f"netlib {name} server ({label}) listening on {where}{STOP_HINT}",
         event="listening",
         proto=args.proto,
         mode=mode,
         addresses=[format_address(a) for a in addresses],
+        **({} if core is None else {"core": core}),
     )
 
 

@@ -22,6 +22,7 @@ from netlib.cli._common import (
     host_type,
     port_type,
     positive_float,
+    rudp_core,
     serve_until_stopped,
     show_statistics,
 )
@@ -258,14 +259,16 @@ async def speedtest_serve(args: argparse.Namespace, signals: Signals) -> int:
         signals.on_force(close_all)
         tcp = [format_address(a) for a in running.addresses]
         udp, rudp = format_address(running.udp_address), format_address(running.rudp_address)
+        short, core = rudp_core()
         emit(
             args,
             f"netlib speed test server listening on {', '.join(tcp)} (tcp), {udp} (udp), "
-            f"{rudp} (rudp){STOP_HINT}",
+            f"{rudp} (rudp, {short}){STOP_HINT}",
             event="listening",
             addresses=tcp,
             udp=udp,
             rudp=rudp,
+            core=core,
         )
         await serve_until_stopped(
             args,
