@@ -91,15 +91,6 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 # -- argument types ---------------------------------------------------------------------------
 
 
-def rudp_core() -> tuple[str, str]:
-    """How this process runs the reliable-UDP core, for a server's listening line: a short
-    label (``compiled core``, ``Python core``) and ``core_kind()`` for ``--json``. Bulk
-    transfers run about half as fast on the Python core (docs/reliable-udp.md)."""
-    from netlib.sansio.reliable import COMPILED, core_kind
-
-    return ("compiled core" if COMPILED else "Python core"), core_kind()
-
-
 def host_type(value: str) -> str | None:
     """An IP address (brackets allowed), a name, or ``*`` for every interface (None).
 
@@ -314,6 +305,15 @@ def in_group(args: argparse.Namespace) -> bool:
     it binds with SO_REUSEPORT, reports to its supervisor in JSON lines and leaves the
     statistics interval and the "stopping" line to it."""
     return bool(getattr(args, "worker_index", 0))
+
+
+def rudp_core() -> tuple[str, str]:
+    """How this process runs the reliable-UDP core, for a server's listening line: a short
+    label (``compiled core``, ``Python core``) and ``core_kind()`` for ``--json``. Bulk
+    transfers run slower on the Python core (docs/reliable-udp.md, "The compiled core")."""
+    from netlib.sansio.reliable import COMPILED, core_kind
+
+    return ("compiled core" if COMPILED else "Python core"), core_kind()
 
 
 def emit(args: argparse.Namespace, text: str, **fields: Any) -> None:
