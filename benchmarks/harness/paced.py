@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from netlib.sansio.reliable.connection import ReliableConfig, ReliableConnection
-from netlib.sansio.reliable.endpoint import ReliableServerCore
+from netlib.sansio.reliable.endpoint import RESCHEDULE_SLACK, ReliableServerCore
 from netlib.sansio.reliable.wire import load_checksum
 
 __all__ = [
@@ -130,7 +130,8 @@ class KcpClient(asyncio.DatagramProtocol):
 
 
 class _CoreTimer:
-    """One loop timer at a core's next deadline (moved only when earlier, or 1 ms later)."""
+    """One loop timer at a core's next deadline, moved only when earlier or later by
+    ``RESCHEDULE_SLACK`` or more (the endpoint's rule)."""
 
     def __init__(self, fire: Callable[[float], None]) -> None:
         self._fire = fire
@@ -141,7 +142,7 @@ class _CoreTimer:
         if deadline is None:
             return
         if self._handle is not None:
-            if 0 <= deadline - self._at < 0.001:
+            if 0 <= deadline - self._at < RESCHEDULE_SLACK:
                 return
             self._handle.cancel()
         self._at = deadline

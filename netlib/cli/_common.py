@@ -308,12 +308,13 @@ def in_group(args: argparse.Namespace) -> bool:
 
 
 def rudp_core() -> tuple[str, str]:
-    """How this process runs the reliable-UDP core, for a server's listening line: a short
-    label (``compiled core``, ``Python core``) and ``core_kind()`` for ``--json``. Bulk
-    transfers run slower on the Python core (docs/reliable-udp.md, "The compiled core")."""
+    """How this process runs the reliable-UDP core, for a server's listening line: its
+    label there (``rudp, compiled core`` or ``rudp, Python core``) and ``core_kind()`` for
+    ``--json``. Bulk transfers run slower on the Python core (docs/reliable-udp.md, "The
+    compiled core")."""
     from netlib.sansio.reliable import COMPILED, core_kind
 
-    return ("compiled core" if COMPILED else "Python core"), core_kind()
+    return ("rudp, compiled core" if COMPILED else "rudp, Python core"), core_kind()
 
 
 def emit(args: argparse.Namespace, text: str, **fields: Any) -> None:

@@ -256,8 +256,8 @@ async def _serve(
     server: netlib.ChatServer,
     nats: Sequence[str] | None,
 ) -> None:
-    short, core = rudp_core() if server.rudp_addresses else ("", None)
-    labels = {"tcp": "tcp", "udp": "udp", "rudp": f"rudp, {short}"}
+    rudp, core = rudp_core() if server.rudp_addresses else ("rudp", None)
+    labels = {"tcp": "tcp", "udp": "udp", "rudp": rudp}
     addresses = [
         (f"{format_address(a)} ({labels[kind]})", kind, format_address(a))
         for kind, found in (

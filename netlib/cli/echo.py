@@ -185,10 +185,7 @@ def _check_workers(args: argparse.Namespace) -> None:
 def _announce(args: argparse.Namespace, mode: str, addresses: list[Any]) -> None:
     where = ", ".join(format_address(a) for a in addresses)
     name = {"echo": "echo", "upper": "upper-case echo", "timestamp": "timestamp echo"}[mode]
-    label, core = (args.proto, None)
-    if args.proto == "rudp":
-        short, core = rudp_core()
-        label = f"rudp, {short}"
+    label, core = rudp_core() if args.proto == "rudp" else (args.proto, None)
     emit(
         args,
         f"netlib {name} server ({label}) listening on {where}{STOP_HINT}",

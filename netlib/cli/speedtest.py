@@ -259,11 +259,11 @@ async def speedtest_serve(args: argparse.Namespace, signals: Signals) -> int:
         signals.on_force(close_all)
         tcp = [format_address(a) for a in running.addresses]
         udp, rudp = format_address(running.udp_address), format_address(running.rudp_address)
-        short, core = rudp_core()
+        label, core = rudp_core()
         emit(
             args,
             f"netlib speed test server listening on {', '.join(tcp)} (tcp), {udp} (udp), "
-            f"{rudp} (rudp, {short}){STOP_HINT}",
+            f"{rudp} ({label}){STOP_HINT}",
             event="listening",
             addresses=tcp,
             udp=udp,
